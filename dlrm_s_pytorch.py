@@ -1,0 +1,859 @@
+"""DLRM: the Deep Learning Recommendation Model, trained from the command line.
+
+The flags are those of the original facebookresearch/dlrm `dlrm_s_pytorch.py`,
+with the same spelling, meaning and defaults, so existing scripts run unchanged.
+
+Usage:
+    # tiny random-data run (the original's defaults)
+    python dlrm_s_pytorch.py --mini-batch-size=2 --data-size=6
+
+    # a bigger random model with Adagrad, a test every 100 iterations and a checkpoint
+    python dlrm_s_pytorch.py --arch-sparse-feature-size=16 --arch-mlp-bot=13-512-256-64-16 \
+        --arch-mlp-top=512-256-1 --arch-embedding-size=1000-1000-1000 \
+        --data-size=100000 --mini-batch-size=128 --loss-function=bce --round-targets=True \
+        --optimizer=adagrad --learning-rate=0.1 --test-freq=100 --print-time \
+        --save-model=model.pt
+
+    # resume it, or only evaluate it
+    python dlrm_s_pytorch.py ...same flags... --load-model=model.pt
+    python dlrm_s_pytorch.py ...same flags... --load-model=model.pt --inference-only
+
+Model (`DLRM_Net`, importable without side effects):
+    dense x -> bottom MLP ---------------------------\
+    sparse ids -> one EmbeddingBag (sum) per table --> interaction (dot | cat) -> top MLP -> sigmoid
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dlrm_data
+from optim import OPTIMIZERS, make_optimizer
+
+
+class DLRMError(Exception):
+    """A user-facing error: printed as one line, exit status 1, no traceback."""
+
+
+# ============================================================================ model
+def create_mlp(dims, sigmoid_layer: int) -> nn.Sequential:
+    """Linear layers dims[0] -> dims[1] -> ...; ReLU after each, Sigmoid after layer `sigmoid_layer`.
+
+    Weights ~ N(0, sqrt(2 / (fan_in + fan_out))), biases ~ N(0, sqrt(1 / fan_out)), as the original.
+    """
+    layers = []
+    for i in range(len(dims) - 1):
+        fan_in, fan_out = int(dims[i]), int(dims[i + 1])
+        linear = nn.Linear(fan_in, fan_out, bias=True)
+        with torch.no_grad():
+            linear.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)))
+            linear.bias.normal_(0.0, math.sqrt(1.0 / fan_out))
+        layers.append(linear)
+        layers.append(nn.Sigmoid() if i == sigmoid_layer else nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def create_embedding_bag(num_rows: int, dim: int) -> nn.EmbeddingBag:
+    """A sum-pooled EmbeddingBag with sparse gradients, rows ~ U(-sqrt(1/n), sqrt(1/n))."""
+    bag = nn.EmbeddingBag(int(num_rows), int(dim), mode="sum", sparse=True)
+    bound = math.sqrt(1.0 / num_rows)
+    with torch.no_grad():
+        bag.weight.uniform_(-bound, bound)
+    return bag
+
+
+def interaction_width(op: str, itself: bool, num_tables: int, dense_out: int, emb_dim: int) -> int:
+    """Width of the interaction output, i.e. the input width the top MLP must have."""
+    num_features = num_tables + 1
+    if op == "dot":
+        pairs = num_features * (num_features + 1) // 2 if itself else num_features * (num_features - 1) // 2
+        return dense_out + pairs
+    if op == "cat":
+        return dense_out + num_tables * emb_dim
+    raise ValueError(f"--arch-interaction-op={op} is not supported (dot or cat)")
+
+
+def to_flat_sparse(dense_x, lS_o, lS_i):
+    """Accepts the flat layout (1-D offsets + 1-D indices) or the original's per-table one."""
+    if isinstance(lS_o, torch.Tensor) and lS_o.dim() == 1 and isinstance(lS_i, torch.Tensor) and lS_i.dim() == 1:
+        return lS_o, lS_i
+    batch = dlrm_data.batch_from_original(dense_x, lS_o, lS_i)
+    return batch.offsets, batch.indices
+
+
+class DLRM_Net(nn.Module):
+    """The DLRM model.
+
+    DLRM_Net(m_spa, ln_emb, ln_bot, ln_top, arch_interaction_op="dot", ...) as in the original:
+    m_spa embedding dimension, ln_emb rows per table, ln_bot / ln_top the full layer widths of
+    the bottom and top MLPs (ln_top[0] must equal the interaction width).
+
+    forward(dense_x, lS_o, lS_i) takes either the flat layout of `dlrm_data.Batch`
+    (lS_o: [T*B+1] offsets, lS_i: [N] indices) or the original's per-table lists.
+    """
+
+    def __init__(
+        self,
+        m_spa=None,
+        ln_emb=None,
+        ln_bot=None,
+        ln_top=None,
+        arch_interaction_op="dot",
+        arch_interaction_itself=False,
+        sigmoid_bot=-1,
+        sigmoid_top=-1,
+        sync_dense_params=True,
+        loss_threshold=0.0,
+        ndevices=-1,
+        qr_flag=False,
+        qr_operation="mult",
+        qr_collisions=0,
+        qr_threshold=200,
+        md_flag=False,
+        md_threshold=200,
+        weighted_pooling=None,
+        loss_function="bce",
+    ):
+        super().__init__()
+        if qr_flag or md_flag or weighted_pooling:
+            raise DLRMError("not supported yet: QR/MD embeddings and --weighted-pooling")
+        ln_emb = [int(n) for n in ln_emb]
+        ln_bot = [int(n) for n in ln_bot]
+        ln_top = [int(n) for n in ln_top]
+        self.embedding_dim = int(m_spa)
+        self.table_sizes = ln_emb
+        self.arch_interaction_op = arch_interaction_op
+        self.arch_interaction_itself = bool(arch_interaction_itself)
+        self.loss_threshold = float(loss_threshold)
+        self._check_arch(ln_bot, ln_top)
+
+        self.emb_l = nn.ModuleList(create_embedding_bag(n, self.embedding_dim) for n in ln_emb)
+        self.bot_l = create_mlp(ln_bot, sigmoid_bot)
+        self.top_l = create_mlp(ln_top, sigmoid_top)
+
+        # pairs (i, j), i > j (or i >= j with self-interaction), in the original's row-major order
+        num_features = len(ln_emb) + 1
+        rows, cols = torch.tril_indices(num_features, num_features, offset=0 if self.arch_interaction_itself else -1)
+        self.register_buffer("pair_rows", rows, persistent=False)
+        self.register_buffer("pair_cols", cols, persistent=False)
+
+    def _check_arch(self, ln_bot, ln_top):
+        dense_out = ln_bot[-1]
+        if self.arch_interaction_op == "dot" and dense_out != self.embedding_dim:
+            raise DLRMError(
+                f"arch-sparse-feature-size {self.embedding_dim} does not match last dim of bottom mlp "
+                f"{dense_out} (the dot interaction needs them equal)"
+            )
+        width = interaction_width(
+            self.arch_interaction_op, self.arch_interaction_itself, len(self.table_sizes), dense_out, self.embedding_dim
+        )
+        if ln_top[0] != width:
+            raise DLRMError(f"# of feature interactions {width} does not match first dim of top mlp {ln_top[0]}")
+
+    def apply_emb(self, offsets, indices, batch_size):
+        """Pooled embeddings, [B, T, D]."""
+        # each table's slice of the flat index array; .tolist() is free on CPU
+        starts = offsets[::batch_size].tolist()
+        pooled = []
+        for t, bag in enumerate(self.emb_l):
+            table_offsets = offsets[t * batch_size : (t + 1) * batch_size] - starts[t]
+            pooled.append(bag(indices[starts[t] : starts[t + 1]], table_offsets))
+        return torch.stack(pooled, dim=1)
+
+    def interact_features(self, x, ly):
+        """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings."""
+        if self.arch_interaction_op == "dot":
+            features = torch.cat([x.unsqueeze(1), ly], dim=1)  # [B, T+1, D]
+            gram = torch.bmm(features, features.transpose(1, 2))
+            return torch.cat([x, gram[:, self.pair_rows, self.pair_cols]], dim=1)
+        return torch.cat([x, ly.flatten(1)], dim=1)
+
+    def forward(self, dense_x, lS_o, lS_i):
+        offsets, indices = to_flat_sparse(dense_x, lS_o, lS_i)
+        x = self.bot_l(dense_x)
+        ly = self.apply_emb(offsets, indices, dense_x.shape[0])
+        p = self.top_l(self.interact_features(x, ly))
+        if 0.0 < self.loss_threshold < 1.0:
+            p = torch.clamp(p, min=self.loss_threshold, max=1.0 - self.loss_threshold)
+        return p
+
+
+# ============================================================================ configuration
+def parse_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False/1/0), got {value!r}")
+
+
+def dash_separated(kind):
+    def parse(text):
+        try:
+            values = [kind(v) for v in str(text).split("-") if v != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected dash-separated {kind.__name__}s like 4-3-2, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected dash-separated {kind.__name__}s like 4-3-2, got {text!r}")
+        return values
+
+    parse.__name__ = f"dash-separated {kind.__name__}s"
+    return parse
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="dlrm_s_pytorch.py",
+        description="Train the Deep Learning Recommendation Model (DLRM)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def flag(group, name, default, help):
+        """A boolean flag: bare `--x` means True, `--x=False` / `--x=0` mean False."""
+        group.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch-sparse-feature-size", type=int, default=2, help="embedding dimension")
+    g.add_argument("--arch-embedding-size", type=dash_separated(int), default="4-3-2",
+                   help="rows of each embedding table (random data); derived from the data set otherwise")
+    g.add_argument("--arch-mlp-bot", type=dash_separated(int), default="4-3-2",
+                   help="bottom MLP widths, input (dense features) first")
+    g.add_argument("--arch-mlp-top", type=dash_separated(int), default="4-2-1",
+                   help="top MLP widths after its input; the interaction width is prepended")
+    g.add_argument("--arch-interaction-op", type=str, default="dot", choices=["dot", "cat"],
+                   help="feature interaction")
+    flag(g, "--arch-interaction-itself", False, "dot interaction includes each feature with itself")
+    g.add_argument("--weighted-pooling", type=str, default=None, choices=["fixed", "learned"],
+                   help="per-index weights in the embedding pooling")
+    g.add_argument("--activation-function", type=str, default="relu", help="MLP activation (relu)")
+
+    g = parser.add_argument_group("embedding compression")
+    flag(g, "--md-flag", False, "mixed-dimension embeddings")
+    g.add_argument("--md-threshold", type=int, default=200, help="tables with more rows get mixed dimensions")
+    g.add_argument("--md-temperature", type=float, default=0.3, help="mixed-dimension temperature (alpha)")
+    flag(g, "--md-round-dims", False, "round mixed dimensions to multiples of 8")
+    flag(g, "--qr-flag", False, "quotient-remainder embeddings")
+    g.add_argument("--qr-threshold", type=int, default=200, help="tables with more rows get QR embeddings")
+    g.add_argument("--qr-operation", type=str, default="mult", choices=["mult", "add", "concat"],
+                   help="how quotient and remainder embeddings combine")
+    g.add_argument("--qr-collisions", type=int, default=4, help="QR collisions (rows per quotient bucket)")
+
+    g = parser.add_argument_group("loss")
+    g.add_argument("--loss-function", type=str, default="mse", choices=["mse", "bce", "wbce"], help="loss")
+    g.add_argument("--loss-weights", type=dash_separated(float), default="1.0-1.0",
+                   help="wbce weights of negatives-positives")
+    g.add_argument("--loss-threshold", type=float, default=0.0,
+                   help="clamp predictions to [t, 1-t] when 0 < t < 1")
+    flag(g, "--round-targets", False, "round random targets to 0/1")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-generation", type=str, default="random", choices=["random", "synthetic", "dataset"],
+                   help="random data, synthetic trace-driven data, or a Criteo data set")
+    g.add_argument("--data-size", type=int, default=1, help="random data: number of training samples")
+    g.add_argument("--num-batches", type=int, default=0, help="training batches per epoch (0: all)")
+    g.add_argument("--num-indices-per-lookup", type=int, default=10, help="random data: (max) ids per bag")
+    flag(g, "--num-indices-per-lookup-fixed", False, "random data: every bag has exactly that many ids")
+    g.add_argument("--rand-data-dist", type=str, default="uniform", choices=list(dlrm_data.RANDOM_DISTRIBUTIONS),
+                   help="random data: distribution of the sparse ids")
+    g.add_argument("--rand-data-min", type=float, default=0, help="gaussian ids: lowest id")
+    g.add_argument("--rand-data-max", type=float, default=1, help="gaussian ids: highest id")
+    g.add_argument("--rand-data-mu", type=float, default=-1, help="gaussian ids: mean (-1: midpoint of min and max)")
+    g.add_argument("--rand-data-sigma", type=float, default=1, help="gaussian ids: standard deviation")
+    g.add_argument("--data-trace-file", type=str, default="./input/dist_emb_j.log",
+                   help="synthetic data: trace file, j replaced by the table number")
+    flag(g, "--data-trace-enable-padding", False, "synthetic data: pad short traces")
+    g.add_argument("--data-set", type=str, default="kaggle", choices=["kaggle", "terabyte"], help="Criteo data set")
+    g.add_argument("--raw-data-file", type=str, default="", help="raw Criteo file (train.txt or day prefix)")
+    g.add_argument("--processed-data-file", type=str, default="", help="processed data file")
+    g.add_argument("--data-randomize", type=str, default="total", choices=["total", "day", "none"],
+                   help="shuffling of the processed training data")
+    g.add_argument("--max-ind-range", type=int, default=-1, help="hash sparse ids into [0, M) (-1: dictionary)")
+    g.add_argument("--data-sub-sample-rate", type=float, default=0.0,
+                   help="drop this fraction of negatives from training days")
+    g.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    flag(g, "--memory-map", False, "memory-map the processed data instead of loading it")
+    flag(g, "--dataset-multiprocessing", False, "preprocess with all cores")
+    flag(g, "--mlperf-bin-loader", False, "use the binary one-file-per-split data format")
+    flag(g, "--mlperf-bin-shuffle", False, "shuffle batches of the binary loader")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--mini-batch-size", type=int, default=1, help="training mini-batch size")
+    g.add_argument("--nepochs", type=int, default=1, help="training epochs")
+    g.add_argument("--learning-rate", type=float, default=0.01, help="learning rate")
+    g.add_argument("--optimizer", type=str, default="sgd", choices=list(OPTIMIZERS), help="optimizer")
+    g.add_argument("--numpy-rand-seed", type=int, default=123, help="seed of all random numbers")
+    g.add_argument("--mlperf-grad-accum-iter", type=int, default=1,
+                   help="micro-batches accumulated per optimizer step")
+    g.add_argument("--lr-num-warmup-steps", type=int, default=0, help="linear LR warmup steps")
+    g.add_argument("--lr-decay-start-step", type=int, default=0, help="step where polynomial LR decay starts")
+    g.add_argument("--lr-num-decay-steps", type=int, default=0, help="steps of polynomial LR decay (0: none)")
+    flag(g, "--sync-dense-params", True, "keep dense parameters in sync across devices")
+    flag(g, "--inference-only", False, "no training: forward passes and evaluation only")
+
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--test-freq", type=int, default=-1, help="test every N iterations and at epoch end (-1: never)")
+    g.add_argument("--test-mini-batch-size", type=int, default=-1, help="test batch size (-1: training's)")
+    g.add_argument("--test-num-workers", type=int, default=-1, help="test loader workers (-1: training's)")
+    g.add_argument("--mlperf-acc-threshold", type=float, default=0.0, help="stop once test accuracy reaches it")
+    g.add_argument("--mlperf-auc-threshold", type=float, default=0.0, help="stop once test AUC reaches it")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--print-freq", type=int, default=1, help="print every N iterations")
+    g.add_argument("--print-precision", type=int, default=5, help="digits of printed arrays")
+    flag(g, "--print-time", False, "print ms per iteration")
+    flag(g, "--print-wall-time", False, "append the wall-clock time to progress lines")
+    flag(g, "--debug-mode", False, "print the architecture, the data and the parameters")
+    flag(g, "--enable-profiling", False, "run the PyTorch profiler")
+    flag(g, "--plot-compute-graph", False, "write the autograd graph")
+    g.add_argument("--tensor-board-filename", type=str, default=None,
+                   help="TensorBoard log directory (the original's default name is run_kaggle_pt)")
+    flag(g, "--mlperf-logging", False, "MLPerf-format log lines")
+
+    g = parser.add_argument_group("checkpoints and export")
+    g.add_argument("--save-model", type=str, default="", help="write a checkpoint here whenever test AUC improves")
+    g.add_argument("--load-model", type=str, default="", help="resume (or with --inference-only, evaluate) this checkpoint")
+    flag(g, "--save-onnx", False, "export the model to ONNX")
+    g.add_argument("--quantize-mlp-with-bit", type=int, default=32, help="inference: MLP precision (8, 16, 32)")
+    g.add_argument("--quantize-emb-with-bit", type=int, default=32, help="inference: embedding precision (4, 8, 32)")
+
+    g = parser.add_argument_group("devices and distribution")
+    flag(g, "--use-gpu", False, "train on CUDA")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                   help="local rank given by the launcher")
+    g.add_argument("--dist-backend", type=str, default="", help="torch.distributed backend (gloo, nccl, mpi)")
+    return parser
+
+
+NOT_SUPPORTED_YET = {
+    # flag: (attribute, value that means "off")
+    "--weighted-pooling": ("weighted_pooling", None),
+    "--md-flag": ("md_flag", False),
+    "--qr-flag": ("qr_flag", False),
+    "--enable-profiling": ("enable_profiling", False),
+    "--plot-compute-graph": ("plot_compute_graph", False),
+    "--tensor-board-filename": ("tensor_board_filename", None),
+    "--mlperf-logging": ("mlperf_logging", False),
+    "--save-onnx": ("save_onnx", False),
+    "--quantize-mlp-with-bit": ("quantize_mlp_with_bit", 32),
+    "--quantize-emb-with-bit": ("quantize_emb_with_bit", 32),
+    "--dist-backend": ("dist_backend", ""),
+}
+DATASET_ONLY_FLAGS = {
+    "--memory-map": ("memory_map", False),
+    "--dataset-multiprocessing": ("dataset_multiprocessing", False),
+    "--mlperf-bin-loader": ("mlperf_bin_loader", False),
+    "--mlperf-bin-shuffle": ("mlperf_bin_shuffle", False),
+    "--max-ind-range": ("max_ind_range", -1),
+    "--data-sub-sample-rate": ("data_sub_sample_rate", 0.0),
+}
+
+
+def validate_args(args) -> list[str]:
+    """Stops on flags that cannot work; returns notes for flags that have no effect here."""
+    for name, (attr, off) in NOT_SUPPORTED_YET.items():
+        if getattr(args, attr) != off:
+            raise DLRMError(f"not supported yet: {name}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DLRMError("not supported yet: distributed runs (WORLD_SIZE > 1)")
+    if args.data_generation != "random":
+        raise DLRMError(f"not supported yet: --data-generation={args.data_generation}")
+    for name in ("raw_data_file", "processed_data_file"):
+        if getattr(args, name):
+            raise DLRMError(f"--{name.replace('_', '-')} needs --data-generation=dataset (it is {args.data_generation})")
+    if args.activation_function != "relu":
+        raise DLRMError(f"--activation-function={args.activation_function} is not supported (relu)")
+    if not args.sync_dense_params:
+        raise DLRMError("--sync-dense-params=False is not supported: dense parameters are always kept in sync")
+    for name in ("mini_batch_size", "nepochs", "mlperf_grad_accum_iter", "print_freq"):
+        if getattr(args, name) < 1:
+            raise DLRMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.data_size < 1 and args.num_batches <= 0:
+        raise DLRMError(f"--data-size must be at least 1, got {args.data_size}")
+    if args.test_mini_batch_size == 0:
+        raise DLRMError("--test-mini-batch-size must be positive (or -1 for the training batch size)")
+    if args.loss_function == "wbce" and len(args.loss_weights) != 2:
+        raise DLRMError(f"--loss-weights needs two values (negative-positive), got {len(args.loss_weights)}")
+    if args.lr_num_decay_steps > 0 and args.lr_decay_start_step < args.lr_num_warmup_steps:
+        raise DLRMError(
+            f"--lr-decay-start-step {args.lr_decay_start_step} is before the end of warmup "
+            f"(--lr-num-warmup-steps {args.lr_num_warmup_steps})"
+        )
+    if args.inference_only and args.save_model:
+        raise DLRMError("--save-model has nothing to save with --inference-only")
+    notes = []
+    for name, (attr, off) in DATASET_ONLY_FLAGS.items():
+        if getattr(args, attr) != off:
+            notes.append(f"note: {name} has no effect without --data-generation=dataset")
+    return notes
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.test_mini_batch_size < 0:
+        args.test_mini_batch_size = args.mini_batch_size
+    if args.test_num_workers < 0:
+        args.test_num_workers = args.num_workers
+    return args
+
+
+# ============================================================================ training pieces
+def lr_for_update(update: int, base_lr: float, warmup: int, decay_start: int, num_decay: int) -> float:
+    """Learning rate of the `update`-th optimizer step (1-based), the original's LRPolicyScheduler:
+    linear warmup base*u/W for u < W; then base; quadratic decay base*((N-(u-D))/N)^2 (>= 1e-7)
+    for D <= u < D+N; after the decay the last decayed value."""
+    if update < warmup:
+        return base_lr * update / warmup
+    if num_decay > 0 and update >= decay_start:
+        decayed = min(update - decay_start, num_decay - 1)
+        return max(1e-7, base_lr * ((num_decay - decayed) / num_decay) ** 2)
+    return base_lr
+
+
+def per_sample_loss(kind: str, z, target, loss_weights=None):
+    """Per-sample loss, [B, 1]: mse, bce, or wbce (bce times the weight of each sample's class)."""
+    if kind == "mse":
+        return (z - target) ** 2
+    bce = F.binary_cross_entropy(z, target, reduction="none")
+    if kind == "wbce":
+        return loss_weights[target.round().long()] * bce
+    return bce
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (ties count one half), labels binarised at 0.5; NaN with one class."""
+    scores = scores.reshape(-1).double()
+    positive = labels.reshape(-1) >= 0.5
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    sorted_scores, order = torch.sort(scores)
+    _, group, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    mean_rank = ends - (counts.double() - 1) / 2  # 1-based rank, averaged over ties
+    positive_rank_sum = mean_rank[group][positive[order]].sum().item()
+    return (positive_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+@dataclasses.dataclass
+class TestMetrics:
+    loss: float
+    accuracy: float
+    auc: float
+    samples: int
+
+
+@torch.no_grad()
+def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0) -> TestMetrics:
+    """Loss, accuracy and AUC over every sample of `dataset`."""
+    was_training = model.training
+    model.eval()
+    scores, targets = [], []
+    for batch in dlrm_data.make_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda"):
+        batch = batch.to(device, non_blocking=True)
+        scores.append(model(batch.dense_x, batch.offsets, batch.indices).float())
+        targets.append(batch.target)
+    model.train(was_training)
+    scores, targets = torch.cat(scores), torch.cat(targets)
+    loss = per_sample_loss(loss_kind, scores, targets, loss_weights).mean().item()
+    accuracy = (torch.round(scores) == targets).double().mean().item()
+    return TestMetrics(loss, accuracy, roc_auc(scores, targets), targets.shape[0])
+
+
+def is_better(metrics: TestMetrics, best_auc: float, best_acc: float) -> bool:
+    """Improvement in AUC, or in accuracy when AUC is undefined (one class)."""
+    if not math.isnan(metrics.auc):
+        return metrics.auc > best_auc
+    return metrics.accuracy > best_acc
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands; saved in checkpoints."""
+
+    epoch: int = 0
+    next_batch: int = 0  # first batch of `epoch` still to train
+    updates: int = 0  # optimizer steps taken
+    best_acc: float = 0.0
+    best_auc: float = 0.0
+    tested: bool = False
+    last_test: TestMetrics | None = None
+    train_loss: float = float("nan")
+
+
+def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, nbatches_test):
+    """Writes atomically: a temporary file renamed over `path`."""
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "opt_state_dict": optimizer.state_dict() if optimizer is not None else None,
+        "train_state": dataclasses.asdict(state),
+        "arch": model_arch(model),
+        # the original's keys, for scripts that read them
+        "epoch": state.epoch,
+        "iter": state.next_batch,
+        "nepochs": args.nepochs,
+        "nbatches": nbatches,
+        "nbatches_test": nbatches_test,
+        "train_loss": state.train_loss,
+        "test_loss": state.last_test.loss if state.last_test else float("nan"),
+        "test_acc": state.last_test.accuracy if state.last_test else 0.0,
+        "test_auc": state.last_test.auc if state.last_test else float("nan"),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def model_arch(model: DLRM_Net) -> dict:
+    return {
+        "table_sizes": list(model.table_sizes),
+        "embedding_dim": model.embedding_dim,
+        "interaction": model.arch_interaction_op,
+        "interaction_itself": model.arch_interaction_itself,
+        "layers": {k: list(v.shape) for k, v in model.state_dict().items()},
+    }
+
+
+def load_checkpoint(path, model, optimizer) -> TrainState:
+    if not os.path.isfile(path):
+        raise DLRMError(f"--load-model {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise DLRMError(f"--load-model {path}: not a readable checkpoint ({type(e).__name__}: {e})")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise DLRMError(f"--load-model {path}: not a DLRM checkpoint (no state_dict)")
+    saved_arch = checkpoint.get("arch")
+    if saved_arch is not None and saved_arch != model_arch(model):
+        raise DLRMError(f"--load-model {path}: saved with a different architecture than these flags ({describe_arch_diff(saved_arch, model_arch(model))})")
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise DLRMError(f"--load-model {path}: does not fit this model: {str(e).splitlines()[0]}")
+    if optimizer is not None and checkpoint.get("opt_state_dict"):
+        try:
+            optimizer.load_state_dict(checkpoint["opt_state_dict"])
+        except (ValueError, KeyError) as e:
+            raise DLRMError(f"--load-model {path}: optimizer state does not fit --optimizer ({e})")
+    saved = dict(checkpoint.get("train_state") or {})
+    last_test = saved.pop("last_test", None)
+    state = TrainState(**saved) if saved else TrainState(epoch=checkpoint.get("epoch", 0), next_batch=checkpoint.get("iter", 0))
+    state.last_test = TestMetrics(**last_test) if last_test else None
+    return state
+
+
+def describe_arch_diff(saved: dict, current: dict) -> str:
+    for key in ("table_sizes", "embedding_dim", "interaction", "interaction_itself", "layers"):
+        if saved.get(key) != current.get(key):
+            if key == "layers":
+                return "MLP layer shapes differ"
+            return f"{key}: saved {saved.get(key)}, flags give {current.get(key)}"
+    return "unknown difference"
+
+
+# ============================================================================ setup helpers
+def select_device(use_gpu: bool) -> torch.device:
+    if use_gpu and torch.cuda.is_available():
+        print(f"Using {torch.cuda.device_count()} GPU(s)...")
+        return torch.device("cuda", 0)
+    if use_gpu:
+        print(f"warning: --use-gpu given but CUDA is not available (torch {torch.__version__}); running on CPU",
+              file=sys.stderr)
+    print("Using CPU...")
+    return torch.device("cpu")
+
+
+def make_datasets(args):
+    """Training and test datasets plus (dense width, table sizes) of the data."""
+    table_sizes = args.arch_embedding_size
+    dense_dim = args.arch_mlp_bot[0]
+    config = dlrm_data.RandomDataConfig(
+        num_indices_per_lookup=args.num_indices_per_lookup,
+        num_indices_per_lookup_fixed=args.num_indices_per_lookup_fixed,
+        distribution=args.rand_data_dist,
+        rand_min=args.rand_data_min,
+        rand_max=args.rand_data_max,
+        rand_mu=args.rand_data_mu,
+        rand_sigma=args.rand_data_sigma,
+        round_targets=args.round_targets,
+    )
+    num_samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
+    train = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.mini_batch_size,
+                                    args.numpy_rand_seed, config, split=0)
+    # a held-out set of the same size, from its own random stream
+    test = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.test_mini_batch_size,
+                                   args.numpy_rand_seed, config, split=1)
+    return train, test, dense_dim, table_sizes
+
+
+def build_model(args, dense_dim, table_sizes) -> DLRM_Net:
+    ln_bot = list(args.arch_mlp_bot)
+    if ln_bot[0] != dense_dim:
+        raise DLRMError(f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {ln_bot[0]}")
+    if args.arch_interaction_op == "dot" and ln_bot[-1] != args.arch_sparse_feature_size:
+        raise DLRMError(
+            f"arch-sparse-feature-size {args.arch_sparse_feature_size} does not match last dim of bottom mlp "
+            f"{ln_bot[-1]} (the dot interaction needs them equal)"
+        )
+    width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, len(table_sizes),
+                              ln_bot[-1], args.arch_sparse_feature_size)
+    ln_top = [width] + list(args.arch_mlp_top)
+    return DLRM_Net(
+        args.arch_sparse_feature_size,
+        table_sizes,
+        ln_bot,
+        ln_top,
+        arch_interaction_op=args.arch_interaction_op,
+        arch_interaction_itself=args.arch_interaction_itself,
+        sigmoid_bot=-1,
+        sigmoid_top=len(ln_top) - 2,
+        loss_threshold=args.loss_threshold,
+        loss_function=args.loss_function,
+    )
+
+
+def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
+    print("model arch:")
+    print(f"mlp top arch {len(ln_top) - 1} layers, with input to output dimensions:")
+    print(np.array(ln_top))
+    print("# of interactions")
+    print(ln_top[0])
+    print(f"mlp bot arch {len(ln_bot) - 1} layers, with input to output dimensions:")
+    print(np.array(ln_bot))
+    print("# of features (sparse and dense)")
+    print(len(model.table_sizes) + 1)
+    print("dense feature size")
+    print(ln_bot[0])
+    print("sparse feature size")
+    print(model.embedding_dim)
+    print(f"# of embeddings (= # of sparse features) {len(model.table_sizes)}, with dimensions {model.embedding_dim}x:")
+    print(np.array(model.table_sizes))
+
+
+def print_debug_data(dataset, nbatches):
+    print("data (inputs and targets):")
+    for j in range(nbatches):
+        batch = dataset[j]
+        print(f"mini-batch: {j}")
+        print(batch.dense_x)
+        print(torch.diff(batch.offsets).view(batch.num_tables, batch.batch_size))  # bag lengths
+        print(batch.lS_i)
+        print(batch.target)
+
+
+def print_parameters(model, title):
+    print(title)
+    for param in model.parameters():
+        print(param.detach().cpu().numpy())
+
+
+# ============================================================================ training loop
+def log_line(text):
+    print(text, flush=True)
+
+
+def train(args, model, optimizer, train_set, test_set, device, state: TrainState, nbatches: int, log=None):
+    """The training loop; returns the final TrainState. Mutates `model` and `optimizer`."""
+    log = log or log_line
+    loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
+    accum = args.mlperf_grad_accum_iter
+    training = not args.inference_only
+    run_type = "inference" if args.inference_only else "training"
+    pin = device.type == "cuda"
+    stop = False
+
+    def synced_time():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def set_lr(update):
+        lr = lr_for_update(update, args.learning_rate, args.lr_num_warmup_steps,
+                           args.lr_decay_start_step, args.lr_num_decay_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    model.train(training)
+    for epoch in range(state.epoch, args.nepochs):
+        first = state.next_batch if epoch == state.epoch else 0
+        state.epoch, state.next_batch = epoch, first
+        # losses stay on the device and are read only when printed: no per-iteration sync
+        window_loss = torch.zeros((), device=device, dtype=torch.float64)
+        window_samples = window_iters = 0
+        window_start = synced_time() if args.print_time else 0.0
+        accum_samples = 0
+        for j, batch in enumerate(dlrm_data.make_loader(train_set, first, args.num_workers, pin), start=first):
+            if j >= nbatches:
+                break
+            batch = batch.to(device, non_blocking=pin)
+            mbs = batch.batch_size
+            if accum_samples == 0:
+                window_first_batch = j
+            last_in_window = (j + 1) % accum == 0 or j + 1 == nbatches
+
+            with torch.set_grad_enabled(training):
+                z = model(batch.dense_x, batch.offsets, batch.indices)
+                loss = per_sample_loss(args.loss_function, z, batch.target, loss_weights).mean()
+
+            if training:
+                if accum_samples == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                # accumulate sum-of-losses gradients; divided by the window's samples at the step,
+                # so N micro-batches update exactly as one batch of all their samples
+                (loss * mbs if accum > 1 else loss).backward()
+                accum_samples += mbs
+                if last_in_window:
+                    if accum > 1:
+                        scale_gradients(model, 1.0 / accum_samples)
+                    set_lr(state.updates + 1)
+                    optimizer.step()
+                    state.updates += 1
+                    accum_samples = 0
+
+            window_loss += loss.detach() * mbs
+            window_samples += mbs
+            window_iters += 1
+            # a checkpoint taken inside an accumulation window resumes at the window's start
+            state.next_batch = j + 1 if accum_samples == 0 else window_first_batch
+
+            should_print = (j + 1) % args.print_freq == 0 or j + 1 == nbatches
+            should_test = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == nbatches)
+            if should_print or should_test:
+                ms_per_it = 1000.0 * (synced_time() - window_start) / window_iters if args.print_time else -1
+                state.train_loss = window_loss.item() / window_samples
+                wall = f" ({time.strftime('%H:%M')})" if args.print_wall_time else ""
+                log(f"Finished {run_type} it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
+                    f"loss {state.train_loss:.6f}{wall}")
+                window_loss.zero_()
+                window_samples = window_iters = 0
+
+            if should_test and training:
+                log(f"Testing at - {j + 1}/{nbatches} of epoch {epoch},")
+                stop = run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log)
+                if stop:
+                    break
+            if should_print and args.print_time:
+                window_start = synced_time()
+        if stop:
+            break
+        state.next_batch = 0
+        state.epoch = epoch + 1
+    return state
+
+
+def scale_gradients(model, factor):
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log) -> bool:
+    """Evaluates, tracks the best metrics, checkpoints on improvement; True when a stop threshold is reached."""
+    t0 = time.perf_counter()
+    metrics = evaluate(model, test_set, args.loss_function, loss_weights, device, args.test_num_workers)
+    improved = is_better(metrics, state.best_auc, state.best_acc)
+    state.best_acc = max(state.best_acc, metrics.accuracy)
+    if not math.isnan(metrics.auc):
+        state.best_auc = max(state.best_auc, metrics.auc)
+    state.tested = True
+    state.last_test = metrics
+    log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %, "
+        f"loss {metrics.loss:.6f}, auc {metrics.auc:.4f}, best auc {state.best_auc:.4f}"
+        + (f", {time.perf_counter() - t0:.2f} s" if args.print_time else ""))
+    if improved and args.save_model:
+        log(f"Saving model to {args.save_model}")
+        save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
+    if args.mlperf_acc_threshold > 0 and state.best_acc >= args.mlperf_acc_threshold:
+        log(f"MLPerf testing accuracy threshold {args.mlperf_acc_threshold} reached, stop training")
+        return True
+    if args.mlperf_auc_threshold > 0 and state.best_auc >= args.mlperf_auc_threshold:
+        log(f"MLPerf testing auc threshold {args.mlperf_auc_threshold} reached, stop training")
+        return True
+    return False
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except DLRMError as e:
+        print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args) -> int:
+    for note in validate_args(args):
+        print(note, file=sys.stderr)
+    np.set_printoptions(precision=args.print_precision)
+    torch.set_printoptions(precision=args.print_precision)
+    torch.manual_seed(args.numpy_rand_seed)
+    np.random.seed(args.numpy_rand_seed)
+    device = select_device(args.use_gpu)
+
+    train_set, test_set, dense_dim, table_sizes = make_datasets(args)
+    nbatches = min(args.num_batches, len(train_set)) if args.num_batches > 0 else len(train_set)
+    model = build_model(args, dense_dim, table_sizes)
+    if args.debug_mode:
+        ln_top = [model.top_l[0].in_features] + list(args.arch_mlp_top)
+        print_debug_arch(model, args.arch_mlp_bot, ln_top)
+        print_debug_data(train_set, nbatches)
+        print_parameters(model, "initial parameters (weights and bias):")
+    model.to(device)
+    optimizer = None if args.inference_only else make_optimizer(args.optimizer, model.parameters(), args.learning_rate)
+
+    state = TrainState()
+    if args.load_model:
+        print(f"Loading saved model {args.load_model}")
+        state = load_checkpoint(args.load_model, model, optimizer)
+        last = state.last_test
+        print(f"Saved at: epoch = {state.epoch:d}/{args.nepochs:d}, batch = {state.next_batch:d}/{nbatches:d}, "
+              f"ntbatch = {len(test_set):d}")
+        print(f"Training state: loss = {state.train_loss:.6f}")
+        if last is not None:
+            print(f"Testing state: loss = {last.loss:.6f}, accuracy = {last.accuracy * 100:3.3f} %, auc = {last.auc:.4f}")
+
+    if args.inference_only:
+        state = TrainState()
+        print("time/loss/accuracy (if enabled):")
+        train(args, model, optimizer, train_set, test_set, device, state, nbatches)
+        loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
+        print(f"Testing at - {nbatches}/{nbatches} of epoch {args.nepochs - 1},")
+        run_test(args, model, None, test_set, device, state, nbatches, loss_weights, log_line)
+        return 0
+
+    print("time/loss/accuracy (if enabled):")
+    state = train(args, model, optimizer, train_set, test_set, device, state, nbatches)
+    if args.save_model and not state.tested:
+        print(f"Saving model to {args.save_model}")
+        save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
+    if args.debug_mode:
+        print_parameters(model, "updated parameters (weights and bias):")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

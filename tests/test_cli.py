@@ -1,0 +1,157 @@
+"""The command line: the original's flags and scripts, errors, output formats."""
+
+import re
+
+import pytest
+
+from dlrm_s_pytorch import build_parser, parse_args
+
+ORIGINAL_FLAGS = """--arch-sparse-feature-size --arch-embedding-size --arch-mlp-bot --arch-mlp-top
+--arch-interaction-op --arch-interaction-itself --weighted-pooling --md-flag --md-threshold --md-temperature
+--md-round-dims --qr-flag --qr-threshold --qr-operation --qr-collisions --activation-function --loss-function
+--loss-weights --loss-threshold --round-targets --data-size --num-batches --data-generation --rand-data-dist
+--rand-data-min --rand-data-max --rand-data-mu --rand-data-sigma --data-trace-file --data-set --raw-data-file
+--processed-data-file --data-randomize --data-trace-enable-padding --max-ind-range --data-sub-sample-rate
+--num-indices-per-lookup --num-indices-per-lookup-fixed --num-workers --memory-map --mini-batch-size --nepochs
+--learning-rate --print-precision --numpy-rand-seed --sync-dense-params --optimizer --dataset-multiprocessing
+--inference-only --quantize-mlp-with-bit --quantize-emb-with-bit --save-onnx --use-gpu --local_rank
+--dist-backend --print-freq --test-freq --test-mini-batch-size --test-num-workers --print-time --print-wall-time
+--debug-mode --enable-profiling --plot-compute-graph --tensor-board-filename --save-model --load-model
+--mlperf-logging --mlperf-acc-threshold --mlperf-auc-threshold --mlperf-bin-loader --mlperf-bin-shuffle
+--mlperf-grad-accum-iter --lr-num-warmup-steps --lr-decay-start-step --lr-num-decay-steps""".split()
+
+TRAIN_LINE = re.compile(r"^Finished training it (\d+)/(\d+) of epoch (\d+), (-?[\d.]+) ms/it, loss ([\d.]+)$")
+
+
+def test_every_original_flag_is_accepted():
+    assert len(ORIGINAL_FLAGS) == 76
+    known = {opt for action in build_parser()._actions for opt in action.option_strings}
+    assert [f for f in ORIGINAL_FLAGS if f not in known] == []
+    assert parse_args(["--local-rank=2"]).local_rank == 2
+
+
+def test_original_defaults():
+    args = parse_args([])
+    assert (args.arch_sparse_feature_size, args.arch_embedding_size, args.arch_mlp_bot, args.arch_mlp_top) == (
+        2, [4, 3, 2], [4, 3, 2], [4, 2, 1])
+    assert (args.loss_function, args.learning_rate, args.numpy_rand_seed, args.mini_batch_size) == ("mse", 0.01, 123, 1)
+    assert (args.data_size, args.num_indices_per_lookup, args.optimizer, args.test_freq) == (1, 10, "sgd", -1)
+    assert args.test_mini_batch_size == 1 and args.sync_dense_params is True and args.round_targets is False
+
+
+@pytest.mark.parametrize("argv,attr,value", [
+    (["--round-targets=False"], "round_targets", False),
+    (["--round-targets", "False"], "round_targets", False),
+    (["--round-targets=True"], "round_targets", True),
+    (["--round-targets"], "round_targets", True),
+    (["--sync-dense-params=0"], "sync_dense_params", False),
+    (["--num-indices-per-lookup-fixed=1"], "num_indices_per_lookup_fixed", True),
+    (["--data-trace-enable-padding=no"], "data_trace_enable_padding", False),
+    (["--debug-mode"], "debug_mode", True),
+    (["--print-time=false"], "print_time", False),
+])
+def test_boolean_flags_mean_what_they_say(argv, attr, value):
+    assert getattr(parse_args(argv), attr) is value
+
+
+def test_bad_boolean_is_a_one_line_error(cli):
+    result = cli("--round-targets=maybe")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "--round-targets" in result.stderr and "maybe" in result.stderr
+
+
+def test_default_run_prints_three_iterations(cli):
+    result = cli("--mini-batch-size=2", "--data-size=6")
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stdout.splitlines() if l.startswith("Finished training it")]
+    assert [TRAIN_LINE.match(l).group(1, 2, 3, 4) for l in lines] == [
+        ("1", "3", "0", "-1.00"), ("2", "3", "0", "-1.00"), ("3", "3", "0", "-1.00")]
+
+
+@pytest.mark.parametrize("size_args", [
+    ["--mini-batch-size=1", "--data-size=1"],
+    ["--mini-batch-size=2", "--data-size=4"],
+    ["--mini-batch-size=2", "--data-size=5"],
+    ["--mini-batch-size=2", "--data-size=5", "--nepochs=3"],
+])
+def test_original_test_script_runs_clean(run_main, size_args):
+    code, out, err = run_main(*size_args, "--arch-interaction-op=dot", "--learning-rate=0.1", "--debug-mode")
+    assert code == 0 and err == ""
+    assert "model arch:" in out and "initial parameters (weights and bias):" in out
+    assert "updated parameters (weights and bias):" in out
+    epochs = 3 if "--nepochs=3" in size_args else 1
+    assert out.count("Finished training it") == epochs * -(-int(size_args[1].split("=")[1]) // int(size_args[0].split("=")[1]))
+
+
+def test_print_time_reports_milliseconds(run_main):
+    code, out, _ = run_main("--mini-batch-size=2", "--data-size=4", "--print-time")
+    times = [float(TRAIN_LINE.match(l).group(4)) for l in out.splitlines() if l.startswith("Finished")]
+    assert code == 0 and len(times) == 2 and all(t > 0 for t in times)
+
+
+@pytest.mark.parametrize("flag", ["--save-onnx", "--md-flag", "--qr-flag", "--weighted-pooling=fixed",
+                                  "--enable-profiling", "--plot-compute-graph", "--mlperf-logging",
+                                  "--quantize-mlp-with-bit=8", "--tensor-board-filename=tb", "--dist-backend=gloo"])
+def test_features_of_later_work_say_not_supported_yet(run_main, flag):
+    code, out, err = run_main(flag)
+    assert code == 1
+    assert err.strip() == f"dlrm_s_pytorch.py: error: not supported yet: {flag.split('=')[0]}"
+    assert "Finished" not in out
+
+
+def test_raw_data_file_without_dataset_generation_is_an_error(cli):
+    result = cli("--raw-data-file=./input/train.txt")
+    assert result.returncode == 1
+    assert "--raw-data-file needs --data-generation=dataset" in result.stderr
+    assert "Traceback" not in result.stderr and "Finished" not in result.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--arch-mlp-bot=4-3-3"], "arch-sparse-feature-size 2 does not match last dim of bottom mlp 3"),
+    (["--arch-sparse-feature-size=3"], "arch-sparse-feature-size 3 does not match last dim of bottom mlp 2"),
+    (["--mini-batch-size=0"], "--mini-batch-size must be at least 1"),
+    (["--loss-function=wbce", "--loss-weights=1.0"], "--loss-weights needs two values"),
+    (["--activation-function=tanh"], "--activation-function=tanh is not supported"),
+    (["--sync-dense-params=False"], "--sync-dense-params=False is not supported"),
+])
+def test_inconsistent_flags_are_one_line_errors(run_main, argv, message):
+    code, out, err = run_main(*argv)
+    assert code == 1 and message in err and err.count("\n") == 1
+
+
+def test_cat_interaction_allows_different_widths(run_main):
+    code, out, _ = run_main("--arch-interaction-op=cat", "--arch-sparse-feature-size=5", "--mini-batch-size=2",
+                            "--data-size=4", "--debug-mode")
+    assert code == 0 and "[17  4  2  1]" in out  # 2 + 3 tables * 5
+
+
+def test_dataset_only_flags_are_noted_not_ignored(run_main):
+    code, out, err = run_main("--memory-map", "--max-ind-range=100")
+    assert code == 0
+    assert "--memory-map has no effect without --data-generation=dataset" in err
+    assert "--max-ind-range has no effect" in err
+
+
+def test_use_gpu_without_cuda_says_so(run_main):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    code, out, err = run_main("--use-gpu", "--mini-batch-size=2", "--data-size=4")
+    assert code == 0 and "CUDA is not available" in err and "Using CPU..." in out
+
+
+def test_same_seed_same_losses_different_seed_different(run_main):
+    argv = ["--mini-batch-size=4", "--data-size=40", "--optimizer=rwsadagrad", "--learning-rate=0.1"]
+    first, second = run_main(*argv)[1], run_main(*argv)[1]
+    other = run_main(*argv, "--numpy-rand-seed=7")[1]
+    assert first == second and first != other
+
+
+@pytest.mark.parametrize("dist", ["uniform", "gaussian"])
+def test_random_distributions_and_fixed_lookups_run(run_main, dist):
+    code, out, _ = run_main("--rand-data-dist=" + dist, "--rand-data-min=0", "--rand-data-max=3",
+                            "--num-indices-per-lookup=3", "--num-indices-per-lookup-fixed=True",
+                            "--mini-batch-size=4", "--data-size=8")
+    assert code == 0 and out.count("Finished training it") == 2

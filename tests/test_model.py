@@ -1,0 +1,86 @@
+"""DLRM_Net against naive references: interactions, embedding-bag offsets, arch checks."""
+
+import numpy as np
+import pytest
+import torch
+
+import dlrm_data
+from dlrm_s_pytorch import DLRM_Net, DLRMError, interaction_width
+
+
+def make_net(op="dot", itself=False, tables=(5, 7, 3), dim=4, bot=(3, 6, 4), top=(8, 1)):
+    torch.manual_seed(0)
+    width = interaction_width(op, itself, len(tables), bot[-1], dim)
+    return DLRM_Net(dim, list(tables), list(bot), [width, *top], arch_interaction_op=op,
+                    arch_interaction_itself=itself, sigmoid_top=len(top) - 1)
+
+
+def naive_dot_interaction(x, ly, itself):
+    """Loops: [x, e_i . e_j for i > j (or i >= j)] in the original's row-major order."""
+    features = [x] + [ly[:, t] for t in range(ly.shape[1])]
+    rows = []
+    for b in range(x.shape[0]):
+        pairs = []
+        for i in range(len(features)):
+            for j in range(i + 1 if itself else i):
+                pairs.append(float(features[i][b] @ features[j][b]))
+        rows.append(torch.cat([x[b], torch.tensor(pairs)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("itself", [False, True])
+def test_dot_interaction_matches_naive(itself):
+    net = make_net("dot", itself)
+    x, ly = torch.randn(5, 4), torch.randn(5, 3, 4)
+    torch.testing.assert_close(net.interact_features(x, ly), naive_dot_interaction(x, ly, itself))
+    expected_width = 4 + (4 * 5 // 2 if itself else 4 * 3 // 2)
+    assert net.interact_features(x, ly).shape == (5, expected_width)
+
+
+def test_cat_interaction_is_concatenation():
+    net = make_net("cat", top=(16, 1))
+    x, ly = torch.randn(2, 4), torch.randn(2, 3, 4)
+    expected = torch.cat([x, ly[:, 0], ly[:, 1], ly[:, 2]], dim=1)
+    torch.testing.assert_close(net.interact_features(x, ly), expected)
+
+
+def test_embedding_bags_sum_rows_named_by_offsets():
+    net = make_net()
+    lengths = [np.array([2, 0, 1]), np.array([1, 3, 1]), np.array([1, 1, 2])]
+    indices = [np.array([4, 0, 2]), np.array([6, 1, 1, 0, 2]), np.array([2, 0, 1, 2])]
+    batch = dlrm_data.batch_from_tables(np.zeros((3, 3)), lengths, indices, np.zeros(3))
+    pooled = net.apply_emb(batch.offsets, batch.indices, 3)
+    for t, bag in enumerate(net.emb_l):
+        start = 0
+        for b, n in enumerate(lengths[t]):
+            rows = indices[t][start:start + n]
+            expected = bag.weight[torch.as_tensor(rows)].sum(0) if n else torch.zeros(4)
+            torch.testing.assert_close(pooled[b, t], expected)
+            start += n
+
+
+def test_forward_accepts_original_per_table_layout():
+    net = make_net()
+    ds = dlrm_data.RandomDataset(3, [5, 7, 3], 8, 4, seed=1)
+    batch = ds[0]
+    flat = net(batch.dense_x, batch.offsets, batch.indices)
+    per_table = net(batch.dense_x, batch.lS_o, batch.lS_i)
+    as_lists = net(batch.dense_x, list(batch.lS_o), batch.lS_i)
+    torch.testing.assert_close(flat, per_table)
+    torch.testing.assert_close(flat, as_lists)
+    assert flat.shape == (4, 1) and bool(((flat > 0) & (flat < 1)).all())
+
+
+def test_loss_threshold_clamps_output():
+    torch.manual_seed(0)
+    net = DLRM_Net(4, [5, 7, 3], [3, 6, 4], [10, 1], sigmoid_top=0, loss_threshold=0.4)
+    batch = dlrm_data.RandomDataset(3, [5, 7, 3], 64, 64, seed=1)[0]
+    out = net(batch.dense_x, batch.offsets, batch.indices)
+    assert float(out.detach().min()) >= 0.4 and float(out.detach().max()) <= 0.6
+
+
+def test_arch_mismatch_errors_state_both_numbers():
+    with pytest.raises(DLRMError, match="arch-sparse-feature-size 4 does not match last dim of bottom mlp 5"):
+        DLRM_Net(4, [5, 7, 3], [3, 5], [11, 1])
+    with pytest.raises(DLRMError, match="# of feature interactions 10 does not match first dim of top mlp 12"):
+        DLRM_Net(4, [5, 7, 3], [3, 4], [12, 1])

@@ -1,0 +1,188 @@
+"""Training behaviour: learning, accumulation, evaluation, checkpoints, early stop."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import dlrm_data
+import dlrm_s_pytorch as dlrm
+from optim import make_optimizer
+
+TRAIN_LINE = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
+TEST_LINE = re.compile(r"^ accuracy ([\d.]+) %, best ([\d.]+) %, loss ([\d.]+), auc ([\d.na]+), best auc ([\d.na]+)")
+
+
+def losses_by_position(out):
+    return {(int(m.group(2)), int(m.group(1))): m.group(3)
+            for m in map(TRAIN_LINE.match, out.splitlines()) if m}
+
+
+class PlantedDataset:
+    """Clicks depend on dense feature 0 and on the id in table 0: a learnable signal."""
+
+    def __init__(self, num_samples, batch_size, seed, tables=(50, 20, 10)):
+        rng = np.random.default_rng(seed)
+        self.batch_size, self.tables = batch_size, tables
+        self.dense = rng.random((num_samples, 4), dtype=np.float32)
+        self.ids = np.stack([rng.integers(0, n, num_samples) for n in tables], axis=1)
+        effect = np.random.default_rng(99).normal(0, 2, tables[0])
+        logit = 4 * (self.dense[:, 0] - 0.5) + effect[self.ids[:, 0]]
+        self.labels = (rng.random(num_samples) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def __getitem__(self, j):
+        s = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        n = len(self.labels[s])
+        return dlrm_data.batch_from_tables(self.dense[s], [np.ones(n)] * len(self.tables),
+                                           [self.ids[s, t] for t in range(len(self.tables))], self.labels[s])
+
+
+def small_args(*extra):
+    return dlrm.parse_args(["--arch-sparse-feature-size=8", "--arch-mlp-bot=4-16-8", "--arch-mlp-top=16-1",
+                            "--loss-function=bce", *extra])
+
+
+def test_trainer_learns_a_planted_signal():
+    torch.manual_seed(0)
+    args = small_args("--optimizer=adagrad", "--learning-rate=0.05", "--nepochs=3", "--mini-batch-size=64")
+    train_set, test_set = PlantedDataset(6000, 64, seed=1), PlantedDataset(2000, 256, seed=2)
+    model = dlrm.build_model(args, 4, train_set.tables)
+    device = torch.device("cpu")
+    before = dlrm.evaluate(model, test_set, "bce", None, device)
+    optimizer = make_optimizer("adagrad", model.parameters(), args.learning_rate)
+    dlrm.train(args, model, optimizer, train_set, test_set, device, dlrm.TrainState(), len(train_set), log=lambda s: None)
+    after = dlrm.evaluate(model, test_set, "bce", None, device)
+    assert after.samples == 2000
+    assert after.auc > 0.75 and after.auc > before.auc + 0.15
+    assert after.loss < before.loss
+
+
+def train_params(batches, accum):
+    torch.manual_seed(0)
+    args = small_args("--optimizer=sgd", "--learning-rate=0.5", f"--mlperf-grad-accum-iter={accum}")
+    model = dlrm.build_model(args, 4, (50, 20, 10))
+    optimizer = make_optimizer("sgd", model.parameters(), args.learning_rate)
+    state = dlrm.train(args, model, optimizer, batches, batches, torch.device("cpu"), dlrm.TrainState(),
+                       len(batches), log=lambda s: None)
+    return model.state_dict(), state.updates
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    data = PlantedDataset(12, 12, seed=3)
+    big = [data[0]]
+    micro = [PlantedDataset(12, 4, seed=3)[j] for j in range(3)]  # same 12 samples, 3 micro-batches
+    params_big, updates_big = train_params(big, accum=1)
+    params_micro, updates_micro = train_params(micro, accum=3)
+    assert updates_big == updates_micro == 1
+    for name in params_big:
+        torch.testing.assert_close(params_micro[name], params_big[name], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_covers_the_whole_test_set_regardless_of_num_batches(run_main):
+    code, out, _ = run_main("--mini-batch-size=4", "--data-size=40", "--num-batches=3", "--test-freq=3",
+                            "--test-mini-batch-size=7", "--round-targets")
+    assert code == 0 and out.count("Finished training it") == 3
+    model_args = dlrm.parse_args(["--mini-batch-size=4", "--data-size=40", "--num-batches=3",
+                                  "--test-mini-batch-size=7"])
+    _, test_set, _, _ = dlrm.make_datasets(model_args)
+    assert len(test_set) == 2 and test_set.samples_in_batch(1) == 5  # 12 samples, batches of 7: none dropped
+
+
+FLAGS = ["--mini-batch-size=4", "--data-size=32", "--nepochs=2", "--test-freq=3", "--optimizer=adagrad",
+         "--learning-rate=0.1", "--loss-function=bce", "--round-targets=True",
+         "--lr-num-warmup-steps=3", "--lr-decay-start-step=4", "--lr-num-decay-steps=20"]
+
+
+def test_save_load_resume_continues_with_identical_losses(run_main, tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    code, full, _ = run_main(*FLAGS)
+    assert code == 0
+    code, saving, _ = run_main(*FLAGS, f"--save-model={checkpoint}")
+    assert code == 0 and checkpoint.exists()
+    assert losses_by_position(saving) == losses_by_position(full)
+    # the last save happened at the test line preceding the last "Saving model"
+    lines = saving.splitlines()
+    last_save = max(i for i, l in enumerate(lines) if l.startswith("Saving model"))
+    saved_at = re.match(r"Testing at - (\d+)/\d+ of epoch (\d+),", lines[last_save - 2])
+    epoch, it = int(saved_at.group(2)), int(saved_at.group(1))
+
+    code, resumed, _ = run_main(*FLAGS, f"--load-model={checkpoint}")
+    assert code == 0
+    after = {k: v for k, v in losses_by_position(full).items() if k > (epoch, it)}
+    assert after and losses_by_position(resumed) == after
+
+
+def test_save_model_writes_only_when_test_auc_improves(run_main, tmp_path):
+    checkpoint = tmp_path / "m.pt"
+    code, out, _ = run_main(*FLAGS, "--test-freq=1", f"--save-model={checkpoint}")
+    assert code == 0
+    lines = out.splitlines()
+    aucs, saves, best = [], 0, -1.0
+    for i, line in enumerate(lines):
+        m = TEST_LINE.match(line)
+        if m:
+            auc = float(m.group(4))
+            improved = auc > best
+            best = max(best, auc)
+            saved = i + 1 < len(lines) and lines[i + 1].startswith("Saving model")
+            assert saved == improved, line
+            assert float(m.group(5)) == pytest.approx(best, abs=1e-4)
+            aucs.append(auc)
+            saves += saved
+    assert len(aucs) == 16 and 1 <= saves < 16
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_auc_threshold_stops_training_at_once(run_main):
+    code, out, _ = run_main(*FLAGS, "--mlperf-auc-threshold=0.01")
+    assert code == 0
+    assert "MLPerf testing auc threshold 0.01 reached, stop training" in out
+    assert out.count("Finished training it") == 3  # stopped at the first test
+
+
+def test_accuracy_threshold_stops_training(run_main):
+    code, out, _ = run_main(*FLAGS, "--mlperf-acc-threshold=0.01")
+    assert code == 0 and "accuracy threshold 0.01 reached" in out and out.count("Finished training it") == 3
+
+
+def test_inference_only_evaluates_a_loaded_model_without_changing_it(run_main, tmp_path):
+    checkpoint = tmp_path / "m.pt"
+    assert run_main(*FLAGS, f"--save-model={checkpoint}")[0] == 0
+    before = torch.load(checkpoint, weights_only=False)["state_dict"]
+    code, out, _ = run_main(*FLAGS, f"--load-model={checkpoint}", "--inference-only")
+    assert code == 0 and "Finished inference it" in out and any(map(TEST_LINE.match, out.splitlines()))
+    assert "Finished training" not in out
+    after = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_model_without_tests_saves_the_final_model(run_main, tmp_path):
+    checkpoint = tmp_path / "final.pt"
+    code, out, _ = run_main("--mini-batch-size=2", "--data-size=6", f"--save-model={checkpoint}")
+    assert code == 0 and checkpoint.exists()
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+
+
+@pytest.mark.parametrize("content,message", [(b"garbage", "not a readable checkpoint"), (None, "no such file")])
+def test_bad_checkpoint_is_a_clear_error(run_main, tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run_main("--mini-batch-size=2", "--data-size=4", f"--load-model={path}")
+    assert code == 1 and message in err and err.count("\n") == 1
+
+
+def test_checkpoint_from_other_architecture_is_refused(run_main, tmp_path):
+    path = tmp_path / "m.pt"
+    assert run_main("--mini-batch-size=2", "--data-size=4", f"--save-model={path}")[0] == 0
+    code, _, err = run_main("--mini-batch-size=2", "--data-size=4", "--arch-embedding-size=5-3-2", f"--load-model={path}")
+    assert code == 1 and "table_sizes: saved [4, 3, 2], flags give [5, 3, 2]" in err
+
+
+def test_workers_give_the_same_losses(run_main):
+    argv = ["--mini-batch-size=4", "--data-size=24", "--num-indices-per-lookup=4"]
+    assert run_main(*argv)[1] == run_main(*argv, "--num-workers=2")[1]
