@@ -155,3 +155,14 @@ def test_random_distributions_and_fixed_lookups_run(run_main, dist):
                             "--num-indices-per-lookup=3", "--num-indices-per-lookup-fixed=True",
                             "--mini-batch-size=4", "--data-size=8")
     assert code == 0 and out.count("Finished training it") == 2
+
+
+def test_readme_documents_every_flag_and_the_ci_test_command():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    flags = {opt for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--") and opt != "--help"}
+    assert [f for f in sorted(flags) if f"`{f}" not in readme and f" {f}`" not in readme and f"/ {f}`" not in readme] == []
+    ci = open(os.path.join(root, ".ci", "run")).read()
+    assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
