@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dlrm_data
+from embeddings import EmbeddingBagList
 from optim import OPTIMIZERS, make_optimizer
 
 
@@ -61,15 +62,6 @@ def create_mlp(dims, sigmoid_layer: int) -> nn.Sequential:
         layers.append(linear)
         layers.append(nn.Sigmoid() if i == sigmoid_layer else nn.ReLU())
     return nn.Sequential(*layers)
-
-
-def create_embedding_bag(num_rows: int, dim: int) -> nn.EmbeddingBag:
-    """A sum-pooled EmbeddingBag with sparse gradients, rows ~ U(-sqrt(1/n), sqrt(1/n))."""
-    bag = nn.EmbeddingBag(int(num_rows), int(dim), mode="sum", sparse=True)
-    bound = math.sqrt(1.0 / num_rows)
-    with torch.no_grad():
-        bag.weight.uniform_(-bound, bound)
-    return bag
 
 
 def interaction_width(op: str, itself: bool, num_tables: int, dense_out: int, emb_dim: int) -> int:
@@ -137,7 +129,7 @@ class DLRM_Net(nn.Module):
         self.loss_threshold = float(loss_threshold)
         self._check_arch(ln_bot, ln_top)
 
-        self.emb_l = nn.ModuleList(create_embedding_bag(n, self.embedding_dim) for n in ln_emb)
+        self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim)
         self.bot_l = create_mlp(ln_bot, sigmoid_bot)
         self.top_l = create_mlp(ln_top, sigmoid_top)
 
@@ -162,13 +154,7 @@ class DLRM_Net(nn.Module):
 
     def apply_emb(self, offsets, indices, batch_size):
         """Pooled embeddings, [B, T, D]."""
-        # each table's slice of the flat index array; .tolist() is free on CPU
-        starts = offsets[::batch_size].tolist()
-        pooled = []
-        for t, bag in enumerate(self.emb_l):
-            table_offsets = offsets[t * batch_size : (t + 1) * batch_size] - starts[t]
-            pooled.append(bag(indices[starts[t] : starts[t + 1]], table_offsets))
-        return torch.stack(pooled, dim=1)
+        return self.emb_l.pool(offsets, indices, batch_size)
 
     def interact_features(self, x, ly):
         """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings."""
