@@ -742,8 +742,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 stop = run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log)
                 if stop:
                     break
-            if should_print and args.print_time:
-                window_start = synced_time()
+            if (should_print or should_test) and args.print_time:
+                window_start = synced_time()  # the next ms/it excludes printing and testing
         if stop:
             break
         state.next_batch = 0
