@@ -235,7 +235,7 @@ def session(timeout_s: float = 0):
     broken = False
     try:
         yield
-    except (RuntimeError, dist.DistError) as e:
+    except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
         if not (is_initialized() and _is_communication_failure(e)):
             raise
         broken = True
@@ -390,7 +390,8 @@ class _ExchangePooled(torch.autograd.Function):
         recv = [rows[me] * t * dim for t in tables_per_rank]
         out = local.new_empty(sum(recv))
         dist.all_to_all_single(out, local.contiguous().view(-1), recv, send)
-        ctx.splits, ctx.local_shape, ctx.tables_per_rank, ctx.grad_scale = (send, recv), local.shape, tables_per_rank, grad_scale
+        ctx.splits, ctx.local_shape = (send, recv), local.shape
+        ctx.tables_per_rank, ctx.grad_scale = tables_per_rank, grad_scale
         chunks = out.split(recv)
         return torch.cat([c.view(rows[me], t, dim) for c, t in zip(chunks, tables_per_rank)], dim=1)
 
@@ -521,8 +522,13 @@ def no_grad_sync(model, skip: bool):
 
 
 # ============================================================================ checkpoints
+# A checkpoint holds the single-process model. Rank 0 builds an uninitialised one on its CPU (the
+# "full" model) and tables travel, one tensor at a time, between their owner and that model; the
+# replicated MLPs and their optimizer state come from (or go to) every rank directly.
+# Optimizer state of a table tensor is per row (Adagrad's sums: sliced with the table's rows) or a
+# plain value (e.g. a step count); `specs` describes it: {name: ("rows", tail shape, dtype) | ("value", v)}.
 def _table_slots(collection, table_ids):
-    """{(table id, tensor name): (parameter, first row)} for each tensor of the collection's tables."""
+    """{(table id, tensor name): (tensor, parameter holding it, its first row there)}."""
     params = list(collection.parameters())
     slots = {}
     for i, t in enumerate(table_ids):
@@ -533,19 +539,61 @@ def _table_slots(collection, table_ids):
     return slots
 
 
-def _is_row_state(value, param) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == param.shape[0]
-
-
-def _table_state_layout(optimizer, slots):
-    """{slot key: {state name: ('rows', tail shape, dtype) | ('value', value)}} for the tables here."""
-    layout = {}
-    for key, (tensor, param, first_row) in slots.items():
+def _state_specs(slots, optimizer):
+    """{slot key: specs of the optimizer state of that table tensor}."""
+    specs = {}
+    for key, (_, param, _) in slots.items():
         state = optimizer.state.get(param, {}) if optimizer is not None else {}
-        layout[key] = {name: (("rows", tuple(v.shape[1:]), v.dtype) if _is_row_state(v, param)
-                              else ("value", v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v))
-                       for name, v in state.items()}
-    return layout
+        specs[key] = {
+            name: ("rows", tuple(v.shape[1:]), v.dtype)
+            if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == param.shape[0]
+            else ("value", v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
+            for name, v in state.items()
+        }
+    return specs
+
+
+def _table_views(slots, optimizer, key, specs, target: bool):
+    """The table tensor and views of its rows of each per-row optimizer state; a target gets the
+    plain values and the per-row state it lacks."""
+    tensor, param, first_row = slots[key]
+    views = [tensor]
+    if optimizer is None or not specs:
+        return views
+    state = optimizer.state[param]
+    for name, spec in sorted(specs.items()):
+        if spec[0] == "value":
+            if target:
+                state[name] = spec[1]
+        else:
+            if name not in state:
+                state[name] = torch.zeros((param.shape[0],) + spec[1], dtype=spec[2], device=param.device)
+            views.append(state[name][first_row:first_row + tensor.shape[0]])
+    return views
+
+
+def _move_tables(specs, owners, local, full, toward_rank0: bool, device):
+    """Copies every table tensor and its optimizer rows between the rank owning it (`local`: its slots
+    and optimizer) and rank 0's full model (`full`), toward rank 0 or from it."""
+    me = dist.get_rank()
+    for key in sorted(specs):
+        owner = owners[key[0]]
+        src, dst = (owner, 0) if toward_rank0 else (0, owner)
+        if me not in (src, dst):
+            continue
+        local_views = _table_views(*local, key, specs[key], target=not toward_rank0) if me == owner else None
+        full_views = _table_views(*full, key, specs[key], target=toward_rank0) if me == 0 else None
+        source, target = (local_views, full_views) if toward_rank0 else (full_views, local_views)
+        with torch.no_grad():
+            for i in range(len(source if me == src else target)):
+                if src == dst:
+                    target[i].copy_(source[i])
+                elif me == src:
+                    dist.send(source[i].detach().to(device).contiguous(), dst=dst)
+                else:
+                    buffer = torch.empty(target[i].shape, dtype=target[i].dtype, device=device)
+                    dist.recv(buffer, src=src)
+                    target[i].copy_(buffer)
 
 
 def _dense_names(module):
@@ -553,80 +601,40 @@ def _dense_names(module):
 
 
 def _full_model_and_optimizer(model, optimizer):
-    """An uninitialised single-process model (and optimizer of the same kind) on the CPU."""
+    """An uninitialised single-process model (and an optimizer of the same kind) on the CPU."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         full = model.make_full_model()
     full = full.to_empty(device="cpu")
-    full_optimizer = None
-    if optimizer is not None:
-        full_optimizer = type(optimizer)(full.parameters(), **optimizer.defaults)
+    full_optimizer = type(optimizer)(full.parameters(), **optimizer.defaults) if optimizer is not None else None
     return full, full_optimizer
 
 
 def gather_to_rank0(model: DistributedDLRM, optimizer):
-    """Every rank calls this; rank 0 gets the whole single-process model and optimizer (on the CPU),
+    """Every rank calls this; rank 0 gets the whole single-process model and optimizer (on its CPU),
     the others (None, None)."""
-    module, emb, me = model.module, model.module.emb_l, dist.get_rank()
+    module, emb = model.module, model.module.emb_l
     slots = _table_slots(emb.local, emb.local_tables)
-    layouts = [None] * dist.get_world_size()
-    dist.all_gather_object(layouts, _table_state_layout(optimizer, slots))
-    layout = {key: spec for part in layouts for key, spec in part.items()}
-    owner = {t: r for r, tables in enumerate(model.placement) for t in tables}
+    every_rank_specs = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank_specs, _state_specs(slots, optimizer))
+    specs = {key: spec for part in every_rank_specs for key, spec in part.items()}
+    owners = {t: r for r, tables in enumerate(model.placement) for t in tables}
     full = full_optimizer = full_slots = None
-    if me == 0:
+    if dist.get_rank() == 0:
         full, full_optimizer = _full_model_and_optimizer(model, optimizer)
-        full_params = dict(full.named_parameters())
         full_slots = _table_slots(full.emb_l, range(len(full.table_sizes)))
         dense = {k: v for k, v in module.state_dict().items() if not k.startswith("emb_l.")}
-        unexpected = full.load_state_dict(dense, strict=False).unexpected_keys
-        assert not unexpected, unexpected
+        assert not full.load_state_dict(dense, strict=False).unexpected_keys
         if optimizer is not None:
-            local_params = dict(module.named_parameters())
+            local_params, full_params = dict(module.named_parameters()), dict(full.named_parameters())
             for name in _dense_names(module):
-                state = optimizer.state.get(local_params[name])
-                if state:
+                if optimizer.state.get(local_params[name]):
                     full_optimizer.state[full_params[name]] = {
-                        k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+                        k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                        for k, v in optimizer.state[local_params[name]].items()}
             for group, full_group in zip(optimizer.param_groups, full_optimizer.param_groups):
                 full_group.update({k: v for k, v in group.items() if k != "params"})
-    device = emb.to_global.device
-    for key in sorted(layout):
-        t, _ = key
-        src = owner[t]
-        if me == src:
-            tensor, param, first_row = slots[key]
-            rows = slice(first_row, first_row + tensor.shape[0])
-            payload = [tensor.detach()] + [optimizer.state[param][n][rows] for n, s in sorted(layout[key].items())
-                                           if s[0] == "rows"]
-            if me == 0:
-                received = [p.cpu() for p in payload]
-            else:
-                for p in payload:
-                    dist.send(p.contiguous(), dst=0)
-        if me == 0:
-            full_tensor, full_param, first_row = full_slots[key]
-            if src != 0:
-                shapes = [full_tensor.shape] + [(full_tensor.shape[0],) + s[1] for n, s in sorted(layout[key].items())
-                                                if s[0] == "rows"]
-                dtypes = [full_tensor.dtype] + [s[2] for n, s in sorted(layout[key].items()) if s[0] == "rows"]
-                received = []
-                for shape, dtype in zip(shapes, dtypes):
-                    buffer = torch.empty(shape, dtype=dtype, device=device)
-                    dist.recv(buffer, src=src)
-                    received.append(buffer.cpu())
-            with torch.no_grad():
-                full_tensor.copy_(received[0])
-            row_states = iter(received[1:])
-            rows = slice(first_row, first_row + full_tensor.shape[0])
-            for name, spec in sorted(layout[key].items()):
-                state = full_optimizer.state[full_param]
-                if spec[0] == "value":
-                    state[name] = spec[1]
-                else:
-                    if name not in state:
-                        state[name] = torch.zeros((full_param.shape[0],) + spec[1], dtype=spec[2])
-                    state[name][rows] = next(row_states)
-    if me == 0 and full_optimizer is not None:  # in parameter order, as a single process would have it
+    _move_tables(specs, owners, (slots, optimizer), (full_slots, full_optimizer), True, emb.to_global.device)
+    if full_optimizer is not None:  # state in parameter order, as a single process has it
         ordered = {p: full_optimizer.state[p] for p in full.parameters() if p in full_optimizer.state}
         full_optimizer.state.clear()
         full_optimizer.state.update(ordered)
@@ -636,78 +644,44 @@ def gather_to_rank0(model: DistributedDLRM, optimizer):
 def load_distributed(path, model: DistributedDLRM, optimizer, load_single):
     """Every rank calls this: rank 0 reads the checkpoint with `load_single(path, model, optimizer)`
     into a whole single-process model and hands each rank its tables; returns the TrainState."""
-    module, emb, me = model.module, model.module.emb_l, dist.get_rank()
+    module, emb = model.module, model.module.emb_l
     device = emb.to_global.device
     header = [None]
-    if me == 0:
+    full = full_optimizer = full_slots = None
+    if dist.get_rank() == 0:
         full, full_optimizer = _full_model_and_optimizer(model, optimizer)
         try:
             state = load_single(path, full, full_optimizer)
         except Exception as e:  # every rank must hear of it, not wait for tables that never come
             header[0] = ("error", str(e))
         else:
-            full_params = dict(full.named_parameters())
             full_slots = _table_slots(full.emb_l, range(len(full.table_sizes)))
-            table_layout = _table_state_layout(full_optimizer, full_slots)
-            dense_state = {}
+            full_params = dict(full.named_parameters())
+            dense_state, groups = {}, []
             if full_optimizer is not None:
-                for name in _dense_names(module):
-                    if full_optimizer.state.get(full_params[name]):
-                        dense_state[name] = dict(full_optimizer.state[full_params[name]])
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in full_optimizer.param_groups] \
-                if full_optimizer is not None else []
-            header[0] = ("ok", state, table_layout, dense_state, groups)
+                dense_state = {name: dict(full_optimizer.state[full_params[name]]) for name in _dense_names(module)
+                               if full_optimizer.state.get(full_params[name])}
+                groups = [{k: v for k, v in g.items() if k != "params"} for g in full_optimizer.param_groups]
+            header[0] = ("ok", state, _state_specs(full_slots, full_optimizer), dense_state, groups)
     dist.broadcast_object_list(header, src=0)
     if header[0][0] == "error":
         raise DistributedError(header[0][1])
-    _, state, table_layout, dense_state, groups = header[0]
+    _, state, specs, dense_state, groups = header[0]
 
-    local_params = dict(module.named_parameters())
     with torch.no_grad():
-        for name in _dense_names(module):
-            buffer = full_params[name].detach().to(device) if me == 0 else torch.empty_like(local_params[name])
-            dist.broadcast(buffer, src=0)
-            local_params[name].copy_(buffer)
+        for name, param in module.named_parameters():
+            if not name.startswith("emb_l."):
+                buffer = full.get_parameter(name).detach().to(device) if full is not None else torch.empty_like(param)
+                dist.broadcast(buffer, src=0)
+                param.copy_(buffer)
     if optimizer is not None:
+        local_params = dict(module.named_parameters())
         for name, values in dense_state.items():
             optimizer.state[local_params[name]] = {
                 k: v.to(device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in values.items()}
         for group, saved in zip(optimizer.param_groups, groups):
             group.update(saved)
-
-    owner = {t: r for r, tables in enumerate(model.placement) for t in tables}
+    owners = {t: r for r, tables in enumerate(model.placement) for t in tables}
     slots = _table_slots(emb.local, emb.local_tables)
-    for key in sorted(table_layout):
-        dst = owner[key[0]]
-        row_names = [n for n, s in sorted(table_layout[key].items()) if s[0] == "rows"]
-        if me == 0:
-            full_tensor, full_param, first_row = full_slots[key]
-            rows = slice(first_row, first_row + full_tensor.shape[0])
-            payload = [full_tensor.detach()] + [full_optimizer.state[full_param][n][rows] for n in row_names]
-            payload = [p.to(device) for p in payload]
-            if dst != 0:
-                for p in payload:
-                    dist.send(p.contiguous(), dst=dst)
-        if me == dst:
-            tensor, param, first_row = slots[key]
-            if me != 0:
-                payload = [torch.empty_like(tensor)]
-                payload += [torch.empty((tensor.shape[0],) + table_layout[key][n][1], dtype=table_layout[key][n][2],
-                                        device=device) for n in row_names]
-                for p in payload:
-                    dist.recv(p, src=0)
-            with torch.no_grad():
-                tensor.copy_(payload[0])
-            if optimizer is None:
-                continue
-            rows = slice(first_row, first_row + tensor.shape[0])
-            received = iter(payload[1:])
-            for name, spec in sorted(table_layout[key].items()):
-                local_state = optimizer.state[param]
-                if spec[0] == "value":
-                    local_state[name] = spec[1]
-                else:
-                    if name not in local_state:
-                        local_state[name] = torch.zeros((param.shape[0],) + spec[1], dtype=spec[2], device=device)
-                    local_state[name][rows] = next(received)
+    _move_tables(specs, owners, (slots, optimizer), (full_slots, full_optimizer), False, device)
     return state

@@ -277,7 +277,8 @@ def test_shards_are_the_global_batch_split(world):
             assert shard.global_batch_size == batch.batch_size and shard.num_tables == len(placement[r])
             for k, t in enumerate(placement[r]):
                 lengths = torch.diff(shard.offsets[k * batch.batch_size:(k + 1) * batch.batch_size + 1])
-                torch.testing.assert_close(lengths, torch.diff(batch.offsets)[t * batch.batch_size:(t + 1) * batch.batch_size])
+                bags = slice(t * batch.batch_size, (t + 1) * batch.batch_size)
+                torch.testing.assert_close(lengths, torch.diff(batch.offsets)[bags])
                 start = int(shard.offsets[k * batch.batch_size])
                 torch.testing.assert_close(shard.indices[start:start + int(lengths.sum())], full_bags[t])
 
@@ -298,7 +299,8 @@ def test_tables_are_initialised_the_same_wherever_they_are_built():
 
 @pytest.mark.parametrize("env,expected", [
     ({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}, (2, 4, 0, "torchrun")),
-    ({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, (5, 8, 1, "Open MPI")),
+    ({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+     (5, 8, 1, "Open MPI")),
     ({"PMI_SIZE": "2", "PMI_RANK": "1", "MPI_LOCALRANKID": "1"}, (1, 2, 1, "MPICH/PMI")),
     ({"MV2_COMM_WORLD_SIZE": "2", "MV2_COMM_WORLD_RANK": "0", "MV2_COMM_WORLD_LOCAL_RANK": "0"}, (0, 2, 0, "MVAPICH")),
     ({"WORLD_SIZE": "2", "RANK": "1"}, (1, 2, 3, "torchrun")),  # local rank from --local_rank=3
