@@ -18,6 +18,9 @@ Usage:
     python dlrm_s_pytorch.py ...same flags... --load-model=model.pt
     python dlrm_s_pytorch.py ...same flags... --load-model=model.pt --inference-only
 
+    # the same run over 8 GPUs (or, without --use-gpu, 8 CPU processes); see extend_distributed.py
+    torchrun --nproc_per_node=8 dlrm_s_pytorch.py --use-gpu ...same flags...
+
 Model (`DLRM_Net`, importable without side effects):
     dense x -> bottom MLP ---------------------------\
     sparse ids -> one EmbeddingBag (sum) per table --> interaction (dot | cat) -> top MLP -> sigmoid
@@ -38,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dlrm_data
+import extend_distributed as ext_dist
 from embeddings import EmbeddingBagList
 from optim import OPTIMIZERS, make_optimizer
 
@@ -88,7 +92,8 @@ class DLRM_Net(nn.Module):
 
     DLRM_Net(m_spa, ln_emb, ln_bot, ln_top, arch_interaction_op="dot", ...) as in the original:
     m_spa embedding dimension, ln_emb rows per table, ln_bot / ln_top the full layer widths of
-    the bottom and top MLPs (ln_top[0] must equal the interaction width).
+    the bottom and top MLPs (ln_top[0] must equal the interaction width). `local_tables` (ids of
+    some tables) builds only those, for model-parallel runs (see extend_distributed.py).
 
     forward(dense_x, lS_o, lS_i) takes either the flat layout of `dlrm_data.Batch`
     (lS_o: [T*B+1] offsets, lS_i: [N] indices) or the original's per-table lists.
@@ -115,6 +120,7 @@ class DLRM_Net(nn.Module):
         md_threshold=200,
         weighted_pooling=None,
         loss_function="bce",
+        local_tables=None,
     ):
         super().__init__()
         if qr_flag or md_flag or weighted_pooling:
@@ -129,7 +135,8 @@ class DLRM_Net(nn.Module):
         self.loss_threshold = float(loss_threshold)
         self._check_arch(ln_bot, ln_top)
 
-        self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim)
+        # a model-parallel process builds only its own tables (`local_tables`), each as a single process would
+        self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim, tables=local_tables)
         self.bot_l = create_mlp(ln_bot, sigmoid_bot)
         self.top_l = create_mlp(ln_top, sigmoid_top)
 
@@ -324,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--use-gpu", False, "train on CUDA")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                    help="local rank given by the launcher")
-    g.add_argument("--dist-backend", type=str, default="", help="torch.distributed backend (gloo, nccl, mpi)")
+    g.add_argument("--dist-backend", type=str, default="",
+                   help="torch.distributed backend (gloo, nccl, mpi; default nccl with --use-gpu, else gloo)")
+    g.add_argument("--dist-timeout", type=float, default=600,
+                   help="seconds a distributed run waits for a silent process before stopping with an error")
     return parser
 
 
@@ -340,7 +350,6 @@ NOT_SUPPORTED_YET = {
     "--save-onnx": ("save_onnx", False),
     "--quantize-mlp-with-bit": ("quantize_mlp_with_bit", 32),
     "--quantize-emb-with-bit": ("quantize_emb_with_bit", 32),
-    "--dist-backend": ("dist_backend", ""),
 }
 DATASET_ONLY_FLAGS = {
     "--memory-map": ("memory_map", False),
@@ -357,8 +366,6 @@ def validate_args(args) -> list[str]:
     for name, (attr, off) in NOT_SUPPORTED_YET.items():
         if getattr(args, attr) != off:
             raise DLRMError(f"not supported yet: {name}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DLRMError("not supported yet: distributed runs (WORLD_SIZE > 1)")
     if args.data_generation != "random":
         raise DLRMError(f"not supported yet: --data-generation={args.data_generation}")
     for name in ("raw_data_file", "processed_data_file"):
@@ -375,6 +382,13 @@ def validate_args(args) -> list[str]:
         raise DLRMError(f"--data-size must be at least 1, got {args.data_size}")
     if args.test_mini_batch_size == 0:
         raise DLRMError("--test-mini-batch-size must be positive (or -1 for the training batch size)")
+    world = ext_dist.launch_world_size()
+    for name in ("mini_batch_size", "test_mini_batch_size"):
+        if getattr(args, name) % world:
+            raise DLRMError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the {world} "
+                            "processes of this run (each takes an equal share of the global batch)")
+    if args.dist_timeout <= 0:
+        raise DLRMError(f"--dist-timeout must be positive, got {args.dist_timeout:g}")
     if args.loss_function == "wbce" and len(args.loss_weights) != 2:
         raise DLRMError(f"--loss-weights needs two values (negative-positive), got {len(args.loss_weights)}")
     if args.lr_num_decay_steps > 0 and args.lr_decay_start_step < args.lr_num_warmup_steps:
@@ -385,6 +399,12 @@ def validate_args(args) -> list[str]:
     if args.inference_only and args.save_model:
         raise DLRMError("--save-model has nothing to save with --inference-only")
     notes = []
+    if ext_dist.launch_info() is not None:
+        ext_dist.choose_backend(args.dist_backend, args.use_gpu)  # one that cannot work fails before joining
+    elif args.dist_backend:
+        if args.dist_backend not in ext_dist.BACKENDS:
+            raise DLRMError(f"--dist-backend={args.dist_backend} is not one of {', '.join(ext_dist.BACKENDS)}")
+        notes.append("note: --dist-backend has no effect in a single process (launch with torchrun or mpirun)")
     for name, (attr, off) in DATASET_ONLY_FLAGS.items():
         if getattr(args, attr) != off:
             notes.append(f"note: {name} has no effect without --data-generation=dataset")
@@ -459,6 +479,8 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0) -> 
         targets.append(batch.target)
     model.train(was_training)
     scores, targets = torch.cat(scores), torch.cat(targets)
+    # in a distributed run each process scored its share of every test batch
+    scores, targets = ext_dist.all_gather_rows(scores), ext_dist.all_gather_rows(targets)
     loss = per_sample_loss(loss_kind, scores, targets, loss_weights).mean().item()
     accuracy = (torch.round(scores) == targets).double().mean().item()
     return TestMetrics(loss, accuracy, roc_auc(scores, targets), targets.shape[0])
@@ -486,7 +508,14 @@ class TrainState:
 
 
 def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, nbatches_test):
-    """Writes atomically: a temporary file renamed over `path`."""
+    """Writes atomically: a temporary file renamed over `path`.
+
+    A distributed model is first gathered whole on rank 0, which alone writes the single-process format.
+    """
+    if isinstance(model, ext_dist.DistributedDLRM):
+        model, optimizer = ext_dist.gather_to_rank0(model, optimizer)
+        if model is None:
+            return
     checkpoint = {
         "state_dict": model.state_dict(),
         "opt_state_dict": optimizer.state_dict() if optimizer is not None else None,
@@ -525,6 +554,8 @@ def model_arch(model: DLRM_Net) -> dict:
 
 
 def load_checkpoint(path, model, optimizer) -> TrainState:
+    if isinstance(model, ext_dist.DistributedDLRM):  # rank 0 reads it whole and hands out the tables
+        return ext_dist.load_distributed(path, model, optimizer, load_checkpoint)
     if not os.path.isfile(path):
         raise DLRMError(f"--load-model {path}: no such file")
     try:
@@ -562,10 +593,10 @@ def describe_arch_diff(saved: dict, current: dict) -> str:
 
 
 # ============================================================================ setup helpers
-def select_device(use_gpu: bool) -> torch.device:
+def select_device(use_gpu: bool, index: int = 0) -> torch.device:
     if use_gpu and torch.cuda.is_available():
         print(f"Using {torch.cuda.device_count()} GPU(s)...")
-        return torch.device("cuda", 0)
+        return torch.device("cuda", index)
     if use_gpu:
         print(f"warning: --use-gpu given but CUDA is not available (torch {torch.__version__}); running on CPU",
               file=sys.stderr)
@@ -596,7 +627,7 @@ def make_datasets(args):
     return train, test, dense_dim, table_sizes
 
 
-def build_model(args, dense_dim, table_sizes) -> DLRM_Net:
+def build_model(args, dense_dim, table_sizes, local_tables=None) -> DLRM_Net:
     ln_bot = list(args.arch_mlp_bot)
     if ln_bot[0] != dense_dim:
         raise DLRMError(f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {ln_bot[0]}")
@@ -619,6 +650,7 @@ def build_model(args, dense_dim, table_sizes) -> DLRM_Net:
         sigmoid_top=len(ln_top) - 2,
         loss_threshold=args.loss_threshold,
         loss_function=args.loss_function,
+        local_tables=local_tables,
     )
 
 
@@ -670,6 +702,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
     training = not args.inference_only
     run_type = "inference" if args.inference_only else "training"
     pin = device.type == "cuda"
+    world = ext_dist.world_size()
     stop = False
 
     def synced_time():
@@ -696,21 +729,24 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             if j >= nbatches:
                 break
             batch = batch.to(device, non_blocking=pin)
-            mbs = batch.batch_size
+            mbs = ext_dist.global_batch_size(batch)  # a distributed process holds a share of it
             if accum_samples == 0:
                 window_first_batch = j
             last_in_window = (j + 1) % accum == 0 or j + 1 == nbatches
 
-            with torch.set_grad_enabled(training):
+            with torch.set_grad_enabled(training), ext_dist.no_grad_sync(model, training and not last_in_window):
                 z = model(batch.dense_x, batch.offsets, batch.indices)
-                loss = per_sample_loss(args.loss_function, z, batch.target, loss_weights).mean()
+                # this process's samples; the sums of all processes make the global batch's
+                loss_sum = per_sample_loss(args.loss_function, z, batch.target, loss_weights).sum()
 
             if training:
                 if accum_samples == 0:
                     optimizer.zero_grad(set_to_none=True)
-                # accumulate sum-of-losses gradients; divided by the window's samples at the step,
-                # so N micro-batches update exactly as one batch of all their samples
-                (loss * mbs if accum > 1 else loss).backward()
+                # the batch mean, or with accumulation the sum, divided by the window's samples at the step,
+                # so N micro-batches update exactly as one batch of all their samples. Times the world size:
+                # DDP averages MLP gradients over the processes and the embedding exchange divides by it,
+                # so both equal the single-process gradient of the global batch.
+                (loss_sum * (world / mbs if accum == 1 else world)).backward()
                 accum_samples += mbs
                 if last_in_window:
                     if accum > 1:
@@ -720,7 +756,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                     state.updates += 1
                     accum_samples = 0
 
-            window_loss += loss.detach() * mbs
+            window_loss += loss_sum.detach()
             window_samples += mbs
             window_iters += 1
             # a checkpoint taken inside an accumulation window resumes at the window's start
@@ -730,7 +766,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             should_test = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == nbatches)
             if should_print or should_test:
                 ms_per_it = 1000.0 * (synced_time() - window_start) / window_iters if args.print_time else -1
-                state.train_loss = window_loss.item() / window_samples
+                state.train_loss = ext_dist.sum_across(window_loss).item() / window_samples
                 wall = f" ({time.strftime('%H:%M')})" if args.print_wall_time else ""
                 log(f"Finished {run_type} it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
                     f"loss {state.train_loss:.6f}{wall}")
@@ -785,30 +821,38 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
-    except DLRMError as e:
-        print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
+        with ext_dist.session(args.dist_timeout):  # tears down a process group, names a lost peer
+            return run(args)
+    except (DLRMError, ext_dist.DistributedError) as e:
+        print(f"dlrm_s_pytorch.py: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
         return 1
 
 
 def run(args) -> int:
-    for note in validate_args(args):
+    notes = validate_args(args)
+    # under torchrun/mpirun: join the process group; only rank 0 prints from here on
+    launch = ext_dist.init_distributed(args.dist_backend, args.use_gpu, args.local_rank, args.dist_timeout)
+    for note in notes if ext_dist.is_rank0() else []:
         print(note, file=sys.stderr)
     np.set_printoptions(precision=args.print_precision)
     torch.set_printoptions(precision=args.print_precision)
     torch.manual_seed(args.numpy_rand_seed)
     np.random.seed(args.numpy_rand_seed)
-    device = select_device(args.use_gpu)
+    device = select_device(args.use_gpu, launch.local_rank if launch else 0)
 
-    train_set, test_set, dense_dim, table_sizes = make_datasets(args)
+    with ext_dist.rank0_first("preparing the data"):  # one process fills any cache, the others reuse it
+        train_set, test_set, dense_dim, table_sizes = make_datasets(args)
     nbatches = min(args.num_batches, len(train_set)) if args.num_batches > 0 else len(train_set)
-    model = build_model(args, dense_dim, table_sizes)
+    model = build_model(args, dense_dim, table_sizes, ext_dist.local_tables(table_sizes, args.arch_sparse_feature_size))
     if args.debug_mode:
         ln_top = [model.top_l[0].in_features] + list(args.arch_mlp_top)
         print_debug_arch(model, args.arch_mlp_bot, ln_top)
         print_debug_data(train_set, nbatches)
         print_parameters(model, "initial parameters (weights and bias):")
     model.to(device)
+    if launch:  # this process's tables and share of each batch; MLPs replicated
+        model, train_set, test_set = ext_dist.distribute(model, train_set, test_set, table_sizes, device,
+                                                         lambda: build_model(args, dense_dim, table_sizes))
     optimizer = None if args.inference_only else make_optimizer(args.optimizer, model.parameters(), args.learning_rate)
 
     state = TrainState()

@@ -92,7 +92,7 @@ def test_print_time_reports_milliseconds(run_main):
 
 @pytest.mark.parametrize("flag", ["--save-onnx", "--md-flag", "--qr-flag", "--weighted-pooling=fixed",
                                   "--enable-profiling", "--plot-compute-graph", "--mlperf-logging",
-                                  "--quantize-mlp-with-bit=8", "--tensor-board-filename=tb", "--dist-backend=gloo"])
+                                  "--quantize-mlp-with-bit=8", "--tensor-board-filename=tb"])
 def test_features_of_later_work_say_not_supported_yet(run_main, flag):
     code, out, err = run_main(flag)
     assert code == 1
