@@ -65,7 +65,8 @@ def write_compute_graph(output: torch.Tensor, params: dict, path: str, log=print
         return None
     result = subprocess.run([dot, "-Tpdf", path, "-o", pdf], capture_output=True, text=True)
     if result.returncode != 0:
-        log(f"note: `dot` could not render {path}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit status {result.returncode}"
+        log(f"note: `dot` could not render {path}: {reason}")
         return None
     log(f"Rendered the compute graph to {pdf}")
     return pdf

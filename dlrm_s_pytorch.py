@@ -157,7 +157,9 @@ class DLRM_Net(nn.Module):
         else:
             self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim)
         # the original's v_W_l: per-row pooling weights, "fixed" (ones) or "learned"
-        self.pooling_weights = PoolingWeights(ln_emb, learned=weighted_pooling == "learned") if weighted_pooling else None
+        self.pooling_weights = None
+        if weighted_pooling:
+            self.pooling_weights = PoolingWeights(ln_emb, learned=weighted_pooling == "learned")
         self.bot_l = create_mlp(ln_bot, sigmoid_bot)
         self.top_l = create_mlp(ln_top, sigmoid_top)
 
@@ -819,7 +821,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                     f"loss {state.train_loss:.6f}{wall}")
                 seconds = max(time.perf_counter() - window_wall, 1e-9)
                 run_log.train_window(dict(
-                    epoch=epoch, iteration=j + 1, nbatches=nbatches, global_iteration=epoch * nbatches + j + 1,
+                    mode=run_type, epoch=epoch, iteration=j + 1, nbatches=nbatches, global_iteration=epoch * nbatches + j + 1,
                     loss=state.train_loss, samples=window_samples, seconds=seconds,
                     samples_per_second=window_samples / seconds,
                     lr=optimizer.param_groups[0]["lr"] if optimizer is not None else None))
@@ -1024,7 +1026,10 @@ def plot_compute_graph(args, model, batch, loss_weights):
     """Writes the autograd graph of one forward pass (and its loss when training)."""
     with torch.enable_grad():
         z = model(batch.dense_x, batch.offsets, batch.indices)
-        output = z.mean() if args.inference_only else per_sample_loss(args.loss_function, z, batch.target, loss_weights).mean()
+        if args.inference_only:
+            output = z.mean()
+        else:
+            output = per_sample_loss(args.loss_function, z, batch.target, loss_weights).mean()
     compute_graph.write_compute_graph(output, dict(model.named_parameters()), args.compute_graph_file)
 
 

@@ -69,7 +69,8 @@ def trace_file_for_table(pattern: str, table: int) -> str:
 
 def _numbers(text: str, kind, path: str, line: int):
     try:
-        return np.array([kind(v) for v in text.replace(",", " ").split()], dtype=np.float64 if kind is float else np.int64)
+        values = [kind(v) for v in text.replace(",", " ").split()]
+        return np.array(values, dtype=np.float64 if kind is float else np.int64)
     except ValueError as e:
         raise TraceFileError(f"{path}:{line}: expected comma-separated {kind.__name__}s ({e})")
 
@@ -82,7 +83,8 @@ def read_trace_distribution(path: str) -> TraceDistribution:
         raise TraceFileError(f"{path}: cannot read the trace distribution ({e.strerror or e})")
     lines = [line for line in lines if line.strip()]
     if len(lines) != 3:
-        raise TraceFileError(f"{path}: expected 3 lines (ids, stack distances, cumulative probabilities), found {len(lines)}")
+        raise TraceFileError(f"{path}: expected 3 lines (ids, stack distances, cumulative probabilities), "
+                             f"found {len(lines)}")
     ids = _numbers(lines[0], int, path, 1)
     distances = _numbers(lines[1], int, path, 2)
     cumulative = _numbers(lines[2], float, path, 3)
@@ -95,7 +97,8 @@ def read_trace_distribution(path: str) -> TraceDistribution:
     if cumulative.size != distances.size:
         raise TraceFileError(f"{path}:3: {cumulative.size} probabilities for {distances.size} stack distances")
     if (np.diff(cumulative) < 0).any() or cumulative[0] < 0 or abs(cumulative[-1] - 1.0) > 1e-3:
-        raise TraceFileError(f"{path}:3: cumulative probabilities must be non-decreasing and end at 1 (ends at {cumulative[-1]})")
+        raise TraceFileError(f"{path}:3: cumulative probabilities must be non-decreasing and end at 1 "
+                             f"(ends at {cumulative[-1]})")
     return TraceDistribution(ids, distances, cumulative / cumulative[-1])
 
 
@@ -227,7 +230,8 @@ class SyntheticTraceDataset(Dataset):
             path = trace_file_for_table(trace_file_pattern, t)
             dist = read_trace_distribution(path)
             if dist.ids.max() >= rows:
-                notes(f"note: {path}: ids reach {dist.ids.max()} but table {t} has {rows} rows; ids are taken modulo {rows}")
+                notes(f"note: {path}: ids reach {dist.ids.max()} but table {t} has {rows} rows; "
+                      f"ids are taken modulo {rows}")
             length = int(min(max(self.starts[-1, t], 1), max_stream_length))
             rng = np.random.default_rng([self.seed, self.split, 2, t])
             self.streams.append(generate_accesses(dist, length, rng, enable_padding) % rows)

@@ -60,7 +60,8 @@ class QREmbeddingBag(nn.Module):
             self.embs_r.weight.uniform_(-bound, bound)
 
     def split(self, indices: torch.Tensor):
-        return torch.div(indices, self.num_collisions, rounding_mode="floor"), torch.remainder(indices, self.num_collisions)
+        quotient = torch.div(indices, self.num_collisions, rounding_mode="floor")
+        return quotient, torch.remainder(indices, self.num_collisions)
 
     def compose(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if self.operation == "mult":
