@@ -14,9 +14,16 @@ Usage:
         --optimizer=adagrad --learning-rate=0.1 --test-freq=100 --print-time \
         --save-model=model.pt
 
-    # resume it, or only evaluate it
+    # resume it, or only evaluate it (optionally quantized: int8 MLPs, 4-bit embedding rows)
     python dlrm_s_pytorch.py ...same flags... --load-model=model.pt
-    python dlrm_s_pytorch.py ...same flags... --load-model=model.pt --inference-only
+    python dlrm_s_pytorch.py ...same flags... --load-model=model.pt --inference-only \
+        --quantize-mlp-with-bit=8 --quantize-emb-with-bit=4
+
+    # compressed tables, trace-driven ids, and every output: ONNX, graph, profile, logs
+    python dlrm_s_pytorch.py --arch-embedding-size=100000-50000-100 --qr-flag --qr-collisions=4 \
+        --data-generation=synthetic --data-trace-file=bench/traces/dist_emb_j.log --data-size=4096 \
+        --mini-batch-size=128 --test-freq=16 --save-onnx --plot-compute-graph --enable-profiling \
+        --tensor-board-filename=runs/qr --mlperf-logging --metrics-log-file=run.jsonl
 
 Model (`DLRM_Net`, importable without side effects):
     dense x -> bottom MLP ---------------------------\
