@@ -14,9 +14,16 @@ Usage:
         --optimizer=adagrad --learning-rate=0.1 --test-freq=100 --print-time \
         --save-model=model.pt
 
-    # resume it, or only evaluate it
+    # resume it, or only evaluate it (optionally quantized: int8 MLPs, 4-bit embedding rows)
     python dlrm_s_pytorch.py ...same flags... --load-model=model.pt
-    python dlrm_s_pytorch.py ...same flags... --load-model=model.pt --inference-only
+    python dlrm_s_pytorch.py ...same flags... --load-model=model.pt --inference-only \
+        --quantize-mlp-with-bit=8 --quantize-emb-with-bit=4
+
+    # compressed tables, trace-driven ids, and every output: ONNX, graph, profile, logs
+    python dlrm_s_pytorch.py --arch-embedding-size=100000-50000-100 --qr-flag --qr-collisions=4 \
+        --data-generation=synthetic --data-trace-file=bench/traces/dist_emb_j.log --data-size=4096 \
+        --mini-batch-size=128 --test-freq=16 --save-onnx --plot-compute-graph --enable-profiling \
+        --tensor-board-filename=runs/qr --mlperf-logging --metrics-log-file=run.jsonl
 
     # the same run over 8 GPUs (or, without --use-gpu, 8 CPU processes); see extend_distributed.py
     torchrun --nproc_per_node=8 dlrm_s_pytorch.py --use-gpu ...same flags...
@@ -29,6 +36,7 @@ Model (`DLRM_Net`, importable without side effects):
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -40,10 +48,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import compute_graph
 import dlrm_data
 import extend_distributed as ext_dist
-from embeddings import EmbeddingBagList
+import onnx_export
+import profiling
+import quantization
+import trace_data
+from embeddings import EmbeddingBagList, create_embedding_bag
 from optim import OPTIMIZERS, make_optimizer
+from run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
+from tricks import PoolingWeights, embedding_output_dim, table_factory
 
 
 class DLRMError(Exception):
@@ -77,6 +92,14 @@ def interaction_width(op: str, itself: bool, num_tables: int, dense_out: int, em
     if op == "cat":
         return dense_out + num_tables * emb_dim
     raise ValueError(f"--arch-interaction-op={op} is not supported (dot or cat)")
+
+
+def sparse_size_mismatch(m_spa: int, dense_out: int, qr_concat: bool) -> str:
+    if qr_concat:
+        return (f"2 arch-sparse-feature-size {2 * m_spa} does not match last dim of bottom mlp {dense_out} "
+                f"(with --qr-operation=concat the last dim of the bottom mlp must be 2x the embedding dim)")
+    return (f"arch-sparse-feature-size {m_spa} does not match last dim of bottom mlp {dense_out} "
+            f"(the dot interaction needs them equal)")
 
 
 def to_flat_sparse(dense_x, lS_o, lS_i):
@@ -120,23 +143,38 @@ class DLRM_Net(nn.Module):
         md_threshold=200,
         weighted_pooling=None,
         loss_function="bce",
+        md_temperature=0.3,
+        md_round_dims=False,
         local_tables=None,
     ):
         super().__init__()
-        if qr_flag or md_flag or weighted_pooling:
-            raise DLRMError("not supported yet: QR/MD embeddings and --weighted-pooling")
         ln_emb = [int(n) for n in ln_emb]
         ln_bot = [int(n) for n in ln_bot]
         ln_top = [int(n) for n in ln_top]
         self.embedding_dim = int(m_spa)
+        # width of each pooled embedding: 2 * m_spa with concatenated QR halves
+        self.sparse_dim = embedding_output_dim(self.embedding_dim, qr_flag, qr_operation)
+        self.qr_concat = bool(qr_flag) and qr_operation == "concat"
         self.table_sizes = ln_emb
         self.arch_interaction_op = arch_interaction_op
         self.arch_interaction_itself = bool(arch_interaction_itself)
         self.loss_threshold = float(loss_threshold)
         self._check_arch(ln_bot, ln_top)
 
+        if qr_flag and int(qr_collisions) < 1:
+            raise DLRMError(f"--qr-collisions must be at least 1 with --qr-flag, got {qr_collisions}")
+        make_bag = create_embedding_bag
+        if qr_flag or md_flag:  # QR / MD tables plug in as per-table modules
+            make_bag = table_factory(ln_emb, self.embedding_dim, qr_flag, qr_operation, int(qr_collisions),
+                                     qr_threshold, md_flag, md_threshold, md_temperature, md_round_dims)
         # a model-parallel process builds only its own tables (`local_tables`), each as a single process would
-        self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim, tables=local_tables)
+        self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim, make_bag=make_bag, tables=local_tables)
+        # the original's v_W_l: per-row pooling weights, "fixed" (ones) or "learned"
+        self.pooling_weights = None
+        if weighted_pooling:
+            if local_tables is not None:
+                raise DLRMError("not supported yet: --weighted-pooling in a distributed run")
+            self.pooling_weights = PoolingWeights(ln_emb, learned=weighted_pooling == "learned")
         self.bot_l = create_mlp(ln_bot, sigmoid_bot)
         self.top_l = create_mlp(ln_top, sigmoid_top)
 
@@ -148,20 +186,20 @@ class DLRM_Net(nn.Module):
 
     def _check_arch(self, ln_bot, ln_top):
         dense_out = ln_bot[-1]
-        if self.arch_interaction_op == "dot" and dense_out != self.embedding_dim:
-            raise DLRMError(
-                f"arch-sparse-feature-size {self.embedding_dim} does not match last dim of bottom mlp "
-                f"{dense_out} (the dot interaction needs them equal)"
-            )
+        if self.arch_interaction_op == "dot" and dense_out != self.sparse_dim:
+            raise DLRMError(sparse_size_mismatch(self.embedding_dim, dense_out, self.qr_concat))
         width = interaction_width(
-            self.arch_interaction_op, self.arch_interaction_itself, len(self.table_sizes), dense_out, self.embedding_dim
+            self.arch_interaction_op, self.arch_interaction_itself, len(self.table_sizes), dense_out, self.sparse_dim
         )
         if ln_top[0] != width:
             raise DLRMError(f"# of feature interactions {width} does not match first dim of top mlp {ln_top[0]}")
 
     def apply_emb(self, offsets, indices, batch_size):
         """Pooled embeddings, [B, T, D]."""
-        return self.emb_l.pool(offsets, indices, batch_size)
+        if self.pooling_weights is None:
+            return self.emb_l.pool(offsets, indices, batch_size)
+        weights = self.pooling_weights(offsets, indices, batch_size)
+        return self.emb_l.pool(offsets, indices, batch_size, per_sample_weights=weights)
 
     def interact_features(self, x, ly):
         """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings."""
@@ -242,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--md-flag", False, "mixed-dimension embeddings")
     g.add_argument("--md-threshold", type=int, default=200, help="tables with more rows get mixed dimensions")
     g.add_argument("--md-temperature", type=float, default=0.3, help="mixed-dimension temperature (alpha)")
-    flag(g, "--md-round-dims", False, "round mixed dimensions to multiples of 8")
+    flag(g, "--md-round-dims", False, "round mixed dimensions to the nearest power of 2")
     flag(g, "--qr-flag", False, "quotient-remainder embeddings")
     g.add_argument("--qr-threshold", type=int, default=200, help="tables with more rows get QR embeddings")
     g.add_argument("--qr-operation", type=str, default="mult", choices=["mult", "add", "concat"],
@@ -314,18 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--print-time", False, "print ms per iteration")
     flag(g, "--print-wall-time", False, "append the wall-clock time to progress lines")
     flag(g, "--debug-mode", False, "print the architecture, the data and the parameters")
-    flag(g, "--enable-profiling", False, "run the PyTorch profiler")
-    flag(g, "--plot-compute-graph", False, "write the autograd graph")
+    flag(g, "--enable-profiling", False, "run the PyTorch profiler: top operators and a Chrome trace")
+    g.add_argument("--profiling-trace-file", type=str, default="dlrm_s_pytorch.prof",
+                   help="Chrome trace written by --enable-profiling")
+    flag(g, "--plot-compute-graph", False, "write the autograd graph as Graphviz source (and PDF when dot exists)")
+    g.add_argument("--compute-graph-file", type=str, default="dlrm_s_pytorch_graph.dot",
+                   help="Graphviz source written by --plot-compute-graph (the PDF goes next to it)")
     g.add_argument("--tensor-board-filename", type=str, default=None,
-                   help="TensorBoard log directory (the original's default name is run_kaggle_pt)")
-    flag(g, "--mlperf-logging", False, "MLPerf-format log lines")
+                   help="write TensorBoard scalars to this directory (the original always wrote run_kaggle_pt)")
+    g.add_argument("--metrics-log-file", type=str, default=None,
+                   help="write a JSON line per progress print and per test (plot it with tools/plot_metrics.py)")
+    flag(g, "--mlperf-logging", False, "MLPerf-format log lines (:::MLLOG) on stdout")
 
     g = parser.add_argument_group("checkpoints and export")
     g.add_argument("--save-model", type=str, default="", help="write a checkpoint here whenever test AUC improves")
     g.add_argument("--load-model", type=str, default="", help="resume (or with --inference-only, evaluate) this checkpoint")
-    flag(g, "--save-onnx", False, "export the model to ONNX")
-    g.add_argument("--quantize-mlp-with-bit", type=int, default=32, help="inference: MLP precision (8, 16, 32)")
-    g.add_argument("--quantize-emb-with-bit", type=int, default=32, help="inference: embedding precision (4, 8, 32)")
+    flag(g, "--save-onnx", False, "export the trained model to ONNX (dynamic batch and lookups)")
+    g.add_argument("--onnx-file", type=str, default="dlrm_s_pytorch.onnx", help="file written by --save-onnx")
+    g.add_argument("--quantize-mlp-with-bit", type=int, default=32,
+                   help="--inference-only on CPU: MLP weights in 8 (int8) or 16 (fp16) bits, 32: unquantized")
+    g.add_argument("--quantize-emb-with-bit", type=int, default=32,
+                   help="--inference-only on CPU: embedding rows in 4 or 8 bits, 32: unquantized")
 
     g = parser.add_argument_group("devices and distribution")
     flag(g, "--use-gpu", False, "train on CUDA")
@@ -338,19 +385,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-NOT_SUPPORTED_YET = {
-    # flag: (attribute, value that means "off")
-    "--weighted-pooling": ("weighted_pooling", None),
-    "--md-flag": ("md_flag", False),
-    "--qr-flag": ("qr_flag", False),
-    "--enable-profiling": ("enable_profiling", False),
-    "--plot-compute-graph": ("plot_compute_graph", False),
-    "--tensor-board-filename": ("tensor_board_filename", None),
-    "--mlperf-logging": ("mlperf_logging", False),
-    "--save-onnx": ("save_onnx", False),
-    "--quantize-mlp-with-bit": ("quantize_mlp_with_bit", 32),
-    "--quantize-emb-with-bit": ("quantize_emb_with_bit", 32),
-}
 DATASET_ONLY_FLAGS = {
     "--memory-map": ("memory_map", False),
     "--dataset-multiprocessing": ("dataset_multiprocessing", False),
@@ -363,10 +397,7 @@ DATASET_ONLY_FLAGS = {
 
 def validate_args(args) -> list[str]:
     """Stops on flags that cannot work; returns notes for flags that have no effect here."""
-    for name, (attr, off) in NOT_SUPPORTED_YET.items():
-        if getattr(args, attr) != off:
-            raise DLRMError(f"not supported yet: {name}")
-    if args.data_generation != "random":
+    if args.data_generation == "dataset":
         raise DLRMError(f"not supported yet: --data-generation={args.data_generation}")
     for name in ("raw_data_file", "processed_data_file"):
         if getattr(args, name):
@@ -387,6 +418,16 @@ def validate_args(args) -> list[str]:
         if getattr(args, name) % world:
             raise DLRMError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the {world} "
                             "processes of this run (each takes an equal share of the global batch)")
+    if world > 1:
+        single_process_only = {"--save-onnx": args.save_onnx, "--plot-compute-graph": args.plot_compute_graph,
+                               "--enable-profiling": args.enable_profiling,
+                               "--weighted-pooling": args.weighted_pooling is not None,
+                               "--quantize-mlp-with-bit": args.quantize_mlp_with_bit != 32,
+                               "--quantize-emb-with-bit": args.quantize_emb_with_bit != 32}
+        for name, given in single_process_only.items():
+            if given:
+                raise DLRMError(f"not supported yet: {name} in a distributed run (run it in a single process, "
+                                "e.g. on a checkpoint of this run)")
     if args.dist_timeout <= 0:
         raise DLRMError(f"--dist-timeout must be positive, got {args.dist_timeout:g}")
     if args.loss_function == "wbce" and len(args.loss_weights) != 2:
@@ -398,6 +439,8 @@ def validate_args(args) -> list[str]:
         )
     if args.inference_only and args.save_model:
         raise DLRMError("--save-model has nothing to save with --inference-only")
+    validate_embedding_args(args)
+    validate_quantization_args(args)
     notes = []
     if ext_dist.launch_info() is not None:
         ext_dist.choose_backend(args.dist_backend, args.use_gpu)  # one that cannot work fails before joining
@@ -408,7 +451,38 @@ def validate_args(args) -> list[str]:
     for name, (attr, off) in DATASET_ONLY_FLAGS.items():
         if getattr(args, attr) != off:
             notes.append(f"note: {name} has no effect without --data-generation=dataset")
+    if args.data_generation != "synthetic":
+        for name, (attr, off) in SYNTHETIC_ONLY_FLAGS.items():
+            if getattr(args, attr) != off:
+                notes.append(f"note: {name} has no effect without --data-generation=synthetic")
     return notes
+
+
+SYNTHETIC_ONLY_FLAGS = {
+    "--data-trace-file": ("data_trace_file", "./input/dist_emb_j.log"),
+    "--data-trace-enable-padding": ("data_trace_enable_padding", False),
+}
+
+
+def validate_embedding_args(args):
+    if args.qr_flag and args.qr_collisions < 1:
+        raise DLRMError(f"--qr-collisions must be at least 1 with --qr-flag, got {args.qr_collisions}")
+    if args.md_flag and args.md_temperature < 0:
+        raise DLRMError(f"--md-temperature must be non-negative, got {args.md_temperature}")
+
+
+def validate_quantization_args(args):
+    if args.quantize_mlp_with_bit not in (8, 16, 32):
+        raise DLRMError(f"--quantize-mlp-with-bit must be 8, 16 or 32, got {args.quantize_mlp_with_bit}")
+    if args.quantize_emb_with_bit not in (4, 8, 32):
+        raise DLRMError(f"--quantize-emb-with-bit must be 4, 8 or 32, got {args.quantize_emb_with_bit}")
+    for name in ("quantize_mlp_with_bit", "quantize_emb_with_bit"):
+        if getattr(args, name) != 32:
+            flag_name = "--" + name.replace("_", "-")
+            if not args.inference_only:
+                raise DLRMError(f"{flag_name} needs --inference-only (quantized training is not supported)")
+            if args.use_gpu:
+                raise DLRMError(f"{flag_name}: quantized inference runs on the CPU, drop --use-gpu")
 
 
 def parse_args(argv=None):
@@ -619,6 +693,19 @@ def make_datasets(args):
         round_targets=args.round_targets,
     )
     num_samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
+    if args.data_generation == "synthetic":
+        # sparse ids drawn from the trace distributions; a held-out set from its own streams
+        def synthetic(split, batch_size, notes):
+            return trace_data.SyntheticTraceDataset(
+                dense_dim, table_sizes, num_samples, batch_size, args.numpy_rand_seed, config,
+                args.data_trace_file, args.data_trace_enable_padding, split=split, notes=notes)
+
+        try:
+            train = synthetic(0, args.mini_batch_size, lambda text: print(text, file=sys.stderr))
+            test = synthetic(1, args.test_mini_batch_size, lambda text: None)
+        except trace_data.TraceFileError as e:
+            raise DLRMError(f"--data-trace-file: {e}")
+        return train, test, dense_dim, table_sizes
     train = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.mini_batch_size,
                                     args.numpy_rand_seed, config, split=0)
     # a held-out set of the same size, from its own random stream
@@ -631,13 +718,12 @@ def build_model(args, dense_dim, table_sizes, local_tables=None) -> DLRM_Net:
     ln_bot = list(args.arch_mlp_bot)
     if ln_bot[0] != dense_dim:
         raise DLRMError(f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {ln_bot[0]}")
-    if args.arch_interaction_op == "dot" and ln_bot[-1] != args.arch_sparse_feature_size:
-        raise DLRMError(
-            f"arch-sparse-feature-size {args.arch_sparse_feature_size} does not match last dim of bottom mlp "
-            f"{ln_bot[-1]} (the dot interaction needs them equal)"
-        )
+    sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
+    if args.arch_interaction_op == "dot" and ln_bot[-1] != sparse_dim:
+        raise DLRMError(sparse_size_mismatch(args.arch_sparse_feature_size, ln_bot[-1],
+                                             args.qr_flag and args.qr_operation == "concat"))
     width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, len(table_sizes),
-                              ln_bot[-1], args.arch_sparse_feature_size)
+                              ln_bot[-1], sparse_dim)
     ln_top = [width] + list(args.arch_mlp_top)
     return DLRM_Net(
         args.arch_sparse_feature_size,
@@ -650,6 +736,15 @@ def build_model(args, dense_dim, table_sizes, local_tables=None) -> DLRM_Net:
         sigmoid_top=len(ln_top) - 2,
         loss_threshold=args.loss_threshold,
         loss_function=args.loss_function,
+        qr_flag=args.qr_flag,
+        qr_operation=args.qr_operation,
+        qr_collisions=args.qr_collisions,
+        qr_threshold=args.qr_threshold,
+        md_flag=args.md_flag,
+        md_threshold=args.md_threshold,
+        md_temperature=args.md_temperature,
+        md_round_dims=args.md_round_dims,
+        weighted_pooling=args.weighted_pooling,
         local_tables=local_tables,
     )
 
@@ -694,9 +789,11 @@ def log_line(text):
     print(text, flush=True)
 
 
-def train(args, model, optimizer, train_set, test_set, device, state: TrainState, nbatches: int, log=None):
+def train(args, model, optimizer, train_set, test_set, device, state: TrainState, nbatches: int, log=None,
+          run_log: RunLog | None = None):
     """The training loop; returns the final TrainState. Mutates `model` and `optimizer`."""
     log = log or log_line
+    run_log = run_log or RunLog()
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
     accum = args.mlperf_grad_accum_iter
     training = not args.inference_only
@@ -724,7 +821,9 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         window_loss = torch.zeros((), device=device, dtype=torch.float64)
         window_samples = window_iters = 0
         window_start = synced_time() if args.print_time else 0.0
+        window_wall = time.perf_counter()  # samples/s for the run logs, without device syncs
         accum_samples = 0
+        run_log.epoch_start(epoch)
         for j, batch in enumerate(dlrm_data.make_loader(train_set, first, args.num_workers, pin), start=first):
             if j >= nbatches:
                 break
@@ -770,16 +869,25 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 wall = f" ({time.strftime('%H:%M')})" if args.print_wall_time else ""
                 log(f"Finished {run_type} it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
                     f"loss {state.train_loss:.6f}{wall}")
+                seconds = max(time.perf_counter() - window_wall, 1e-9)
+                run_log.train_window(dict(
+                    mode=run_type, epoch=epoch, iteration=j + 1, nbatches=nbatches, global_iteration=epoch * nbatches + j + 1,
+                    loss=state.train_loss, samples=window_samples, seconds=seconds,
+                    samples_per_second=window_samples / seconds,
+                    lr=optimizer.param_groups[0]["lr"] if optimizer is not None else None))
                 window_loss.zero_()
                 window_samples = window_iters = 0
+                window_wall = time.perf_counter()
 
             if should_test and training:
                 log(f"Testing at - {j + 1}/{nbatches} of epoch {epoch},")
-                stop = run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log)
+                stop = run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log,
+                                run_log, epoch, j + 1)
                 if stop:
                     break
             if (should_print or should_test) and args.print_time:
                 window_start = synced_time()  # the next ms/it excludes printing and testing
+        run_log.epoch_end(epoch)
         if stop:
             break
         state.next_batch = 0
@@ -793,8 +901,11 @@ def scale_gradients(model, factor):
             p.grad.mul_(factor)
 
 
-def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log) -> bool:
+def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log,
+             run_log: RunLog | None = None, epoch: int = 0, iteration: int = 0) -> bool:
     """Evaluates, tracks the best metrics, checkpoints on improvement; True when a stop threshold is reached."""
+    run_log = run_log or RunLog()
+    run_log.test_start(epoch, iteration, nbatches)
     t0 = time.perf_counter()
     metrics = evaluate(model, test_set, args.loss_function, loss_weights, device, args.test_num_workers)
     improved = is_better(metrics, state.best_auc, state.best_acc)
@@ -806,6 +917,10 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %, "
         f"loss {metrics.loss:.6f}, auc {metrics.auc:.4f}, best auc {state.best_auc:.4f}"
         + (f", {time.perf_counter() - t0:.2f} s" if args.print_time else ""))
+    run_log.test_end(dict(epoch=epoch, iteration=iteration, nbatches=nbatches,
+                          global_iteration=epoch * nbatches + iteration, loss=metrics.loss, accuracy=metrics.accuracy,
+                          auc=metrics.auc, best_accuracy=state.best_acc, best_auc=state.best_auc,
+                          samples=metrics.samples))
     if improved and args.save_model:
         log(f"Saving model to {args.save_model}")
         save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
@@ -834,6 +949,65 @@ def run(args) -> int:
     launch = ext_dist.init_distributed(args.dist_backend, args.use_gpu, args.local_rank, args.dist_timeout)
     for note in notes if ext_dist.is_rank0() else []:
         print(note, file=sys.stderr)
+    if args.save_onnx:
+        try:
+            onnx_export.require_onnx()  # before training, not after it
+        except onnx_export.ExportError as e:
+            raise DLRMError(str(e))
+    run_log = open_run_logs(args)
+    try:
+        state = train_or_evaluate(args, run_log, launch)
+        run_log.run_end(run_status(args, state))
+    finally:
+        run_log.close()
+    return 0
+
+
+def open_run_logs(args) -> RunLog:
+    """The MLPerf, metrics-log and TensorBoard outputs that the flags ask for (rank 0 writes them)."""
+    logs = []
+    if not ext_dist.is_rank0():
+        return RunLogs(logs)
+    try:
+        if args.mlperf_logging:
+            logs.append(MLPerfLog())
+        if args.metrics_log_file:
+            logs.append(MetricsLog(args.metrics_log_file, append=bool(args.load_model)))
+        if args.tensor_board_filename:
+            logs.append(TensorBoardLog(args.tensor_board_filename))
+    except RunLogError as e:
+        for log in logs:
+            log.close()
+        raise DLRMError(str(e))
+    return RunLogs(logs)
+
+
+def run_config(args, train_set, test_set, nbatches) -> dict:
+    return {
+        "seed": args.numpy_rand_seed,
+        "global_batch_size": args.mini_batch_size * args.mlperf_grad_accum_iter,
+        "gradient_accumulation_steps": args.mlperf_grad_accum_iter,
+        "optimizer": args.optimizer,
+        "learning_rate": args.learning_rate,
+        "warmup_steps": args.lr_num_warmup_steps,
+        "decay_start_step": args.lr_decay_start_step,
+        "decay_steps": args.lr_num_decay_steps,
+        "train_samples": min(nbatches * args.mini_batch_size, getattr(train_set, "num_samples", 1 << 62)),
+        "eval_samples": getattr(test_set, "num_samples", len(test_set) * args.test_mini_batch_size),
+        "args": vars(args),
+    }
+
+
+def run_status(args, state: TrainState) -> str:
+    """MLPerf run status: success when a target is reached, or when none was set and the run completed."""
+    targets = [(args.mlperf_auc_threshold, state.best_auc), (args.mlperf_acc_threshold, state.best_acc)]
+    targets = [(target, best) for target, best in targets if target > 0]
+    if not targets:
+        return "success"
+    return "success" if any(best >= target for target, best in targets) else "aborted"
+
+
+def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     np.set_printoptions(precision=args.print_precision)
     torch.set_printoptions(precision=args.print_precision)
     torch.manual_seed(args.numpy_rand_seed)
@@ -866,23 +1040,66 @@ def run(args) -> int:
         if last is not None:
             print(f"Testing state: loss = {last.loss:.6f}, accuracy = {last.accuracy * 100:3.3f} %, auc = {last.auc:.4f}")
 
-    if args.inference_only:
-        state = TrainState()
-        print("time/loss/accuracy (if enabled):")
-        train(args, model, optimizer, train_set, test_set, device, state, nbatches)
-        loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
-        print(f"Testing at - {nbatches}/{nbatches} of epoch {args.nepochs - 1},")
-        run_test(args, model, None, test_set, device, state, nbatches, loss_weights, log_line)
-        return 0
-
-    print("time/loss/accuracy (if enabled):")
-    state = train(args, model, optimizer, train_set, test_set, device, state, nbatches)
-    if args.save_model and not state.tested:
-        print(f"Saving model to {args.save_model}")
-        save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
-    if args.debug_mode:
+    run_log.run_start(run_config(args, train_set, test_set, nbatches))
+    loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
+    exported_model = model
+    with profiling.profiled(args.enable_profiling, args.profiling_trace_file, device.type == "cuda"):
+        if args.inference_only:
+            if args.save_onnx and (args.quantize_mlp_with_bit != 32 or args.quantize_emb_with_bit != 32):
+                exported_model = copy.deepcopy(model)  # ONNX gets the fp32 model
+            model = quantize_if_asked(args, model)
+            state = TrainState()
+            print("time/loss/accuracy (if enabled):")
+            train(args, model, optimizer, train_set, test_set, device, state, nbatches, run_log=run_log)
+            print(f"Testing at - {nbatches}/{nbatches} of epoch {args.nepochs - 1},")
+            run_test(args, model, None, test_set, device, state, nbatches, loss_weights, log_line,
+                     run_log, args.nepochs - 1, nbatches)
+        else:
+            print("time/loss/accuracy (if enabled):")
+            state = train(args, model, optimizer, train_set, test_set, device, state, nbatches, run_log=run_log)
+            if args.save_model and not state.tested:
+                print(f"Saving model to {args.save_model}")
+                save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
+    if args.debug_mode and not args.inference_only:
         print_parameters(model, "updated parameters (weights and bias):")
-    return 0
+    if args.plot_compute_graph:
+        plot_compute_graph(args, model, train_set[0].to(device), loss_weights)
+    if args.save_onnx:
+        save_onnx(exported_model, train_set[0], args.onnx_file)
+    return state
+
+
+def quantize_if_asked(args, model):
+    mlp_bits, emb_bits = args.quantize_mlp_with_bit, args.quantize_emb_with_bit
+    if mlp_bits == 32 and emb_bits == 32:
+        return model
+    before = quantization.serialized_size(model)
+    model = quantization.quantize_for_inference(model, mlp_bits, emb_bits)
+    after = quantization.serialized_size(model)
+    mlp = {8: "int8 (dynamic)", 16: "fp16", 32: "fp32"}[mlp_bits]
+    print(f"Quantized for CPU inference: MLPs {mlp}, embedding rows {emb_bits}-bit; "
+          f"model size {before / 2**20:.3f} MiB -> {after / 2**20:.3f} MiB")
+    return model
+
+
+def plot_compute_graph(args, model, batch, loss_weights):
+    """Writes the autograd graph of one forward pass (and its loss when training)."""
+    with torch.enable_grad():
+        z = model(batch.dense_x, batch.offsets, batch.indices)
+        if args.inference_only:
+            output = z.mean()
+        else:
+            output = per_sample_loss(args.loss_function, z, batch.target, loss_weights).mean()
+    compute_graph.write_compute_graph(output, dict(model.named_parameters()), args.compute_graph_file)
+
+
+def save_onnx(model, batch, path):
+    try:
+        difference = onnx_export.export_onnx(model, batch, path)
+    except onnx_export.ExportError as e:
+        raise DLRMError(str(e))
+    print(f"Saved the ONNX model to {path} (onnx.checker passed; max |onnx - torch| = {difference:.2e} "
+          f"on a batch of {batch.batch_size})")
 
 
 if __name__ == "__main__":

@@ -59,14 +59,17 @@ class EmbeddingBagList(nn.ModuleList):
                 bags.append(make_bag(table_sizes[t], dim))
         super().__init__(bags)
 
-    def pool(self, offsets: torch.Tensor, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Pooled embeddings [B, T, D] from the flat layout."""
+    def pool(self, offsets: torch.Tensor, indices: torch.Tensor, batch_size: int,
+             per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled embeddings [B, T, D] from the flat layout; optional [N] weights, one per index."""
         # each table's slice of the flat index array (.tolist() is free on CPU, one sync on GPU)
         starts = offsets[::batch_size].tolist()
         pooled = []
         for t, bag in enumerate(self):
             table_offsets = offsets[t * batch_size : (t + 1) * batch_size] - starts[t]
-            pooled.append(bag(indices[starts[t] : starts[t + 1]], table_offsets))
+            table = slice(starts[t], starts[t + 1])
+            weights = per_sample_weights[table] if per_sample_weights is not None else None
+            pooled.append(bag(indices[table], table_offsets, per_sample_weights=weights))
         return torch.stack(pooled, dim=1)
 
     def table_parameters(self, t: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,138 @@
+"""Profiling, compute graph, TensorBoard, MLPerf log lines, the metrics log and its plot."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import compute_graph
+from mlperf_logger import parse_mllog
+
+RUN = ["--mini-batch-size=4", "--data-size=16", "--test-freq=2", "--loss-function=bce", "--round-targets"]
+
+
+def test_profiling_writes_a_chrome_trace_and_prints_top_operators(run_main, tmp_path):
+    trace = tmp_path / "prof" / "trace.json"
+    code, out, err = run_main(*RUN, "--enable-profiling", f"--profiling-trace-file={trace}")
+    assert code == 0, err
+    assert "Self CPU time total" in out and "aten::" in out and f"Wrote the profiler's Chrome trace to {trace}" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::embedding_bag") for e in events)
+
+
+@pytest.mark.parametrize("torchviz_present", [True, False])
+def test_compute_graph_source_is_written_and_rendered_only_with_dot(run_main, tmp_path, monkeypatch, torchviz_present):
+    if torchviz_present:
+        pytest.importorskip("torchviz")
+    else:
+        monkeypatch.setitem(sys.modules, "torchviz", None)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no `dot`
+    path = tmp_path / "graph.dot"
+    code, out, err = run_main(*RUN, "--plot-compute-graph", f"--compute-graph-file={path}")
+    assert code == 0, err
+    source = path.read_text()
+    assert source.startswith("digraph") and "emb_l.0.weight" in source and "bot_l.0.weight" in source
+    assert "AddmmBackward" in source and "EmbeddingBagBackward" in source
+    assert "note: Graphviz `dot` not found" in out and not (tmp_path / "graph.pdf").exists()
+
+
+def test_compute_graph_is_rendered_to_pdf_when_dot_exists(tmp_path, monkeypatch):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    dot = fake_bin / "dot"  # records its arguments, writes a PDF header to the -o file
+    dot.write_text(f'#!/bin/sh\necho "$@" > {fake_bin / "args"}\nwhile [ "$1" != "-o" ]; do shift; done\n'
+                   'printf "%%PDF-1.4" > "$2"\n')
+    dot.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake_bin))
+    layer = torch.nn.Linear(3, 2)
+    messages = []
+    pdf = compute_graph.write_compute_graph(layer(torch.ones(1, 3)).sum(), dict(layer.named_parameters()),
+                                            str(tmp_path / "g.dot"), log=messages.append)
+    assert pdf == str(tmp_path / "g.pdf") and (tmp_path / "g.pdf").read_bytes().startswith(b"%PDF")
+    assert (fake_bin / "args").read_text().split() == ["-Tpdf", str(tmp_path / "g.dot"), "-o", pdf]
+    assert messages[-1] == f"Rendered the compute graph to {pdf}"
+
+
+def test_autograd_dot_names_parameters_and_links_functions():
+    layer = torch.nn.Linear(3, 2)
+    source = compute_graph.autograd_dot(layer(torch.ones(1, 3)).sum(), dict(layer.named_parameters()))
+    assert 'weight\\n(2, 3)' in source and "SumBackward0" in source and source.count("->") >= 4
+
+
+def test_tensorboard_scalars(run_main, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    code, _, err = run_main(*RUN, "--optimizer=adagrad", f"--tensor-board-filename={tmp_path / 'tb'}")
+    assert code == 0, err
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"Train/Loss", "Train/LR", "Train/SamplesPerSec", "Test/Loss", "Test/Acc", "Test/AUC"} <= tags
+    assert [e.step for e in events.Scalars("Train/Loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("Test/AUC")] == [2, 4]
+
+
+def test_missing_tensorboard_is_a_clear_error(run_main, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    code, out, err = run_main(*RUN, f"--tensor-board-filename={tmp_path / 'tb'}")
+    assert code == 1 and "Finished" not in out
+    assert err.strip() == ("dlrm_s_pytorch.py: error: --tensor-board-filename needs the tensorboard package "
+                           "(pip install tensorboard)")
+
+
+def test_mlperf_log_lines_follow_the_benchmark_structure(run_main):
+    code, out, _ = run_main(*RUN, "--nepochs=2", "--mlperf-logging", "--mlperf-auc-threshold=0.01")
+    assert code == 0
+    records = parse_mllog(out.splitlines())
+    keys = [r["key"] for r in records]
+    assert keys[:2] == ["cache_clear", "init_start"] and keys[-1] == "run_stop"
+    for key in ("submission_benchmark", "seed", "global_batch_size", "opt_base_learning_rate", "train_samples",
+                "eval_samples", "init_stop", "run_start", "block_start", "epoch_start", "eval_start",
+                "eval_accuracy", "eval_stop", "epoch_stop", "block_stop"):
+        assert key in keys, key
+    assert keys.index("init_stop") < keys.index("run_start") < keys.index("epoch_start") < keys.index("eval_accuracy")
+    by_key = {r["key"]: r for r in records}
+    assert by_key["submission_benchmark"]["value"] == "dlrm" and by_key["global_batch_size"]["value"] == 4
+    assert by_key["eval_accuracy"]["metadata"]["epoch_num"] == 0.5 and 0 <= by_key["eval_accuracy"]["value"] <= 1
+    # the AUC target is reached at the first test: training stops there and the run succeeded
+    assert keys.count("eval_accuracy") == 1 and by_key["run_stop"]["metadata"]["status"] == "success"
+    assert all(r["event_type"] in ("POINT_IN_TIME", "INTERVAL_START", "INTERVAL_END") for r in records)
+    assert all(line.startswith(":::MLLOG {") for line in out.splitlines() if "MLLOG" in line)
+
+
+def test_mlperf_run_stop_is_aborted_when_the_target_is_missed(run_main):
+    code, out, _ = run_main(*RUN, "--mlperf-logging", "--mlperf-auc-threshold=0.999")
+    assert code == 0
+    assert parse_mllog(out.splitlines())[-1]["metadata"]["status"] == "aborted"
+
+
+def test_metrics_log_and_plot_script(run_main, tmp_path, capsys):
+    log = tmp_path / "metrics.jsonl"
+    code, _, err = run_main(*RUN, "--nepochs=2", f"--metrics-log-file={log}")
+    assert code == 0, err
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start"] + ["train", "train", "test"] * 4 + ["end"]
+    train = [r for r in records if r["event"] == "train"]
+    test = [r for r in records if r["event"] == "test"]
+    assert [r["global_iteration"] for r in train] == list(range(1, 9))
+    assert [(r["epoch"], r["iteration"]) for r in test] == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    assert all(0 <= r["auc"] <= 1 and 0 <= r["accuracy"] <= 1 and r["samples"] == 16 for r in test)
+    assert all(r["lr"] == 0.01 and r["samples"] == 4 and r["samples_per_second"] > 0 for r in train)
+
+    pytest.importorskip("matplotlib")
+    from tools.plot_metrics import main as plot_metrics
+
+    png = tmp_path / "plots" / "curves.png"
+    assert plot_metrics([str(log), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+    assert plot_metrics([str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "x.png")]) == 1
+    assert "none.jsonl: cannot read" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_inference_only_passes_are_logged_as_inference(run_main, tmp_path):
+    checkpoint, log = tmp_path / "m.pt", tmp_path / "metrics.jsonl"
+    assert run_main(*RUN, f"--save-model={checkpoint}")[0] == 0
+    code, _, err = run_main(*RUN, f"--load-model={checkpoint}", "--inference-only", f"--metrics-log-file={log}")
+    assert code == 0, err
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events == ["start"] + ["inference"] * 4 + ["test", "end"]

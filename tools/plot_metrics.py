@@ -1,0 +1,102 @@
+"""Draw training and test curves from metrics logs (--metrics-log-file) to a PNG.
+
+Usage:
+    python dlrm_s_pytorch.py ... --test-freq=1000 --metrics-log-file=run.jsonl
+    python tools/plot_metrics.py run.jsonl -o curves.png
+    python tools/plot_metrics.py sgd.jsonl adagrad.jsonl -o compare.png --labels sgd,adagrad
+
+Three panels against the iteration (counted across epochs): loss (training and test),
+test accuracy and test AUC. Several logs are drawn over each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+class PlotError(ValueError):
+    pass
+
+
+def read_metrics(path):
+    """(train records, test records) of one metrics log."""
+    train, test = [], []
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PlotError(f"{path}:{number}: not a JSON line ({e.msg})")
+                if record.get("event") == "train":
+                    train.append(record)
+                elif record.get("event") == "test":
+                    test.append(record)
+    except OSError as e:
+        raise PlotError(f"{path}: cannot read ({e.strerror or e})")
+    if not train and not test:
+        raise PlotError(f"{path}: no train or test records (is it a --metrics-log-file?)")
+    return train, test
+
+
+def series(records, key):
+    points = [(r["global_iteration"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot(runs, output):
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError("plotting needs matplotlib (pip install matplotlib)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc, ax_auc) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, (train, test) in runs:
+        line = ax_loss.plot(*series(train, "loss"), label=f"{label} train")[0]
+        ax_loss.plot(*series(test, "loss"), "o--", color=line.get_color(), label=f"{label} test", markersize=3)
+        ax_acc.plot(*series(test, "accuracy"), "o-", color=line.get_color(), label=label, markersize=3)
+        ax_auc.plot(*series(test, "auc"), "o-", color=line.get_color(), label=label, markersize=3)
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "test accuracy"), (ax_auc, "test AUC")):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, output)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("logs", nargs="+", help="metrics logs written by --metrics-log-file")
+    parser.add_argument("-o", "--output", default="dlrm_metrics.png", help="PNG to write")
+    parser.add_argument("--labels", default="", help="comma-separated legend labels (default: file names)")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [os.path.basename(p) for p in args.logs]
+    try:
+        if len(labels) != len(args.logs):
+            raise PlotError(f"--labels has {len(labels)} labels for {len(args.logs)} logs")
+        plot([(label, read_metrics(path)) for label, path in zip(labels, args.logs)], args.output)
+    except PlotError as e:
+        print(f"plot_metrics.py: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Record per-table reuse-distance distributions for --data-generation=synthetic.
+
+Reads the categorical ids of a data set in row order, one access trace per table, and
+writes each table's distribution file (the format of --data-trace-file, see trace_data.py).
+
+Usage:
+    # from the original's processed Criteo file (arrays X_cat [rows, 26], ...)
+    python tools/record_trace.py --input=./input/kaggleAdDisplayChallenge_processed.npz \
+        --output=./input/dist_emb_j.log --max-rows=1000000
+    # from raw Criteo text (label, 13 integer and 26 categorical tab-separated columns)
+    python tools/record_trace.py --input=train.txt --output=./input/dist_emb_j.log --tables=0-2
+    # from one recorded access trace (ids separated by commas or whitespace; or a .npy array)
+    python tools/record_trace.py --input=trace.log --output=./input/dist_emb_0.log
+
+then train on ids drawn from those distributions:
+    python dlrm_s_pytorch.py --data-generation=synthetic --data-trace-file=./input/dist_emb_j.log ...
+
+`j` in --output is replaced by the table number. Raw-text values get ids in order of first
+appearance (an empty field is a value of its own); reuse distances do not depend on the ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trace_data import distribution_from_trace, trace_file_for_table, write_trace_distribution  # noqa: E402
+
+CRITEO_DENSE, CRITEO_SPARSE = 13, 26
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_npz(path, max_rows):
+    with np.load(path) as data:
+        if "X_cat" not in data:
+            raise InputError(f"{path}: no X_cat array (expected the processed Criteo format: X_int, X_cat, y)")
+        x_cat = data["X_cat"]
+    if x_cat.ndim != 2:
+        raise InputError(f"{path}: X_cat has shape {x_cat.shape}, expected [rows, tables]")
+    return [x_cat[:max_rows, t].astype(np.int64) for t in range(x_cat.shape[1])]
+
+
+def read_npy(path, max_rows):
+    array = np.load(path)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{path}: expected an integer array [rows] or [rows, tables], got {array.dtype} {array.shape}")
+    return [array[:max_rows, t].astype(np.int64) for t in range(array.shape[1])]
+
+
+def read_criteo_text(path, max_rows):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from pyarrow import csv
+
+    names = ["label"] + [f"I{i}" for i in range(1, CRITEO_DENSE + 1)] + [f"C{i}" for i in range(1, CRITEO_SPARSE + 1)]
+    sparse = names[1 + CRITEO_DENSE:]
+    reader = csv.open_csv(
+        path,
+        read_options=csv.ReadOptions(column_names=names),
+        parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in sparse}, include_columns=sparse,
+                                           strings_can_be_null=False),
+    )
+    batches, rows = [], 0
+    try:
+        for batch in reader:
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows >= max_rows:
+                break
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{path}: not Criteo text with {len(names)} tab-separated columns ({e})")
+    table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, max_rows)
+    return [pc.dictionary_encode(table.column(c)).combine_chunks().indices.to_numpy().astype(np.int64)
+            for c in sparse]
+
+
+def read_trace_text(path, max_rows):
+    with open(path) as f:
+        text = f.read().replace(",", " ")
+    try:
+        ids = np.array(text.split(), dtype=np.int64)
+    except ValueError as e:
+        raise InputError(f"{path}: expected integer ids separated by commas or whitespace ({e})")
+    return [ids[:max_rows]]
+
+
+def read_columns(path, max_rows):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    if path.endswith(".npz"):
+        return read_npz(path, max_rows)
+    if path.endswith(".npy"):
+        return read_npy(path, max_rows)
+    with open(path) as f:
+        first = f.readline()
+    if first.count("\t") == CRITEO_DENSE + CRITEO_SPARSE:
+        return read_criteo_text(path, max_rows)
+    return read_trace_text(path, max_rows)
+
+
+def parse_tables(text, count):
+    if text in ("", "all"):
+        return list(range(count))
+    tables = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        tables.extend(range(int(lo), int(hi or lo) + 1))
+    bad = [t for t in tables if not 0 <= t < count]
+    if bad:
+        raise InputError(f"--tables: table {bad[0]} does not exist (the input has {count})")
+    return tables
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--input", required=True, help="processed .npz, .npy, raw Criteo text, or a trace of ids")
+    parser.add_argument("--output", default="./input/dist_emb_j.log", help="distribution file; j -> table number")
+    parser.add_argument("--tables", default="all", help="tables to record, e.g. 0,3-5")
+    parser.add_argument("--max-rows", type=int, default=1_000_000, help="rows read from the input (first rows)")
+    parser.add_argument("--enable-padding", action="store_true",
+                        help="add ceil(rows / max distance) first accesses (the original's trace padding)")
+    args = parser.parse_args(argv)
+    if args.max_rows < 1:
+        parser.error("--max-rows must be at least 1")
+    try:
+        columns = read_columns(args.input, args.max_rows)
+        tables = parse_tables(args.tables, len(columns))
+        if len(tables) > 1 and trace_file_for_table(args.output, 0) == args.output:
+            raise InputError(f"--output {args.output} has no j to number {len(tables)} tables")
+        for t in tables:
+            start = time.perf_counter()
+            trace = columns[t]
+            if trace.size == 0:
+                raise InputError(f"{args.input}: no rows to record")
+            dist = distribution_from_trace(trace, args.enable_padding)
+            path = trace_file_for_table(args.output, t)
+            write_trace_distribution(path, dist)
+            median = dist.distances[np.searchsorted(dist.cumulative, 0.5)]
+            print(f"table {t}: {trace.size} accesses, {dist.ids.size} distinct ids, "
+                  f"{100 * dist.probabilities[0]:.1f}% first accesses, median distance {median}, "
+                  f"{time.perf_counter() - start:.1f} s -> {path}")
+    except (InputError, OSError) as e:
+        print(f"record_trace.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
