@@ -13,9 +13,9 @@ Raw format: one row per line, TAB-separated: label (0/1), 13 integers, 26 catego
 8 hex digits; an empty field is missing. Integers: missing or negative -> 0 (the model
 sees log(x + 1)). Categoricals: hex -> integer, missing -> a value of its own (2**32);
 with --max-ind-range=M the value is hashed to value % M. Each feature's distinct
-values are then numbered 0..count-1 in order of first appearance (as the original's
-dictionaries), and the counts are the embedding table sizes (the original's derived
---arch-embedding-size; with M, at most M).
+values are then numbered densely 0..count-1 (over all days, as the original's dictionaries),
+and the counts are the embedding table sizes (the original's derived --arch-embedding-size;
+with M, at most M).
 
 Days and splits, as the original (so results compare with published ones):
     kaggle:   train.txt cut into 7 equal consecutive "days" (the first days take one
@@ -44,8 +44,8 @@ How it works, in bounded memory (a 2 MiB block of text at a time, plus the dicti
     1. parse, per day: NumPy on the raw bytes (no per-row Python) -> labels, integers, and
        per block ("chunk") each feature's distinct values with chunk-local ids (pyarrow's
        hash-based dictionary_encode);
-    2. number, per feature: the distinct values of all chunks, in order, numbered by first
-       appearance -> dictionary_<t>.npy and the global id of every chunk's values;
+    2. number, per feature: the distinct values of all chunks (hash-grouped so that each hash
+       table fits in cache) -> dictionary_<t>.npy and the global id of every chunk's values;
     3. remap, per day: chunk-local ids -> global ids (a gather).
 Days (phases 1 and 3) and features (phase 2) run in parallel with --dataset-multiprocessing.
 """
@@ -76,7 +76,8 @@ DEFAULT_NAMES = {"kaggle": "kaggleAdDisplayChallenge_processed", "terabyte": "te
 FIELD_NAMES = ["label"] + [f"I{k}" for k in range(1, NUM_DENSE + 1)] + [f"C{k}" for k in range(1, NUM_SPARSE + 1)]
 BLOCK_BYTES = 2 << 20  # raw text parsed per step: <= 51k rows, so chunk-local ids fit in uint16
 MAX_LINE_BYTES = 16 << 20
-PIECE_VALUES = 1 << 25  # distinct-per-chunk values numbered per step in phase 2 (bounds its memory)
+PIECE_VALUES = 1 << 23  # phase 2 numbers at least this many values per step (bounds its memory) ...
+GROUP_VALUES = 1 << 16  # ... split into hash groups of about this many (hash tables that fit in cache)
 OUTPUT_FILE = re.compile(r"^(day_\d+_(label|dense|sparse)\.npy|dictionary_\d+\.npy|(train|test|val)\.bin|bin\.json|"
                          r"metadata\.json)(\.tmp)?$")
 INT32_MAX = np.iinfo(np.int32).max
@@ -120,10 +121,11 @@ def _hex8(p):
     lower = p | _u64(0x2020202020202020)
     letter = (lower + _u64(0x1F1F1F1F1F1F1F1F)) & ~(lower + _u64(0x1919191919191919))  # 'a' <= c|0x20 <= 'f'
     ok = ascii7 & (((digit | letter) & HIGH_BITS) == HIGH_BITS)
-    v = (p & _u64(0x0F0F0F0F0F0F0F0F)) + _u64(9) * ((p >> _u64(6)) & _u64(0x0101010101010101))
-    v = ((v & _u64(0x00FF00FF00FF00FF)) << _u64(4)) | ((v >> _u64(8)) & _u64(0x00FF00FF00FF00FF))
-    v = ((v & _u64(0x0000FFFF0000FFFF)) << _u64(8)) | ((v >> _u64(16)) & _u64(0x0000FFFF0000FFFF))
-    return ((v & _u64(0xFFFF)) << _u64(16)) | ((v >> _u64(32)) & _u64(0xFFFF)), ok
+    v = (p & _u64(0x0F0F0F0F0F0F0F0F)) + _u64(9) * ((p >> _u64(6)) & _u64(0x0101010101010101))  # nibble per byte
+    # pack: pairs of nibbles into bytes, pairs of bytes into 16 bits, then 32 bits (first character highest)
+    v = (v * _u64(16) + (v >> _u64(8))) & _u64(0x00FF00FF00FF00FF)
+    v = (v * _u64(256) + (v >> _u64(16))) & _u64(0x0000FFFF0000FFFF)
+    return (v * _u64(65536) + (v >> _u64(32))) & _u64(0xFFFFFFFF), ok
 
 
 @dataclasses.dataclass
@@ -163,30 +165,38 @@ def parse_block(raw: bytes, path: str, first_line: int) -> ParsedRows:
     # every line: 39 TABs then its newline
     if len(seps) != NUM_FIELDS * num_lines or not (kinds.reshape(num_lines, NUM_FIELDS)[:, :-1] == 9).all():
         _raise_field_count_error(block, seps, kinds, path, first_line)
-    ends = seps.reshape(num_lines, NUM_FIELDS)
-    starts = np.empty_like(ends)
-    starts[:, 1:] = ends[:, :-1] + 1
-    starts[0, 0] = 8
-    starts[1:, 0] = ends[:-1, -1] + 1
+    ends = seps.reshape(num_lines, NUM_FIELDS)  # field k of line i ends at ends[i, k]
+    line_starts = np.empty(num_lines, dtype=np.int64)
+    line_starts[0] = 8
+    line_starts[1:] = ends[:-1, -1] + 1
     ends[:, -1] -= a[ends[:, -1] - 1] == 13  # CRLF line ends
-    lengths = ends - starts
+    lengths = np.empty_like(ends)
+    lengths[:, 0] = ends[:, 0] - line_starts
+    np.subtract(ends[:, 1:], ends[:, :-1] + 1, out=lengths[:, 1:])
 
     def fail(row, field, what):
-        value = block.text(starts[row, field], ends[row, field])
+        start = line_starts[row] if field == 0 else ends[row, field - 1] + 1
+        value = block.text(start, ends[row, field])
         raise DataError(f"{path}:{first_line + row}: field {field + 1} ({FIELD_NAMES[field]}) {what}, found {value!r}")
 
-    label = a[starts[:, 0]] - ord("0")
+    label = a[line_starts] - ord("0")
     bad = (lengths[:, 0] != 1) | (label > 1)
     if bad.any():
         fail(int(np.argmax(bad)), 0, "must be 0 or 1")
 
-    dense = _parse_integers(block, starts[:, 1:14], ends[:, 1:14], lengths[:, 1:14],
-                            lambda row, col: fail(row, 1 + col, "is not an integer"))
+    dense, ok = _parse_integers(block, ends[:, 1:14], lengths[:, 1:14])
+    if not ok.all():
+        row, col = np.unravel_index(int(np.argmax(~ok)), ok.shape)
+        fail(int(row), 1 + int(col), "is not an integer")
 
     cat_lengths = lengths[:, 14:].T
     words = block.windows[ends[:, 14:].T - 8]
-    values, ok = _hex8(_left_pad(words, np.minimum(cat_lengths, 8)))
-    bad = ~ok | (cat_lengths > 8)
+    if not (cat_lengths & ~8).any():  # the usual 8 digits or missing: no padding needed
+        values, ok = _hex8(words)
+        bad = ~ok & (cat_lengths != 0)
+    else:
+        values, ok = _hex8(_left_pad(words, np.minimum(cat_lengths, 8)))
+        bad = ~ok | (cat_lengths > 8)
     if bad.any():
         col, row = np.unravel_index(int(np.argmax(bad)), bad.shape)
         fail(int(row), 14 + int(col), "is not a hex value of at most 8 digits")
@@ -195,30 +205,34 @@ def parse_block(raw: bytes, path: str, first_line: int) -> ParsedRows:
     return ParsedRows(label.astype(np.uint8), dense, categorical)
 
 
-def _parse_integers(block, starts, ends, lengths, fail):
-    """[n, 13] int32 from decimal fields: missing -> 0, negative -> 0, > int32 max -> int32 max."""
-    a = block.bytes
-    first = a[starts]
-    signed = (lengths > 0) & ((first == ord("-")) | (first == ord("+")))
-    digits = lengths - signed
-    low, ok = _decimal8(_left_pad(block.windows[ends - 8], np.minimum(digits, 8)))
-    ok &= ~(signed & (digits == 0))
-    long_fields = digits > 8
+def _parse_integers(block, ends, lengths):
+    """[n, 13] int32 from decimal fields (missing -> 0, negative -> 0, > int32 max -> int32 max), validity."""
+    values, ok = _parse_unsigned(block, ends, lengths)
+    if not ok.all():  # signed values (rare): parse again without the sign
+        rows, cols = np.nonzero(~ok)
+        field_ends, field_lengths = ends[rows, cols], lengths[rows, cols]
+        sign = block.bytes[field_ends - field_lengths]
+        unsigned, unsigned_ok = _parse_unsigned(block, field_ends, field_lengths - 1)
+        ok[rows, cols] = unsigned_ok & (field_lengths > 1) & ((sign == ord("-")) | (sign == ord("+")))
+        values[rows, cols] = np.where(sign == ord("-"), 0, unsigned)
+    return values.astype(np.int32), ok
+
+
+def _parse_unsigned(block, ends, lengths):
+    """Values (saturated at int32 max) and validity of fields of decimal digits ending at `ends`."""
+    values, ok = _decimal8(_left_pad(block.windows[ends - 8], np.minimum(lengths, 8)))
+    long_fields = lengths > 8
     if long_fields.any():  # 9-16 digits: one more window; longer: per value (rare)
-        rows, cols = np.nonzero(long_fields)
-        high, high_ok = _decimal8(_left_pad(block.windows[ends[rows, cols] - 16], np.clip(digits[rows, cols] - 8, 0, 8)))
-        values = np.minimum(high * _u64(100_000_000) + low[rows, cols], _u64(INT32_MAX))
-        ok[rows, cols] &= high_ok
-        for k in np.flatnonzero(digits[rows, cols] > 16):
-            text = bytes(a[starts[rows[k], cols[k]] + signed[rows[k], cols[k]] : ends[rows[k], cols[k]]])
-            ok[rows[k], cols[k]] = text.isdigit()
-            values[k] = INT32_MAX
-        low[rows, cols] = values
-    if not ok.all():
-        row, col = np.unravel_index(int(np.argmax(~ok)), ok.shape)
-        fail(int(row), int(col))
-    low[signed & (a[starts] == ord("-"))] = 0
-    return low.astype(np.int32)
+        where = np.nonzero(long_fields)
+        field_ends, field_lengths = ends[where], lengths[where]
+        high, high_ok = _decimal8(_left_pad(block.windows[field_ends - 16], np.clip(field_lengths - 8, 0, 8)))
+        long_values = np.minimum(high * _u64(100_000_000) + values[where], _u64(INT32_MAX))
+        long_ok = high_ok & ok[where]
+        for k in np.flatnonzero(field_lengths > 16):
+            long_ok[k] = bytes(block.bytes[field_ends[k] - field_lengths[k] : field_ends[k]]).isdigit()
+            long_values[k] = INT32_MAX
+        values[where], ok[where] = long_values, long_ok
+    return values, ok
 
 
 def _raise_field_count_error(block, seps, kinds, path, first_line):
@@ -245,12 +259,9 @@ def _raise_field_count_error(block, seps, kinds, path, first_line):
 # ============================================================================ reading raw files
 def open_raw(path):
     """A binary file object, decompressing gzip (by content, whatever the name)."""
-    f = open(path, "rb")
-    magic = f.read(2)
-    f.seek(0)
-    if magic == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    return f
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
 
 
 def read_line_blocks(path, start=0, stop=None, block_bytes=BLOCK_BYTES):
@@ -491,6 +502,8 @@ def preprocess(raw_data_file, out_dir, data_set="kaggle", max_ind_range=-1, sub_
     if not 0.0 <= sub_sample_rate <= 1.0:
         raise DataError(f"--data-sub-sample-rate must be in [0, 1], got {sub_sample_rate}")
     existing = load_json(os.path.join(out_dir, "metadata.json"))
+    if not (isinstance(existing, dict) and isinstance(existing.get("settings"), dict)):
+        existing = None  # none, or not ours
     if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
         if existing is None:
             if raw_data_file:
@@ -509,7 +522,7 @@ def preprocess(raw_data_file, out_dir, data_set="kaggle", max_ind_range=-1, sub_
         if existing.get("settings") == settings:
             log(f"Reading pre-processed data={out_dir}")
             return ProcessedData(out_dir, existing)
-        log(f"Rebuilding processed data in {out_dir}: {describe_change(existing.get('settings', {}), settings)}")
+        log(f"Rebuilding processed data in {out_dir}: {describe_change(existing['settings'], settings)}")
         remove_outputs(out_dir)
     try:
         return _build(sources, out_dir, settings, workers, log, progress)
@@ -566,7 +579,7 @@ def _build(sources, out_dir, settings, workers, log, progress) -> ProcessedData:
         if p["lines"] == 0:
             raise DataError(f"{task.path}: empty file (no rows)")
 
-    # phase 2: per categorical feature, number its distinct values in order of first appearance
+    # phase 2: per categorical feature, number its distinct values
     with tqdm(desc="dictionaries", total=NUM_SPARSE, unit=" features", disable=not progress) as bar:
         run_tasks(_number_feature, [(t, work_dir, out_dir, len(tasks)) for t in range(NUM_SPARSE)], workers, bar)
     counts = [int(np.load(os.path.join(out_dir, f"dictionary_{t}.npy"), mmap_mode="r").shape[0]) for t in range(NUM_SPARSE)]
@@ -707,51 +720,52 @@ def _chunk_segments(work_dir, day):
     return chunks[:, 0], starts, sizes
 
 
-class FirstAppearanceNumbering:
-    """Numbers distinct values 0, 1, 2, ... in order of first appearance (as the original's
-    dictionaries), over a stream of pieces; memory: the distinct values, not the stream."""
+class Numbering:
+    """Numbers the distinct values of a stream of pieces densely 0, 1, 2, ...: the values new in a
+    piece get the next ids (grouped by a hash of the value, each group in order of first appearance).
 
-    def __init__(self):
-        self.values = []  # distinct values in id order, one array per piece
+    pyarrow's hash-based dictionary encoding does the work. Values are split by a hash into
+    `groups` (a power of 2) so that each hash table stays small enough for the cache; a value
+    always falls in the same group, so a group only re-reads its own values from earlier pieces.
+    Memory: the distinct values and one piece."""
+
+    def __init__(self, groups=1):
+        self.groups = int(groups)
+        self.shift = _u64(64 - (self.groups.bit_length() - 1))
+        self.known = [np.empty(0, dtype=np.int64)] * self.groups  # distinct values of each group ...
+        self.known_ids = [np.empty(0, dtype=np.int64)] * self.groups  # ... and their ids
+        self.new_values = []  # the values of ids 0, 1, 2, ... in pieces
         self.count = 0
-        self.sorted_values = self.sorted_ids = None  # built once a second piece arrives
 
-    def add(self, arrays) -> np.ndarray:
-        """The id (int32) of every element of the concatenated `arrays`."""
+    def add(self, values) -> np.ndarray:
+        """The id (int32) of each of `values` (int64)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        encoded = pc.dictionary_encode(pa.chunked_array([pa.array(a) for a in arrays], type=pa.int64()))
-        if encoded.num_chunks == 0:
-            return np.empty(0, dtype=np.int32)
-        distinct = encoded.chunk(0).dictionary.to_numpy(zero_copy_only=False)
-        indices = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in encoded.chunks])
-        if self.count == 0:
-            self.values.append(distinct)
-            self.count = len(distinct)
-            return indices.astype(np.int32, copy=False)
-        if self.sorted_values is None:
-            known = np.concatenate(self.values)
-            order = np.argsort(known)
-            self.sorted_values, self.sorted_ids = known[order], order
-        order = np.argsort(distinct)
-        pos = np.searchsorted(self.sorted_values, distinct[order])
-        found = pos < len(self.sorted_values)
-        found[found] = self.sorted_values[pos[found]] == distinct[order][found]
-        ids = np.empty(len(distinct), dtype=np.int64)
-        ids[order[found]] = self.sorted_ids[pos[found]]
-        is_new = np.ones(len(distinct), dtype=bool)
-        is_new[order[found]] = False
-        ids[is_new] = self.count + np.arange(int(is_new.sum()))  # new values: in order of first appearance
-        self.values.append(distinct[is_new])
-        self.count += int(is_new.sum())
-        new_sorted = order[~found]
-        self.sorted_values = np.insert(self.sorted_values, pos[~found], distinct[new_sorted])
-        self.sorted_ids = np.insert(self.sorted_ids, pos[~found], ids[new_sorted])
-        return ids[indices].astype(np.int32)
+        if self.groups > 1:
+            group = (splitmix64(values.view(np.uint64)) >> self.shift).astype(np.uint8)
+            order = np.argsort(group, kind="stable")  # a radix sort: linear time
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=self.groups))])
+            values = values[order]
+        else:
+            bounds = [0, len(values)]
+        ids = np.empty(len(values), dtype=np.int32)
+        for g in range(self.groups):
+            known = self.known[g]
+            encoded = pc.dictionary_encode(pa.array(np.concatenate([known, values[bounds[g] : bounds[g + 1]]])))
+            union = encoded.dictionary.to_numpy(zero_copy_only=False)  # starts with `known`, in order
+            new = union[len(known) :]
+            self.known_ids[g] = np.concatenate([self.known_ids[g], np.arange(self.count, self.count + len(new))])
+            self.known[g] = union
+            self.new_values.append(new)
+            self.count += len(new)
+            ids[bounds[g] : bounds[g + 1]] = self.known_ids[g][encoded.indices.to_numpy(zero_copy_only=False)[len(known) :]]
+        if self.groups > 1:
+            ids[order] = ids.copy()
+        return ids
 
     def dictionary(self) -> np.ndarray:
-        return np.concatenate(self.values) if self.values else np.empty(0, dtype=np.int64)
+        return np.concatenate(self.new_values) if self.new_values else np.empty(0, dtype=np.int64)
 
 
 def _number_feature(job, report):
@@ -759,19 +773,22 @@ def _number_feature(job, report):
     feature, work_dir, out_dir, num_days = job
     dictionary_path = os.path.join(out_dir, f"dictionary_{feature}.npy")
     if not os.path.exists(dictionary_path):
+        segments = [_chunk_segments(work_dir, day) for day in range(num_days)]
+        total = sum(int(sizes[:, feature].sum()) for _, _, sizes in segments)
+        groups = min(256, 1 << max(0, math.ceil(math.log2(max(1, total / GROUP_VALUES)))))
+        numbering = Numbering(groups)
         ids = NpyWriter(os.path.join(work_dir, f"ids_{feature}.npy"), np.int32)
-        numbering = FirstAppearanceNumbering()
         piece, piece_size = [], 0
-        for day in range(num_days):
+        for day, (_, starts, sizes) in enumerate(segments):
             uniques = np.load(os.path.join(work_dir, f"day_{day}_uniques.npy"), mmap_mode="r")
-            _, starts, sizes = _chunk_segments(work_dir, day)
             for start, size in zip(starts[:, feature], sizes[:, feature]):
                 piece.append(uniques[start : start + size])
                 piece_size += size
-                if piece_size >= PIECE_VALUES:
-                    ids.append(numbering.add(piece))
+                # pieces at least as large as the dictionary: re-reading it costs at most as much as the piece
+                if piece_size >= max(PIECE_VALUES, numbering.count):
+                    ids.append(numbering.add(np.concatenate(piece)))
                     piece, piece_size = [], 0
-        ids.append(numbering.add(piece))
+        ids.append(numbering.add(np.concatenate(piece) if piece else np.empty(0, dtype=np.int64)))
         ids.close()
         save_npy(dictionary_path, numbering.dictionary())
     report(1)

@@ -204,3 +204,15 @@ def test_fake_generator_is_deterministic_and_chunking_free(tmp_path):
     b = data_utils.format_rows(*data_utils.fake_rows(50, seed=3, first_row=0))
     assert a == b and a.count(b"\n") == 50
     assert all(len(line.split(b"\t")) == 40 for line in a.splitlines())
+
+
+@pytest.mark.parametrize("groups,piece", [(1, 10_000), (8, 10_000), (64, 777)])
+def test_numbering_gives_each_distinct_value_one_dense_id_across_pieces(groups, piece):
+    rng = np.random.default_rng(groups)
+    values = (rng.random(10_000) ** 3 * 3000).astype(np.int64) * 7919 + (1 << 32) * (rng.random(10_000) < 0.01)
+    numbering = data_utils.Numbering(groups)
+    ids = np.concatenate([numbering.add(values[k : k + piece]) for k in range(0, len(values), piece)])
+    dictionary = numbering.dictionary()
+    assert numbering.count == len(dictionary) == len(np.unique(values))
+    np.testing.assert_array_equal(dictionary[ids], values)  # same value, same id; the dictionary inverts it
+    assert np.array_equal(np.sort(np.unique(ids)), np.arange(numbering.count))
