@@ -848,11 +848,12 @@ def run_tasks(fn, jobs, workers, bar):
     import multiprocessing as mp
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
+    from concurrent.futures.process import BrokenProcessPool
+
     counter = mp.Value("q", 0)
     reported = 0
     with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter,)) as pool:
-        futures = [pool.submit(_call_in_worker, fn, job) for job in jobs]
-        pending = futures
+        pending = [pool.submit(_call_in_worker, fn, job) for job in jobs]
         while pending:
             done, pending = wait(pending, timeout=0.3, return_when=FIRST_EXCEPTION)
             bar.update(counter.value - reported)
@@ -861,6 +862,8 @@ def run_tasks(fn, jobs, workers, bar):
                 if f.exception() is not None:
                     for other in pending:
                         other.cancel()
+                    if isinstance(f.exception(), BrokenProcessPool):
+                        raise DataError("a preprocessing process died (out of memory?); rerun to resume")
                     raise f.exception()
 
 

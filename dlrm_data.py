@@ -392,7 +392,7 @@ def _split_day_rows(ranges):
     return [stop - start for _, start, stop in ranges]
 
 
-def open_criteo(args, log=print, progress=True) -> CriteoData:
+def open_criteo(args, splits=("train", "test", "val"), log=print, progress=True) -> CriteoData:
     """The processed data named by the flags, preprocessing the raw data when needed.
 
     --processed-data-file naming an existing .npz: the original's processed file.
@@ -400,12 +400,12 @@ def open_criteo(args, log=print, progress=True) -> CriteoData:
     missing or stale; then held in memory, memory-mapped, or as .bin files."""
     processed_file = args.processed_data_file
     if processed_file.endswith(".npz") and os.path.isfile(processed_file):
-        return _open_original_npz(args, log)
+        return _open_original_npz(args, splits, log)
     out_dir = data_utils.processed_dir(processed_file, args.raw_data_file, args.data_set)
     workers = os.cpu_count() if args.dataset_multiprocessing else 1
     processed = data_utils.preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
                                       args.data_sub_sample_rate, workers, log=log, progress=progress)
-    splits = data_utils.split_days(processed.day_rows)
+    splits = {name: ranges for name, ranges in data_utils.split_days(processed.day_rows).items() if name in splits}
     if args.mlperf_bin_loader:
         paths = data_utils.write_bin_files(processed, log=log)
         parts = {name: [MappedPart("bin", [paths[name]], 0, sum(_split_day_rows(r)))] for name, r in splits.items()}
@@ -434,7 +434,7 @@ def _load_in_memory(processed, ranges, split, progress) -> ArrayPart:
     return ArrayPart(label, dense, sparse)
 
 
-def _open_original_npz(args, log) -> CriteoData:
+def _open_original_npz(args, splits, log) -> CriteoData:
     path = args.processed_data_file
     log(f"Reading the original's processed data={path}")
     label, dense, sparse, counts, day_rows = data_utils.load_original_npz(path, args.raw_data_file, args.data_set)
@@ -448,6 +448,8 @@ def _open_original_npz(args, log) -> CriteoData:
     starts = np.concatenate([[0], np.cumsum(day_rows)])
     parts, rows = {}, {}
     for name, ranges in data_utils.split_days(day_rows).items():
+        if name not in splits:
+            continue
         lo = int(starts[ranges[0][0]] + ranges[0][1])
         hi = int(starts[ranges[-1][0]] + ranges[-1][2])
         parts[name] = [ArrayPart(label[lo:hi], dense[lo:hi], sparse[lo:hi])]
@@ -457,7 +459,7 @@ def _open_original_npz(args, log) -> CriteoData:
 
 def make_criteo_datasets(args, log=print, progress=True):
     """(train, test, table sizes) for --data-generation=dataset; raises data_utils.DataError."""
-    data = open_criteo(args, log, progress)
+    data = open_criteo(args, ("train", "test"), log, progress)
     if sum(data.day_rows["train"]) == 0:
         raise data_utils.DataError("the training split is empty (all rows sub-sampled away?)")
     shuffle_batches = args.mlperf_bin_loader and args.mlperf_bin_shuffle

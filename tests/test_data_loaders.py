@@ -190,3 +190,13 @@ def test_kaggle_bench_script_runs_end_to_end_and_reports_auc(tmp_path):
     assert re.search(r"auc 0\.\d+", result.stdout), result.stdout
     assert (tmp_path / "input" / "kaggleAdDisplayChallenge_processed" / "metadata.json").exists()
     assert (tmp_path / "run_kaggle_pt.log").exists()
+
+
+def test_dataset_mode_needs_data_and_other_modes_refuse_data_files(run_main):
+    code, _, err = run_main("--data-generation=dataset")
+    assert code == 1 and "--data-generation=dataset needs --raw-data-file" in err
+    code, _, err = run_main("--processed-data-file=x.npz")
+    assert code == 1 and "--processed-data-file needs --data-generation=dataset (it is random)" in err
+    code, _, err = run_main("--data-generation=dataset", "--processed-data-file=/nonexistent/p.npz")
+    assert code == 1 and err.strip() == ("dlrm_s_pytorch.py: error: no processed data in /nonexistent/p "
+                                         "and no --raw-data-file to build it from")
