@@ -497,6 +497,13 @@ def describe_change(old: dict, new: dict) -> str:
 def preprocess(raw_data_file, out_dir, data_set="kaggle", max_ind_range=-1, sub_sample_rate=0.0,
                workers=1, log=print, progress=True) -> ProcessedData:
     """Raw Criteo file(s) -> processed arrays in out_dir, reusing a matching earlier result."""
+    try:
+        return _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress)
+    except OSError as e:  # disk full, permissions, ...
+        raise DataError(f"preprocessing into {out_dir} failed: {e.filename or ''}: {e.strerror or e}")
+
+
+def _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress):
     if data_set not in DAYS:
         raise DataError(f"--data-set={data_set} is not one of {', '.join(DAYS)}")
     if not 0.0 <= sub_sample_rate <= 1.0:
@@ -524,10 +531,7 @@ def preprocess(raw_data_file, out_dir, data_set="kaggle", max_ind_range=-1, sub_
             return ProcessedData(out_dir, existing)
         log(f"Rebuilding processed data in {out_dir}: {describe_change(existing['settings'], settings)}")
         remove_outputs(out_dir)
-    try:
-        return _build(sources, out_dir, settings, workers, log, progress)
-    except OSError as e:
-        raise DataError(f"{e.filename or out_dir}: {e.strerror or e}")
+    return _build(sources, out_dir, settings, workers, log, progress)
 
 
 def _raw_data_present(raw_data_file, data_set) -> bool:
@@ -583,6 +587,8 @@ def _build(sources, out_dir, settings, workers, log, progress) -> ProcessedData:
     with tqdm(desc="dictionaries", total=NUM_SPARSE, unit=" features", disable=not progress) as bar:
         run_tasks(_number_feature, [(t, work_dir, out_dir, len(tasks)) for t in range(NUM_SPARSE)], workers, bar)
     counts = [int(np.load(os.path.join(out_dir, f"dictionary_{t}.npy"), mmap_mode="r").shape[0]) for t in range(NUM_SPARSE)]
+    for day in range(len(tasks)):  # numbered: the chunks' distinct values are no longer needed (disk space)
+        _remove_if_present(os.path.join(work_dir, f"day_{day}_uniques.npy"))
 
     # phase 3: chunk-local ids -> global ids
     with tqdm(desc="remap", total=sum(day_rows), unit=" rows", unit_scale=True, disable=not progress, mininterval=0.5) as bar:
@@ -639,6 +645,11 @@ def _day_tasks(sources, data_set, settings, work_dir, progress) -> list[DayTask]
     first_lines, offsets = cached["first_lines"], cached["offsets"]
     return [DayTask(d, path, offsets[d], offsets[d + 1], first_lines[d] + 1, rate if d < last else 0.0,
                     max_ind_range, work_dir) for d in range(DAYS["kaggle"])]
+
+
+def _remove_if_present(path):
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def _marker(work_dir, day, phase):
@@ -820,6 +831,8 @@ def _remap_day(job, report):
         raise
     sparse.close()
     save_json(_marker(work_dir, day, "remapped"), {"rows": int(first)})
+    del local
+    _remove_if_present(os.path.join(work_dir, f"day_{day}_local.npy"))
 
 
 _worker_progress = None  # in pool processes: a shared counter the parent turns into progress
