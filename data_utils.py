@@ -106,7 +106,8 @@ def _left_pad(words, lengths):
 
 def _decimal8(p):
     """Values and validity of 8 ASCII digits per uint64 (first character in the lowest byte)."""
-    ok = ((p & _u64(0xF0F0F0F0F0F0F0F0)) == ZEROS) & (((p + _u64(0x0606060606060606)) & _u64(0xF0F0F0F0F0F0F0F0)) == ZEROS)
+    high_nibbles = _u64(0xF0F0F0F0F0F0F0F0)
+    ok = ((p & high_nibbles) == ZEROS) & (((p + _u64(0x0606060606060606)) & high_nibbles) == ZEROS)  # '0'..'9'
     v = p - ZEROS
     v = v * _u64(10) + (v >> _u64(8))
     v = ((v & _u64(0x000000FF000000FF)) * _u64(100 + (1000000 << 32))
@@ -362,7 +363,8 @@ class NpyWriter:
         shape = (self.rows,) + self.row_shape
         text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (self.dtype.str, shape)
         pad = self.HEADER_BYTES - 10 - len(text) - 1
-        return b"\x93NUMPY\x01\x00" + (self.HEADER_BYTES - 10).to_bytes(2, "little") + text.encode() + b" " * pad + b"\n"
+        length = (self.HEADER_BYTES - 10).to_bytes(2, "little")
+        return b"\x93NUMPY\x01\x00" + length + text.encode() + b" " * pad + b"\n"
 
     def append(self, array):
         array = np.ascontiguousarray(array, dtype=self.dtype)
@@ -511,13 +513,21 @@ def _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate
     existing = load_json(os.path.join(out_dir, "metadata.json"))
     if not (isinstance(existing, dict) and isinstance(existing.get("settings"), dict)):
         existing = None  # none, or not ours
+    damage = _damaged_output(out_dir, existing) if existing is not None else None
+    if damage:
+        if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
+            raise DataError(f"processed data in {out_dir} is damaged ({damage}) "
+                            "and the raw data to rebuild it is missing")
+        log(f"Rebuilding processed data in {out_dir}: {damage}")
+        remove_outputs(out_dir)
+        existing = None
     if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
         if existing is None:
             if raw_data_file:
                 raw_day_files(raw_data_file, data_set)  # says which file is missing
             raise DataError(f"no processed data in {out_dir} and no --raw-data-file to build it from")
         wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
-        if any(existing["settings"].get(k) != wanted[k] for k in ("format", "data_set", "max_ind_range", "sub_sample_rate")):
+        if any(existing["settings"].get(k) != wanted[k] for k in wanted if k != "sources"):
             raise DataError(f"processed data in {out_dir} was built with other settings "
                             f"({describe_change(existing['settings'], wanted)}); rebuilding it needs the raw data "
                             f"(--raw-data-file {raw_data_file or 'not given'})")
@@ -532,6 +542,21 @@ def _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate
         log(f"Rebuilding processed data in {out_dir}: {describe_change(existing['settings'], settings)}")
         remove_outputs(out_dir)
     return _build(sources, out_dir, settings, workers, log, progress)
+
+
+def _damaged_output(out_dir, metadata):
+    """What is wrong with the files that metadata.json lists, or None."""
+    processed = ProcessedData(out_dir, metadata)
+    try:
+        for day, rows in enumerate(processed.day_rows):
+            for kind, row_shape in (("label", ()), ("dense", (NUM_DENSE,)), ("sparse", (NUM_SPARSE,))):
+                path = processed.day_file(day, kind)
+                array = np.load(path, mmap_mode="r")
+                if array.shape != (rows,) + row_shape:
+                    return f"{os.path.basename(path)} has shape {array.shape}, not {(rows,) + row_shape}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _raw_data_present(raw_data_file, data_set) -> bool:
@@ -586,18 +611,20 @@ def _build(sources, out_dir, settings, workers, log, progress) -> ProcessedData:
     # phase 2: per categorical feature, number its distinct values
     with tqdm(desc="dictionaries", total=NUM_SPARSE, unit=" features", disable=not progress) as bar:
         run_tasks(_number_feature, [(t, work_dir, out_dir, len(tasks)) for t in range(NUM_SPARSE)], workers, bar)
-    counts = [int(np.load(os.path.join(out_dir, f"dictionary_{t}.npy"), mmap_mode="r").shape[0]) for t in range(NUM_SPARSE)]
+    counts = [len(np.load(os.path.join(out_dir, f"dictionary_{t}.npy"), mmap_mode="r")) for t in range(NUM_SPARSE)]
     for day in range(len(tasks)):  # numbered: the chunks' distinct values are no longer needed (disk space)
         _remove_if_present(os.path.join(work_dir, f"day_{day}_uniques.npy"))
 
     # phase 3: chunk-local ids -> global ids
-    with tqdm(desc="remap", total=sum(day_rows), unit=" rows", unit_scale=True, disable=not progress, mininterval=0.5) as bar:
+    with tqdm(desc="remap", total=sum(day_rows), unit=" rows", unit_scale=True, disable=not progress,
+              mininterval=0.5) as bar:
         run_tasks(_remap_day, [(d, work_dir, out_dir) for d in range(len(tasks)) if not _day_remapped(work_dir, d)],
                   workers, bar)
 
     metadata = {
         "settings": settings,
-        "days": [{"rows": p["rows"], "lines": p["lines"], "source": os.path.basename(t.path)} for p, t in zip(parsed, tasks)],
+        "days": [{"rows": p["rows"], "lines": p["lines"], "source": os.path.basename(t.path)}
+                 for p, t in zip(parsed, tasks)],
         "counts": counts,
         "splits": {name: [list(r) for r in ranges] for name, ranges in split_days(day_rows).items()},
         "dense_features": NUM_DENSE,
@@ -631,7 +658,8 @@ def _day_tasks(sources, data_set, settings, work_dir, progress) -> list[DayTask]
             raise DataError(f"{path}: gzip-compressed; the kaggle train.txt must be decompressed first (gunzip)")
     cached = load_json(os.path.join(work_dir, "days.json"))
     if cached is None:
-        with tqdm(desc="count lines", total=os.path.getsize(path), unit="B", unit_scale=True, disable=not progress) as bar:
+        with tqdm(desc="count lines", total=os.path.getsize(path), unit="B", unit_scale=True,
+                  disable=not progress) as bar:
             total, block_lines, block_sizes = count_lines(path, bar)
         if total == 0:
             raise DataError(f"{path}: empty file (no rows)")
@@ -770,7 +798,8 @@ class Numbering:
             self.known[g] = union
             self.new_values.append(new)
             self.count += len(new)
-            ids[bounds[g] : bounds[g + 1]] = self.known_ids[g][encoded.indices.to_numpy(zero_copy_only=False)[len(known) :]]
+            indices = encoded.indices.to_numpy(zero_copy_only=False)[len(known) :]
+            ids[bounds[g] : bounds[g + 1]] = self.known_ids[g][indices]
         if self.groups > 1:
             ids[order] = ids.copy()
         return ids
@@ -812,7 +841,7 @@ def _remap_day(job, report):
     local = np.load(os.path.join(work_dir, f"day_{day}_local.npy"), mmap_mode="r")
     rows, starts, sizes = _chunk_segments(work_dir, day)
     # where this day's segments start in each feature's ids file: after all earlier days' segments
-    base = sum(_chunk_segments(work_dir, d)[2].sum(axis=0) for d in range(day)) if day else np.zeros(NUM_SPARSE, np.int64)
+    base = sum((_chunk_segments(work_dir, d)[2].sum(axis=0) for d in range(day)), np.zeros(NUM_SPARSE, np.int64))
     within = np.cumsum(sizes, axis=0) - sizes
     sparse = NpyWriter(os.path.join(out_dir, f"day_{day}_sparse.npy"), np.int32, (NUM_SPARSE,))
     try:
@@ -890,12 +919,14 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
         with np.load(path) as data:
             missing = [k for k in ("X_int", "X_cat", "y", "counts") if k not in data.files]
             if missing:
-                raise DataError(f"--processed-data-file {path}: not an original processed file (no {', '.join(missing)})")
+                raise DataError(f"--processed-data-file {path}: not an original processed file "
+                                f"(no {', '.join(missing)})")
             X_int, X_cat, y, counts = data["X_int"], data["X_cat"], data["y"], data["counts"]
     except (OSError, ValueError, zlib.error) as e:
         raise DataError(f"--processed-data-file {path}: not a readable .npz ({e})")
     if not (X_int.ndim == 2 and X_cat.ndim == 2 and len(X_int) == len(X_cat) == len(y)):
-        raise DataError(f"--processed-data-file {path}: X_int {X_int.shape}, X_cat {X_cat.shape}, y {y.shape} do not fit together")
+        raise DataError(f"--processed-data-file {path}: X_int {X_int.shape}, X_cat {X_cat.shape}, y {y.shape} "
+                        "do not fit together")
     days = None
     if raw_data_file:
         stem = raw_data_file.split("/")[-1]
@@ -999,7 +1030,8 @@ def format_rows(label, ints, cats) -> bytes:
         assert (magnitude < 10 * powers[0]).all()
         num_digits = 1 + (magnitude[:, None] >= powers[:-1]).sum(axis=1)
         digits = ((magnitude[:, None] // powers) % 10 + ord("0")).astype(np.uint8)
-        pieces.append(np.concatenate([np.full((n, 1), ord("-"), np.uint8), digits, np.full((n, 1), 9, np.uint8)], axis=1))
+        sign, tab = np.full((n, 1), ord("-"), np.uint8), np.full((n, 1), 9, np.uint8)
+        pieces.append(np.concatenate([sign, digits, tab], axis=1))
         show = np.ones((n, width + 2), bool)  # sign, digits, TAB
         show[:, 0] = (value < 0) & ~missing
         show[:, 1 : width + 1] = (np.arange(width) >= width - num_digits[:, None]) & ~missing[:, None]
@@ -1043,12 +1075,12 @@ def main(argv=None) -> int:
     fake.add_argument("--days", type=int, default=1, help="1: one file (kaggle train.txt); 24: terabyte day files")
     fake.add_argument("--seed", type=int, default=0, help="random seed")
     fake.add_argument("--gzip", action="store_true", help="gzip the day files (with --days > 1)")
-    prep = commands.add_parser("preprocess", help="raw Criteo data -> processed arrays (what the trainer does on first use)")
+    prep = commands.add_parser("preprocess", help="raw Criteo data -> processed arrays (as the trainer on first use)")
     prep.add_argument("--data-set", choices=list(DAYS), default="kaggle", help="Criteo data set")
     prep.add_argument("--raw-data-file", required=True, help="train.txt (kaggle) or the day prefix (terabyte)")
     prep.add_argument("--processed-data-file", default="", help="output: this path without .npz is a directory")
-    prep.add_argument("--max-ind-range", type=int, default=-1, help="hash categorical values into [0, M) (-1: dictionary)")
-    prep.add_argument("--data-sub-sample-rate", type=float, default=0.0, help="drop this fraction of training negatives")
+    prep.add_argument("--max-ind-range", type=int, default=-1, help="hash categoricals into [0, M) (-1: dictionary)")
+    prep.add_argument("--data-sub-sample-rate", type=float, default=0.0, help="drop this share of training negatives")
     prep.add_argument("--dataset-multiprocessing", action="store_true", help="use all cores")
     prep.add_argument("--mlperf-bin-loader", action="store_true", help="also write the train/test/val .bin files")
     args = parser.parse_args(argv)

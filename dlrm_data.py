@@ -328,8 +328,9 @@ class CriteoDataset(Dataset):
         if self.randomize == "total":
             self._permutations = [FeistelPermutation(self.num_rows, [self.seed, self.epoch, 0])]
         elif self.randomize == "day":
-            self._permutations = [FeistelPermutation(self.day_starts[d + 1] - self.day_starts[d], [self.seed, self.epoch, 1, d])
-                                  for d in range(len(self.day_starts) - 1)]
+            day_rows = np.diff(self.day_starts)
+            self._permutations = [FeistelPermutation(rows, [self.seed, self.epoch, 1, d])
+                                  for d, rows in enumerate(day_rows)]
 
     def __len__(self) -> int:
         return math.ceil(self.num_rows / self.batch_size)
@@ -425,7 +426,8 @@ def _load_in_memory(processed, ranges, split, progress) -> ArrayPart:
     dense = np.empty((rows, data_utils.NUM_DENSE), dtype=np.int32)
     sparse = np.empty((rows, data_utils.NUM_SPARSE), dtype=np.int32)
     first = 0
-    with tqdm(desc=f"load {split}", total=rows, unit=" rows", unit_scale=True, disable=not progress or rows < 1 << 22) as bar:
+    quiet = not progress or rows < 1 << 22
+    with tqdm(desc=f"load {split}", total=rows, unit=" rows", unit_scale=True, disable=quiet) as bar:
         for day, start, stop in ranges:
             for target, kind in ((label, "label"), (dense, "dense"), (sparse, "sparse")):
                 target[first : first + stop - start] = np.load(processed.day_file(day, kind), mmap_mode="r")[start:stop]
@@ -465,5 +467,6 @@ def make_criteo_datasets(args, log=print, progress=True):
     shuffle_batches = args.mlperf_bin_loader and args.mlperf_bin_shuffle
     train = CriteoDataset(data.parts["train"], args.mini_batch_size, args.data_randomize, args.numpy_rand_seed,
                           data.day_rows["train"], shuffle_batches=shuffle_batches)
-    test = CriteoDataset(data.parts["test"], args.test_mini_batch_size, "none", args.numpy_rand_seed, data.day_rows["test"])
+    test = CriteoDataset(data.parts["test"], args.test_mini_batch_size, "none", args.numpy_rand_seed,
+                         data.day_rows["test"])
     return train, test, data.table_sizes

@@ -398,7 +398,8 @@ def validate_args(args) -> list[str]:
     elif args.mlperf_bin_shuffle and not args.mlperf_bin_loader:
         notes.append("note: --mlperf-bin-shuffle has no effect without --mlperf-bin-loader")
     if dataset and args.arch_embedding_size != [4, 3, 2]:
-        notes.append("note: --arch-embedding-size has no effect with --data-generation=dataset (table sizes come from the data)")
+        notes.append("note: --arch-embedding-size has no effect with --data-generation=dataset "
+                     "(table sizes come from the data)")
     return notes
 
 

@@ -10,8 +10,8 @@ scratch in a fresh process; peak RSS is sampled over the whole process
 tree (with --multiprocessing: all workers together). --e2e then clears the output again and
 times the original's Kaggle benchmark flags with --num-batches=1, from process start to exit
 right after the first training iteration, then the same again with the processed data reused
-(what is not preprocessing: imports, loading, building the model, the iteration). The load average is printed because shared
-machines make these numbers noisy.
+(what is not preprocessing: imports, loading, building the model, the iteration). The load
+average is printed because shared machines make these numbers noisy.
 """
 
 import argparse
@@ -89,7 +89,9 @@ def main():
     for _ in range(args.repeat):
         shutil.rmtree(processed, ignore_errors=True)
         cmd = [sys.executable, os.path.join(ROOT, "data_utils.py"), "preprocess", f"--raw-data-file={raw}",
-               f"--processed-data-file={processed}.npz"] + (["--dataset-multiprocessing"] if args.multiprocessing else [])
+               f"--processed-data-file={processed}.npz"]
+        if args.multiprocessing:
+            cmd.append("--dataset-multiprocessing")
         wall, peak_mib, _ = run_measured(cmd)
         walls.append(wall)
         print(f"preprocess: {wall:.2f} s, {args.rows / wall:,.0f} rows/s ({size_mb / wall:,.0f} MB/s), "
@@ -100,8 +102,8 @@ def main():
 
     if args.e2e:
         shutil.rmtree(processed, ignore_errors=True)
-        cmd = [sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *ORIGINAL_KAGGLE_FLAGS, f"--raw-data-file={raw}",
-               f"--processed-data-file={processed}.npz", "--num-batches=1"]
+        cmd = [sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *ORIGINAL_KAGGLE_FLAGS,
+               f"--raw-data-file={raw}", f"--processed-data-file={processed}.npz", "--num-batches=1"]
         if args.multiprocessing:
             cmd.append("--dataset-multiprocessing")
         wall, peak_mib, output = run_measured(cmd)

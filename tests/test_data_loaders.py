@@ -134,12 +134,10 @@ def test_bin_shuffle_reorders_whole_batches_per_epoch(kaggle_file):
 
 def test_terabyte_memory_mapped_batches_cross_day_boundaries(tmp_path):
     prefix = fake_terabyte(tmp_path, 24 * 30, compress=True)
-    args = dlrm.parse_args(["--data-generation=dataset", "--data-set=terabyte", f"--raw-data-file={prefix}",
-                            "--mini-batch-size=64", "--max-ind-range=500", "--data-randomize=none"])
-    mapped, test, sizes = quiet_datasets(dlrm.parse_args(["--data-generation=dataset", "--data-set=terabyte",
-                                                          f"--raw-data-file={prefix}", "--mini-batch-size=64",
-                                                          "--max-ind-range=500", "--data-randomize=none", "--memory-map"]))
-    in_memory, _, _ = quiet_datasets(args)
+    flags = ["--data-generation=dataset", "--data-set=terabyte", f"--raw-data-file={prefix}", "--mini-batch-size=64",
+             "--max-ind-range=500", "--data-randomize=none"]
+    mapped, test, sizes = quiet_datasets(dlrm.parse_args(flags + ["--memory-map"]))
+    in_memory, _, _ = quiet_datasets(dlrm.parse_args(flags))
     assert mapped.num_rows == 23 * 30 and test.num_rows == 15 and max(sizes) <= 500
     assert_same_batches(batches(mapped), batches(in_memory))
 

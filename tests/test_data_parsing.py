@@ -37,7 +37,8 @@ def test_real_rows_parse_like_the_naive_reference():
 def test_edge_cases_of_integers_and_categoricals():
     cases = [
         row_text(1, [None, -1, -2147483648, 0, 7, 12345678, 123456789, 99999999999999, "+5", "-0", 2147483647,
-                     2147483648, 3], [None, "ABCDEF12", "abcdef12", "0", "f", "12345", "00000000", "ffffffff"] + [None] * 18),
+                     2147483648, 3],
+                 [None, "ABCDEF12", "abcdef12", "0", "f", "12345", "00000000", "ffffffff"] + [None] * 18),
         row_text(0, [None] * 13, [None] * 26).replace(b"\n", b"\r\n"),  # all missing, Windows line end
     ]
     label, dense, cats = parse_all(b"".join(cases))
@@ -75,7 +76,8 @@ GOOD = row_text(0)
 
 
 @pytest.mark.parametrize("bad_line,message", [
-    (GOOD.replace(b"\t", b"", 1), "f.txt:3: expected 40 tab-separated fields (label, 13 integers, 26 categoricals), found 39"),
+    (GOOD.replace(b"\t", b"", 1), "f.txt:3: expected 40 tab-separated fields (label, 13 integers, 26 categoricals), "
+                                  "found 39"),
     (GOOD[:-1] + b"\t\n", "f.txt:3: expected 40 tab-separated fields (label, 13 integers, 26 categoricals), found 41"),
     (b"2" + GOOD[1:], "f.txt:3: field 1 (label) must be 0 or 1, found '2'"),
     (b"\t".join([b"0", b"12a"] + GOOD.split(b"\t")[2:]), "f.txt:3: field 2 (I1) is not an integer, found '12a'"),
@@ -134,11 +136,15 @@ def test_missing_terabyte_day_and_truncated_gzip_are_named(tmp_path):
     for day in range(24):
         if day != 7:
             (tmp_path / f"day_{day}").write_bytes(GOOD * 3)
+    def preprocess():
+        data_utils.preprocess(str(tmp_path / "day"), str(tmp_path / "out"), "terabyte", log=lambda m: None,
+                              progress=False)
+
     with pytest.raises(data_utils.DataError, match=r"day file .*day_7 \(or \.gz\) not found"):
-        data_utils.preprocess(str(tmp_path / "day"), str(tmp_path / "out"), "terabyte", log=lambda m: None, progress=False)
+        preprocess()
     (tmp_path / "day_7.gz").write_bytes(gzip.compress(GOOD * 50)[:-30])
     with pytest.raises(data_utils.DataError, match=r"day_7.gz: truncated or corrupt gzip file"):
-        data_utils.preprocess(str(tmp_path / "day"), str(tmp_path / "out"), "terabyte", log=lambda m: None, progress=False)
+        preprocess()
     assert not (tmp_path / "out" / "metadata.json").exists()
 
 

@@ -78,7 +78,8 @@ def test_sub_sampling_drops_training_negatives_only(tmp_path):
     raw = fake_kaggle(tmp_path, 7000)
     full, _ = preprocess_quietly(raw, tmp_path / "full")
     sub, _ = preprocess_quietly(raw, tmp_path / "sub", sub_sample_rate=0.6)
-    full_label, sub_label = [np.load(full.day_file(d, "label")) for d in range(7)], [np.load(sub.day_file(d, "label")) for d in range(7)]
+    full_label = [np.load(full.day_file(d, "label")) for d in range(7)]
+    sub_label = [np.load(sub.day_file(d, "label")) for d in range(7)]
     for d in range(6):
         assert sub_label[d].sum() == full_label[d].sum()  # every click kept
         negatives, kept = (full_label[d] == 0).sum(), (sub_label[d] == 0).sum()
@@ -117,7 +118,7 @@ def test_processed_data_is_used_without_the_raw_file_when_settings_match(tmp_pat
     os.remove(raw)
     processed, messages = preprocess_quietly(raw, tmp_path / "out")
     assert "raw data not found" in messages[0] and sum(processed.day_rows) == 700
-    with pytest.raises(data_utils.DataError, match=r"--max-ind-range was -1, now 9\); rebuilding it needs the raw data"):
+    with pytest.raises(data_utils.DataError, match=r"--max-ind-range was -1, now 9\); rebuilding it needs the raw"):
         preprocess_quietly(raw, tmp_path / "out", max_ind_range=9)
 
 
@@ -190,7 +191,8 @@ def test_original_npz_is_read(tmp_path, run_main):
     assert table_sizes == [30] * 26 and dense_dim == 13
     assert len(train) == 6 and test.num_rows == 50  # days of 100; day 6 halved
     batch = train[1]
-    np.testing.assert_allclose(batch.dense_x.numpy(), np.log(np.maximum(X_int[100:200], 0).astype(np.float32) + 1), rtol=1e-6)
+    expected_dense = np.log(np.maximum(X_int[100:200], 0).astype(np.float32) + 1)
+    np.testing.assert_allclose(batch.dense_x.numpy(), expected_dense, rtol=1e-6)
     np.testing.assert_array_equal(batch.lS_i[3].numpy(), X_cat[100:200, 3] % 30)
     np.testing.assert_array_equal(batch.target.numpy().ravel(), y[100:200])
     code, out, err = run_main("--data-generation=dataset", f"--processed-data-file={path}", "--arch-mlp-bot=13-4-2",
@@ -216,3 +218,14 @@ def test_numbering_gives_each_distinct_value_one_dense_id_across_pieces(groups, 
     assert numbering.count == len(dictionary) == len(np.unique(values))
     np.testing.assert_array_equal(dictionary[ids], values)  # same value, same id; the dictionary inverts it
     assert np.array_equal(np.sort(np.unique(ids)), np.arange(numbering.count))
+
+
+def test_damaged_processed_files_are_rebuilt(tmp_path):
+    raw = fake_kaggle(tmp_path, 700)
+    processed, _ = preprocess_quietly(raw, tmp_path / "out")
+    path = processed.day_file(2, "sparse")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 104)
+    rebuilt, messages = preprocess_quietly(raw, tmp_path / "out")
+    assert messages[0].startswith(f"Rebuilding processed data in {tmp_path / 'out'}: ")
+    assert np.load(rebuilt.day_file(2, "sparse")).shape == (100, 26)
