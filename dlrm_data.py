@@ -13,17 +13,30 @@ the KeyedJaggedTensor layout of TorchRec; the model consumes it directly.
 
 A dataset here is any object with `len(ds)` (number of batches) and `ds[j]`
 (the j-th batch, a pure function of j so that workers, resumes and
-distributed ranks all see the same batches).
+distributed ranks all see the same batches). A dataset whose batches change
+from epoch to epoch (shuffled Criteo data) also has `set_epoch(epoch)`, which
+the training loop calls first in every epoch; `ds[j]` is then a pure function
+of (j, epoch).
+
+Criteo data (`--data-generation=dataset`): `make_criteo_datasets(args)` runs or
+reuses the preprocessing of `data_utils.py` and returns `CriteoDataset`s over
+the processed arrays, held in memory, memory-mapped (`--memory-map`) or read
+from the one-file-per-split binary format (`--mlperf-bin-loader`); all three
+give identical batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+import data_utils
 
 
 @dataclasses.dataclass
@@ -199,3 +212,261 @@ def make_loader(dataset, first_batch=0, num_workers=0, pin_memory=False):
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+# --------------------------------------------------------------------------- Criteo data
+class FeistelPermutation:
+    """A pseudo-random permutation of [0, n), computed element by element.
+
+    A keyed 4-round Feistel network permutes the smallest 2^(2h) >= n; values that land
+    outside [0, n) are encrypted again until they fall inside (cycle walking), which keeps
+    it a permutation of [0, n). Nothing of size n is stored, so any worker, resumed run or
+    rank computes the rows of any batch on its own, for a split of any size.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed_words):
+        self.n = int(n)
+        self.half_bits = max(1, (max(1, self.n - 1).bit_length() + 1) // 2)
+        self.mask = np.uint64((1 << self.half_bits) - 1)
+        self.keys = np.random.SeedSequence(list(seed_words)).generate_state(self.ROUNDS, dtype=np.uint64)
+
+    def _encrypt(self, x):
+        shift = np.uint64(self.half_bits)
+        left, right = x >> shift, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (data_utils.splitmix64(right ^ key) & self.mask)
+        return (left << shift) | right
+
+    def __call__(self, positions) -> np.ndarray:
+        x = self._encrypt(np.asarray(positions, dtype=np.uint64))
+        outside = np.flatnonzero(x >= self.n)
+        while len(outside):
+            x[outside] = self._encrypt(x[outside])
+            outside = outside[x[outside] >= self.n]
+        return x.astype(np.int64)
+
+
+class ArrayPart:
+    """Rows of label [n], dense [n, 13] and sparse [n, 26] arrays held in memory."""
+
+    def __init__(self, label, dense, sparse):
+        self.label, self.dense, self.sparse = label, dense, sparse
+        self.rows = len(label)
+
+    def arrays(self):
+        return self.label, self.dense, self.sparse
+
+
+class MappedPart:
+    """Rows [start, stop) of processed files, memory-mapped on first use in each process.
+
+    Pickles as file names (not data), so DataLoader workers open their own maps whatever
+    the multiprocessing start method. kind "npy": day_<d>_{label,dense,sparse}.npy files;
+    kind "bin": one file of int32 records [label, 13 integers, 26 ids].
+    """
+
+    def __init__(self, kind, paths, start, stop):
+        self.kind, self.paths, self.start, self.stop = kind, paths, int(start), int(stop)
+        self.rows = self.stop - self.start
+        self._arrays = None
+
+    def arrays(self):
+        if self._arrays is None:
+            if self.kind == "bin":
+                records = np.memmap(self.paths[0], dtype=np.int32, mode="r").reshape(-1, data_utils.NUM_FIELDS)
+                arrays = records[:, 0], records[:, 1 : 1 + data_utils.NUM_DENSE], records[:, 1 + data_utils.NUM_DENSE :]
+            else:
+                arrays = tuple(np.load(p, mmap_mode="r") for p in self.paths)
+            self._arrays = tuple(a[self.start : self.stop] for a in arrays)
+        return self._arrays
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+
+def criteo_batch(label, dense, sparse) -> Batch:
+    """A Batch from gathered rows: dense features log(x + 1) in float32 as the original, one id per bag."""
+    n, num_tables = sparse.shape
+    return Batch(
+        dense_x=torch.log(torch.from_numpy(np.asarray(dense, dtype=np.float32)) + 1.0),
+        offsets=torch.arange(num_tables * n + 1, dtype=torch.int64),
+        indices=torch.from_numpy(np.ascontiguousarray(sparse.T, dtype=np.int64).reshape(-1)),
+        target=torch.from_numpy(np.asarray(label, dtype=np.float32).reshape(-1, 1)),
+    )
+
+
+class CriteoDataset(Dataset):
+    """Batches of one split of Criteo data, gathered from array parts (days, files).
+
+    Batch j holds rows order(j*B), ..., order(j*B + B - 1) of the split (the last batch may be
+    smaller), where `order` depends on `randomize`: "none" keeps the file order, "day" permutes
+    the rows within each day, "total" permutes all rows; permutations are drawn from
+    (seed, epoch), so each epoch is shuffled anew and reproducibly. With `shuffle_batches`
+    (the original's --mlperf-bin-shuffle) the batches also come in an order drawn from
+    (seed, epoch). ds[j] is a pure function of (j, epoch).
+    """
+
+    def __init__(self, parts, batch_size, randomize="none", seed=123, day_rows=None, shuffle_batches=False):
+        if randomize not in ("none", "day", "total"):
+            raise ValueError(f"--data-randomize={randomize} is not one of none, day, total")
+        self.parts = list(parts)
+        self.part_starts = np.concatenate([[0], np.cumsum([p.rows for p in self.parts])]).astype(np.int64)
+        self.num_rows = int(self.part_starts[-1])
+        self.batch_size = int(batch_size)
+        self.randomize, self.seed, self.shuffle_batches = randomize, int(seed), bool(shuffle_batches)
+        day_rows = list(day_rows) if day_rows is not None else [self.num_rows]
+        if sum(day_rows) != self.num_rows:
+            raise ValueError(f"day sizes {day_rows} do not add up to the {self.num_rows} rows of the split")
+        self.day_starts = np.concatenate([[0], np.cumsum(day_rows)]).astype(np.int64)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+        self._batch_order = None
+        if self.randomize == "total":
+            self._permutations = [FeistelPermutation(self.num_rows, [self.seed, self.epoch, 0])]
+        elif self.randomize == "day":
+            day_rows = np.diff(self.day_starts)
+            self._permutations = [FeistelPermutation(rows, [self.seed, self.epoch, 1, d])
+                                  for d, rows in enumerate(day_rows)]
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_rows / self.batch_size)
+
+    def samples_in_batch(self, j: int) -> int:
+        return min(self.batch_size, self.num_rows - self._batch_position(j) * self.batch_size)
+
+    def _batch_position(self, j: int) -> int:
+        """Which B-row slice of the (permuted) split batch j is."""
+        if not self.shuffle_batches:
+            return j
+        if self._batch_order is None:
+            self._batch_order = np.random.default_rng([self.seed, self.epoch, 2]).permutation(len(self))
+        return int(self._batch_order[j])
+
+    def rows_of_batch(self, j: int) -> np.ndarray:
+        """Rows of the split in batch j, sorted (the order within a batch does not matter)."""
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        first = self._batch_position(j) * self.batch_size
+        positions = np.arange(first, min(first + self.batch_size, self.num_rows), dtype=np.int64)
+        if self.randomize == "total":
+            rows = self._permutations[0](positions)
+        elif self.randomize == "day":
+            days = np.searchsorted(self.day_starts, positions, side="right") - 1
+            rows = positions.copy()
+            for d in np.unique(days):
+                mine = days == d
+                rows[mine] = self.day_starts[d] + self._permutations[d](positions[mine] - self.day_starts[d])
+        else:
+            return positions
+        rows.sort()
+        return rows
+
+    def __getitem__(self, j: int) -> Batch:
+        rows = self.rows_of_batch(j)
+        bounds = np.searchsorted(rows, self.part_starts)
+        pieces = []
+        for k, part in enumerate(self.parts):
+            local = rows[bounds[k] : bounds[k + 1]] - self.part_starts[k]
+            if len(local) == 0:
+                continue
+            if local[-1] - local[0] + 1 == len(local):  # contiguous rows: a slice reads less
+                local = slice(int(local[0]), int(local[-1]) + 1)
+            pieces.append([a[local] for a in part.arrays()])
+        label, dense, sparse = (np.concatenate(p) if len(pieces) > 1 else p[0] for p in zip(*pieces))
+        return criteo_batch(label, dense, sparse)
+
+
+@dataclasses.dataclass
+class CriteoData:
+    """Parts and day sizes of each split (train, test, val) and the embedding table sizes."""
+
+    parts: dict
+    day_rows: dict
+    table_sizes: list
+
+
+def _split_day_rows(ranges):
+    return [stop - start for _, start, stop in ranges]
+
+
+def open_criteo(args, splits=("train", "test", "val"), log=print, progress=True) -> CriteoData:
+    """The processed data named by the flags, preprocessing the raw data when needed.
+
+    --processed-data-file naming an existing .npz: the original's processed file.
+    Otherwise our processed directory (see data_utils.py), built from --raw-data-file if
+    missing or stale; then held in memory, memory-mapped, or as .bin files."""
+    processed_file = args.processed_data_file
+    if processed_file.endswith(".npz") and os.path.isfile(processed_file):
+        return _open_original_npz(args, splits, log)
+    out_dir = data_utils.processed_dir(processed_file, args.raw_data_file, args.data_set)
+    workers = os.cpu_count() if args.dataset_multiprocessing else 1
+    processed = data_utils.preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
+                                      args.data_sub_sample_rate, workers, log=log, progress=progress)
+    splits = {name: ranges for name, ranges in data_utils.split_days(processed.day_rows).items() if name in splits}
+    if args.mlperf_bin_loader:
+        paths = data_utils.write_bin_files(processed, log=log)
+        parts = {name: [MappedPart("bin", [paths[name]], 0, sum(_split_day_rows(r)))] for name, r in splits.items()}
+    elif args.memory_map:
+        parts = {name: [MappedPart("npy", [processed.day_file(d, k) for k in ("label", "dense", "sparse")], start, stop)
+                        for d, start, stop in ranges] for name, ranges in splits.items()}
+    else:
+        parts = {name: [_load_in_memory(processed, ranges, name, progress)] for name, ranges in splits.items()}
+    return CriteoData(parts, {name: _split_day_rows(r) for name, r in splits.items()}, list(processed.counts))
+
+
+def _load_in_memory(processed, ranges, split, progress) -> ArrayPart:
+    from tqdm import tqdm
+
+    rows = sum(stop - start for _, start, stop in ranges)
+    label = np.empty(rows, dtype=np.uint8)
+    dense = np.empty((rows, data_utils.NUM_DENSE), dtype=np.int32)
+    sparse = np.empty((rows, data_utils.NUM_SPARSE), dtype=np.int32)
+    first = 0
+    quiet = not progress or rows < 1 << 22
+    with tqdm(desc=f"load {split}", total=rows, unit=" rows", unit_scale=True, disable=quiet) as bar:
+        for day, start, stop in ranges:
+            for target, kind in ((label, "label"), (dense, "dense"), (sparse, "sparse")):
+                target[first : first + stop - start] = np.load(processed.day_file(day, kind), mmap_mode="r")[start:stop]
+            first += stop - start
+            bar.update(stop - start)
+    return ArrayPart(label, dense, sparse)
+
+
+def _open_original_npz(args, splits, log) -> CriteoData:
+    path = args.processed_data_file
+    log(f"Reading the original's processed data={path}")
+    label, dense, sparse, counts, day_rows = data_utils.load_original_npz(path, args.raw_data_file, args.data_set)
+    if args.max_ind_range > 0:  # as the original: ids folded into [0, M) when the data is used
+        np.remainder(sparse, args.max_ind_range, out=sparse)
+        counts = [min(c, args.max_ind_range) for c in counts]
+    for flag, on in (("--memory-map", args.memory_map), ("--mlperf-bin-loader", args.mlperf_bin_loader)):
+        if on:
+            print(f"note: {flag} has no effect with the original's .npz (compressed: it is loaded in memory)",
+                  file=sys.stderr)
+    starts = np.concatenate([[0], np.cumsum(day_rows)])
+    parts, rows = {}, {}
+    for name, ranges in data_utils.split_days(day_rows).items():
+        if name not in splits:
+            continue
+        lo = int(starts[ranges[0][0]] + ranges[0][1])
+        hi = int(starts[ranges[-1][0]] + ranges[-1][2])
+        parts[name] = [ArrayPart(label[lo:hi], dense[lo:hi], sparse[lo:hi])]
+        rows[name] = _split_day_rows(ranges)
+    return CriteoData(parts, rows, counts)
+
+
+def make_criteo_datasets(args, log=print, progress=True):
+    """(train, test, table sizes) for --data-generation=dataset; raises data_utils.DataError."""
+    data = open_criteo(args, ("train", "test"), log, progress)
+    if sum(data.day_rows["train"]) == 0:
+        raise data_utils.DataError("the training split is empty (all rows sub-sampled away?)")
+    shuffle_batches = args.mlperf_bin_loader and args.mlperf_bin_shuffle
+    train = CriteoDataset(data.parts["train"], args.mini_batch_size, args.data_randomize, args.numpy_rand_seed,
+                          data.day_rows["train"], shuffle_batches=shuffle_batches)
+    test = CriteoDataset(data.parts["test"], args.test_mini_batch_size, "none", args.numpy_rand_seed,
+                         data.day_rows["test"])
+    return train, test, data.table_sizes

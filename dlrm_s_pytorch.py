@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compute_graph
+import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
 import onnx_export
@@ -397,11 +398,14 @@ DATASET_ONLY_FLAGS = {
 
 def validate_args(args) -> list[str]:
     """Stops on flags that cannot work; returns notes for flags that have no effect here."""
-    if args.data_generation == "dataset":
-        raise DLRMError(f"not supported yet: --data-generation={args.data_generation}")
+    dataset = args.data_generation == "dataset"
     for name in ("raw_data_file", "processed_data_file"):
-        if getattr(args, name):
+        if getattr(args, name) and not dataset:
             raise DLRMError(f"--{name.replace('_', '-')} needs --data-generation=dataset (it is {args.data_generation})")
+    if dataset and not (args.raw_data_file or args.processed_data_file):
+        raise DLRMError("--data-generation=dataset needs --raw-data-file (or an existing --processed-data-file)")
+    if dataset and not 0.0 <= args.data_sub_sample_rate <= 1.0:
+        raise DLRMError(f"--data-sub-sample-rate must be in [0, 1], got {args.data_sub_sample_rate}")
     if args.activation_function != "relu":
         raise DLRMError(f"--activation-function={args.activation_function} is not supported (relu)")
     if not args.sync_dense_params:
@@ -448,9 +452,15 @@ def validate_args(args) -> list[str]:
         if args.dist_backend not in ext_dist.BACKENDS:
             raise DLRMError(f"--dist-backend={args.dist_backend} is not one of {', '.join(ext_dist.BACKENDS)}")
         notes.append("note: --dist-backend has no effect in a single process (launch with torchrun or mpirun)")
-    for name, (attr, off) in DATASET_ONLY_FLAGS.items():
-        if getattr(args, attr) != off:
-            notes.append(f"note: {name} has no effect without --data-generation=dataset")
+    if not dataset:
+        for name, (attr, off) in DATASET_ONLY_FLAGS.items():
+            if getattr(args, attr) != off:
+                notes.append(f"note: {name} has no effect without --data-generation=dataset")
+    elif args.mlperf_bin_shuffle and not args.mlperf_bin_loader:
+        notes.append("note: --mlperf-bin-shuffle has no effect without --mlperf-bin-loader")
+    if dataset and args.arch_embedding_size != [4, 3, 2]:
+        notes.append("note: --arch-embedding-size has no effect with --data-generation=dataset "
+                     "(table sizes come from the data)")
     if args.data_generation != "synthetic":
         for name, (attr, off) in SYNTHETIC_ONLY_FLAGS.items():
             if getattr(args, attr) != off:
@@ -680,6 +690,12 @@ def select_device(use_gpu: bool, index: int = 0) -> torch.device:
 
 def make_datasets(args):
     """Training and test datasets plus (dense width, table sizes) of the data."""
+    if args.data_generation == "dataset":
+        try:
+            train, test, table_sizes = dlrm_data.make_criteo_datasets(args)
+        except data_utils.DataError as e:
+            raise DLRMError(str(e)) from None
+        return train, test, data_utils.NUM_DENSE, table_sizes
     table_sizes = args.arch_embedding_size
     dense_dim = args.arch_mlp_bot[0]
     config = dlrm_data.RandomDataConfig(
@@ -817,6 +833,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
     for epoch in range(state.epoch, args.nepochs):
         first = state.next_batch if epoch == state.epoch else 0
         state.epoch, state.next_batch = epoch, first
+        if hasattr(train_set, "set_epoch"):  # datasets reshuffled every epoch
+            train_set.set_epoch(epoch)
         # losses stay on the device and are read only when printed: no per-iteration sync
         window_loss = torch.zeros((), device=device, dtype=torch.float64)
         window_samples = window_iters = 0

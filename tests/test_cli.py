@@ -90,14 +90,6 @@ def test_print_time_reports_milliseconds(run_main):
     assert code == 0 and len(times) == 2 and all(t > 0 for t in times)
 
 
-@pytest.mark.parametrize("flag", ["--data-generation=dataset"])
-def test_features_of_later_work_say_not_supported_yet(run_main, flag):
-    code, out, err = run_main(flag)
-    assert code == 1
-    assert err.strip() == f"dlrm_s_pytorch.py: error: not supported yet: {flag}"
-    assert "Finished" not in out
-
-
 def test_raw_data_file_without_dataset_generation_is_an_error(cli):
     result = cli("--raw-data-file=./input/train.txt")
     assert result.returncode == 1

@@ -1,0 +1,1108 @@
+"""Raw Criteo click logs -> processed, memory-mappable arrays for the DLRM trainer.
+
+Usage:
+    # a raw Criteo-format file with a learnable signal (no download needed)
+    python data_utils.py make-fake --rows 1000000 --out input/train.txt
+    python data_utils.py make-fake --rows 2400000 --days 24 --out input/day      # day_0 .. day_23
+
+    # preprocess (the trainer does this itself on first use, with the same flags)
+    python data_utils.py preprocess --data-set=kaggle --raw-data-file=input/train.txt \
+        --processed-data-file=input/kaggleAdDisplayChallenge_processed.npz
+
+Raw format: one row per line, TAB-separated: label (0/1), 13 integers, 26 categoricals of
+8 hex digits; an empty field is missing. Integers: missing or negative -> 0 (the model
+sees log(x + 1)). Categoricals: hex -> integer, missing -> a value of its own (2**32);
+with --max-ind-range=M the value is hashed to value % M. Each feature's distinct
+values are then numbered densely 0..count-1 (over all days, as the original's dictionaries),
+and the counts are the embedding table sizes (the original's derived --arch-embedding-size;
+with M, at most M).
+
+Days and splits, as the original (so results compare with published ones):
+    kaggle:   train.txt cut into 7 equal consecutive "days" (the first days take one
+              extra row when it does not divide); days 0-5 train, day 6 halved:
+              first half test, second half validation.
+    terabyte: day_0 .. day_23 (plain or .gz); days 0-22 train, day 23 halved:
+              first half test, second half validation.
+--data-sub-sample-rate=r drops that fraction of negatives from the training days only
+(a fixed pseudo-random choice per row, so the processed data does not depend on the seed).
+
+Output, in the directory named by --processed-data-file without its .npz suffix
+(default: <raw dir>/kaggleAdDisplayChallenge_processed or terabyte_processed):
+    day_<d>_label.npy   uint8 [rows]       click or not
+    day_<d>_dense.npy   int32 [rows, 13]   integers, missing/negative -> 0
+    day_<d>_sparse.npy  int32 [rows, 26]   categorical ids in [0, counts[t])
+    dictionary_<t>.npy  int64 [counts[t]]  the value (or hashed value) behind each id
+    metadata.json       everything the result depends on; written last
+    train.bin, test.bin, val.bin           (only with --mlperf-bin-loader) int32 records
+                                           [label, 13 integers, 26 ids], one file per split
+A rerun reuses the output only when metadata.json matches the settings and the raw files
+(size and mtime); otherwise it says why and rebuilds. An interrupted run resumes with the
+days it finished (work/ holds those intermediate files until the end). Every file is
+written under a temporary name and renamed when complete.
+
+How it works, in bounded memory (a 2 MiB block of text at a time, plus the dictionaries):
+    1. parse, per day: NumPy on the raw bytes (no per-row Python) -> labels, integers, and
+       per block ("chunk") each feature's distinct values with chunk-local ids (pyarrow's
+       hash-based dictionary_encode);
+    2. number, per feature: the distinct values of all chunks (hash-grouped so that each hash
+       table fits in cache) -> dictionary_<t>.npy and the global id of every chunk's values;
+    3. remap, per day: chunk-local ids -> global ids (a gather).
+Days (phases 1 and 3) and features (phase 2) run in parallel with --dataset-multiprocessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+
+import numpy as np
+
+NUM_DENSE = 13
+NUM_SPARSE = 26
+NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+MISSING = 1 << 32  # the value of a missing categorical: no 8-hex-digit value equals it
+FORMAT = "dlrm-criteo-processed-v1"
+DAYS = {"kaggle": 7, "terabyte": 24}
+DEFAULT_NAMES = {"kaggle": "kaggleAdDisplayChallenge_processed", "terabyte": "terabyte_processed"}
+FIELD_NAMES = ["label"] + [f"I{k}" for k in range(1, NUM_DENSE + 1)] + [f"C{k}" for k in range(1, NUM_SPARSE + 1)]
+BLOCK_BYTES = 2 << 20  # raw text parsed per step: <= 51k rows, so chunk-local ids fit in uint16
+MAX_LINE_BYTES = 16 << 20
+PIECE_VALUES = 1 << 23  # phase 2 numbers at least this many values per step (bounds its memory) ...
+GROUP_VALUES = 1 << 16  # ... split into hash groups of about this many (hash tables that fit in cache)
+OUTPUT_FILE = re.compile(r"^(day_\d+_(label|dense|sparse)\.npy|dictionary_\d+\.npy|(train|test|val)\.bin|bin\.json|"
+                         r"metadata\.json)(\.tmp)?$")
+INT32_MAX = np.iinfo(np.int32).max
+
+
+class DataError(Exception):
+    """Bad input or settings: a one-line message naming the file (and line) or flag."""
+
+
+# ============================================================================ parsing
+def _u64(x):
+    return np.uint64(x)
+
+
+# KEEP[L] keeps the last L bytes of an 8-byte little-endian window (the field's characters)
+KEEP = np.array([0] + [((1 << 64) - 1) ^ ((1 << (8 * (8 - n))) - 1) for n in range(1, 9)], dtype=np.uint64)
+ZEROS = _u64(0x3030303030303030)  # eight ASCII '0'
+HIGH_BITS = _u64(0x8080808080808080)
+
+
+def _left_pad(words, lengths):
+    """Windows whose leading (8 - length) bytes are replaced by '0'."""
+    keep = KEEP[lengths]
+    return (words & keep) | (ZEROS & ~keep)
+
+
+def _decimal8(p):
+    """Values and validity of 8 ASCII digits per uint64 (first character in the lowest byte)."""
+    high_nibbles = _u64(0xF0F0F0F0F0F0F0F0)
+    ok = ((p & high_nibbles) == ZEROS) & (((p + _u64(0x0606060606060606)) & high_nibbles) == ZEROS)  # '0'..'9'
+    v = p - ZEROS
+    v = v * _u64(10) + (v >> _u64(8))
+    v = ((v & _u64(0x000000FF000000FF)) * _u64(100 + (1000000 << 32))
+         + ((v >> _u64(16)) & _u64(0x000000FF000000FF)) * _u64(1 + (10000 << 32))) >> _u64(32)
+    return v, ok
+
+
+def _hex8(p):
+    """Values and validity of 8 ASCII hex digits per uint64 (first character in the lowest byte)."""
+    ascii7 = (p & HIGH_BITS) == 0
+    digit = (p + _u64(0x5050505050505050)) & ~(p + _u64(0x4646464646464646))  # '0' <= c <= '9'
+    lower = p | _u64(0x2020202020202020)
+    letter = (lower + _u64(0x1F1F1F1F1F1F1F1F)) & ~(lower + _u64(0x1919191919191919))  # 'a' <= c|0x20 <= 'f'
+    ok = ascii7 & (((digit | letter) & HIGH_BITS) == HIGH_BITS)
+    v = (p & _u64(0x0F0F0F0F0F0F0F0F)) + _u64(9) * ((p >> _u64(6)) & _u64(0x0101010101010101))  # nibble per byte
+    # pack: pairs of nibbles into bytes, pairs of bytes into 16 bits, then 32 bits (first character highest)
+    v = (v * _u64(16) + (v >> _u64(8))) & _u64(0x00FF00FF00FF00FF)
+    v = (v * _u64(256) + (v >> _u64(16))) & _u64(0x0000FFFF0000FFFF)
+    return (v * _u64(65536) + (v >> _u64(32))) & _u64(0xFFFFFFFF), ok
+
+
+@dataclasses.dataclass
+class ParsedRows:
+    """One block of raw rows: label [n] uint8, dense [n, 13] int32, categorical values
+    [26, n] int64 (feature-major; missing -> MISSING)."""
+
+    label: np.ndarray
+    dense: np.ndarray
+    categorical: np.ndarray
+
+    def select(self, keep):
+        return ParsedRows(self.label[keep], self.dense[keep], self.categorical[:, keep])
+
+
+class _Block:
+    """Raw bytes padded with 8 '0' bytes on each side, viewed as overlapping 8-byte windows."""
+
+    def __init__(self, raw: bytes):
+        self.bytes = np.full(len(raw) + 16, ord("0"), dtype=np.uint8)
+        self.bytes[8 : 8 + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        # windows[p] = bytes[p : p + 8] as a little-endian uint64
+        self.windows = np.ndarray((len(self.bytes) - 7,), dtype="<u8", buffer=self.bytes, strides=(1,))
+
+    def text(self, start, stop, limit=40) -> str:
+        value = bytes(self.bytes[start : min(stop, start + limit)]).decode("utf-8", "replace")
+        return value + ("..." if stop - start > limit else "")
+
+
+def parse_block(raw: bytes, path: str, first_line: int) -> ParsedRows:
+    """Parses whole lines of raw Criteo text (vectorised); raises DataError naming file:line."""
+    block = _Block(raw)
+    a = block.bytes
+    seps = np.flatnonzero(a < 11)  # TAB (9), LF (10), or a control character that has no business here
+    kinds = a[seps]
+    num_lines = int(np.count_nonzero(kinds == 10))
+    # every line: 39 TABs then its newline
+    if len(seps) != NUM_FIELDS * num_lines or not (kinds.reshape(num_lines, NUM_FIELDS)[:, :-1] == 9).all():
+        _raise_field_count_error(block, seps, kinds, path, first_line)
+    ends = seps.reshape(num_lines, NUM_FIELDS)  # field k of line i ends at ends[i, k]
+    line_starts = np.empty(num_lines, dtype=np.int64)
+    line_starts[0] = 8
+    line_starts[1:] = ends[:-1, -1] + 1
+    ends[:, -1] -= a[ends[:, -1] - 1] == 13  # CRLF line ends
+    lengths = np.empty_like(ends)
+    lengths[:, 0] = ends[:, 0] - line_starts
+    np.subtract(ends[:, 1:], ends[:, :-1] + 1, out=lengths[:, 1:])
+
+    def fail(row, field, what):
+        start = line_starts[row] if field == 0 else ends[row, field - 1] + 1
+        value = block.text(start, ends[row, field])
+        raise DataError(f"{path}:{first_line + row}: field {field + 1} ({FIELD_NAMES[field]}) {what}, found {value!r}")
+
+    label = a[line_starts] - ord("0")
+    bad = (lengths[:, 0] != 1) | (label > 1)
+    if bad.any():
+        fail(int(np.argmax(bad)), 0, "must be 0 or 1")
+
+    dense, ok = _parse_integers(block, ends[:, 1:14], lengths[:, 1:14])
+    if not ok.all():
+        row, col = np.unravel_index(int(np.argmax(~ok)), ok.shape)
+        fail(int(row), 1 + int(col), "is not an integer")
+
+    cat_lengths = lengths[:, 14:].T
+    words = block.windows[ends[:, 14:].T - 8]
+    if not (cat_lengths & ~8).any():  # the usual 8 digits or missing: no padding needed
+        values, ok = _hex8(words)
+        bad = ~ok & (cat_lengths != 0)
+    else:
+        values, ok = _hex8(_left_pad(words, np.minimum(cat_lengths, 8)))
+        bad = ~ok | (cat_lengths > 8)
+    if bad.any():
+        col, row = np.unravel_index(int(np.argmax(bad)), bad.shape)
+        fail(int(row), 14 + int(col), "is not a hex value of at most 8 digits")
+    categorical = values.view(np.int64)
+    categorical[cat_lengths == 0] = MISSING
+    return ParsedRows(label.astype(np.uint8), dense, categorical)
+
+
+def _parse_integers(block, ends, lengths):
+    """[n, 13] int32 from decimal fields (missing -> 0, negative -> 0, > int32 max -> int32 max), validity."""
+    values, ok = _parse_unsigned(block, ends, lengths)
+    if not ok.all():  # signed values (rare): parse again without the sign
+        rows, cols = np.nonzero(~ok)
+        field_ends, field_lengths = ends[rows, cols], lengths[rows, cols]
+        sign = block.bytes[field_ends - field_lengths]
+        unsigned, unsigned_ok = _parse_unsigned(block, field_ends, field_lengths - 1)
+        ok[rows, cols] = unsigned_ok & (field_lengths > 1) & ((sign == ord("-")) | (sign == ord("+")))
+        values[rows, cols] = np.where(sign == ord("-"), 0, unsigned)
+    return values.astype(np.int32), ok
+
+
+def _parse_unsigned(block, ends, lengths):
+    """Values (saturated at int32 max) and validity of fields of decimal digits ending at `ends`."""
+    values, ok = _decimal8(_left_pad(block.windows[ends - 8], np.minimum(lengths, 8)))
+    long_fields = lengths > 8
+    if long_fields.any():  # 9-16 digits: one more window; longer: per value (rare)
+        where = np.nonzero(long_fields)
+        field_ends, field_lengths = ends[where], lengths[where]
+        high, high_ok = _decimal8(_left_pad(block.windows[field_ends - 16], np.clip(field_lengths - 8, 0, 8)))
+        long_values = np.minimum(high * _u64(100_000_000) + values[where], _u64(INT32_MAX))
+        long_ok = high_ok & ok[where]
+        for k in np.flatnonzero(field_lengths > 16):
+            long_ok[k] = bytes(block.bytes[field_ends[k] - field_lengths[k] : field_ends[k]]).isdigit()
+            long_values[k] = INT32_MAX
+        values[where], ok[where] = long_values, long_ok
+    return values, ok
+
+
+def _raise_field_count_error(block, seps, kinds, path, first_line):
+    """Names the first line with a wrong number of fields or a stray control character."""
+    newline = kinds == 10
+    line_of = np.cumsum(newline) - newline  # line index of each separator
+    fields = np.bincount(line_of)
+    control = (kinds != 9) & ~newline
+    bad_count_line = int(np.argmax(fields != NUM_FIELDS)) if (fields != NUM_FIELDS).any() else len(fields)
+    control_line = int(line_of[np.argmax(control)]) if control.any() else len(fields)
+    row = min(bad_count_line, control_line)
+    where = f"{path}:{first_line + row}"
+    if control_line <= bad_count_line:
+        raise DataError(f"{where}: unexpected control character 0x{int(kinds[np.argmax(control)]):02x} "
+                        "(not a Criteo text file?)")
+    newlines = seps[newline]
+    line_start = 8 if row == 0 else newlines[row - 1] + 1
+    if newlines[row] == line_start:
+        raise DataError(f"{where}: empty line")
+    raise DataError(f"{where}: expected {NUM_FIELDS} tab-separated fields "
+                    f"(label, {NUM_DENSE} integers, {NUM_SPARSE} categoricals), found {int(fields[row])}")
+
+
+# ============================================================================ reading raw files
+def open_raw(path):
+    """A binary file object, decompressing gzip (by content, whatever the name)."""
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
+
+
+def read_line_blocks(path, start=0, stop=None, block_bytes=BLOCK_BYTES):
+    """Yields blocks of whole lines (each ending with a newline) from bytes [start, stop) of a file."""
+    with open_raw(path) as f:
+        if start:
+            f.seek(start)
+        remaining = math.inf if stop is None else stop - start
+        offset, carry = start, b""
+        while True:
+            try:
+                data = f.read(int(min(block_bytes, remaining)))
+            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                raise DataError(f"{path}: truncated or corrupt gzip file ({e})")
+            remaining -= len(data)
+            if not data:
+                break
+            data = carry + data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                if len(data) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}: no line end in the {len(data) >> 20} MiB after byte {offset} "
+                                    "(not a Criteo text file?)")
+                carry = data
+                continue
+            carry = data[cut:]
+            offset += cut
+            yield data[:cut]
+        if carry:
+            yield carry + b"\n"  # last line without a newline
+
+
+def count_lines(path, bar=None) -> tuple[int, list[int], list[int]]:
+    """Line count of a plain file, with the lines and bytes of each 16 MiB block."""
+    lines, sizes = [], []
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(16 << 20)
+            if not data:
+                break
+            lines.append(data.count(b"\n"))
+            sizes.append(len(data))
+            last = data[-1:]
+            if bar is not None:
+                bar.update(len(data))
+    total = sum(lines) + (1 if sizes and last != b"\n" else 0)
+    return total, lines, sizes
+
+
+def line_offsets(path, targets, block_lines, block_sizes) -> list[int]:
+    """Byte offset where each (0-based) line in `targets` starts."""
+    offsets = []
+    cum_lines = np.concatenate([[0], np.cumsum(block_lines)])
+    cum_bytes = np.concatenate([[0], np.cumsum(block_sizes)])
+    with open(path, "rb") as f:
+        for target in targets:
+            if target == 0:
+                offsets.append(0)
+                continue
+            b = int(np.searchsorted(cum_lines, target, side="left")) - 1  # block holding newline number `target`
+            f.seek(int(cum_bytes[b]))
+            newlines = np.flatnonzero(np.frombuffer(f.read(int(block_sizes[b])), dtype=np.uint8) == 10)
+            offsets.append(int(cum_bytes[b] + newlines[target - cum_lines[b] - 1] + 1))
+    return offsets
+
+
+def day_sizes(total_rows: int, days: int) -> list[int]:
+    """The original's cut of one file into `days` consecutive near-equal parts."""
+    size, extra = divmod(total_rows, days)
+    return [size + (1 if d < extra else 0) for d in range(days)]
+
+
+def split_days(day_rows) -> dict:
+    """Rows of each split as (day, start, stop): all days but the last train; the last day's
+    first ceil(n/2) rows test, the rest validation."""
+    last = len(day_rows) - 1
+    half = (day_rows[last] + 1) // 2
+    return {
+        "train": [(d, 0, int(day_rows[d])) for d in range(last)],
+        "test": [(last, 0, half)],
+        "val": [(last, half, int(day_rows[last]))],
+    }
+
+
+# ============================================================================ output files
+class NpyWriter:
+    """Appends rows to a .npy file under a temporary name; close() fixes the shape and renames it."""
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path, dtype, row_shape=()):
+        self.path, self.tmp = path, path + ".tmp"
+        self.dtype, self.row_shape, self.rows = np.dtype(dtype), tuple(row_shape), 0
+        self.file = open(self.tmp, "wb")
+        self.file.write(self._header())
+
+    def _header(self) -> bytes:
+        shape = (self.rows,) + self.row_shape
+        text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (self.dtype.str, shape)
+        pad = self.HEADER_BYTES - 10 - len(text) - 1
+        length = (self.HEADER_BYTES - 10).to_bytes(2, "little")
+        return b"\x93NUMPY\x01\x00" + length + text.encode() + b" " * pad + b"\n"
+
+    def append(self, array):
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        assert array.shape[1:] == self.row_shape
+        self.file.write(array.data)
+        self.rows += array.shape[0]
+
+    def close(self):
+        self.file.seek(0)
+        self.file.write(self._header())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self):
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def save_npy(path, array):
+    """np.save under a temporary name, then rename (never a half-written file under `path`)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def save_json(path, value):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ============================================================================ the pipeline
+@dataclasses.dataclass
+class DayTask:
+    """One day to parse: bytes [start, stop) of `path`, whose first line is `first_line` (1-based)."""
+
+    day: int
+    path: str
+    start: int
+    stop: int | None
+    first_line: int
+    sub_sample_rate: float  # 0 for test/validation days
+    max_ind_range: int
+    work_dir: str
+
+
+@dataclasses.dataclass
+class ProcessedData:
+    out_dir: str
+    metadata: dict
+
+    @property
+    def day_rows(self) -> list[int]:
+        return [day["rows"] for day in self.metadata["days"]]
+
+    @property
+    def counts(self) -> list[int]:
+        return self.metadata["counts"]
+
+    def day_file(self, day, kind) -> str:
+        return os.path.join(self.out_dir, f"day_{day}_{kind}.npy")
+
+
+def processed_dir(processed_data_file: str, raw_data_file: str, data_set: str) -> str:
+    """Our output directory: --processed-data-file without .npz, or the original's default name."""
+    if processed_data_file:
+        stem = processed_data_file[:-4] if processed_data_file.endswith(".npz") else processed_data_file
+        return stem.rstrip("/") or "."
+    return os.path.join(os.path.dirname(raw_data_file) or ".", DEFAULT_NAMES[data_set])
+
+
+def raw_day_files(raw_data_file: str, data_set: str) -> list[str]:
+    """The raw files of a data set: train.txt for kaggle, <prefix>_0 .. <prefix>_23[.gz] for terabyte."""
+    if data_set == "kaggle":
+        if not os.path.isfile(raw_data_file):
+            raise DataError(f"--raw-data-file {raw_data_file}: no such file")
+        return [raw_data_file]
+    files = []
+    for day in range(DAYS["terabyte"]):
+        candidates = [f"{raw_data_file}_{day}", f"{raw_data_file}_{day}.gz"]
+        found = [c for c in candidates if os.path.isfile(c)]
+        if not found:
+            raise DataError(f"--raw-data-file {raw_data_file}: day file {candidates[0]} (or .gz) not found")
+        files.append(found[0])
+    return files
+
+
+def source_identity(path) -> dict:
+    st = os.stat(path)
+    return {"file": os.path.basename(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def settings_for(data_set, sources, max_ind_range, sub_sample_rate) -> dict:
+    """Everything the processed result depends on."""
+    return {
+        "format": FORMAT,
+        "data_set": data_set,
+        "max_ind_range": int(max_ind_range) if max_ind_range > 0 else -1,
+        "sub_sample_rate": float(sub_sample_rate),
+        "sources": [source_identity(p) for p in sources],
+    }
+
+
+def describe_change(old: dict, new: dict) -> str:
+    flags = {"max_ind_range": "--max-ind-range", "sub_sample_rate": "--data-sub-sample-rate", "data_set": "--data-set"}
+    for key, flag in flags.items():
+        if old.get(key) != new.get(key):
+            return f"{flag} was {old.get(key)}, now {new.get(key)}"
+    if old.get("format") != new.get("format"):
+        return "it was written by another version of this program"
+    old_sources = {s["file"]: s for s in old.get("sources", [])}
+    for source in new["sources"]:
+        before = old_sources.get(source["file"])
+        if before is None:
+            return f"raw file {source['file']} is new"
+        if before != source:
+            return f"raw file {source['file']} changed (size or modification time)"
+    return "the raw files changed"
+
+
+def preprocess(raw_data_file, out_dir, data_set="kaggle", max_ind_range=-1, sub_sample_rate=0.0,
+               workers=1, log=print, progress=True) -> ProcessedData:
+    """Raw Criteo file(s) -> processed arrays in out_dir, reusing a matching earlier result."""
+    try:
+        return _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress)
+    except OSError as e:  # disk full, permissions, ...
+        raise DataError(f"preprocessing into {out_dir} failed: {e.filename or ''}: {e.strerror or e}")
+
+
+def _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress):
+    if data_set not in DAYS:
+        raise DataError(f"--data-set={data_set} is not one of {', '.join(DAYS)}")
+    if not 0.0 <= sub_sample_rate <= 1.0:
+        raise DataError(f"--data-sub-sample-rate must be in [0, 1], got {sub_sample_rate}")
+    existing = load_json(os.path.join(out_dir, "metadata.json"))
+    if not (isinstance(existing, dict) and isinstance(existing.get("settings"), dict)):
+        existing = None  # none, or not ours
+    damage = _damaged_output(out_dir, existing) if existing is not None else None
+    if damage:
+        if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
+            raise DataError(f"processed data in {out_dir} is damaged ({damage}) "
+                            "and the raw data to rebuild it is missing")
+        log(f"Rebuilding processed data in {out_dir}: {damage}")
+        remove_outputs(out_dir)
+        existing = None
+    if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
+        if existing is None:
+            if raw_data_file:
+                raw_day_files(raw_data_file, data_set)  # says which file is missing
+            raise DataError(f"no processed data in {out_dir} and no --raw-data-file to build it from")
+        wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
+        if any(existing["settings"].get(k) != wanted[k] for k in wanted if k != "sources"):
+            raise DataError(f"processed data in {out_dir} was built with other settings "
+                            f"({describe_change(existing['settings'], wanted)}); rebuilding it needs the raw data "
+                            f"(--raw-data-file {raw_data_file or 'not given'})")
+        log(f"Reading pre-processed data={out_dir} (raw data not found: not checked against it)")
+        return ProcessedData(out_dir, existing)
+    sources = raw_day_files(raw_data_file, data_set)
+    settings = settings_for(data_set, sources, max_ind_range, sub_sample_rate)
+    if existing is not None:
+        if existing.get("settings") == settings:
+            log(f"Reading pre-processed data={out_dir}")
+            return ProcessedData(out_dir, existing)
+        log(f"Rebuilding processed data in {out_dir}: {describe_change(existing['settings'], settings)}")
+        remove_outputs(out_dir)
+    return _build(sources, out_dir, settings, workers, log, progress)
+
+
+def _damaged_output(out_dir, metadata):
+    """What is wrong with the files that metadata.json lists, or None."""
+    processed = ProcessedData(out_dir, metadata)
+    try:
+        for day, rows in enumerate(processed.day_rows):
+            for kind, row_shape in (("label", ()), ("dense", (NUM_DENSE,)), ("sparse", (NUM_SPARSE,))):
+                path = processed.day_file(day, kind)
+                array = np.load(path, mmap_mode="r")
+                if array.shape != (rows,) + row_shape:
+                    return f"{os.path.basename(path)} has shape {array.shape}, not {(rows,) + row_shape}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _raw_data_present(raw_data_file, data_set) -> bool:
+    if data_set == "kaggle":
+        return os.path.exists(raw_data_file)
+    return any(os.path.exists(f"{raw_data_file}_{d}{ext}") for d in range(DAYS["terabyte"]) for ext in ("", ".gz"))
+
+
+def remove_outputs(out_dir):
+    """Removes what a previous run wrote there (only files named as ours: raw day_N files stay)."""
+    if not os.path.isdir(out_dir):
+        return
+    shutil.rmtree(os.path.join(out_dir, "work"), ignore_errors=True)
+    metadata = os.path.join(out_dir, "metadata.json")
+    if os.path.exists(metadata):
+        os.remove(metadata)  # first: an interrupted removal never leaves outputs that look complete
+    for name in os.listdir(out_dir):
+        if OUTPUT_FILE.match(name):
+            os.remove(os.path.join(out_dir, name))
+
+
+def _build(sources, out_dir, settings, workers, log, progress) -> ProcessedData:
+    from tqdm import tqdm
+
+    data_set = settings["data_set"]
+    work_dir = os.path.join(out_dir, "work")
+    previous = load_json(os.path.join(work_dir, "settings.json"))
+    if previous != settings:  # a fresh start: nothing half-done from other settings survives
+        if previous is not None:
+            log(f"Discarding unfinished preprocessing in {work_dir}: {describe_change(previous, settings)}")
+        remove_outputs(out_dir)
+        os.makedirs(work_dir, exist_ok=True)
+        save_json(os.path.join(work_dir, "settings.json"), settings)
+    mode = f"ids hashed into [0, {settings['max_ind_range']})" if settings["max_ind_range"] > 0 else "dictionary ids"
+    log(f"Preprocessing {data_set} {', '.join(s['file'] for s in settings['sources'][:2])}"
+        f"{' ...' if len(sources) > 2 else ''} -> {out_dir} ({mode}, {workers} process{'es' if workers > 1 else ''})")
+    started = time.perf_counter()
+    tasks = _day_tasks(sources, data_set, settings, work_dir, progress)
+
+    # phase 1: parse each day into labels, integers, chunk-local categorical ids + each chunk's distinct values
+    todo = [t for t in tasks if not _day_parsed(t)]
+    if len(todo) < len(tasks):
+        log(f"Resuming: {len(tasks) - len(todo)} of {len(tasks)} days already parsed")
+    with tqdm(desc="parse", unit=" rows", unit_scale=True, disable=not progress, mininterval=0.5) as bar:
+        run_tasks(_parse_day, todo, workers, bar)
+    parsed = [load_json(_marker(t.work_dir, t.day, "parsed")) for t in tasks]
+    day_rows = [p["rows"] for p in parsed]
+    for p, task in zip(parsed, tasks):
+        if p["lines"] == 0:
+            raise DataError(f"{task.path}: empty file (no rows)")
+
+    # phase 2: per categorical feature, number its distinct values
+    with tqdm(desc="dictionaries", total=NUM_SPARSE, unit=" features", disable=not progress) as bar:
+        run_tasks(_number_feature, [(t, work_dir, out_dir, len(tasks)) for t in range(NUM_SPARSE)], workers, bar)
+    counts = [len(np.load(os.path.join(out_dir, f"dictionary_{t}.npy"), mmap_mode="r")) for t in range(NUM_SPARSE)]
+    for day in range(len(tasks)):  # numbered: the chunks' distinct values are no longer needed (disk space)
+        _remove_if_present(os.path.join(work_dir, f"day_{day}_uniques.npy"))
+
+    # phase 3: chunk-local ids -> global ids
+    with tqdm(desc="remap", total=sum(day_rows), unit=" rows", unit_scale=True, disable=not progress,
+              mininterval=0.5) as bar:
+        run_tasks(_remap_day, [(d, work_dir, out_dir) for d in range(len(tasks)) if not _day_remapped(work_dir, d)],
+                  workers, bar)
+
+    metadata = {
+        "settings": settings,
+        "days": [{"rows": p["rows"], "lines": p["lines"], "source": os.path.basename(t.path)}
+                 for p, t in zip(parsed, tasks)],
+        "counts": counts,
+        "splits": {name: [list(r) for r in ranges] for name, ranges in split_days(day_rows).items()},
+        "dense_features": NUM_DENSE,
+        "sparse_features": NUM_SPARSE,
+        "files": {"label": "day_{day}_label.npy", "dense": "day_{day}_dense.npy", "sparse": "day_{day}_sparse.npy",
+                  "dictionary": "dictionary_{feature}.npy"},
+    }
+    save_json(os.path.join(out_dir, "metadata.json"), metadata)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    lines = sum(p["lines"] for p in parsed)
+    log(f"Processed {lines} rows ({sum(day_rows)} kept) in {elapsed:.1f} s ({lines / max(elapsed, 1e-9):,.0f} rows/s); "
+        f"table sizes {counts}")
+    return ProcessedData(out_dir, metadata)
+
+
+def _day_tasks(sources, data_set, settings, work_dir, progress) -> list[DayTask]:
+    from tqdm import tqdm
+
+    rate, max_ind_range = settings["sub_sample_rate"], settings["max_ind_range"]
+    last = DAYS[data_set] - 1
+    if data_set == "terabyte":
+        for path in sources:
+            if os.path.getsize(path) == 0:
+                raise DataError(f"{path}: empty file (no rows)")
+        return [DayTask(d, path, 0, None, 1, rate if d < last else 0.0, max_ind_range, work_dir)
+                for d, path in enumerate(sources)]
+    path = sources[0]
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise DataError(f"{path}: gzip-compressed; the kaggle train.txt must be decompressed first (gunzip)")
+    cached = load_json(os.path.join(work_dir, "days.json"))
+    if cached is None:
+        with tqdm(desc="count lines", total=os.path.getsize(path), unit="B", unit_scale=True,
+                  disable=not progress) as bar:
+            total, block_lines, block_sizes = count_lines(path, bar)
+        if total == 0:
+            raise DataError(f"{path}: empty file (no rows)")
+        if total < DAYS["kaggle"]:
+            raise DataError(f"{path}: {total} rows are too few to cut into {DAYS['kaggle']} days")
+        sizes = day_sizes(total, DAYS["kaggle"])
+        first_lines = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        offsets = line_offsets(path, first_lines[:-1], block_lines, block_sizes) + [os.path.getsize(path)]
+        cached = {"first_lines": first_lines, "offsets": offsets}
+        save_json(os.path.join(work_dir, "days.json"), cached)
+    first_lines, offsets = cached["first_lines"], cached["offsets"]
+    return [DayTask(d, path, offsets[d], offsets[d + 1], first_lines[d] + 1, rate if d < last else 0.0,
+                    max_ind_range, work_dir) for d in range(DAYS["kaggle"])]
+
+
+def _remove_if_present(path):
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def _marker(work_dir, day, phase):
+    return os.path.join(work_dir, f"day_{day}.{phase}.json")
+
+
+def _day_parsed(task: DayTask) -> bool:
+    return load_json(_marker(task.work_dir, task.day, "parsed")) is not None
+
+
+def _day_remapped(work_dir, day) -> bool:
+    return load_json(_marker(work_dir, day, "remapped")) is not None
+
+
+def _keep_after_sub_sampling(label, day, first_line, rate):
+    """Keeps positives and a (1 - rate) share of negatives; a fixed pseudo-random draw per (day, line)."""
+    lines = np.arange(first_line, first_line + len(label), dtype=np.uint64)
+    u = (splitmix64(lines ^ _u64((day + 1) << 40)) >> _u64(11)).astype(np.float64) / float(1 << 53)
+    return (label == 1) | (u >= rate)
+
+
+def splitmix64(x):
+    """A well-mixed 64-bit hash of each uint64 (SplitMix64 finaliser); vectorised."""
+    z = x + _u64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> _u64(30))) * _u64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _u64(27))) * _u64(0x94D049BB133111EB)
+    return z ^ (z >> _u64(31))
+
+
+def _parse_day(task: DayTask, report):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out_dir = os.path.dirname(task.work_dir)
+    label = NpyWriter(os.path.join(out_dir, f"day_{task.day}_label.npy"), np.uint8)
+    dense = NpyWriter(os.path.join(out_dir, f"day_{task.day}_dense.npy"), np.int32, (NUM_DENSE,))
+    local = NpyWriter(os.path.join(task.work_dir, f"day_{task.day}_local.npy"), np.uint16, (NUM_SPARSE,))
+    uniques = NpyWriter(os.path.join(task.work_dir, f"day_{task.day}_uniques.npy"), np.int64)
+    writers = (label, dense, local, uniques)
+    chunks = []  # per chunk: rows, then the number of distinct values of each feature
+    line = task.first_line
+    try:
+        for raw in read_line_blocks(task.path, task.start, task.stop):
+            rows = parse_block(raw, task.path, line)
+            num_lines = len(rows.label)
+            if task.sub_sample_rate > 0:
+                rows = rows.select(_keep_after_sub_sampling(rows.label, task.day, line, task.sub_sample_rate))
+            line += num_lines
+            keys = rows.categorical if task.max_ind_range <= 0 else rows.categorical % task.max_ind_range
+            local_ids = np.empty((len(rows.label), NUM_SPARSE), dtype=np.uint16)
+            sizes = [len(rows.label)]
+            for t in range(NUM_SPARSE):
+                encoded = pc.dictionary_encode(pa.array(keys[t]))
+                local_ids[:, t] = encoded.indices.to_numpy(zero_copy_only=False)
+                distinct = encoded.dictionary.to_numpy(zero_copy_only=False)
+                uniques.append(distinct)
+                sizes.append(len(distinct))
+            chunks.append(sizes)
+            label.append(rows.label)
+            dense.append(rows.dense)
+            local.append(local_ids)
+            report(num_lines)
+    except BaseException:
+        for w in writers:
+            w.discard()
+        raise
+    for w in writers:
+        w.close()
+    save_npy(os.path.join(task.work_dir, f"day_{task.day}_chunks.npy"),
+             np.array(chunks, dtype=np.int64).reshape(-1, 1 + NUM_SPARSE))
+    save_json(_marker(task.work_dir, task.day, "parsed"), {"rows": label.rows, "lines": line - task.first_line})
+
+
+def _chunk_segments(work_dir, day):
+    """(rows per chunk, start of each (chunk, feature) segment in the uniques file, its length)."""
+    chunks = np.load(os.path.join(work_dir, f"day_{day}_chunks.npy"))
+    sizes = chunks[:, 1:]
+    starts = (np.cumsum(sizes.reshape(-1)) - sizes.reshape(-1)).reshape(sizes.shape)
+    return chunks[:, 0], starts, sizes
+
+
+class Numbering:
+    """Numbers the distinct values of a stream of pieces densely 0, 1, 2, ...: the values new in a
+    piece get the next ids (grouped by a hash of the value, each group in order of first appearance).
+
+    pyarrow's hash-based dictionary encoding does the work. Values are split by a hash into
+    `groups` (a power of 2) so that each hash table stays small enough for the cache; a value
+    always falls in the same group, so a group only re-reads its own values from earlier pieces.
+    Memory: the distinct values and one piece."""
+
+    def __init__(self, groups=1):
+        self.groups = int(groups)
+        self.shift = _u64(64 - (self.groups.bit_length() - 1))
+        self.known = [np.empty(0, dtype=np.int64)] * self.groups  # distinct values of each group ...
+        self.known_ids = [np.empty(0, dtype=np.int64)] * self.groups  # ... and their ids
+        self.new_values = []  # the values of ids 0, 1, 2, ... in pieces
+        self.count = 0
+
+    def add(self, values) -> np.ndarray:
+        """The id (int32) of each of `values` (int64)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if self.groups > 1:
+            group = (splitmix64(values.view(np.uint64)) >> self.shift).astype(np.uint8)
+            order = np.argsort(group, kind="stable")  # a radix sort: linear time
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=self.groups))])
+            values = values[order]
+        else:
+            bounds = [0, len(values)]
+        ids = np.empty(len(values), dtype=np.int32)
+        for g in range(self.groups):
+            known = self.known[g]
+            encoded = pc.dictionary_encode(pa.array(np.concatenate([known, values[bounds[g] : bounds[g + 1]]])))
+            union = encoded.dictionary.to_numpy(zero_copy_only=False)  # starts with `known`, in order
+            new = union[len(known) :]
+            self.known_ids[g] = np.concatenate([self.known_ids[g], np.arange(self.count, self.count + len(new))])
+            self.known[g] = union
+            self.new_values.append(new)
+            self.count += len(new)
+            indices = encoded.indices.to_numpy(zero_copy_only=False)[len(known) :]
+            ids[bounds[g] : bounds[g + 1]] = self.known_ids[g][indices]
+        if self.groups > 1:
+            ids[order] = ids.copy()
+        return ids
+
+    def dictionary(self) -> np.ndarray:
+        return np.concatenate(self.new_values) if self.new_values else np.empty(0, dtype=np.int64)
+
+
+def _number_feature(job, report):
+    """Phase 2 for one feature: global ids of every chunk's distinct values, and the dictionary."""
+    feature, work_dir, out_dir, num_days = job
+    dictionary_path = os.path.join(out_dir, f"dictionary_{feature}.npy")
+    if not os.path.exists(dictionary_path):
+        segments = [_chunk_segments(work_dir, day) for day in range(num_days)]
+        total = sum(int(sizes[:, feature].sum()) for _, _, sizes in segments)
+        groups = min(256, 1 << max(0, math.ceil(math.log2(max(1, total / GROUP_VALUES)))))
+        numbering = Numbering(groups)
+        ids = NpyWriter(os.path.join(work_dir, f"ids_{feature}.npy"), np.int32)
+        piece, piece_size = [], 0
+        for day, (_, starts, sizes) in enumerate(segments):
+            uniques = np.load(os.path.join(work_dir, f"day_{day}_uniques.npy"), mmap_mode="r")
+            for start, size in zip(starts[:, feature], sizes[:, feature]):
+                piece.append(uniques[start : start + size])
+                piece_size += size
+                # pieces at least as large as the dictionary: re-reading it costs at most as much as the piece
+                if piece_size >= max(PIECE_VALUES, numbering.count):
+                    ids.append(numbering.add(np.concatenate(piece)))
+                    piece, piece_size = [], 0
+        ids.append(numbering.add(np.concatenate(piece) if piece else np.empty(0, dtype=np.int64)))
+        ids.close()
+        save_npy(dictionary_path, numbering.dictionary())
+    report(1)
+
+
+def _remap_day(job, report):
+    """Phase 3 for one day: chunk-local ids -> global ids (a gather per chunk and feature)."""
+    day, work_dir, out_dir = job
+    global_ids = [np.load(os.path.join(work_dir, f"ids_{t}.npy"), mmap_mode="r") for t in range(NUM_SPARSE)]
+    local = np.load(os.path.join(work_dir, f"day_{day}_local.npy"), mmap_mode="r")
+    rows, starts, sizes = _chunk_segments(work_dir, day)
+    # where this day's segments start in each feature's ids file: after all earlier days' segments
+    base = sum((_chunk_segments(work_dir, d)[2].sum(axis=0) for d in range(day)), np.zeros(NUM_SPARSE, np.int64))
+    within = np.cumsum(sizes, axis=0) - sizes
+    sparse = NpyWriter(os.path.join(out_dir, f"day_{day}_sparse.npy"), np.int32, (NUM_SPARSE,))
+    try:
+        first = 0
+        for c in range(len(rows)):
+            chunk_local = np.asarray(local[first : first + rows[c]])
+            ids = np.empty(chunk_local.shape, dtype=np.int32)
+            for t in range(NUM_SPARSE):
+                lo = base[t] + within[c, t]
+                ids[:, t] = np.asarray(global_ids[t][lo : lo + sizes[c, t]])[chunk_local[:, t]]
+            sparse.append(ids)
+            first += rows[c]
+            report(int(rows[c]))
+    except BaseException:
+        sparse.discard()
+        raise
+    sparse.close()
+    save_json(_marker(work_dir, day, "remapped"), {"rows": int(first)})
+    del local
+    _remove_if_present(os.path.join(work_dir, f"day_{day}_local.npy"))
+
+
+_worker_progress = None  # in pool processes: a shared counter the parent turns into progress
+
+
+def _init_worker(counter):
+    global _worker_progress
+    _worker_progress = counter
+
+
+def _report_to_parent(n):
+    with _worker_progress.get_lock():
+        _worker_progress.value += n
+
+
+def _call_in_worker(fn, job):
+    return fn(job, _report_to_parent)
+
+
+def run_tasks(fn, jobs, workers, bar):
+    """fn(job, report) for each job: in this process, or in a pool of `workers` processes."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            fn(job, bar.update)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    from concurrent.futures.process import BrokenProcessPool
+
+    counter = mp.Value("q", 0)
+    reported = 0
+    with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter,)) as pool:
+        pending = [pool.submit(_call_in_worker, fn, job) for job in jobs]
+        while pending:
+            done, pending = wait(pending, timeout=0.3, return_when=FIRST_EXCEPTION)
+            bar.update(counter.value - reported)
+            reported = counter.value
+            for f in done:
+                if f.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    if isinstance(f.exception(), BrokenProcessPool):
+                        raise DataError("a preprocessing process died (out of memory?); rerun to resume")
+                    raise f.exception()
+
+
+# ============================================================================ other formats
+def load_original_npz(path, raw_data_file="", data_set="kaggle"):
+    """The original's processed file (X_int, X_cat, y, counts) and its day sizes.
+
+    Day sizes come from the original's <raw>_day_count.npz when present, else the
+    kaggle/terabyte cut of all rows into equal consecutive days."""
+    try:
+        with np.load(path) as data:
+            missing = [k for k in ("X_int", "X_cat", "y", "counts") if k not in data.files]
+            if missing:
+                raise DataError(f"--processed-data-file {path}: not an original processed file "
+                                f"(no {', '.join(missing)})")
+            X_int, X_cat, y, counts = data["X_int"], data["X_cat"], data["y"], data["counts"]
+    except (OSError, ValueError, zlib.error) as e:
+        raise DataError(f"--processed-data-file {path}: not a readable .npz ({e})")
+    if not (X_int.ndim == 2 and X_cat.ndim == 2 and len(X_int) == len(X_cat) == len(y)):
+        raise DataError(f"--processed-data-file {path}: X_int {X_int.shape}, X_cat {X_cat.shape}, y {y.shape} "
+                        "do not fit together")
+    days = None
+    if raw_data_file:
+        stem = raw_data_file.split("/")[-1]
+        stem = stem.split(".")[0] if data_set == "kaggle" else stem
+        count_file = os.path.join(os.path.dirname(raw_data_file), stem + "_day_count.npz")
+        if os.path.exists(count_file):
+            with np.load(count_file) as data:
+                days = [int(n) for n in data["total_per_file"]]
+            if sum(days) != len(y):
+                days = None
+    if days is None:
+        days = day_sizes(len(y), DAYS[data_set])
+    dense = np.maximum(X_int, 0).astype(np.int32, copy=False)
+    return np.asarray(y).astype(np.uint8), dense, X_cat.astype(np.int32, copy=False), [int(c) for c in counts], days
+
+
+def write_bin_files(processed: ProcessedData, log=print) -> dict:
+    """The one-file-per-split binary format (int32 records [label, 13 integers, 26 ids]) of the
+    original's --mlperf-bin-loader, built once from the processed days; returns split -> path."""
+    paths = {split: os.path.join(processed.out_dir, f"{split}.bin") for split in ("train", "test", "val")}
+    stamp = {"settings": processed.metadata["settings"], "days": processed.metadata["days"]}
+    marker = os.path.join(processed.out_dir, "bin.json")
+    if load_json(marker) == stamp and all(os.path.exists(p) for p in paths.values()):
+        return paths
+    log(f"Writing {', '.join(paths.values())}")
+    for split, ranges in split_days(processed.day_rows).items():
+        tmp = paths[split] + ".tmp"
+        with open(tmp, "wb") as f:
+            for day, start, stop in ranges:
+                label = np.load(processed.day_file(day, "label"), mmap_mode="r")
+                dense = np.load(processed.day_file(day, "dense"), mmap_mode="r")
+                sparse = np.load(processed.day_file(day, "sparse"), mmap_mode="r")
+                for lo in range(start, stop, 1 << 18):
+                    hi = min(stop, lo + (1 << 18))
+                    records = np.empty((hi - lo, NUM_FIELDS), dtype=np.int32)
+                    records[:, 0] = label[lo:hi]
+                    records[:, 1 : 1 + NUM_DENSE] = dense[lo:hi]
+                    records[:, 1 + NUM_DENSE :] = sparse[lo:hi]
+                    f.write(records.data)
+        os.replace(tmp, paths[split])
+    save_json(marker, stamp)
+    return paths
+
+
+# ============================================================================ fake raw data
+KAGGLE_COUNTS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+                 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+DENSE_MISSING = [0.45, 0.0, 0.21, 0.22, 0.03, 0.22, 0.04, 0.0, 0.04, 0.45, 0.04, 0.76, 0.22]
+SPARSE_MISSING = [0.0, 0.0, 0.03, 0.03, 0.0, 0.12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03, 0.0, 0.0, 0.0, 0.03, 0.0, 0.0,
+                  0.44, 0.44, 0.03, 0.76, 0.0, 0.03, 0.44, 0.44]
+HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+FAKE_MISSING_INT = np.iinfo(np.int64).min
+FAKE_LOG_CENTERS = np.linspace(0.5, 4.0, NUM_DENSE)
+FAKE_CHUNK_ROWS = 20_000
+
+
+def fake_rows(num_rows, seed, first_row=0):
+    """Criteo-like rows with a planted signal: the click probability depends on the integers
+    and on the values of the low-cardinality categoricals (fake_click_logit). Returns label [n],
+    ints [n, 13], cats [n, 26] (int64; missing: ints FAKE_MISSING_INT, cats -1). Rows depend
+    on (seed, first_row) only, not on how a file is cut into chunks."""
+    rng = np.random.default_rng([seed, first_row])
+    n = num_rows
+    log_ints = np.clip(rng.normal(FAKE_LOG_CENTERS, 1.2, size=(n, NUM_DENSE)), 0, 16)
+    ints = np.floor(np.expm1(log_ints)).astype(np.int64)
+    negative = rng.random(n) < 0.1  # I2 is sometimes negative in the real data
+    ints[negative, 1] = -rng.integers(1, 4, int(negative.sum()))
+    # categorical value ranks: a few values are very frequent, as in the real data
+    ranks = (np.array(KAGGLE_COUNTS) * rng.random((n, NUM_SPARSE)) ** 3).astype(np.int64)
+    logit = fake_click_logit(log_ints, ranks, seed)
+    label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    ints[rng.random((n, NUM_DENSE)) < np.array(DENSE_MISSING)] = FAKE_MISSING_INT
+    cats = (splitmix64((ranks * NUM_SPARSE + np.arange(NUM_SPARSE)).astype(np.uint64)) >> _u64(32)).astype(np.int64)
+    cats[rng.random((n, NUM_SPARSE)) < np.array(SPARSE_MISSING)] = -1
+    return label, ints, cats
+
+
+def fake_click_logit(log_ints, ranks, seed):
+    """The planted signal: a linear function of log(1 + integers), plus an effect in [-1, 1)
+    of each value of the categoricals with at most 1000 distinct values; about 1 click in 4."""
+    weights = np.random.default_rng(seed + 1).normal(0, 0.5, NUM_DENSE)
+    logit = -2.0 + (log_ints - FAKE_LOG_CENTERS) @ weights
+    for t in np.flatnonzero(np.array(KAGGLE_COUNTS) <= 1000):
+        effect = splitmix64((ranks[:, t] * 131 + t + 7 * seed).astype(np.uint64)) >> _u64(11)
+        logit += 2.0 * (effect.astype(np.float64) / float(1 << 53) - 0.5)
+    return logit
+
+
+def format_rows(label, ints, cats) -> bytes:
+    """Raw Criteo text of rows, vectorised: every field is laid out at a fixed width, then
+    the characters to keep are selected (row-major, so lines come out in order)."""
+    n = len(label)
+    pieces = [np.stack([label + ord("0"), np.full(n, 9)], axis=1).astype(np.uint8)]  # label, TAB
+    keep = [np.ones((n, 2), bool)]
+    width = 10  # digits; enough for the generator's values
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    for k in range(NUM_DENSE):
+        value = ints[:, k]
+        missing = value == FAKE_MISSING_INT
+        magnitude = np.where(missing, 0, np.abs(value))
+        assert (magnitude < 10 * powers[0]).all()
+        num_digits = 1 + (magnitude[:, None] >= powers[:-1]).sum(axis=1)
+        digits = ((magnitude[:, None] // powers) % 10 + ord("0")).astype(np.uint8)
+        sign, tab = np.full((n, 1), ord("-"), np.uint8), np.full((n, 1), 9, np.uint8)
+        pieces.append(np.concatenate([sign, digits, tab], axis=1))
+        show = np.ones((n, width + 2), bool)  # sign, digits, TAB
+        show[:, 0] = (value < 0) & ~missing
+        show[:, 1 : width + 1] = (np.arange(width) >= width - num_digits[:, None]) & ~missing[:, None]
+        keep.append(show)
+    shifts = np.arange(28, -4, -4, dtype=np.int64)
+    for t in range(NUM_SPARSE):
+        value = cats[:, t]
+        end = 9 if t < NUM_SPARSE - 1 else 10  # TAB, or the newline after the last field
+        pieces.append(np.concatenate([HEX_DIGITS[(np.maximum(value, 0)[:, None] >> shifts) & 15],
+                                      np.full((n, 1), end, np.uint8)], axis=1))
+        show = np.ones((n, 9), bool)
+        show[value < 0, :8] = False
+        keep.append(show)
+    return np.concatenate(pieces, axis=1)[np.concatenate(keep, axis=1)].tobytes()
+
+
+def make_fake(out, rows, days=1, seed=0, compress=False, log=print):
+    """Writes `rows` fake rows to `out` (days == 1) or split over <out>_0 .. <out>_<days-1>."""
+    paths = [out] if days == 1 else [f"{out}_{d}" + (".gz" if compress else "") for d in range(days)]
+    per_day = day_sizes(rows, days)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    first = 0
+    for path, n in zip(paths, per_day):
+        tmp = path + ".tmp"
+        with (gzip.open(tmp, "wb", compresslevel=1) if compress else open(tmp, "wb")) as f:
+            for lo in range(0, n, FAKE_CHUNK_ROWS):
+                f.write(format_rows(*fake_rows(min(FAKE_CHUNK_ROWS, n - lo), seed, first + lo)))
+        os.replace(tmp, path)
+        first += n
+    log(f"Wrote {rows} rows to {paths[0]}{' .. ' + paths[-1] if days > 1 else ''}")
+    return paths
+
+
+# ============================================================================ command line
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="data_utils.py", description="Criteo data: fake raw files, preprocessing")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fake = commands.add_parser("make-fake", help="write a raw Criteo-format file with a learnable signal")
+    fake.add_argument("--rows", type=int, required=True, help="number of rows (all days together)")
+    fake.add_argument("--out", required=True, help="output file (with --days > 1: prefix of <out>_<day>)")
+    fake.add_argument("--days", type=int, default=1, help="1: one file (kaggle train.txt); 24: terabyte day files")
+    fake.add_argument("--seed", type=int, default=0, help="random seed")
+    fake.add_argument("--gzip", action="store_true", help="gzip the day files (with --days > 1)")
+    prep = commands.add_parser("preprocess", help="raw Criteo data -> processed arrays (as the trainer on first use)")
+    prep.add_argument("--data-set", choices=list(DAYS), default="kaggle", help="Criteo data set")
+    prep.add_argument("--raw-data-file", required=True, help="train.txt (kaggle) or the day prefix (terabyte)")
+    prep.add_argument("--processed-data-file", default="", help="output: this path without .npz is a directory")
+    prep.add_argument("--max-ind-range", type=int, default=-1, help="hash categoricals into [0, M) (-1: dictionary)")
+    prep.add_argument("--data-sub-sample-rate", type=float, default=0.0, help="drop this share of training negatives")
+    prep.add_argument("--dataset-multiprocessing", action="store_true", help="use all cores")
+    prep.add_argument("--mlperf-bin-loader", action="store_true", help="also write the train/test/val .bin files")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "make-fake":
+            if args.rows < 1 or args.days < 1:
+                raise DataError("--rows and --days must be at least 1")
+            make_fake(args.out, args.rows, args.days, args.seed, args.gzip)
+            return 0
+        out_dir = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
+        processed = preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
+                               args.data_sub_sample_rate, os.cpu_count() if args.dataset_multiprocessing else 1)
+        if args.mlperf_bin_loader:
+            write_bin_files(processed)
+        return 0
+    except DataError as e:
+        print(f"data_utils.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("data_utils.py: interrupted; a rerun resumes with the finished days", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

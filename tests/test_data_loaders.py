@@ -1,0 +1,200 @@
+"""Criteo datasets and loaders: identical batches from every storage, shuffling, training on them."""
+
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dlrm_data
+import dlrm_s_pytorch as dlrm
+from conftest import ROOT
+from data_helpers import fake_kaggle, fake_terabyte, load_days, preprocess_quietly
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: more threads only add start-up costs (and stalls on a shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def kaggle_file(tmp_path_factory):
+    return fake_kaggle(tmp_path_factory.mktemp("kaggle"), 7000, seed=4)
+
+
+def dataset_args(raw, *extra):
+    return dlrm.parse_args(["--data-generation=dataset", f"--raw-data-file={raw}", "--mini-batch-size=100",
+                            "--test-mini-batch-size=128", "--numpy-rand-seed=5", *extra])
+
+
+def quiet_datasets(args):
+    return dlrm_data.make_criteo_datasets(args, log=lambda *a: None, progress=False)
+
+
+def batches(dataset, num_workers=0):
+    return list(dlrm_data.make_loader(dataset, num_workers=num_workers))
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        for name in ("dense_x", "offsets", "indices", "target"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("randomize", ["none", "day", "total"])
+def test_in_memory_memory_mapped_with_workers_and_binary_loaders_give_identical_batches(kaggle_file, randomize):
+    storage = {"memory": [], "mmap": ["--memory-map"], "bin": ["--mlperf-bin-loader"]}
+    results = {}
+    for name, flags in storage.items():
+        train, test, sizes = quiet_datasets(dataset_args(kaggle_file, f"--data-randomize={randomize}", *flags))
+        train.set_epoch(1)
+        results[name] = (batches(train, num_workers=2 if name == "mmap" else 0), batches(test), sizes)
+    for name in ("mmap", "bin"):
+        assert_same_batches(results[name][0], results["memory"][0])
+        assert_same_batches(results[name][1], results["memory"][1])
+        assert results[name][2] == results["memory"][2]
+    train_batches = results["memory"][0]
+    assert len(train_batches) == 60 and train_batches[-1].batch_size == 6000 - 59 * 100
+
+
+def test_batches_hold_the_processed_rows(kaggle_file, tmp_path):
+    shutil.copy(kaggle_file, tmp_path / "train.txt")
+    train, test, _ = quiet_datasets(dataset_args(tmp_path / "train.txt", "--data-randomize=none"))
+    processed, _ = preprocess_quietly(str(tmp_path / "train.txt"), tmp_path / "kaggleAdDisplayChallenge_processed")
+    label, dense, sparse = load_days(processed)
+    batch = train[3]
+    rows = slice(300, 400)
+    torch.testing.assert_close(batch.dense_x, torch.log(torch.from_numpy(dense[rows].astype(np.float32)) + 1))
+    np.testing.assert_array_equal(torch.stack(batch.lS_i).T.numpy(), sparse[rows])
+    np.testing.assert_array_equal(batch.lS_o.numpy(), np.tile(np.arange(100), (26, 1)))
+    np.testing.assert_array_equal(batch.target.numpy().ravel(), label[rows])
+    first_test_row = sum(processed.day_rows[:6])
+    np.testing.assert_array_equal(test[0].target.numpy().ravel(), label[first_test_row : first_test_row + 128])
+
+
+@pytest.mark.parametrize("randomize", ["day", "total"])
+def test_shuffling_is_a_fresh_reproducible_permutation_every_epoch(kaggle_file, randomize):
+    train, _, _ = quiet_datasets(dataset_args(kaggle_file, f"--data-randomize={randomize}"))
+    again, _, _ = quiet_datasets(dataset_args(kaggle_file, f"--data-randomize={randomize}"))
+    orders = []
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        rows = np.concatenate([train.rows_of_batch(j) for j in range(len(train))])
+        assert np.array_equal(np.sort(rows), np.arange(6000))  # every row once per epoch
+        orders.append(rows)
+        again.set_epoch(epoch)
+        assert_same_batches([train[j] for j in (7, 3)], [again[j] for j in (7, 3)])  # any access order
+    assert not np.array_equal(orders[0], orders[1])
+    if randomize == "day":  # rows stay within their day: 6 days of 1000 rows, batches of 100
+        assert all(orders[0][k * 1000 : (k + 1) * 1000].min() >= k * 1000 for k in range(6))
+    other_seed, _, _ = quiet_datasets(dataset_args(kaggle_file, f"--data-randomize={randomize}", "--numpy-rand-seed=6"))
+    assert not np.array_equal(np.concatenate([other_seed.rows_of_batch(j) for j in range(5)]), orders[0][:500])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
+def test_feistel_permutation_is_a_permutation(n):
+    values = dlrm_data.FeistelPermutation(n, [1, 2])(np.arange(n))
+    assert np.array_equal(np.sort(values), np.arange(n))
+    if n >= 1000:
+        assert np.abs(values - np.arange(n)).mean() > n / 5  # really moves things
+
+
+def test_memory_mapped_dataset_pickles_as_file_names(kaggle_file):
+    train, _, _ = quiet_datasets(dataset_args(kaggle_file, "--memory-map"))
+    train.set_epoch(3)
+    expected = train[5]
+    copy = pickle.loads(pickle.dumps(train))
+    assert len(pickle.dumps(train)) < 20_000
+    assert_same_batches([copy[5]], [expected])
+
+
+def test_bin_shuffle_reorders_whole_batches_per_epoch(kaggle_file):
+    plain, _, _ = quiet_datasets(dataset_args(kaggle_file, "--mlperf-bin-loader", "--data-randomize=none"))
+    shuffled, _, _ = quiet_datasets(dataset_args(kaggle_file, "--mlperf-bin-loader", "--mlperf-bin-shuffle",
+                                                 "--data-randomize=none"))
+    firsts = []
+    for epoch in (0, 1):
+        shuffled.set_epoch(epoch)
+        order = [int(shuffled.rows_of_batch(j)[0]) // 100 for j in range(len(shuffled))]
+        assert sorted(order) == list(range(len(plain)))
+        assert_same_batches([shuffled[3]], [plain[order[3]]])
+        firsts.append(order)
+    assert firsts[0] != firsts[1]
+
+
+def test_terabyte_memory_mapped_batches_cross_day_boundaries(tmp_path):
+    prefix = fake_terabyte(tmp_path, 24 * 30, compress=True)
+    flags = ["--data-generation=dataset", "--data-set=terabyte", f"--raw-data-file={prefix}", "--mini-batch-size=64",
+             "--max-ind-range=500", "--data-randomize=none"]
+    mapped, test, sizes = quiet_datasets(dlrm.parse_args(flags + ["--memory-map"]))
+    in_memory, _, _ = quiet_datasets(dlrm.parse_args(flags))
+    assert mapped.num_rows == 23 * 30 and test.num_rows == 15 and max(sizes) <= 500
+    assert_same_batches(batches(mapped), batches(in_memory))
+
+
+def test_test_split_is_whole_whatever_num_batches(kaggle_file):
+    train, test, _ = quiet_datasets(dataset_args(kaggle_file, "--num-batches=2"))
+    assert test.num_rows == 500 and len(test) == 4 and test.samples_in_batch(3) == 500 - 3 * 128
+
+
+def test_bottom_mlp_must_take_the_13_dense_features(kaggle_file, run_main):
+    code, _, err = run_main("--data-generation=dataset", f"--raw-data-file={kaggle_file}", "--arch-mlp-bot=4-3-2")
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "dlrm_s_pytorch.py: error: the data has 13 dense features but --arch-mlp-bot starts with 4")
+
+
+TRAIN = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
+TEST = re.compile(r"^ accuracy ([\d.]+) %, best [\d.]+ %, loss [\d.]+, auc ([\d.]+)")
+
+
+def test_training_on_generated_data_learns_and_resumes_exactly(kaggle_file, run_main, tmp_path):
+    flags = ["--data-generation=dataset", f"--raw-data-file={kaggle_file}", "--arch-sparse-feature-size=8",
+             "--arch-mlp-bot=13-16-8", "--arch-mlp-top=16-1", "--loss-function=bce", "--optimizer=adagrad",
+             "--learning-rate=0.05", "--mini-batch-size=64", "--nepochs=2", "--test-freq=47", "--memory-map",
+             "--num-workers=1", "--data-randomize=total"]
+    code, full, err = run_main(*flags)
+    assert code == 0, err
+    aucs = [float(m.group(2)) for m in map(TEST.match, full.splitlines()) if m]
+    assert len(aucs) == 4 and max(aucs[:2]) > 0.7  # the generator's planted signal is learnt in one epoch
+    checkpoint = tmp_path / "model.pt"
+    code, saved, err = run_main(*flags, "--mlperf-auc-threshold=0.6", f"--save-model={checkpoint}")
+    assert code == 0 and "threshold 0.6 reached" in saved, err
+    code, resumed, err = run_main(*flags, f"--load-model={checkpoint}")
+    assert code == 0, err
+    losses = {(m.group(2), m.group(1)): m.group(3) for m in map(TRAIN.match, full.splitlines()) if m}
+    resumed_losses = {(m.group(2), m.group(1)): m.group(3) for m in map(TRAIN.match, resumed.splitlines()) if m}
+    assert len(resumed_losses) == 2 * 94 - 47  # the rest of epoch 0, all of epoch 1
+    assert all(losses[k] == v for k, v in resumed_losses.items())  # the same shuffled batches
+
+
+def test_kaggle_bench_script_runs_end_to_end_and_reports_auc(tmp_path):
+    (tmp_path / "input").mkdir()
+    fake_kaggle(tmp_path / "input", 14000, seed=2)
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "dlrm_s_criteo_kaggle.sh"),
+                             "--num-batches=40 --test-num-workers=2 --print-freq=10"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"auc 0\.\d+", result.stdout), result.stdout
+    assert (tmp_path / "input" / "kaggleAdDisplayChallenge_processed" / "metadata.json").exists()
+    assert (tmp_path / "run_kaggle_pt.log").exists()
+
+
+def test_dataset_mode_needs_data_and_other_modes_refuse_data_files(run_main):
+    code, _, err = run_main("--data-generation=dataset")
+    assert code == 1 and "--data-generation=dataset needs --raw-data-file" in err
+    code, _, err = run_main("--processed-data-file=x.npz")
+    assert code == 1 and "--processed-data-file needs --data-generation=dataset (it is random)" in err
+    code, _, err = run_main("--data-generation=dataset", "--processed-data-file=/nonexistent/p.npz")
+    assert code == 1 and err.strip() == ("dlrm_s_pytorch.py: error: no processed data in /nonexistent/p "
+                                         "and no --raw-data-file to build it from")

@@ -1,0 +1,231 @@
+"""Preprocessing: ids, splits, sub-sampling, caching, resume, the original's .npz."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+import data_utils
+import dlrm_s_pytorch as dlrm
+from conftest import CRITEO_SAMPLE
+from data_helpers import (fake_kaggle, fake_terabyte, load_days, naive_ids, naive_row, preprocess_quietly,
+                          row_text)
+
+
+@pytest.mark.skipif(not os.path.exists(CRITEO_SAMPLE), reason="no ../shared/data/criteo_sample.tsv")
+@pytest.mark.parametrize("max_ind_range", [-1, 100])
+def test_real_rows_end_up_as_the_naive_reference(tmp_path, max_ind_range):
+    processed, _ = preprocess_quietly(CRITEO_SAMPLE, tmp_path / "out", max_ind_range=max_ind_range)
+    expected = [naive_row(line) for line in open(CRITEO_SAMPLE, "rb")]
+    expected_ids, counts = naive_ids([e[2] for e in expected], max_ind_range)
+    label, dense, sparse = load_days(processed)
+    np.testing.assert_array_equal(label, [e[0] for e in expected])
+    np.testing.assert_array_equal(dense, [e[1] for e in expected])
+    np.testing.assert_array_equal(sparse, expected_ids)
+    assert processed.counts == counts
+    if max_ind_range > 0:
+        assert max(counts) <= max_ind_range and max(counts) == max_ind_range  # some features fill the range
+    for t in range(26):  # the dictionary says which value each id stands for
+        dictionary = np.load(os.path.join(processed.out_dir, f"dictionary_{t}.npy"))
+        keys = np.array([e[2][t] for e in expected], dtype=np.int64)
+        np.testing.assert_array_equal(dictionary[sparse[:, t]], keys % max_ind_range if max_ind_range > 0 else keys)
+
+
+def test_same_value_gets_the_same_id_on_every_day_and_missing_its_own(tmp_path):
+    rows = [row_text(k % 2, cats=["0000000a" if k % 3 else None] + ["%08x" % (k % 5)] * 25) for k in range(70)]
+    (tmp_path / "train.txt").write_bytes(b"".join(rows))
+    processed, _ = preprocess_quietly(str(tmp_path / "train.txt"), tmp_path / "out")
+    _, _, sparse = load_days(processed)
+    first = sparse[:, 0]
+    assert processed.counts[0] == 2 and processed.counts[1] == 5
+    assert len(set(first[[k for k in range(70) if k % 3]])) == 1 and first[0] != first[1]
+    np.testing.assert_array_equal(sparse[:, 1], [k % 5 for k in range(70)])  # first appearance order
+
+
+def test_kaggle_split_sizes(tmp_path):
+    raw = fake_kaggle(tmp_path, 1003)
+    processed, _ = preprocess_quietly(raw, tmp_path / "out")
+    assert processed.day_rows == [144, 144, 143, 143, 143, 143, 143]  # 1003 = 7 * 143 + 2
+    splits = data_utils.split_days(processed.day_rows)
+    assert splits == {"train": [(d, 0, processed.day_rows[d]) for d in range(6)],
+                      "test": [(6, 0, 72)], "val": [(6, 72, 143)]}
+    meta = json.load(open(tmp_path / "out" / "metadata.json"))
+    assert meta["splits"]["test"] == [[6, 0, 72]] and meta["counts"] == processed.counts
+    # the days are the consecutive lines of the file
+    lines = open(raw, "rb").readlines()
+    label, _, _ = load_days(processed)
+    np.testing.assert_array_equal(label, [naive_row(line)[0] for line in lines])
+
+
+def test_terabyte_split_sizes_with_plain_and_gzip_days(tmp_path):
+    prefix = fake_terabyte(tmp_path, 24 * 20 + 9, seed=1)
+    for day in (0, 5, 23):  # some days compressed, as downloaded
+        with open(f"{prefix}_{day}", "rb") as f:
+            data = f.read()
+        os.remove(f"{prefix}_{day}")
+        with gzip.open(f"{prefix}_{day}.gz", "wb") as f:
+            f.write(data)
+    processed, _ = preprocess_quietly(prefix, tmp_path / "out", "terabyte")
+    assert processed.day_rows == [21] * 9 + [20] * 15
+    assert data_utils.split_days(processed.day_rows)["test"] == [(23, 0, 10)]
+    assert data_utils.split_days(processed.day_rows)["val"] == [(23, 10, 20)]
+    assert len(data_utils.split_days(processed.day_rows)["train"]) == 23
+
+
+def test_sub_sampling_drops_training_negatives_only(tmp_path):
+    raw = fake_kaggle(tmp_path, 7000)
+    full, _ = preprocess_quietly(raw, tmp_path / "full")
+    sub, _ = preprocess_quietly(raw, tmp_path / "sub", sub_sample_rate=0.6)
+    full_label = [np.load(full.day_file(d, "label")) for d in range(7)]
+    sub_label = [np.load(sub.day_file(d, "label")) for d in range(7)]
+    for d in range(6):
+        assert sub_label[d].sum() == full_label[d].sum()  # every click kept
+        negatives, kept = (full_label[d] == 0).sum(), (sub_label[d] == 0).sum()
+        assert abs(kept / negatives - 0.4) < 0.1
+    np.testing.assert_array_equal(sub_label[6], full_label[6])  # test and validation day untouched
+    np.testing.assert_array_equal(np.load(sub.day_file(6, "sparse")).shape, np.load(full.day_file(6, "sparse")).shape)
+    again, _ = preprocess_quietly(raw, tmp_path / "again", sub_sample_rate=0.6)
+    assert again.day_rows == sub.day_rows  # a fixed choice, not a fresh draw
+
+
+def test_rerun_reuses_matching_output_and_rebuilds_when_a_setting_or_the_raw_file_changes(tmp_path):
+    raw = fake_kaggle(tmp_path, 700)
+    out = tmp_path / "out"
+    _, messages = preprocess_quietly(raw, out)
+    assert any(m.startswith("Preprocessing kaggle") for m in messages)
+    mtime = os.path.getmtime(out / "day_0_sparse.npy")
+    _, messages = preprocess_quietly(raw, out)
+    assert messages == [f"Reading pre-processed data={out}"] and os.path.getmtime(out / "day_0_sparse.npy") == mtime
+
+    hashed, messages = preprocess_quietly(raw, out, max_ind_range=50)
+    assert messages[0] == f"Rebuilding processed data in {out}: --max-ind-range was -1, now 50"
+    assert max(hashed.counts) == 50
+    _, messages = preprocess_quietly(raw, out, max_ind_range=50, sub_sample_rate=0.5)
+    assert messages[0].endswith("--data-sub-sample-rate was 0.0, now 0.5")
+
+    with open(raw, "ab") as f:  # the raw data changed
+        f.write(row_text(1))
+    rebuilt, messages = preprocess_quietly(raw, out, max_ind_range=50, sub_sample_rate=0.5)
+    assert messages[0].endswith("raw file train.txt changed (size or modification time)")
+    assert sum(d["lines"] for d in rebuilt.metadata["days"]) == 701
+
+
+def test_processed_data_is_used_without_the_raw_file_when_settings_match(tmp_path):
+    raw = fake_kaggle(tmp_path, 700)
+    preprocess_quietly(raw, tmp_path / "out")
+    os.remove(raw)
+    processed, messages = preprocess_quietly(raw, tmp_path / "out")
+    assert "raw data not found" in messages[0] and sum(processed.day_rows) == 700
+    with pytest.raises(data_utils.DataError, match=r"--max-ind-range was -1, now 9\); rebuilding it needs the raw"):
+        preprocess_quietly(raw, tmp_path / "out", max_ind_range=9)
+
+
+def test_an_interrupted_run_resumes_with_its_finished_days(tmp_path, monkeypatch):
+    raw = fake_kaggle(tmp_path, 3500)
+    clean, _ = preprocess_quietly(raw, tmp_path / "clean")
+
+    real_parse = data_utils.parse_block
+    calls = []
+
+    def parse_then_die(raw_bytes, path, first_line):
+        if first_line > 3 * 500:  # killed while parsing day 3
+            raise KeyboardInterrupt
+        calls.append(first_line)
+        return real_parse(raw_bytes, path, first_line)
+
+    monkeypatch.setattr(data_utils, "parse_block", parse_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_quietly(raw, tmp_path / "out")
+    out = tmp_path / "out"
+    assert not (out / "metadata.json").exists()
+    assert sorted(p.name for p in (out / "work").glob("*.parsed.json")) == [f"day_{d}.parsed.json" for d in range(3)]
+    assert not list(out.rglob("*.tmp"))  # the unfinished day's files were discarded
+    # what a hard kill would leave behind: half-written files under temporary names
+    (out / "day_3_label.npy.tmp").write_bytes(b"\x93NUMPY half")
+    (out / "work" / "day_3_local.npy.tmp").write_bytes(b"garbage")
+
+    monkeypatch.setattr(data_utils, "parse_block", real_parse)
+    calls.clear()
+    resumed, messages = preprocess_quietly(raw, out)
+    assert "Resuming: 3 of 7 days already parsed" in messages
+    for d in range(7):
+        for kind in ("label", "dense", "sparse"):
+            np.testing.assert_array_equal(np.load(resumed.day_file(d, kind)), np.load(clean.day_file(d, kind)))
+    assert resumed.counts == clean.counts
+    assert not (out / "work").exists() and not list(out.rglob("*.tmp"))
+
+
+def test_a_rerun_with_other_settings_discards_unfinished_work(tmp_path, monkeypatch):
+    raw = fake_kaggle(tmp_path, 700)
+    monkeypatch.setattr(data_utils, "_number_feature", lambda job, report: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_quietly(raw, tmp_path / "out")
+    monkeypatch.undo()
+    processed, messages = preprocess_quietly(raw, tmp_path / "out", max_ind_range=7)
+    assert any(m.startswith("Discarding unfinished preprocessing") for m in messages)
+    assert max(processed.counts) == 7 and np.load(processed.day_file(0, "sparse")).max() < 7
+
+
+def test_multiprocessing_gives_the_same_result(tmp_path):
+    raw = fake_kaggle(tmp_path, 1400)
+    one, _ = preprocess_quietly(raw, tmp_path / "one")
+    many, _ = preprocess_quietly(raw, tmp_path / "many", workers=2)
+    assert one.counts == many.counts
+    for a, b in zip(load_days(one), load_days(many)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_original_npz_is_read(tmp_path, run_main):
+    rng = np.random.default_rng(0)
+    n = 700
+    X_int = rng.integers(-2, 1000, (n, 13)).astype(np.int32)
+    X_cat = rng.integers(0, 40, (n, 26)).astype(np.int32)
+    y = (rng.random(n) < 0.3).astype(np.int32)
+    path = tmp_path / "kaggleAdDisplayChallenge_processed.npz"
+    np.savez_compressed(path, X_int=X_int, X_cat=X_cat, y=y, counts=np.full(26, 40, dtype=np.int32))
+    args = dlrm.parse_args(["--data-generation=dataset", f"--processed-data-file={path}", "--mini-batch-size=100",
+                            "--data-randomize=none", "--max-ind-range=30"])
+    train, test, dense_dim, table_sizes = dlrm.make_datasets(args)
+    assert table_sizes == [30] * 26 and dense_dim == 13
+    assert len(train) == 6 and test.num_rows == 50  # days of 100; day 6 halved
+    batch = train[1]
+    expected_dense = np.log(np.maximum(X_int[100:200], 0).astype(np.float32) + 1)
+    np.testing.assert_allclose(batch.dense_x.numpy(), expected_dense, rtol=1e-6)
+    np.testing.assert_array_equal(batch.lS_i[3].numpy(), X_cat[100:200, 3] % 30)
+    np.testing.assert_array_equal(batch.target.numpy().ravel(), y[100:200])
+    code, out, err = run_main("--data-generation=dataset", f"--processed-data-file={path}", "--arch-mlp-bot=13-4-2",
+                              "--mini-batch-size=64", "--test-freq=5", "--loss-function=bce")
+    assert code == 0, err
+    assert "Reading the original's processed data" in out and " auc " in out
+
+
+def test_fake_generator_is_deterministic_and_chunking_free(tmp_path):
+    a = data_utils.format_rows(*data_utils.fake_rows(50, seed=3, first_row=0))
+    b = data_utils.format_rows(*data_utils.fake_rows(50, seed=3, first_row=0))
+    assert a == b and a.count(b"\n") == 50
+    assert all(len(line.split(b"\t")) == 40 for line in a.splitlines())
+
+
+@pytest.mark.parametrize("groups,piece", [(1, 10_000), (8, 10_000), (64, 777)])
+def test_numbering_gives_each_distinct_value_one_dense_id_across_pieces(groups, piece):
+    rng = np.random.default_rng(groups)
+    values = (rng.random(10_000) ** 3 * 3000).astype(np.int64) * 7919 + (1 << 32) * (rng.random(10_000) < 0.01)
+    numbering = data_utils.Numbering(groups)
+    ids = np.concatenate([numbering.add(values[k : k + piece]) for k in range(0, len(values), piece)])
+    dictionary = numbering.dictionary()
+    assert numbering.count == len(dictionary) == len(np.unique(values))
+    np.testing.assert_array_equal(dictionary[ids], values)  # same value, same id; the dictionary inverts it
+    assert np.array_equal(np.sort(np.unique(ids)), np.arange(numbering.count))
+
+
+def test_damaged_processed_files_are_rebuilt(tmp_path):
+    raw = fake_kaggle(tmp_path, 700)
+    processed, _ = preprocess_quietly(raw, tmp_path / "out")
+    path = processed.day_file(2, "sparse")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 104)
+    rebuilt, messages = preprocess_quietly(raw, tmp_path / "out")
+    assert messages[0].startswith(f"Rebuilding processed data in {tmp_path / 'out'}: ")
+    assert np.load(rebuilt.day_file(2, "sparse")).shape == (100, 26)
