@@ -75,11 +75,84 @@ def _group_by_device_and_dtype(*tensor_lists):
     return groups.values()
 
 
-class _FusedSparseOptimizer(torch.optim.Optimizer):
-    """Splits gradients into one foreach update of the dense ones and one fused update per sparse one."""
+class _FusedSparseOptimizer:
+    """Splits gradients into one foreach update of the dense ones and one fused update per sparse one.
+
+    It has what the trainer, checkpoints and `torch.amp.GradScaler` use of `torch.optim.Optimizer`
+    (`param_groups`, `state`, `zero_grad`, `state_dict`/`load_state_dict` in torch's format) without
+    deriving from it: constructing any `torch.optim.Optimizer` imports `torch._dynamo`, 1-2 s of
+    start-up on these machines.
+    """
 
     _step_supports_amp_scaling = True  # see GradScaler.step: sets self.grad_scale and self.found_inf
     needs_coalesced_rows = True
+
+    def __init__(self, params, defaults):
+        self.defaults = dict(defaults)
+        self.state = defaultdict(dict)
+        self.param_groups = []
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        for group in groups if isinstance(groups[0], dict) else [{"params": groups}]:
+            self.add_param_group(group)
+
+    def add_param_group(self, group: dict):
+        group = dict(group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in group["params"]):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(group)
+
+    def zero_grad(self, set_to_none: bool = True):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none or p.grad.is_sparse:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+    def state_dict(self) -> dict:
+        """{"state": {param number: {...}}, "param_groups": [{..., "params": [param numbers]}]}, as torch's."""
+        numbers, groups = {}, []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [numbers.setdefault(id(p), len(numbers)) for p in group["params"]]
+            groups.append(packed)
+        state = {numbers[id(p)]: dict(s) for p, s in self.state.items() if id(p) in numbers}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict):
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("the saved state has a different number of parameter groups")
+        by_number = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]) and saved_state:
+                raise ValueError(f"the saved state has {len(saved['params'])} parameters in a group of "
+                                 f"{len(group['params'])}")
+            by_number.update(zip(saved["params"], group["params"]))
+        state = defaultdict(dict)
+        for number, param_state in saved_state.items():
+            p = by_number[int(number)]
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor):
+                    if value.dim() and value.shape not in (p.shape, p.shape[:1]):
+                        raise ValueError(f"saved '{key}' of shape {list(value.shape)} for a parameter of shape "
+                                         f"{list(p.shape)}")
+                    # a copy: the saved dict may belong to a live optimizer
+                    value = value.to(device=p.device, dtype=p.dtype if value.is_floating_point() else value.dtype,
+                                     copy=True)
+                state[p][key] = value
+        self.state = state
+        for saved, group in zip(saved_groups, self.param_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
 
     @torch.no_grad()
     def step(self, closure=None):
