@@ -20,7 +20,11 @@ Usage:
 
 Model (`DLRM_Net`, importable without side effects):
     dense x -> bottom MLP ---------------------------\
-    sparse ids -> one EmbeddingBag (sum) per table --> interaction (dot | cat) -> top MLP -> sigmoid
+    sparse ids -> embedding tables (sum pooling) ----> interaction (dot | cat) -> top MLP -> sigmoid
+    (all tables in one weight, one lookup: embeddings.BatchedEmbeddingBags; `model.emb_l[k]` is table k)
+
+Speed: --precision=bf16 (CPU, CUDA) or fp16 (CUDA) for the MLPs, --compile for the dense part;
+bench/harness.py measures named configurations.
 """
 
 from __future__ import annotations
