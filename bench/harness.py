@@ -70,6 +70,9 @@ CONFIGS = {
     "terabyte-small": (TERABYTE_SMALL, None, None,
                        f"MLPerf Terabyte model, tables capped at {TERABYTE_SMALL_ROWS:,} rows, mini-batch 2048"),
     "kaggle-16384": (KAGGLE + ["--mini-batch-size=16384"], None, None, "Criteo Kaggle model, mini-batch 16384 (GPU)"),
+    "smoke": (["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-64-16", "--arch-mlp-top=64-1",
+               "--arch-embedding-size=1000-1000-1000-1000", "--mini-batch-size=128", "--loss-function=bce",
+               "--round-targets=True"], None, None, "a tiny model: checks the harness itself in seconds"),
 }
 CPU_DEFAULT = ["kaggle-128", "kaggle-2048", "benchmark", "terabyte-small"]
 ORIGINAL_BENCHMARK_RANGE_MS = (370.0, 650.0)
