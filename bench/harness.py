@@ -11,7 +11,8 @@ Every run is a new Python process that builds and trains exactly as `dlrm_s_pyto
 (parse_args, make_datasets, build_model, make_optimizer, train) with the configuration's flags:
 - start-up: from the parent starting the process to the end of the first training iteration
   (interpreter and torch import, model initialisation, first batch, first step);
-- ms/it and samples/s: the mean over `--iters` iterations after `--warmup` ones; the data are the
+- ms/it and samples/s: the mean over `--iters` iterations after `--warmup` ones (and on the CPU the
+  median iteration, less sensitive to other work on the machine); the data are the
   configuration's random batches, a pool of `--pool` distinct batches generated once and cycled,
   so the figure is the trainer's step (the original's ms/it excludes data loading too);
 - peak memory: the process's maximum resident set (CPU), or the peak of torch.cuda allocations.
@@ -238,8 +239,8 @@ def add_ratios(rows):
 
 
 def format_table(rows) -> str:
-    header = ["config", "code", "precision", "device", "ms/it", "samples/s", "start-up s", "peak GiB",
-              "× original", "× baseline", "start-up × original"]
+    header = ["config", "code", "precision", "device", "ms/it", "median ms/it", "samples/s", "start-up s",
+              "peak GiB", "× original", "× baseline", "start-up × original"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def ratio(row, key):
@@ -251,7 +252,7 @@ def format_table(rows) -> str:
             cells += [""] * (len(header) - len(cells))
         else:
             cells = [row["config"], row["code"], row["precision"], row["device"], f"{row['ms_per_it']:.1f}",
-                     f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}", f"{row['peak_mem_gib']:.1f}",
+                     f"{row['median_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}", f"{row['peak_mem_gib']:.1f}",
                      ratio(row, "x_original"), ratio(row, "x_baseline"), ratio(row, "x_original_startup")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
