@@ -198,7 +198,8 @@ class RandomDataset(Dataset):
             ids = np.clip(values.astype(np.int64), 0, rows - 1)
         # unique ids within each bag: sort by (bag, id) and drop repeats
         bag = np.repeat(np.arange(n, dtype=np.int64), sizes)
-        keys = np.unique(bag * rows + ids)
+        keys = np.sort(bag * rows + ids)  # sorted unique: np.unique's hashing is ~6x slower here
+        keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
         return np.bincount(keys // rows, minlength=n), keys % rows
 
 

@@ -30,16 +30,24 @@ Usage:
 
 Model (`DLRM_Net`, importable without side effects):
     dense x -> bottom MLP ---------------------------\
-    sparse ids -> one EmbeddingBag (sum) per table --> interaction (dot | cat) -> top MLP -> sigmoid
+    sparse ids -> embedding tables (sum pooling) ----> interaction (dot | cat) -> top MLP -> sigmoid
+    (all tables in one weight, one lookup: embeddings.BatchedEmbeddingBags; `model.emb_l[k]` is table k)
+
+Speed: --precision=bf16 (CPU, CUDA) or fp16 (CUDA) for the MLPs, --compile for the dense part;
+bench/harness.py measures named configurations.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
+import importlib.util
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -56,7 +64,7 @@ import onnx_export
 import profiling
 import quantization
 import trace_data
-from embeddings import EmbeddingBagList, create_embedding_bag
+from embeddings import BatchedEmbeddingBags, EmbeddingBagList, create_embedding_bag
 from optim import OPTIMIZERS, make_optimizer
 from run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
 from tricks import PoolingWeights, embedding_output_dim, table_factory
@@ -147,6 +155,7 @@ class DLRM_Net(nn.Module):
         md_temperature=0.3,
         md_round_dims=False,
         local_tables=None,
+        batched_embeddings=True,
     ):
         super().__init__()
         ln_emb = [int(n) for n in ln_emb]
@@ -164,12 +173,16 @@ class DLRM_Net(nn.Module):
 
         if qr_flag and int(qr_collisions) < 1:
             raise DLRMError(f"--qr-collisions must be at least 1 with --qr-flag, got {qr_collisions}")
-        make_bag = create_embedding_bag
-        if qr_flag or md_flag:  # QR / MD tables plug in as per-table modules
-            make_bag = table_factory(ln_emb, self.embedding_dim, qr_flag, qr_operation, int(qr_collisions),
-                                     qr_threshold, md_flag, md_threshold, md_temperature, md_round_dims)
         # a model-parallel process builds only its own tables (`local_tables`), each as a single process would
-        self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim, make_bag=make_bag, tables=local_tables)
+        if qr_flag or md_flag or weighted_pooling or not batched_embeddings:
+            # one module per table: QR / MD tables plug in through the factory (checkpoints are alike)
+            make_bag = create_embedding_bag
+            if qr_flag or md_flag:
+                make_bag = table_factory(ln_emb, self.embedding_dim, qr_flag, qr_operation, int(qr_collisions),
+                                         qr_threshold, md_flag, md_threshold, md_temperature, md_round_dims)
+            self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim, make_bag=make_bag, tables=local_tables)
+        else:  # all tables in one weight and one lookup
+            self.emb_l = BatchedEmbeddingBags(ln_emb, self.embedding_dim, tables=local_tables)
         # the original's v_W_l: per-row pooling weights, "fixed" (ones) or "learned"
         self.pooling_weights = None
         if weighted_pooling:
@@ -179,11 +192,11 @@ class DLRM_Net(nn.Module):
         self.bot_l = create_mlp(ln_bot, sigmoid_bot)
         self.top_l = create_mlp(ln_top, sigmoid_top)
 
-        # pairs (i, j), i > j (or i >= j with self-interaction), in the original's row-major order
+        # pairs (i, j), i > j (or i >= j with self-interaction), in the original's row-major order,
+        # as positions in the flattened [F, F] Gram matrix: one index_select per forward
         num_features = len(ln_emb) + 1
         rows, cols = torch.tril_indices(num_features, num_features, offset=0 if self.arch_interaction_itself else -1)
-        self.register_buffer("pair_rows", rows, persistent=False)
-        self.register_buffer("pair_cols", cols, persistent=False)
+        self.register_buffer("pair_index", rows * num_features + cols, persistent=False)
 
     def _check_arch(self, ln_bot, ln_top):
         dense_out = ln_bot[-1]
@@ -205,19 +218,99 @@ class DLRM_Net(nn.Module):
     def interact_features(self, x, ly):
         """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings."""
         if self.arch_interaction_op == "dot":
+            ly = ly.to(x.dtype)  # under autocast x is already in the lower precision
             features = torch.cat([x.unsqueeze(1), ly], dim=1)  # [B, T+1, D]
             gram = torch.bmm(features, features.transpose(1, 2))
-            return torch.cat([x, gram[:, self.pair_rows, self.pair_cols]], dim=1)
-        return torch.cat([x, ly.flatten(1)], dim=1)
+            return torch.cat([x, gram.flatten(1).index_select(1, self.pair_index)], dim=1)
+        return torch.cat([x, ly.to(x.dtype).flatten(1)], dim=1)
 
     def forward(self, dense_x, lS_o, lS_i):
         offsets, indices = to_flat_sparse(dense_x, lS_o, lS_i)
-        x = self.bot_l(dense_x)
         ly = self.apply_emb(offsets, indices, dense_x.shape[0])
-        p = self.top_l(self.interact_features(x, ly))
+        return self.dense_forward(dense_x, ly)
+
+    def dense_forward(self, dense_x, ly):
+        """Bottom MLP, interaction and top MLP: everything after the lookups (what --compile compiles)."""
+        x = self.bot_l(dense_x)
+        z = self.interact_features(x, ly)
+        for layer in self.top_l:
+            if isinstance(layer, nn.Sigmoid):
+                z = z.float()  # the probabilities (and so the loss) in float32 under autocast too
+            z = layer(z)
         if 0.0 < self.loss_threshold < 1.0:
-            p = torch.clamp(p, min=self.loss_threshold, max=1.0 - self.loss_threshold)
-        return p
+            z = torch.clamp(z, min=self.loss_threshold, max=1.0 - self.loss_threshold)
+        return z
+
+
+# ============================================================================ precision and speed
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device):
+    if precision == "fp16" and device.type != "cuda":
+        raise DLRMError("--precision=fp16 needs CUDA (--use-gpu on a machine with a GPU); on the CPU use --precision=bf16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DLRMError(f"--precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's autocast context: a no-op for fp32."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def compile_dense(model: DLRM_Net, device: torch.device, backend: str = "inductor"):
+    """torch.compile the dense part; the lookups stay eager (their sparse gradients do not compile)."""
+    if not hasattr(torch, "compile"):
+        raise DLRMError(f"--compile needs torch >= 2.0 (this is {torch.__version__})")
+    if backend == "inductor" and device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+        raise DLRMError("--compile on the CPU needs a C++ compiler (g++) on the PATH")
+    if backend == "inductor" and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise DLRMError("--compile on CUDA needs the triton package (pip install triton)")
+    # an instance attribute: the state_dict keys stay those of the original
+    model.dense_forward = torch.compile(model.dense_forward, backend=backend)
+
+
+def keep_freed_memory() -> bool:
+    """Stops glibc returning big freed blocks to the OS; True when it applied.
+
+    Every iteration allocates and frees hundreds of MiB (lookups, sparse gradients, updates).
+    By default glibc gives blocks over 32 MiB back at once, and the next iteration pays a page
+    fault per 4 KiB to get them again, zeroed: a third of an iteration of the benchmark model.
+    The effect of MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; a no-op off glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def device_batches(loader, device: torch.device):
+    """The loader's batches on `device`. On CUDA the (pinned) next batch is copied on a side
+    stream while the current one computes, so no iteration waits for its inputs."""
+    if device.type != "cuda":
+        yield from (batch.to(device) for batch in loader)
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def copy(batch):
+        if batch is None:
+            return None
+        with torch.cuda.stream(copy_stream):
+            return batch.to(device, non_blocking=True)
+
+    batches = iter(loader)
+    upcoming = copy(next(batches, None))
+    while upcoming is not None:
+        compute_stream = torch.cuda.current_stream(device)
+        compute_stream.wait_stream(copy_stream)
+        batch = upcoming
+        for field in dataclasses.fields(batch):
+            getattr(batch, field.name).record_stream(compute_stream)  # memory reused only after its use here
+        upcoming = copy(next(batches, None))
+        yield batch
 
 
 # ============================================================================ configuration
@@ -339,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-num-decay-steps", type=int, default=0, help="steps of polynomial LR decay (0: none)")
     flag(g, "--sync-dense-params", True, "keep dense parameters in sync across devices")
     flag(g, "--inference-only", False, "no training: forward passes and evaluation only")
+    g.add_argument("--precision", type=str, default="fp32", choices=list(PRECISIONS),
+                   help="MLP and interaction arithmetic through autocast: bf16 (CPU, CUDA) or fp16 (CUDA, with "
+                        "loss scaling); embeddings, optimizer state and the loss stay float32")
+    flag(g, "--compile", False, "torch.compile the dense part (bottom MLP, interaction, top MLP)")
 
     g = parser.add_argument_group("evaluation")
     g.add_argument("--test-freq", type=int, default=-1, help="test every N iterations and at epoch end (-1: never)")
@@ -552,14 +649,16 @@ class TestMetrics:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0) -> TestMetrics:
-    """Loss, accuracy and AUC over every sample of `dataset`."""
+def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, precision="fp32") -> TestMetrics:
+    """Loss, accuracy and AUC over every sample of `dataset` (read back once, at the end)."""
     was_training = model.training
     model.eval()
     scores, targets = [], []
-    for batch in dlrm_data.make_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda"):
-        batch = batch.to(device, non_blocking=True)
-        scores.append(model(batch.dense_x, batch.offsets, batch.indices).float())
+    loader = dlrm_data.make_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda")
+    for batch in device_batches(loader, device):
+        with autocast(precision, device):
+            z = model(batch.dense_x, batch.offsets, batch.indices)
+        scores.append(z.float())
         targets.append(batch.target)
     model.train(was_training)
     scores, targets = torch.cat(scores), torch.cat(targets)
@@ -795,8 +894,9 @@ def print_debug_data(dataset, nbatches):
 
 
 def print_parameters(model, title):
+    """The original's order and shapes: each table, then each MLP weight and bias."""
     print(title)
-    for param in model.parameters():
+    for param in model.state_dict().values():
         print(param.detach().cpu().numpy())
 
 
@@ -816,6 +916,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
     run_type = "inference" if args.inference_only else "training"
     pin = device.type == "cuda"
     world = ext_dist.world_size()
+    # fp16 needs loss scaling; the optimizers take the scale and the inf/NaN flag on the device
+    scaler = torch.amp.GradScaler(device.type, enabled=training and args.precision == "fp16")
     stop = False
 
     def synced_time():
@@ -842,19 +944,20 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         window_wall = time.perf_counter()  # samples/s for the run logs, without device syncs
         accum_samples = 0
         run_log.epoch_start(epoch)
-        for j, batch in enumerate(dlrm_data.make_loader(train_set, first, args.num_workers, pin), start=first):
+        loader = dlrm_data.make_loader(train_set, first, args.num_workers, pin)
+        for j, batch in enumerate(device_batches(loader, device), start=first):
             if j >= nbatches:
                 break
-            batch = batch.to(device, non_blocking=pin)
             mbs = ext_dist.global_batch_size(batch)  # a distributed process holds a share of it
             if accum_samples == 0:
                 window_first_batch = j
             last_in_window = (j + 1) % accum == 0 or j + 1 == nbatches
 
             with torch.set_grad_enabled(training), ext_dist.no_grad_sync(model, training and not last_in_window):
-                z = model(batch.dense_x, batch.offsets, batch.indices)
+                with autocast(args.precision, device):
+                    z = model(batch.dense_x, batch.offsets, batch.indices)
                 # this process's samples; the sums of all processes make the global batch's
-                loss_sum = per_sample_loss(args.loss_function, z, batch.target, loss_weights).sum()
+                loss_sum = per_sample_loss(args.loss_function, z.float(), batch.target, loss_weights).sum()
 
             if training:
                 if accum_samples == 0:
@@ -863,13 +966,14 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 # so N micro-batches update exactly as one batch of all their samples. Times the world size:
                 # DDP averages MLP gradients over the processes and the embedding exchange divides by it,
                 # so both equal the single-process gradient of the global batch.
-                (loss_sum * (world / mbs if accum == 1 else world)).backward()
+                scaler.scale(loss_sum * (world / mbs if accum == 1 else world)).backward()
                 accum_samples += mbs
                 if last_in_window:
                     if accum > 1:
                         scale_gradients(model, 1.0 / accum_samples)
                     set_lr(state.updates + 1)
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     state.updates += 1
                     accum_samples = 0
 
@@ -925,7 +1029,8 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     run_log = run_log or RunLog()
     run_log.test_start(epoch, iteration, nbatches)
     t0 = time.perf_counter()
-    metrics = evaluate(model, test_set, args.loss_function, loss_weights, device, args.test_num_workers)
+    metrics = evaluate(model, test_set, args.loss_function, loss_weights, device, args.test_num_workers,
+                       args.precision)
     improved = is_better(metrics, state.best_auc, state.best_acc)
     state.best_acc = max(state.best_acc, metrics.accuracy)
     if not math.isnan(metrics.auc):
@@ -1031,6 +1136,9 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     torch.manual_seed(args.numpy_rand_seed)
     np.random.seed(args.numpy_rand_seed)
     device = select_device(args.use_gpu, launch.local_rank if launch else 0)
+    check_precision(args.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
 
     with ext_dist.rank0_first("preparing the data"):  # one process fills any cache, the others reuse it
         train_set, test_set, dense_dim, table_sizes = make_datasets(args)
@@ -1042,6 +1150,8 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         print_debug_data(train_set, nbatches)
         print_parameters(model, "initial parameters (weights and bias):")
     model.to(device)
+    if args.compile:
+        compile_dense(model, device)
     if launch:  # this process's tables and share of each batch; MLPs replicated
         model, train_set, test_set = ext_dist.distribute(model, train_set, test_set, table_sizes, device,
                                                          lambda: build_model(args, dense_dim, table_sizes))

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from embeddings import BatchedEmbeddingBags, EmbeddingTableView
 from tricks.pooling import sum_bags
 
 OPSET = 17
@@ -49,6 +50,9 @@ def table_rows(bag: nn.Module, indices: torch.Tensor) -> torch.Tensor:
         if bag.mode != "sum":
             raise ExportError(f"ONNX export supports sum-pooled tables, not mode={bag.mode}")
         return F.embedding(indices, bag.weight)
+    if isinstance(bag, EmbeddingTableView):  # a table of the batched collection: rows of its one weight
+        collection = bag.collection
+        return F.embedding(indices + collection.row_starts[bag.table], collection.weight)
     if hasattr(bag, "embed"):  # QR and MD tables
         return bag.embed(indices)
     raise ExportError(f"ONNX export does not support {type(bag).__name__} tables (export before quantizing)")
@@ -60,6 +64,9 @@ class ExportableDLRM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        if isinstance(model.emb_l, BatchedEmbeddingBags):
+            # its state_dict holds per-table views; the tracer finds parameters through state_dict
+            self.batched_weight = model.emb_l.weight
 
     def forward(self, dense_x, offsets, indices):
         model = self.model

@@ -1,21 +1,229 @@
-"""Adagrad and row-wise sparse Adagrad that run on any device.
+"""SGD, Adagrad and row-wise sparse Adagrad with fused sparse updates, on any device.
 
-Dense gradients get the usual element-wise Adagrad update. Sparse gradients
-(from `EmbeddingBag(sparse=True)`) touch only the rows they name:
-- `Adagrad`: element-wise accumulator, as `torch.optim.Adagrad`;
-- `RWSAdagrad`: one accumulator per row, the mean of the squared gradient of
-  that row (the original's `optim/rwsadagrad.py`), 1/D of Adagrad's state.
+Sparse gradients (from `EmbeddingBag(sparse=True)`, above all the one weight of
+`embeddings.BatchedEmbeddingBags`) are coalesced once per step by
+`coalesce_rows` (sort the row ids, sum each row's values with one
+`embedding_bag` call) and applied with a few whole-tensor row operations (`add_rows_`): no
+per-table Python loop, none of `torch.sparse`'s serial CPU kernels, and on CUDA
+no host synchronisation (no tensor size depends on the data there). Dense
+parameters are updated together with `torch._foreach_*` kernels.
 
-Both use `index_add_`/`index_select` on the coalesced gradient, which works on
-CPU and CUDA (the original refused the GPU for these).
+- `SGD`: p -= lr * g.
+- `Adagrad`: element-wise accumulator, as `torch.optim.Adagrad`.
+- `RWSAdagrad`: element-wise for dense gradients, one accumulator per row for
+  sparse ones: the mean of the squared gradient of that row (the original's
+  `optim/rwsadagrad.py`), 1/D of Adagrad's state.
+
+The original refused the GPU for Adagrad and row-wise Adagrad; these run anywhere.
+With `torch.amp.GradScaler` (fp16), `GradScaler.step` hands these optimizers the
+scale and the inf/NaN flag as device tensors (`_step_supports_amp_scaling`):
+gradients are unscaled inside the step and a step with inf/NaN gradients
+changes nothing, without reading the flag on the host.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
+import torch.nn.functional as F
 
 
-class _SparseAwareAdagrad(torch.optim.Optimizer):
+def coalesce_rows(grad: torch.Tensor, sync_free: bool | None = None):
+    """(rows, values) of a sparse row gradient [R, ...]: each touched row once, rows sorted, values summed.
+
+    With `sync_free` (the default off the CPU) no tensor size depends on the data: the result
+    keeps the input's nnz, its entries past the distinct rows being zero-valued repeats of the
+    last row, which additive updates (`add_rows_`) ignore. On the CPU reading the number of
+    distinct rows costs nothing and the result is exact-size.
+    """
+    if grad.sparse_dim() != 1:
+        raise ValueError(f"expected a row-sparse gradient (sparse_dim 1), got sparse_dim {grad.sparse_dim()}")
+    rows, values = grad._indices()[0], grad._values()
+    if grad.is_coalesced() or rows.numel() == 0:
+        return rows, values
+    if sync_free is None:
+        sync_free = rows.device.type != "cpu"
+    n = rows.numel()
+    sorted_rows, order = torch.sort(rows)
+    is_first = torch.ones_like(sorted_rows, dtype=torch.bool)
+    torch.ne(sorted_rows[1:], sorted_rows[:-1], out=is_first[1:])
+    if sync_free:
+        segment = torch.cumsum(is_first, 0) - 1  # segment of each sorted entry
+        starts = torch.searchsorted(segment, torch.arange(n, device=rows.device))  # n for unused segments
+    else:
+        starts = is_first.nonzero().squeeze(1)
+    # embedding_bag as a parallel segment sum: bag k = the entries of the k-th distinct row
+    summed = F.embedding_bag(order, values.reshape(n, -1), starts, mode="sum")
+    return sorted_rows[starts.clamp(max=n - 1)], summed.view(-1, *values.shape[1:])
+
+
+def add_rows_(target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """target[rows[i]] += values[i], duplicates summed: scatter_add_ over an expanded index, which
+    PyTorch runs as a parallel sort-and-reduce on the CPU (index_add_ walks the rows one by one)."""
+    if values.dim() == 1:
+        return target.index_add_(0, rows, values)
+    return target.scatter_add_(0, rows.view(-1, *([1] * (values.dim() - 1))).expand_as(values), values)
+
+
+def _group_by_device_and_dtype(*tensor_lists):
+    groups = defaultdict(lambda: tuple([] for _ in tensor_lists))
+    for items in zip(*tensor_lists):
+        key = (items[0].device, items[0].dtype)
+        for bucket, item in zip(groups[key], items):
+            bucket.append(item)
+    return groups.values()
+
+
+class _FusedSparseOptimizer:
+    """Splits gradients into one foreach update of the dense ones and one fused update per sparse one.
+
+    It has what the trainer, checkpoints and `torch.amp.GradScaler` use of `torch.optim.Optimizer`
+    (`param_groups`, `state`, `zero_grad`, `state_dict`/`load_state_dict` in torch's format) without
+    deriving from it: constructing any `torch.optim.Optimizer` imports `torch._dynamo`, 1-2 s of
+    start-up on these machines.
+    """
+
+    _step_supports_amp_scaling = True  # see GradScaler.step: sets self.grad_scale and self.found_inf
+    needs_coalesced_rows = True
+
+    def __init__(self, params, defaults):
+        self.defaults = dict(defaults)
+        self.state = defaultdict(dict)
+        self.param_groups = []
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        for group in groups if isinstance(groups[0], dict) else [{"params": groups}]:
+            self.add_param_group(group)
+
+    def add_param_group(self, group: dict):
+        group = dict(group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in group["params"]):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(group)
+
+    def zero_grad(self, set_to_none: bool = True):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none or p.grad.is_sparse:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+    def state_dict(self) -> dict:
+        """{"state": {param number: {...}}, "param_groups": [{..., "params": [param numbers]}]}, as torch's."""
+        numbers, groups = {}, []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [numbers.setdefault(id(p), len(numbers)) for p in group["params"]]
+            groups.append(packed)
+        state = {numbers[id(p)]: dict(s) for p, s in self.state.items() if id(p) in numbers}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict):
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("the saved state has a different number of parameter groups")
+        by_number = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]) and saved_state:
+                raise ValueError(f"the saved state has {len(saved['params'])} parameters in a group of "
+                                 f"{len(group['params'])}")
+            by_number.update(zip(saved["params"], group["params"]))
+        state = defaultdict(dict)
+        for number, param_state in saved_state.items():
+            p = by_number[int(number)]
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor):
+                    if value.dim() and value.shape not in (p.shape, p.shape[:1]):
+                        raise ValueError(f"saved '{key}' of shape {list(value.shape)} for a parameter of shape "
+                                         f"{list(p.shape)}")
+                    # a copy: the saved dict may belong to a live optimizer
+                    value = value.to(device=p.device, dtype=p.dtype if value.is_floating_point() else value.dtype,
+                                     copy=True)
+                state[p][key] = value
+        self.state = state
+        for saved, group in zip(saved_groups, self.param_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_factor = self._amp_grad_factor()
+        for group in self.param_groups:
+            dense_params, dense_grads = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    if self.needs_coalesced_rows:
+                        rows, values = coalesce_rows(p.grad)
+                    else:
+                        rows, values = p.grad._indices()[0], p.grad._values()
+                    self._sparse_update(p, rows, _unscale(values, grad_factor), group)
+                else:
+                    dense_params.append(p)
+                    dense_grads.append(_unscale(p.grad, grad_factor))
+            for params, grads in _group_by_device_and_dtype(dense_params, dense_grads):
+                self._dense_update(params, grads, group)
+        return loss
+
+    def _amp_grad_factor(self):
+        """1/scale, or 0 when GradScaler found inf/NaN gradients (a device tensor); None without GradScaler."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            return None
+        factor = torch.ones((), dtype=torch.float32, device=(grad_scale if grad_scale is not None else found_inf).device)
+        if grad_scale is not None:
+            factor = factor / grad_scale
+        if found_inf is not None:
+            factor = torch.where(found_inf > 0, torch.zeros_like(factor), factor)
+        return factor
+
+    def _dense_update(self, params, grads, group):
+        raise NotImplementedError
+
+    def _sparse_update(self, p, rows, values, group):
+        raise NotImplementedError
+
+
+def _unscale(grad, factor):
+    if factor is None:
+        return grad
+    # a skipped step (factor 0) must not turn inf * 0 into NaN
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).mul_(factor.to(grad.dtype))
+
+
+class SGD(_FusedSparseOptimizer):
+    """Plain SGD (no momentum, no weight decay), p -= lr * g, as the original's torch.optim.SGD."""
+
+    needs_coalesced_rows = False  # additive: duplicate rows are summed by add_rows_ itself
+
+    def __init__(self, params, lr=0.01):
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate {lr}")
+        super().__init__(params, dict(lr=lr))
+
+    def _dense_update(self, params, grads, group):
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
+
+    def _sparse_update(self, p, rows, values, group):
+        add_rows_(p, rows, values.to(p.dtype) * -group["lr"])
+
+
+class _Adagrad(_FusedSparseOptimizer):
     row_wise_sparse = False
 
     def __init__(self, params, lr=0.01, eps=1e-10, initial_accumulator_value=0.0):
@@ -23,56 +231,44 @@ class _SparseAwareAdagrad(torch.optim.Optimizer):
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value))
 
-    def _state_for(self, p, sparse):
+    def _state_for(self, p, sparse, group):
         state = self.state[p]
         if "sum" not in state:
-            init = self.param_groups[0]["initial_accumulator_value"]
             shape = p.shape[:1] if (sparse and self.row_wise_sparse) else p.shape
-            state["sum"] = torch.full(shape, init, dtype=p.dtype, device=p.device)
+            state["sum"] = torch.full(shape, group["initial_accumulator_value"], dtype=p.dtype, device=p.device)
         return state["sum"]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            lr, eps = group["lr"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    self._sparse_update(p, grad.coalesce(), lr, eps)
-                else:
-                    acc = self._state_for(p, sparse=False)
-                    acc.addcmul_(grad, grad)
-                    p.addcdiv_(grad, acc.sqrt().add_(eps), value=-lr)
-        return loss
+    def _dense_update(self, params, grads, group):
+        sums = [self._state_for(p, False, group) for p in params]
+        torch._foreach_addcmul_(sums, grads, grads)
+        std = torch._foreach_sqrt(sums)
+        torch._foreach_add_(std, group["eps"])
+        torch._foreach_addcdiv_(params, grads, std, value=-group["lr"])
 
-    def _sparse_update(self, p, grad, lr, eps):
-        rows = grad.indices()[0]
-        values = grad.values()
-        acc = self._state_for(p, sparse=True)
+    def _sparse_update(self, p, rows, values, group):
+        values = values.to(p.dtype)
+        acc = self._state_for(p, True, group)
         if self.row_wise_sparse:
-            acc.index_add_(0, rows, values.pow(2).mean(dim=1))
-            std = acc.index_select(0, rows).sqrt_().add_(eps).unsqueeze(1)
+            add_rows_(acc, rows, values.square().mean(dim=1))
+            std = acc.index_select(0, rows).sqrt_().add_(group["eps"]).unsqueeze(1)
         else:
-            acc.index_add_(0, rows, values.pow(2))
-            std = acc.index_select(0, rows).sqrt_().add_(eps)
-        p.index_add_(0, rows, values / std, alpha=-lr)
+            add_rows_(acc, rows, values.square())
+            std = acc.index_select(0, rows).sqrt_().add_(group["eps"])
+        add_rows_(p, rows, values.div(std).mul_(-group["lr"]))
 
 
-class Adagrad(_SparseAwareAdagrad):
+class Adagrad(_Adagrad):
     """Adagrad with element-wise state for dense and sparse gradients."""
 
 
-class RWSAdagrad(_SparseAwareAdagrad):
+class RWSAdagrad(_Adagrad):
     """Row-wise sparse Adagrad: element-wise for dense gradients, one value per row for sparse ones."""
 
     row_wise_sparse = True
 
 
 OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
+    "sgd": SGD,
     "adagrad": Adagrad,
     "rwsadagrad": RWSAdagrad,
 }

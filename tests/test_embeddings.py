@@ -1,0 +1,247 @@
+"""Batched embedding tables against one nn.EmbeddingBag per table: outputs, updates, checkpoints."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlrm_data
+import embeddings
+from dlrm_s_pytorch import DLRM_Net, interaction_width
+from embeddings import BatchedEmbeddingBags, EmbeddingBagList, uniform_rows_
+from optim import coalesce_rows, make_optimizer
+
+TABLES = [5, 1, 7, 3]
+
+
+def random_batch(batch_size=6, tables=TABLES, max_bag=4, seed=0):
+    """Bags of 0..max_bag ids (empty bags included), repeated rows across and within bags."""
+    rng = np.random.default_rng(seed)
+    lengths = [rng.integers(0, max_bag + 1, batch_size) for _ in tables]
+    indices = [rng.integers(0, n, int(l.sum())) for n, l in zip(tables, lengths)]
+    target = rng.random(batch_size).round()
+    return dlrm_data.batch_from_tables(rng.random((batch_size, 3)), lengths, indices, target)
+
+
+def naive_pool(tables_weights, batch):
+    """Loops: bag (t, b) = sum of rows of table t named in it."""
+    B, T = batch.batch_size, batch.num_tables
+    out = torch.zeros(B, T, tables_weights[0].shape[1])
+    for t in range(T):
+        for b in range(B):
+            start, stop = int(batch.offsets[t * B + b]), int(batch.offsets[t * B + b + 1])
+            for i in batch.indices[start:stop].tolist():
+                out[b, t] += tables_weights[t][i]
+    return out
+
+
+def test_batched_pooling_equals_one_embedding_bag_per_table():
+    torch.manual_seed(0)
+    per_table = EmbeddingBagList(TABLES, 4)
+    batched = BatchedEmbeddingBags(TABLES, 4)
+    batched.load_state_dict(per_table.state_dict())
+    batch = random_batch()
+    expected = naive_pool([bag.weight.detach() for bag in per_table], batch)
+    torch.testing.assert_close(per_table.pool(batch.offsets, batch.indices, 6), expected)
+    torch.testing.assert_close(batched.pool(batch.offsets, batch.indices, 6), expected)
+
+
+def twin_nets(tables=(5, 1, 7, 3), dim=4):
+    """Two DLRM_Nets with identical parameters: batched tables and one EmbeddingBag per table."""
+    torch.manual_seed(0)
+    width = interaction_width("dot", False, len(tables), dim, dim)
+    kwargs = dict(arch_interaction_op="dot", sigmoid_top=1)
+    batched = DLRM_Net(dim, list(tables), [3, 8, dim], [width, 6, 1], **kwargs)
+    per_table = DLRM_Net(dim, list(tables), [3, 8, dim], [width, 6, 1], batched_embeddings=False, **kwargs)
+    per_table.load_state_dict(batched.state_dict())
+    assert isinstance(batched.emb_l, BatchedEmbeddingBags) and isinstance(per_table.emb_l, EmbeddingBagList)
+    return batched, per_table
+
+
+def train_steps(model, optimizer, batches):
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad()
+        z = model(batch.dense_x, batch.offsets, batch.indices)
+        loss = F.binary_cross_entropy(z, batch.target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rwsadagrad"])
+def test_batched_updates_equal_per_table_updates(name):
+    batched, per_table = twin_nets()
+    batches = [random_batch(seed=s) for s in range(4)]
+    losses_batched = train_steps(batched, make_optimizer(name, batched.parameters(), 0.1), batches)
+    losses_per_table = train_steps(per_table, make_optimizer(name, per_table.parameters(), 0.1), batches)
+    assert losses_batched == pytest.approx(losses_per_table, rel=1e-5)
+    after_batched, after_per_table = batched.state_dict(), per_table.state_dict()
+    assert list(after_batched) == list(after_per_table)
+    for key in after_per_table:
+        torch.testing.assert_close(after_batched[key], after_per_table[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(after_batched["emb_l.0.weight"], twin_nets()[0].state_dict()["emb_l.0.weight"])
+
+
+@pytest.mark.parametrize("name,torch_optimizer", [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad)])
+def test_batched_updates_equal_torch_optimizers_on_per_table_bags(name, torch_optimizer):
+    batched, per_table = twin_nets()
+    batches = [random_batch(seed=s) for s in range(3)]
+    train_steps(batched, make_optimizer(name, batched.parameters(), 0.1), batches)
+    train_steps(per_table, torch_optimizer(per_table.parameters(), lr=0.1), batches)
+    for key, value in per_table.state_dict().items():
+        torch.testing.assert_close(batched.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_has_the_original_keys_and_moves_between_layouts(tmp_path):
+    batched, per_table = twin_nets()
+    assert [k for k in batched.state_dict() if k.startswith("emb_l")] == [f"emb_l.{t}.weight" for t in range(4)]
+    assert {k: v.shape for k, v in batched.state_dict().items()} == {k: v.shape for k, v in per_table.state_dict().items()}
+    path = tmp_path / "m.pt"
+    torch.save(per_table.state_dict(), path)
+    fresh, _ = twin_nets()
+    with torch.no_grad():
+        fresh.emb_l.weight.zero_()
+    fresh.load_state_dict(torch.load(path))
+    batch = random_batch()
+    torch.testing.assert_close(fresh(batch.dense_x, batch.offsets, batch.indices),
+                               per_table(batch.dense_x, batch.offsets, batch.indices))
+
+
+def test_loading_a_state_dict_with_a_wrong_table_names_it():
+    batched, _ = twin_nets()
+    state = batched.state_dict()
+    state["emb_l.2.weight"] = torch.zeros(8, 4)
+    del state["emb_l.3.weight"]
+    with pytest.raises(RuntimeError) as error:
+        batched.load_state_dict(state)
+    assert "size mismatch for emb_l.2.weight" in str(error.value) and "emb_l.3.weight" in str(error.value)
+
+
+def test_emb_l_k_is_a_view_of_table_k_usable_like_an_embedding_bag():
+    batched, per_table = twin_nets()
+    assert len(batched.emb_l) == 4 and [bag.weight.shape[0] for bag in batched.emb_l] == TABLES
+    torch.testing.assert_close(batched.emb_l[2].weight, per_table.emb_l[2].weight)
+    indices, offsets = torch.tensor([6, 0, 6]), torch.tensor([0, 1])
+    torch.testing.assert_close(batched.emb_l[2](indices, offsets), per_table.emb_l[2](indices, offsets))
+    with torch.no_grad():
+        batched.emb_l[3].weight.fill_(2.0)  # writes reach the shared weight
+    weight = batched.emb_l.weight.detach()
+    assert float(weight[-3:].sum()) == 2.0 * 3 * 4 and float(weight[:-3].abs().max()) < 1.0
+
+
+def test_an_index_past_its_table_is_an_error_not_a_row_of_the_next_table():
+    batched = BatchedEmbeddingBags([4, 3, 2], 2)
+    offsets = torch.tensor([0, 1, 2, 3])  # one bag per table, batch of 1
+    batched.pool(offsets, torch.tensor([3, 2, 1]), 1)
+    with pytest.raises(IndexError, match="embedding index 3 out of range for table 1 \\(3 rows\\)"):
+        batched.pool(offsets, torch.tensor([0, 3, 0]), 1)
+    with pytest.raises(IndexError, match="embedding index -1 out of range for table 2"):
+        batched.pool(offsets, torch.tensor([0, 0, -1]), 1)
+
+
+def test_initialisation_is_per_table_uniform_and_seeded(monkeypatch):
+    monkeypatch.setattr(embeddings, "INIT_CHUNK_ELEMENTS", 64)  # many chunks: exercises the threads
+    torch.manual_seed(3)
+    first = BatchedEmbeddingBags([1000, 4, 300], 8)
+    torch.manual_seed(3)
+    torch.set_num_threads(1)
+    try:
+        second = BatchedEmbeddingBags([1000, 4, 300], 8)
+    finally:
+        torch.set_num_threads(max(2, torch.get_num_threads()))
+    assert first.weight.dtype == torch.float32
+    assert torch.equal(first.weight, second.weight)  # same seed, same values, whatever the threads
+    for table, rows in zip(first, [1000, 4, 300]):
+        bound, weight = math.sqrt(1.0 / rows), table.weight.detach()
+        assert float(weight.abs().max()) <= bound
+        if rows > 4:
+            assert float(weight.abs().max()) > 0.9 * bound and abs(float(weight.mean())) < 0.05 * bound
+    torch.manual_seed(4)
+    assert not torch.equal(BatchedEmbeddingBags([1000, 4, 300], 8).weight, first.weight)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_coalesce_rows_sums_each_row_once(sync_free):
+    torch.manual_seed(0)
+    rows = torch.tensor([7, 1, 7, 3, 1, 7, 0])
+    values = torch.randn(7, 3)
+    grad = torch.sparse_coo_tensor(rows[None], values, (9, 3))
+    out_rows, out_values = coalesce_rows(grad, sync_free=sync_free)
+    expected = grad.coalesce()
+    if sync_free:  # padded to nnz with zero-valued repeats of the last row
+        assert out_rows.numel() == 7 and torch.equal(out_rows[:4], expected.indices()[0])
+        assert torch.equal(out_values[4:], torch.zeros(3, 3)) and bool((out_rows[4:] == 7).all())
+    else:
+        assert torch.equal(out_rows, expected.indices()[0])
+    torch.testing.assert_close(torch.zeros(9, 3).index_add_(0, out_rows, out_values), expected.to_dense())
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rwsadagrad"])
+def test_padded_sync_free_coalescing_gives_the_same_update(name, monkeypatch):
+    """The CUDA code path (no data-dependent sizes), run on the CPU."""
+    import optim.sparse_optimizers as so
+
+    batched, _ = twin_nets()
+    twin, _ = twin_nets()
+    batches = [random_batch(seed=s) for s in range(3)]
+    train_steps(batched, make_optimizer(name, batched.parameters(), 0.1), batches)
+    monkeypatch.setattr(so, "coalesce_rows", lambda grad: coalesce_rows(grad, sync_free=True))
+    train_steps(twin, make_optimizer(name, twin.parameters(), 0.1), batches)
+    for key, value in batched.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[key], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rwsadagrad"])
+def test_grad_scaler_contract_unscales_and_skips_on_inf(name):
+    """GradScaler.step hands `grad_scale` and `found_inf` to optimizers with _step_supports_amp_scaling."""
+    batched, twin = twin_nets()[0], twin_nets()[0]
+    batch = random_batch()
+    reference = make_optimizer(name, batched.parameters(), 0.1)
+    train_steps(batched, reference, [batch])
+    scaled = make_optimizer(name, twin.parameters(), 0.1)
+    assert scaled._step_supports_amp_scaling
+    scaled.zero_grad()
+    (F.binary_cross_entropy(twin(batch.dense_x, batch.offsets, batch.indices), batch.target) * 1024.0).backward()
+    scaled.grad_scale, scaled.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+    scaled.step()
+    for key, value in batched.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[key], value, rtol=1e-5, atol=1e-7)
+    before = {k: v.clone() for k, v in twin.state_dict().items()}
+    for p in twin.parameters():
+        p.grad = p.grad * float("inf")
+    scaled.found_inf = torch.tensor(1.0)
+    scaled.step()
+    assert all(torch.equal(before[k], v) for k, v in twin.state_dict().items())
+
+
+def test_optimizer_state_dict_round_trips_in_torch_format():
+    batched, twin = twin_nets()[0], twin_nets()[0]
+    batches = [random_batch(seed=s) for s in range(4)]
+    opt = make_optimizer("rwsadagrad", batched.parameters(), 0.1)
+    train_steps(batched, opt, batches[:2])
+    saved_model, saved_opt = batched.state_dict(), opt.state_dict()
+    assert set(saved_opt) == {"state", "param_groups"} and saved_opt["param_groups"][0]["params"][0] == 0
+    assert saved_opt["state"][0]["sum"].shape == (16,)  # row-wise: one value per row of the batched weight
+    twin.load_state_dict(saved_model)
+    resumed = make_optimizer("rwsadagrad", twin.parameters(), 0.1)
+    resumed.load_state_dict(saved_opt)
+    assert train_steps(twin, resumed, batches[2:]) == train_steps(batched, opt, batches[2:])
+    with pytest.raises(ValueError):
+        make_optimizer("adagrad", torch.nn.Linear(2, 2).parameters(), 0.1).load_state_dict(saved_opt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rwsadagrad"])
+def test_cuda_batched_training_matches_cpu(name):
+    batched, _ = twin_nets()
+    on_gpu, _ = twin_nets()
+    on_gpu.cuda()
+    batches = [random_batch(seed=s) for s in range(3)]
+    train_steps(batched, make_optimizer(name, batched.parameters(), 0.1), batches)
+    train_steps(on_gpu, make_optimizer(name, on_gpu.parameters(), 0.1), [b.to("cuda") for b in batches])
+    for key, value in batched.state_dict().items():
+        torch.testing.assert_close(on_gpu.state_dict()[key].cpu(), value, rtol=1e-4, atol=1e-6)
