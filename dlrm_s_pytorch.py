@@ -308,7 +308,9 @@ def device_batches(loader, device: torch.device):
         compute_stream.wait_stream(copy_stream)
         batch = upcoming
         for field in dataclasses.fields(batch):
-            getattr(batch, field.name).record_stream(compute_stream)  # memory reused only after its use here
+            value = getattr(batch, field.name)
+            if isinstance(value, torch.Tensor):
+                value.record_stream(compute_stream)  # memory reused only after its use here
         upcoming = copy(next(batches, None))
         yield batch
 
@@ -493,6 +495,17 @@ DATASET_ONLY_FLAGS = {
 }
 
 
+def check_writable(flag: str, path: str):
+    """Stops before any work when an output file cannot be written (its folder is created if missing)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise DLRMError(f"{flag} {path}: cannot create folder {directory} ({e.strerror})")
+    if not os.access(directory, os.W_OK) or os.path.isdir(path):
+        raise DLRMError(f"{flag} {path}: cannot write there")
+
+
 def validate_args(args) -> list[str]:
     """Stops on flags that cannot work; returns notes for flags that have no effect here."""
     dataset = args.data_generation == "dataset"
@@ -505,6 +518,23 @@ def validate_args(args) -> list[str]:
         raise DLRMError(f"--data-sub-sample-rate must be in [0, 1], got {args.data_sub_sample_rate}")
     if args.activation_function != "relu":
         raise DLRMError(f"--activation-function={args.activation_function} is not supported (relu)")
+    if args.data_generation != "dataset" and min(args.arch_embedding_size) < 1:
+        raise DLRMError(f"--arch-embedding-size: every table needs at least one row, got "
+                        f"{'-'.join(map(str, args.arch_embedding_size))}")
+    if min(args.arch_mlp_bot + args.arch_mlp_top) < 1:
+        raise DLRMError("--arch-mlp-bot / --arch-mlp-top: every layer needs at least one unit")
+    if args.arch_mlp_top[-1] != 1:
+        raise DLRMError(f"--arch-mlp-top must end in 1 (the click probability), got {args.arch_mlp_top[-1]}")
+    if args.num_workers < 0 or args.test_num_workers < 0:
+        raise DLRMError(f"--num-workers / --test-num-workers must be 0 or more, got {args.num_workers} / "
+                        f"{args.test_num_workers}")
+    for flag, path, wanted in (("--save-model", args.save_model, bool(args.save_model)),
+                               ("--onnx-file", args.onnx_file, args.save_onnx),
+                               ("--profiling-trace-file", args.profiling_trace_file, args.enable_profiling),
+                               ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph),
+                               ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file))):
+        if wanted:
+            check_writable(flag, path)
     if not args.sync_dense_params:
         raise DLRMError("--sync-dense-params=False is not supported: dense parameters are always kept in sync")
     for name in ("mini_batch_size", "nepochs", "mlperf_grad_accum_iter", "print_freq"):
@@ -520,7 +550,8 @@ def validate_args(args) -> list[str]:
             raise DLRMError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the {world} "
                             "processes of this run (each takes an equal share of the global batch)")
     if world > 1:
-        single_process_only = {"--save-onnx": args.save_onnx, "--plot-compute-graph": args.plot_compute_graph,
+        single_process_only = {"--precision=fp16": args.precision == "fp16",
+                               "--save-onnx": args.save_onnx, "--plot-compute-graph": args.plot_compute_graph,
                                "--enable-profiling": args.enable_profiling,
                                "--weighted-pooling": args.weighted_pooling is not None,
                                "--quantize-mlp-with-bit": args.quantize_mlp_with_bit != 32,
@@ -715,12 +746,13 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
         "test_acc": state.last_test.accuracy if state.last_test else 0.0,
         "test_auc": state.last_test.auc if state.last_test else float("nan"),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise DLRMError(f"--save-model {path}: cannot write the checkpoint ({e.strerror or e})")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1115,10 +1147,19 @@ def run_config(args, train_set, test_set, nbatches) -> dict:
         "warmup_steps": args.lr_num_warmup_steps,
         "decay_start_step": args.lr_decay_start_step,
         "decay_steps": args.lr_num_decay_steps,
-        "train_samples": min(nbatches * args.mini_batch_size, getattr(train_set, "num_samples", 1 << 62)),
-        "eval_samples": getattr(test_set, "num_samples", len(test_set) * args.test_mini_batch_size),
+        "train_samples": min(nbatches * args.mini_batch_size, dataset_samples(train_set, args.mini_batch_size)),
+        "eval_samples": dataset_samples(test_set, args.test_mini_batch_size),
         "args": vars(args),
     }
+
+
+def dataset_samples(dataset, batch_size: int) -> int:
+    """Samples in a dataset of whole (global) batches."""
+    inner = getattr(dataset, "dataset", dataset)  # a distributed process's shard of a dataset
+    for attr in ("num_samples", "num_rows"):
+        if hasattr(inner, attr):
+            return int(getattr(inner, attr))
+    return len(dataset) * batch_size
 
 
 def run_status(args, state: TrainState) -> str:
@@ -1161,6 +1202,7 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     if args.load_model:
         print(f"Loading saved model {args.load_model}")
         state = load_checkpoint(args.load_model, model, optimizer)
+        state.tested = False  # whether *this* run tested: without tests the final model is saved
         last = state.last_test
         print(f"Saved at: epoch = {state.epoch:d}/{args.nepochs:d}, batch = {state.next_batch:d}/{nbatches:d}, "
               f"ntbatch = {len(test_set):d}")
@@ -1226,6 +1268,8 @@ def save_onnx(model, batch, path):
         difference = onnx_export.export_onnx(model, batch, path)
     except onnx_export.ExportError as e:
         raise DLRMError(str(e))
+    except OSError as e:
+        raise DLRMError(f"--onnx-file {path}: cannot write the ONNX model ({e.strerror or e})")
     print(f"Saved the ONNX model to {path} (onnx.checker passed; max |onnx - torch| = {difference:.2e} "
           f"on a batch of {batch.batch_size})")
 

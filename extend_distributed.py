@@ -373,6 +373,11 @@ class ShardedDataset(Dataset):
     def __getitem__(self, j) -> ShardBatch:
         return shard_batch(self.dataset[j], self.rank, self.num_ranks, self.tables)
 
+    def set_epoch(self, epoch: int):
+        """Forwards the epoch to a dataset that reshuffles every epoch."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
 
 # ============================================================================ model
 class _ExchangePooled(torch.autograd.Function):
@@ -438,7 +443,8 @@ class ModelParallelEmbeddings(nn.Module):
             if rows[self.rank] != batch_size:
                 raise RuntimeError(f"rank {self.rank}: {batch_size} dense rows but {rows[self.rank]} expected "
                                    f"for a global batch of {global_batch}")
-            local = self.local.pool(offsets, indices, global_batch)
+            # one dtype for every rank's part of the exchange (under autocast MD projections give bf16)
+            local = self.local.pool(offsets, indices, global_batch).to(self.dtype)
         else:  # no tables here: nothing to send, but still part of every exchange (and its backward)
             rows = [batch_size if r == self.rank else 0 for r in range(self.world_size)]
             local = torch.zeros(0, 0, self.dim, device=self.to_global.device, dtype=self.dtype,

@@ -341,3 +341,30 @@ def test_nccl_on_gpus_equals_one_gpu(run_main, tmp_path, world):
     code, single, _ = run_main(*args)
     assert code == 0
     assert_same_run(out, single)
+
+
+def test_sharded_dataset_follows_the_epoch_of_a_reshuffled_dataset():
+    """Each epoch's shard is a slice of that epoch's global batch (the shuffle is not frozen at epoch 0)."""
+    import dlrm_data
+    import extend_distributed as ext_dist
+
+    class Reshuffled:
+        def __init__(self):
+            self.epoch = 0
+
+        def __len__(self):
+            return 3
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __getitem__(self, j):
+            rng = np.random.default_rng([self.epoch, j])
+            return dlrm_data.batch_from_tables(rng.random((4, 2)), [np.ones(4), np.ones(4)],
+                                               [rng.integers(0, 5, 4), rng.integers(0, 7, 4)], rng.random(4))
+
+    data = Reshuffled()
+    shard = ext_dist.ShardedDataset(data, rank=1, num_ranks=2, tables=[0, 1])
+    shard.set_epoch(1)
+    assert data.epoch == 1
+    torch.testing.assert_close(shard[2].dense_x, data[2].dense_x[2:4])
