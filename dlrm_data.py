@@ -98,6 +98,13 @@ def batch_from_tables(dense_x, per_table_lengths, per_table_indices, target) -> 
     )
 
 
+def batch_from_ids(dense_x, ids, target) -> Batch:
+    """A Batch with exactly one id per table per sample: ids is [B, T] (NumPy)."""
+    ids = np.asarray(ids)
+    lengths = [np.ones(ids.shape[0], dtype=np.int64)] * ids.shape[1]
+    return batch_from_tables(dense_x, lengths, [ids[:, t] for t in range(ids.shape[1])], target)
+
+
 def batch_from_original(dense_x, lS_o, lS_i, target=None) -> Batch:
     """Converts the original's (X, lS_o, lS_i) layout to a Batch.
 

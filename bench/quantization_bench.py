@@ -52,9 +52,7 @@ class PlantedCriteo:
 
     def __getitem__(self, j):
         s = slice(j * self.batch_size, (j + 1) * self.batch_size)
-        n = len(self.labels[s])
-        return dlrm_data.batch_from_tables(self.dense[s], [np.ones(n)] * len(self.table_sizes),
-                                           [self.ids[s, t] for t in range(len(self.table_sizes))], self.labels[s])
+        return dlrm_data.batch_from_ids(self.dense[s], self.ids[s], self.labels[s])
 
 
 def inference_ms(model, batches):

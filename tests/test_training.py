@@ -36,9 +36,7 @@ class PlantedDataset:
 
     def __getitem__(self, j):
         s = slice(j * self.batch_size, (j + 1) * self.batch_size)
-        n = len(self.labels[s])
-        return dlrm_data.batch_from_tables(self.dense[s], [np.ones(n)] * len(self.tables),
-                                           [self.ids[s, t] for t in range(len(self.tables))], self.labels[s])
+        return dlrm_data.batch_from_ids(self.dense[s], self.ids[s], self.labels[s])
 
 
 def small_args(*extra):
