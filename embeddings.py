@@ -64,8 +64,9 @@ def uniform_rows_(weight: torch.Tensor, row_ranges) -> torch.Tensor:
 
 def create_embedding_bag(num_rows: int, dim: int) -> nn.EmbeddingBag:
     """A sum-pooled EmbeddingBag with sparse gradients, rows ~ U(-sqrt(1/n), sqrt(1/n)) as the original."""
-    bag = nn.EmbeddingBag(int(num_rows), int(dim), mode="sum", sparse=True, _weight=torch.empty(int(num_rows), int(dim)))
-    uniform_rows_(bag.weight.data, [(0, int(num_rows), math.sqrt(1.0 / num_rows))])
+    num_rows, dim = int(num_rows), int(dim)
+    bag = nn.EmbeddingBag(num_rows, dim, mode="sum", sparse=True, _weight=torch.empty(num_rows, dim))
+    uniform_rows_(bag.weight.data, [(0, num_rows, math.sqrt(1.0 / num_rows))])
     return bag
 
 
@@ -130,7 +131,8 @@ class BatchedEmbeddingBags(nn.Module):
             self.row_starts.append(self.row_starts[-1] + n)
         total_rows = sum(self.table_sizes)
         self.weight = nn.Parameter(torch.empty(total_rows, self.embedding_dim))
-        uniform_rows_(self.weight.data, [(s, s + n, math.sqrt(1.0 / n)) for s, n in zip(self.row_starts, self.table_sizes)])
+        bounds = [(s, s + n, math.sqrt(1.0 / n)) for s, n in zip(self.row_starts, self.table_sizes)]
+        uniform_rows_(self.weight.data, bounds)
         self.register_buffer("first_row", torch.tensor(self.row_starts, dtype=torch.int64), persistent=False)
         self.register_buffer("num_rows", torch.tensor(self.table_sizes, dtype=torch.int64), persistent=False)
 

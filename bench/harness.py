@@ -252,7 +252,8 @@ def format_table(rows) -> str:
             cells += [""] * (len(header) - len(cells))
         else:
             cells = [row["config"], row["code"], row["precision"], row["device"], f"{row['ms_per_it']:.1f}",
-                     f"{row['median_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}", f"{row['peak_mem_gib']:.1f}",
+                     f"{row['median_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}",
+                     f"{row['peak_mem_gib']:.1f}",
                      ratio(row, "x_original"), ratio(row, "x_baseline"), ratio(row, "x_original_startup")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -319,7 +320,8 @@ def main(argv=None) -> int:
     print(format_table(rows))
     low, high = ORIGINAL_BENCHMARK_RANGE_MS
     print(f"\n× original: the original's ms/it on the same class of machine (issue 4) / ours; for the benchmark "
-          f"model the fast end of its {low:.0f}-{high:.0f} ms/it range (× {high / low:.2f} more against the slow end).")
+          f"model the fast end of its {low:.0f}-{high:.0f} ms/it range "
+          f"(× {high / low:.2f} more against the slow end).")
     if opts.json:
         tmp = f"{opts.json}.tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
