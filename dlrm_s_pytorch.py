@@ -248,7 +248,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_precision(precision: str, device: torch.device):
     if precision == "fp16" and device.type != "cuda":
-        raise DLRMError("--precision=fp16 needs CUDA (--use-gpu on a machine with a GPU); on the CPU use --precision=bf16")
+        raise DLRMError("--precision=fp16 needs CUDA (--use-gpu on a machine with a GPU); "
+                        "on the CPU use --precision=bf16")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DLRMError(f"--precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
 

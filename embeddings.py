@@ -93,8 +93,9 @@ def table_init_seed(seed: int, table: int) -> int:
 
 def create_embedding_bag(num_rows: int, dim: int) -> nn.EmbeddingBag:
     """A sum-pooled EmbeddingBag with sparse gradients, rows ~ U(-sqrt(1/n), sqrt(1/n)) as the original."""
-    bag = nn.EmbeddingBag(int(num_rows), int(dim), mode="sum", sparse=True, _weight=torch.empty(int(num_rows), int(dim)))
-    uniform_rows_(bag.weight.data, [(0, int(num_rows), math.sqrt(1.0 / num_rows), draw_tables_seed())])
+    num_rows, dim = int(num_rows), int(dim)
+    bag = nn.EmbeddingBag(num_rows, dim, mode="sum", sparse=True, _weight=torch.empty(num_rows, dim))
+    uniform_rows_(bag.weight.data, [(0, num_rows, math.sqrt(1.0 / num_rows), draw_tables_seed())])
     return bag
 
 

@@ -16,8 +16,9 @@
 #   SMALL [0]    1: tables of 100K rows and 100 batches instead of 1M rows and 1000 batches
 #   NBATCHES, MB_SIZE, EMB_ROWS    override the corresponding settings
 #   PROFILE [0]  1: add --enable-profiling, as the original always did
-#   OUT [.]      directory of the logs
+#   OUT [.]      directory of the logs (relative to where the script is started)
 set -euo pipefail
+start_dir=$PWD
 cd "$(dirname "$0")/.."
 
 extra_args=("$@")
@@ -28,6 +29,7 @@ ncores=${NCORES:-$(nproc)}
 ngpus=${NGPUS:-1}
 small=${SMALL:-0}
 out=${OUT:-.}
+[[ $out == /* ]] || out="$start_dir/$out"
 mkdir -p "$out"
 
 # the original's settings

@@ -191,11 +191,11 @@ def checkout(rev: str) -> str:
     return target
 
 
-def spawn(name, code, code_dir, precision, opts) -> dict:
+def spawn(name, code, code_dir, precision, opts, compile_run=False) -> dict:
     flags, original_ms, original_startup, _ = CONFIGS[name]
-    spec = dict(flags=flags, precision=precision, compile=opts.compile, device=opts.device, iters=opts.iters,
+    spec = dict(flags=flags, precision=precision, compile=compile_run, device=opts.device, iters=opts.iters,
                 warmup=opts.warmup, pool=opts.pool, code_dir=code_dir, spawned_at=time.time())
-    row = dict(config=name, code=code, precision=precision + ("+compile" if opts.compile else ""),
+    row = dict(config=name, code=code, precision=precision + ("+compile" if compile_run else ""),
                device=opts.device, original_ms=original_ms, original_startup_s=original_startup,
                load_before=os.getloadavg()[0])  # other work on the machine skews the figures
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -252,7 +252,8 @@ def format_table(rows) -> str:
             cells += [""] * (len(header) - len(cells))
         else:
             cells = [row["config"], row["code"], row["precision"], row["device"], f"{row['ms_per_it']:.1f}",
-                     f"{row['median_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}", f"{row['peak_mem_gib']:.1f}",
+                     f"{row['median_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}",
+                     f"{row['peak_mem_gib']:.1f}",
                      ratio(row, "x_original"), ratio(row, "x_baseline"), ratio(row, "x_original_startup")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -298,26 +299,29 @@ def main(argv=None) -> int:
             print(f"{name:15s} {description}\n{'':15s} {' '.join(flags)}")
         return 0
     baseline_dir = checkout(opts.baseline) if opts.baseline else None
-    rows = []
+    runs = []
     for name in opts.configs:
-        runs = [("this", ROOT, p) for p in opts.precisions]
         if baseline_dir:
-            runs.insert(0, (opts.baseline[:12], baseline_dir, "fp32"))
-        for code, code_dir, precision in runs:
-            saved_compile = opts.compile
-            opts.compile = opts.compile and code == "this"
-            tries = [spawn(name, code, code_dir, precision, opts) for _ in range(opts.repeat)]
-            opts.compile = saved_compile
-            row = best_of(tries)
-            rows.append(row)
+            runs.append((name, opts.baseline[:12], baseline_dir, "fp32"))
+        runs += [(name, "this", ROOT, p) for p in opts.precisions]
+    # repeats go round all runs, so a burst of other work on the machine spoils one try of several runs
+    tries = {run: [] for run in runs}
+    for attempt in range(opts.repeat):
+        for run in runs:
+            name, code, code_dir, precision = run
+            row = spawn(name, code, code_dir, precision, opts, compile_run=opts.compile and code == "this")
+            tries[run].append(row)
             done = row.get("error") or (f"{row['ms_per_it']:.1f} ms/it, start-up {row['startup_s']:.1f} s, "
                                         f"load average before {row['load_before']:.1f}")
-            print(f"{name} [{code}, {row['precision']}, {opts.device}]: {done}", file=sys.stderr, flush=True)
+            print(f"{name} [{code}, {row['precision']}, {opts.device}] try {attempt + 1}: {done}",
+                  file=sys.stderr, flush=True)
+    rows = [best_of(tries[run]) for run in runs]
     add_ratios(rows)
     print(format_table(rows))
     low, high = ORIGINAL_BENCHMARK_RANGE_MS
     print(f"\n× original: the original's ms/it on the same class of machine (issue 4) / ours; for the benchmark "
-          f"model the fast end of its {low:.0f}-{high:.0f} ms/it range (× {high / low:.2f} more against the slow end).")
+          f"model the fast end of its {low:.0f}-{high:.0f} ms/it range "
+          f"(× {high / low:.2f} more against the slow end).")
     if opts.json:
         tmp = f"{opts.json}.tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)

@@ -185,7 +185,8 @@ class _FusedSparseOptimizer:
         found_inf = getattr(self, "found_inf", None)
         if grad_scale is None and found_inf is None:
             return None
-        factor = torch.ones((), dtype=torch.float32, device=(grad_scale if grad_scale is not None else found_inf).device)
+        device = (grad_scale if grad_scale is not None else found_inf).device
+        factor = torch.ones((), dtype=torch.float32, device=device)
         if grad_scale is not None:
             factor = factor / grad_scale
         if found_inf is not None:

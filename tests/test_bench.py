@@ -20,7 +20,8 @@ def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
     table = [line for line in result.stdout.splitlines() if line.startswith("| smoke |")]
     assert len(table) == 2 and "| fp32 |" in table[0] and "| bf16 |" in table[1]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["config"], r["precision"], r["device"]) for r in rows] == [("smoke", "fp32", "cpu"), ("smoke", "bf16", "cpu")]
+    assert [(r["config"], r["precision"], r["device"]) for r in rows] == [("smoke", "fp32", "cpu"),
+                                                                          ("smoke", "bf16", "cpu")]
     for row in rows:
         assert row["ms_per_it"] > 0 and row["samples_per_s"] > 0 and row["mini_batch_size"] == 128
         assert row["samples_per_s"] == pytest.approx(128 * 1000 / row["ms_per_it"], rel=1e-6)

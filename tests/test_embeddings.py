@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import dlrm_data
 import embeddings
 from dlrm_s_pytorch import DLRM_Net, interaction_width
-from embeddings import BatchedEmbeddingBags, EmbeddingBagList, uniform_rows_
+from embeddings import BatchedEmbeddingBags, EmbeddingBagList
 from optim import coalesce_rows, make_optimizer
 
 TABLES = [5, 1, 7, 3]
@@ -99,7 +99,8 @@ def test_batched_updates_equal_torch_optimizers_on_per_table_bags(name, torch_op
 def test_state_dict_has_the_original_keys_and_moves_between_layouts(tmp_path):
     batched, per_table = twin_nets()
     assert [k for k in batched.state_dict() if k.startswith("emb_l")] == [f"emb_l.{t}.weight" for t in range(4)]
-    assert {k: v.shape for k, v in batched.state_dict().items()} == {k: v.shape for k, v in per_table.state_dict().items()}
+    shapes = {k: v.shape for k, v in per_table.state_dict().items()}
+    assert {k: v.shape for k, v in batched.state_dict().items()} == shapes
     path = tmp_path / "m.pt"
     torch.save(per_table.state_dict(), path)
     fresh, _ = twin_nets()
