@@ -1096,6 +1096,11 @@ def main(argv=None) -> int:
             return run(args)
     except (DLRMError, ext_dist.DistributedError) as e:
         print(f"dlrm_s_pytorch.py: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
+        if isinstance(e, ext_dist.DistributedError) and ext_dist.is_initialized():
+            # a process group whose peer is gone can abort in its destructor at interpreter exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
 
 
