@@ -119,6 +119,38 @@ def to_flat_sparse(dense_x, lS_o, lS_i):
     return batch.offsets, batch.indices
 
 
+def gram_pairs(features: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+    """The dot products of the feature vectors [B, F, D] at `pair_index` (positions in the flattened
+    [F, F] Gram matrix), [B, P], in float32 also under autocast."""
+    with torch.autocast(features.device.type, enabled=False):
+        features = features.float()
+        return torch.bmm(features, features.transpose(1, 2)).flatten(1).index_select(1, pair_index)
+
+
+class DotInteraction(torch.autograd.Function):
+    """`gram_pairs` with a backward that uses the Gram matrix's symmetry.
+
+    With S the pairs' gradient scattered into [F, F] at (i, j) and (j, i), the features' gradient
+    is S @ features: one bmm, where autograd through bmm(f, f^T) runs two and adds them.
+    """
+
+    @staticmethod
+    def forward(ctx, features, pair_index, mirror_index):
+        ctx.save_for_backward(features, pair_index, mirror_index)
+        return gram_pairs(features, pair_index)
+
+    @staticmethod
+    def backward(ctx, grad_pairs):
+        features, pair_index, mirror_index = ctx.saved_tensors
+        batch, num_features, _ = features.shape
+        grad_pairs = grad_pairs.float()
+        sym = grad_pairs.new_zeros(batch, num_features * num_features)
+        sym.index_add_(1, pair_index, grad_pairs)
+        sym.index_add_(1, mirror_index, grad_pairs)  # a self-pair (i, i) gets both: d(f.f)/df = 2f
+        grad = torch.bmm(sym.view(batch, num_features, num_features), features.float())
+        return grad.to(features.dtype), None, None
+
+
 class DLRM_Net(nn.Module):
     """The DLRM model.
 
@@ -193,10 +225,11 @@ class DLRM_Net(nn.Module):
         self.top_l = create_mlp(ln_top, sigmoid_top)
 
         # pairs (i, j), i > j (or i >= j with self-interaction), in the original's row-major order,
-        # as positions in the flattened [F, F] Gram matrix: one index_select per forward
+        # as positions in the flattened [F, F] Gram matrix: one index_select per forward; (j, i) for the backward
         num_features = len(ln_emb) + 1
         rows, cols = torch.tril_indices(num_features, num_features, offset=0 if self.arch_interaction_itself else -1)
         self.register_buffer("pair_index", rows * num_features + cols, persistent=False)
+        self.register_buffer("mirror_index", cols * num_features + rows, persistent=False)
 
     def _check_arch(self, ln_bot, ln_top):
         dense_out = ln_bot[-1]
@@ -218,10 +251,14 @@ class DLRM_Net(nn.Module):
     def interact_features(self, x, ly):
         """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings."""
         if self.arch_interaction_op == "dot":
-            ly = ly.to(x.dtype)  # under autocast x is already in the lower precision
-            features = torch.cat([x.unsqueeze(1), ly], dim=1)  # [B, T+1, D]
-            gram = torch.bmm(features, features.transpose(1, 2))
-            return torch.cat([x, gram.flatten(1).index_select(1, self.pair_index)], dim=1)
+            # in float32 under autocast too: tiny products, where bf16 only adds casts and rounding
+            x = x.float()
+            features = torch.cat([x.unsqueeze(1), ly.float()], dim=1)  # [B, T+1, D]
+            if torch.is_grad_enabled() and features.requires_grad:
+                pairs = DotInteraction.apply(features, self.pair_index, self.mirror_index)
+            else:  # the same arithmetic as plain operators (ONNX export, tracing, inference)
+                pairs = gram_pairs(features, self.pair_index)
+            return torch.cat([x, pairs], dim=1)
         return torch.cat([x, ly.to(x.dtype).flatten(1)], dim=1)
 
     def forward(self, dense_x, lS_o, lS_i):

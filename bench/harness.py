@@ -17,8 +17,9 @@ Every run is a new Python process that builds and trains exactly as `dlrm_s_pyto
   so the figure is the trainer's step (the original's ms/it excludes data loading too);
 - peak memory: the process's maximum resident set (CPU), or the peak of torch.cuda allocations.
 
-`--baseline REV` also runs every configuration (fp32) with the code of git revision REV of this
-repository (e.g. the commit before a change), so ratios come from one run on one machine.
+`--baseline REV` also runs every configuration and precision with the code of git revision REV of
+this repository (e.g. the commit before a change), alternating with this code's runs, so ratios come
+from one run on one machine.
 "Original" ratios compare with the original facebookresearch/dlrm on the same class of
 2-core machine, as quoted in issue 4 (kaggle-128: ~14 ms/it; benchmark: ~370-650 ms/it and
 ~35 s of start-up); they are reference figures, not measured here.
@@ -224,7 +225,7 @@ def best_of(tries):
 
 
 def add_ratios(rows):
-    baseline = {r["config"]: r for r in rows if r["code"] != "this" and "error" not in r}
+    baseline = {(r["config"], r["precision"]): r for r in rows if r["code"] != "this" and "error" not in r}
     for row in rows:
         if "error" in row:
             continue
@@ -232,7 +233,7 @@ def add_ratios(rows):
             row["x_original"] = row["original_ms"] / row["ms_per_it"]
         if row.get("original_startup_s"):
             row["x_original_startup"] = row["original_startup_s"] / row["startup_s"]
-        base = baseline.get(row["config"])
+        base = baseline.get((row["config"], row["precision"].split("+")[0]))  # "bf16+compile" vs "bf16"
         if base is not None and row["code"] == "this":
             row["x_baseline"] = base["ms_per_it"] / row["ms_per_it"]
             row["x_baseline_startup"] = base["startup_s"] / row["startup_s"]
@@ -270,7 +271,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     parser.add_argument("--compile", action="store_true", help="add --compile to every run of this code")
     parser.add_argument("--baseline", default=None, metavar="REV",
-                        help="also run each configuration (fp32) with git revision REV of this repository")
+                        help="also run each configuration and precision with git revision REV of this repository")
     parser.add_argument("--iters", type=int, default=20, help="measured iterations per run")
     parser.add_argument("--warmup", type=int, default=5, help="iterations before measuring (at least --pool)")
     parser.add_argument("--pool", type=int, default=4, help="distinct random batches cycled through")
@@ -301,9 +302,10 @@ def main(argv=None) -> int:
     baseline_dir = checkout(opts.baseline) if opts.baseline else None
     runs = []
     for name in opts.configs:
-        if baseline_dir:
-            runs.append((name, opts.baseline[:12], baseline_dir, "fp32"))
-        runs += [(name, "this", ROOT, p) for p in opts.precisions]
+        for p in opts.precisions:
+            if baseline_dir:
+                runs.append((name, opts.baseline[:12], baseline_dir, p))
+            runs.append((name, "this", ROOT, p))
     # repeats go round all runs, so a burst of other work on the machine spoils one try of several runs
     tries = {run: [] for run in runs}
     for attempt in range(opts.repeat):
