@@ -934,6 +934,11 @@ def build_model(args, dense_dim, table_sizes, local_tables=None) -> DLRM_Net:
     )
 
 
+def build_optimizer(args, model: nn.Module):
+    """The --optimizer for `model`; `train` zeroes the gradients after every step, so steps may reuse them."""
+    return make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True)
+
+
 def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
     print("model arch:")
     print(f"mlp top arch {len(ln_top) - 1} layers, with input to output dimensions:")
@@ -1239,7 +1244,7 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     if launch:  # this process's tables and share of each batch; MLPs replicated
         model, train_set, test_set = ext_dist.distribute(model, train_set, test_set, table_sizes, device,
                                                          lambda: build_model(args, dense_dim, table_sizes))
-    optimizer = None if args.inference_only else make_optimizer(args.optimizer, model.parameters(), args.learning_rate)
+    optimizer = None if args.inference_only else build_optimizer(args, model)
 
     state = TrainState()
     if args.load_model:

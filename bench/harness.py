@@ -142,7 +142,10 @@ def run_one(spec: dict) -> dict:
     model.to(device)
     if spec["compile"]:
         dlrm.compile_dense(model, device)
-    optimizer = dlrm.make_optimizer(args.optimizer, model.parameters(), args.learning_rate)
+    if hasattr(dlrm, "build_optimizer"):
+        optimizer = dlrm.build_optimizer(args, model)
+    else:  # a --baseline revision from before build_optimizer
+        optimizer = dlrm.make_optimizer(args.optimizer, model.parameters(), args.learning_rate)
     build_s = time.perf_counter() - t_build
 
     stamps = []

@@ -87,8 +87,11 @@ class _FusedSparseOptimizer:
     _step_supports_amp_scaling = True  # see GradScaler.step: sets self.grad_scale and self.found_inf
     needs_coalesced_rows = True
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, consume_grads=False):
         self.defaults = dict(defaults)
+        # the caller drops the gradients after each step, so a step may overwrite them (a training
+        # loop that zeroes them next): saves a pass and a buffer the size of a sparse gradient
+        self.consume_grads = consume_grads
         self.state = defaultdict(dict)
         self.param_groups = []
         groups = list(params)
@@ -212,25 +215,27 @@ class SGD(_FusedSparseOptimizer):
 
     needs_coalesced_rows = False  # additive: duplicate rows are summed by add_rows_ itself
 
-    def __init__(self, params, lr=0.01):
+    def __init__(self, params, lr=0.01, consume_grads=False):
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
-        super().__init__(params, dict(lr=lr))
+        super().__init__(params, dict(lr=lr), consume_grads)
 
     def _dense_update(self, params, grads, group):
         torch._foreach_add_(params, grads, alpha=-group["lr"])
 
     def _sparse_update(self, p, rows, values, group):
-        add_rows_(p, rows, values.to(p.dtype) * -group["lr"])
+        values = values.to(p.dtype)
+        add_rows_(p, rows, values.mul_(-group["lr"]) if self.consume_grads else values * -group["lr"])
 
 
 class _Adagrad(_FusedSparseOptimizer):
     row_wise_sparse = False
 
-    def __init__(self, params, lr=0.01, eps=1e-10, initial_accumulator_value=0.0):
+    def __init__(self, params, lr=0.01, eps=1e-10, initial_accumulator_value=0.0, consume_grads=False):
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
-        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value))
+        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value),
+                         consume_grads)
 
     def _state_for(self, p, sparse, group):
         state = self.state[p]
@@ -275,7 +280,9 @@ OPTIMIZERS = {
 }
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float, consume_grads: bool = False) -> torch.optim.Optimizer:
+    """`consume_grads`: the caller never reads gradients after a step (the training loop), so the
+    step may overwrite them instead of copying."""
     if name not in OPTIMIZERS:
         raise ValueError(f"--optimizer={name} is not one of {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, lr=lr)
+    return OPTIMIZERS[name](params, lr=lr, consume_grads=consume_grads)

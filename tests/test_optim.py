@@ -74,3 +74,15 @@ def test_sparse_optimizers_run_on_cuda(name):
     make_optimizer(name, [w_cuda], lr=0.1).step()
     cpu_opt.step()
     torch.testing.assert_close(w_cuda.detach().cpu(), w_sparse.detach())
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rwsadagrad"])
+def test_a_step_leaves_gradients_alone_unless_told_it_may_consume_them(name):
+    weight, w_sparse, _ = sparse_and_dense_grads()
+    twin = weight.clone().requires_grad_(True)
+    twin.grad = w_sparse.grad.clone()
+    before = w_sparse.grad.to_dense()
+    make_optimizer(name, [w_sparse], lr=0.1).step()
+    torch.testing.assert_close(w_sparse.grad.to_dense(), before)  # readable after the step, as torch.optim
+    make_optimizer(name, [twin], lr=0.1, consume_grads=True).step()  # what the training loop builds
+    torch.testing.assert_close(twin.detach(), w_sparse.detach())
