@@ -473,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--sync-dense-params", True, "keep dense parameters in sync across devices")
     flag(g, "--inference-only", False, "no training: forward passes and evaluation only")
     g.add_argument("--precision", type=str, default="fp32", choices=list(PRECISIONS),
-                   help="MLP and interaction arithmetic through autocast: bf16 (CPU, CUDA) or fp16 (CUDA, with "
-                        "loss scaling); embeddings, optimizer state and the loss stay float32")
+                   help="MLP arithmetic through autocast: bf16 (CPU, CUDA) or fp16 (CUDA, with loss scaling); "
+                        "embeddings, the interaction, optimizer state and the loss stay float32")
     flag(g, "--compile", False, "torch.compile the dense part (bottom MLP, interaction, top MLP)")
 
     g = parser.add_argument_group("evaluation")
