@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import inspect
 import os
 import re
@@ -232,9 +233,10 @@ def _first_line(error: BaseException) -> str:
 @contextlib.contextmanager
 def session(timeout_s: float = 0):
     """Wraps a whole run: turns a lost peer into a DistributedError and tears the group down."""
-    broken = False
+    broken = finished = False
     try:
         yield
+        finished = True
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
         if not (is_initialized() and _is_communication_failure(e)):
             raise
@@ -247,7 +249,19 @@ def session(timeout_s: float = 0):
             sys.stdout.close()
             sys.stdout = _saved_stdout.pop()
         if is_initialized() and not broken:
-            dist.destroy_process_group()
+            _tear_down(wait_for_peers=finished)
+
+
+def _tear_down(wait_for_peers: bool):
+    """Ends a healthy process group while the interpreter is whole: what holds it (DDP modules in
+    reference cycles, pending work) is freed first and, after a run that finished, every rank gets
+    here before any leaves, so no gloo thread is left to interpreter exit (where it can abort). A rank
+    that stopped on an error does not wait: its peers learn of it from the closed connections."""
+    gc.collect()
+    if wait_for_peers:
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def error_prefix() -> str:
