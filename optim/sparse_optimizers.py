@@ -260,7 +260,8 @@ class _Adagrad(_FusedSparseOptimizer):
         else:
             add_rows_(acc, rows, values.square())
             std = acc.index_select(0, rows).sqrt_().add_(group["eps"])
-        add_rows_(p, rows, values.div(std).mul_(-group["lr"]))
+        step = values.div_(std) if self.consume_grads else values.div(std)
+        add_rows_(p, rows, step.mul_(-group["lr"]))
 
 
 class Adagrad(_Adagrad):
