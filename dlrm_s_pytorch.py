@@ -56,18 +56,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import compute_graph
 import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
-import onnx_export
-import profiling
-import quantization
-import trace_data
-from embeddings import BatchedEmbeddingBags, EmbeddingBagList, create_embedding_bag
-from optim import OPTIMIZERS, make_optimizer
-from run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
-from tricks import PoolingWeights, embedding_output_dim, table_factory
+from dlrmkit import compute_graph, onnx_export, profiling, quantization, trace_data
+from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, create_embedding_bag
+from dlrmkit.optim import OPTIMIZERS, make_optimizer
+from dlrmkit.run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
+from dlrmkit.tricks import PoolingWeights, embedding_output_dim, table_factory
 
 
 class DLRMError(Exception):

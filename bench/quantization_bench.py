@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dlrm_data  # noqa: E402
 import dlrm_s_pytorch as dlrm  # noqa: E402
-import quantization  # noqa: E402
-from optim import make_optimizer  # noqa: E402
+from dlrmkit import quantization  # noqa: E402
+from dlrmkit.optim import make_optimizer  # noqa: E402
 
 # Criteo Kaggle's 26 table sizes (as counted by the original's preprocessing) / 100, at least 3
 CRITEO_KAGGLE_ROWS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,

@@ -9,10 +9,10 @@ import torch.nn as nn
 
 import dlrm_data
 import dlrm_s_pytorch as dlrm
-from optim import make_optimizer
+from dlrmkit.optim import make_optimizer
 from test_training import PlantedDataset
-from tricks import PrEmbeddingBag, QREmbeddingBag, md_solver
-from tricks.pooling import sum_bags
+from dlrmkit.tricks import PrEmbeddingBag, QREmbeddingBag, md_solver
+from dlrmkit.tricks.pooling import sum_bags
 
 TABLES = (500, 300, 10)
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import dlrm_data
-import embeddings
+from dlrmkit import embeddings
 from dlrm_s_pytorch import DLRM_Net, interaction_width
-from embeddings import BatchedEmbeddingBags, EmbeddingBagList
-from optim import coalesce_rows, make_optimizer
+from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList
+from dlrmkit.optim import coalesce_rows, make_optimizer
 
 TABLES = [5, 1, 7, 3]
 
@@ -184,7 +184,7 @@ def test_coalesce_rows_sums_each_row_once(sync_free):
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "rwsadagrad"])
 def test_padded_sync_free_coalescing_gives_the_same_update(name, monkeypatch):
     """The CUDA code path (no data-dependent sizes), run on the CPU."""
-    import optim.sparse_optimizers as so
+    import dlrmkit.optim.sparse_optimizers as so
 
     batched, _ = twin_nets()
     twin, _ = twin_nets()

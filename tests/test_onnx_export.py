@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dlrm_data
-import onnx_export
+from dlrmkit import onnx_export
 from dlrm_s_pytorch import DLRM_Net, interaction_width
 
 onnx = pytest.importorskip("onnx")

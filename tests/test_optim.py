@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import make_optimizer
+from dlrmkit.optim import make_optimizer
 
 
 def sparse_and_dense_grads(seed=0):

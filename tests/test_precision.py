@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dlrm_s_pytorch as dlrm
-from optim import make_optimizer
+from dlrmkit.optim import make_optimizer
 from test_training import PlantedDataset
 
 # bf16 vs fp32, this model and data, 2 epochs of Adagrad, a print every 10 iterations of 64 samples:

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import dlrm_s_pytorch as dlrm
-import quantization
-from optim import make_optimizer
+from dlrmkit import quantization
+from dlrmkit.optim import make_optimizer
 from test_training import PlantedDataset
 
 TABLES = (50, 20, 10)

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import compute_graph
-from mlperf_logger import parse_mllog
+from dlrmkit import compute_graph
+from dlrmkit.mlperf_logger import parse_mllog
 
 RUN = ["--mini-batch-size=4", "--data-size=16", "--test-freq=2", "--loss-function=bce", "--round-targets"]
 

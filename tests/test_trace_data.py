@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-import trace_data
+from dlrmkit import trace_data
 from conftest import CRITEO_SAMPLE, ROOT
 
 SAMPLE_TRACE = os.path.join(ROOT, "bench", "traces", "dist_emb_j.log")

@@ -8,7 +8,7 @@ import torch
 
 import dlrm_data
 import dlrm_s_pytorch as dlrm
-from optim import make_optimizer
+from dlrmkit.optim import make_optimizer
 
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
 TEST_LINE = re.compile(r"^ accuracy ([\d.]+) %, best ([\d.]+) %, loss ([\d.]+), auc ([\d.na]+), best auc ([\d.na]+)")

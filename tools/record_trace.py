@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trace_data import distribution_from_trace, trace_file_for_table, write_trace_distribution  # noqa: E402
+from dlrmkit.trace_data import distribution_from_trace, trace_file_for_table, write_trace_distribution  # noqa: E402
 
 CRITEO_DENSE, CRITEO_SPARSE = 13, 26
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from embeddings import BatchedEmbeddingBags, EmbeddingTableView
-from tricks.pooling import sum_bags
+from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingTableView
+from dlrmkit.tricks.pooling import sum_bags
 
 OPSET = 17
 INPUT_NAMES = ["dense_x", "offsets", "indices"]

@@ -13,10 +13,10 @@ bag(indices, offsets, per_sample_weights=None) -> [B, out_dim].
 
 from __future__ import annotations
 
-from embeddings import create_embedding_bag
-from tricks.md_embedding_bag import PrEmbeddingBag, md_solver
-from tricks.qr_embedding_bag import QREmbeddingBag
-from tricks.weighted_pooling import PoolingWeights
+from dlrmkit.embeddings import create_embedding_bag
+from dlrmkit.tricks.md_embedding_bag import PrEmbeddingBag, md_solver
+from dlrmkit.tricks.qr_embedding_bag import QREmbeddingBag
+from dlrmkit.tricks.weighted_pooling import PoolingWeights
 
 __all__ = ["PoolingWeights", "PrEmbeddingBag", "QREmbeddingBag", "md_solver", "table_factory", "embedding_output_dim"]
 

@@ -17,7 +17,7 @@ import math
 import os
 import time
 
-from mlperf_logger import MLPerfLogger
+from dlrmkit.mlperf_logger import MLPerfLogger
 
 
 class RunLogError(RuntimeError):

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn as nn
 
-from tricks.pooling import lookup_rows, sum_bags
+from dlrmkit.tricks.pooling import lookup_rows, sum_bags
 
 QR_OPERATIONS = ("mult", "add", "concat")
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from embeddings import BatchedEmbeddingBags
+from dlrmkit.embeddings import BatchedEmbeddingBags
 
 MLP_BITS = (8, 16, 32)
 EMB_BITS = (4, 8, 32)

@@ -1,0 +1,10 @@
+"""The parts of the DLRM trainer behind `dlrm_s_pytorch.py`, in one package.
+
+- `sparse`: `SparseFeatures`, the one sparse batch type (flat indices + offsets, per-table views);
+- `embeddings`: the embedding-collection interface and its batched and per-table collections;
+- `interactions`: the feature interactions (dot, cat), chosen by name;
+- `optim`: SGD, Adagrad and row-wise Adagrad with fused sparse updates;
+- `tricks`: quotient-remainder and mixed-dimension tables, weighted pooling;
+- `onnx_export`, `quantization`: deployment; `run_logs`, `mlperf_logger`, `profiling`,
+  `compute_graph`: what a run writes besides its printed lines; `trace_data`: trace-driven ids.
+"""
