@@ -62,6 +62,7 @@ import extend_distributed as ext_dist
 from dlrmkit import compute_graph, onnx_export, profiling, quantization, trace_data
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, create_embedding_bag
 from dlrmkit.optim import OPTIMIZERS, make_optimizer
+from dlrmkit.progress import DivergenceGuard, ProgressBar
 from dlrmkit.run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
 from dlrmkit.tricks import PoolingWeights, embedding_output_dim, table_factory
 
@@ -714,17 +715,21 @@ class TestMetrics:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, precision="fp32") -> TestMetrics:
+def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, precision="fp32",
+             show_progress=False) -> TestMetrics:
     """Loss, accuracy and AUC over every sample of `dataset` (read back once, at the end)."""
     was_training = model.training
     model.eval()
     scores, targets = [], []
     loader = dlrm_data.make_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda")
+    progress = ProgressBar("testing", len(dataset), show=show_progress, with_loss=False)
     for batch in device_batches(loader, device):
         with autocast(precision, device):
             z = model(batch.dense_x, batch.offsets, batch.indices)
         scores.append(z.float())
         targets.append(batch.target)
+        progress.step(ext_dist.global_batch_size(batch))
+    progress.close()
     model.train(was_training)
     scores, targets = torch.cat(scores), torch.cat(targets)
     # in a distributed run each process scored its share of every test batch
@@ -981,6 +986,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
     """The training loop; returns the final TrainState. Mutates `model` and `optimizer`."""
     log = log or log_line
     run_log = run_log or RunLog()
+    guard = DivergenceGuard(args.loss_function, args.optimizer, args.learning_rate, args.loss_weights)
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
     accum = args.mlperf_grad_accum_iter
     training = not args.inference_only
@@ -990,6 +996,11 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
     # fp16 needs loss scaling; the optimizers take the scale and the inf/NaN flag on the device
     scaler = torch.amp.GradScaler(device.type, enabled=training and args.precision == "fp16")
     stop = False
+    progress = ProgressBar(run_type, 0)  # one bar per epoch, on a terminal
+
+    def say(line):  # a printed line, with the progress bar out of its way
+        with progress.write_mode():
+            log(line)
 
     def synced_time():
         if device.type == "cuda":
@@ -1016,6 +1027,9 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         accum_samples = 0
         run_log.epoch_start(epoch)
         loader = dlrm_data.make_loader(train_set, first, args.num_workers, pin)
+        # with a line per iteration the printed lines are the progress
+        progress = ProgressBar(f"{run_type} epoch {epoch}", nbatches, first,
+                               show=ext_dist.is_rank0() and args.print_freq > 1)
         for j, batch in enumerate(device_batches(loader, device), start=first):
             if j >= nbatches:
                 break
@@ -1051,6 +1065,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             window_loss += loss_sum.detach()
             window_samples += mbs
             window_iters += 1
+            progress.step(mbs, loss_sum, z.shape[0])
             # a checkpoint taken inside an accumulation window resumes at the window's start
             state.next_batch = j + 1 if accum_samples == 0 else window_first_batch
 
@@ -1060,8 +1075,12 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 ms_per_it = 1000.0 * (synced_time() - window_start) / window_iters if args.print_time else -1
                 state.train_loss = ext_dist.sum_across(window_loss).item() / window_samples
                 wall = f" ({time.strftime('%H:%M')})" if args.print_wall_time else ""
-                log(f"Finished {run_type} it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
+                say(f"Finished {run_type} it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
                     f"loss {state.train_loss:.6f}{wall}")
+                warning = guard.check(state.train_loss, j + 1, epoch) if training else None
+                if warning and ext_dist.is_rank0():
+                    with progress.write_mode():
+                        print(warning, file=sys.stderr, flush=True)
                 seconds = max(time.perf_counter() - window_wall, 1e-9)
                 run_log.train_window(dict(
                     mode=run_type, epoch=epoch, iteration=j + 1, nbatches=nbatches, global_iteration=epoch * nbatches + j + 1,
@@ -1073,13 +1092,15 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 window_wall = time.perf_counter()
 
             if should_test and training:
-                log(f"Testing at - {j + 1}/{nbatches} of epoch {epoch},")
-                stop = run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log,
+                say(f"Testing at - {j + 1}/{nbatches} of epoch {epoch},")
+                stop = run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, say,
                                 run_log, epoch, j + 1)
+                progress.resume()
                 if stop:
                     break
             if (should_print or should_test) and args.print_time:
                 window_start = synced_time()  # the next ms/it excludes printing and testing
+        progress.close()
         run_log.epoch_end(epoch)
         if stop:
             break
@@ -1101,7 +1122,7 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     run_log.test_start(epoch, iteration, nbatches)
     t0 = time.perf_counter()
     metrics = evaluate(model, test_set, args.loss_function, loss_weights, device, args.test_num_workers,
-                       args.precision)
+                       args.precision, show_progress=ext_dist.is_rank0())
     improved = is_better(metrics, state.best_auc, state.best_acc)
     state.best_acc = max(state.best_acc, metrics.accuracy)
     if not math.isnan(metrics.auc):

@@ -1,0 +1,92 @@
+"""What a run shows while it works: a progress line on a terminal only, and a divergence warning."""
+
+import fcntl
+import os
+import struct
+import subprocess
+import sys
+import termios
+
+from conftest import ROOT, run_cli
+
+SMALL_RUN = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4", "--arch-mlp-top=8-1",
+             "--arch-embedding-size=100-100-100", "--data-size=25600", "--mini-batch-size=32",
+             "--loss-function=bce", "--round-targets=True", "--print-freq=400", "--test-freq=400",
+             "--num-workers=0"]
+
+
+def run_with_terminal_stderr(*args, timeout=120):
+    """Runs the trainer with stderr on a pseudo-terminal (80 x 24) and stdout on a pipe: (stdout, stderr)."""
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *args], cwd=ROOT, env=env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal's last writer has exited
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    stdout = child.stdout.read().decode()
+    child.stdout.close()
+    assert child.wait(timeout) == 0, shown.decode(errors="replace")
+    return stdout, shown.decode(errors="replace")
+
+
+def test_progress_line_on_a_terminal_and_not_in_a_piped_log():
+    stdout, terminal = run_with_terminal_stderr(*SMALL_RUN)
+    # the live line: what runs, iteration of total, elapsed<ETA, samples/s and the running loss
+    assert "training epoch 0:" in terminal and "it 0/800" in terminal and "/800 [" in terminal
+    assert "samples/s" in terminal and "loss 0." in terminal
+    assert "testing:" in terminal
+    # the printed lines go to stdout unchanged, without carriage returns
+    assert "\r" not in stdout
+    assert "Finished training it 400/800 of epoch 0, -1.00 ms/it, loss" in stdout
+    assert "Testing at - 800/800 of epoch 0," in stdout
+
+    piped = run_cli(*SMALL_RUN)
+    assert piped.returncode == 0, piped.stderr
+    assert "\r" not in piped.stdout + piped.stderr
+    assert "training epoch" not in piped.stderr and "it/s" not in piped.stderr and "samples/s" not in piped.stderr
+    # the same printed lines, with or without a terminal
+    numbers_of = lambda text: [line.split(" loss")[0] for line in text.splitlines()]  # noqa: E731
+    assert numbers_of(piped.stdout) == numbers_of(stdout)
+
+
+DIVERGING = ["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-512-256-64-16", "--arch-mlp-top=512-256-1",
+             "--arch-embedding-size=1000-1000-1000", "--data-size=6400", "--mini-batch-size=128",
+             "--loss-function=bce", "--round-targets=True", "--print-freq=10"]
+
+
+def test_diverging_run_says_so_once_and_names_the_cause(run_main):
+    code, out, err = run_main(*DIVERGING, "--optimizer=adagrad", "--learning-rate=0.1")
+    assert code == 0
+    warnings = [line for line in err.splitlines() if "diverged" in line]
+    assert len(warnings) == 1, err
+    assert warnings[0].startswith("warning: training diverged: the loss is")
+    assert "--learning-rate=0.1" in warnings[0] and "--optimizer=adagrad" in warnings[0]
+    assert "diverged" not in out  # the original's stdout lines stay as they were
+    assert out.count("Finished training it") == 5
+
+
+def test_sensible_run_has_no_divergence_warning(run_main):
+    code, out, err = run_main(*DIVERGING, "--optimizer=adagrad", "--learning-rate=0.01")
+    assert code == 0 and "diverged" not in err
+
+
+def test_nan_loss_is_reported_as_divergence():
+    from dlrmkit.progress import DivergenceGuard
+
+    guard = DivergenceGuard("mse", "sgd", 1.0)
+    assert guard.check(0.2, 10, 0) is None
+    line = guard.check(float("nan"), 20, 0)
+    assert line.startswith("warning: training diverged: the loss is nan at iteration 20 of epoch 0")
+    assert "--learning-rate=1" in line and "--learning-rate=0.1" in line
+    assert guard.check(float("nan"), 30, 0) is None  # once
