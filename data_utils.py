@@ -1048,19 +1048,23 @@ def format_rows(label, ints, cats) -> bytes:
     return np.concatenate(pieces, axis=1)[np.concatenate(keep, axis=1)].tobytes()
 
 
-def make_fake(out, rows, days=1, seed=0, compress=False, log=print):
+def make_fake(out, rows, days=1, seed=0, compress=False, log=print, progress=False):
     """Writes `rows` fake rows to `out` (days == 1) or split over <out>_0 .. <out>_<days-1>."""
     paths = [out] if days == 1 else [f"{out}_{d}" + (".gz" if compress else "") for d in range(days)]
     per_day = day_sizes(rows, days)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     first = 0
-    for path, n in zip(paths, per_day):
-        tmp = path + ".tmp"
-        with (gzip.open(tmp, "wb", compresslevel=1) if compress else open(tmp, "wb")) as f:
-            for lo in range(0, n, FAKE_CHUNK_ROWS):
-                f.write(format_rows(*fake_rows(min(FAKE_CHUNK_ROWS, n - lo), seed, first + lo)))
-        os.replace(tmp, path)
-        first += n
+    from tqdm import tqdm
+
+    with tqdm(desc="make-fake", total=rows, unit=" rows", unit_scale=True, disable=not progress) as bar:
+        for path, n in zip(paths, per_day):
+            tmp = path + ".tmp"
+            with (gzip.open(tmp, "wb", compresslevel=1) if compress else open(tmp, "wb")) as f:
+                for lo in range(0, n, FAKE_CHUNK_ROWS):
+                    f.write(format_rows(*fake_rows(min(FAKE_CHUNK_ROWS, n - lo), seed, first + lo)))
+                    bar.update(min(FAKE_CHUNK_ROWS, n - lo))
+            os.replace(tmp, path)
+            first += n
     log(f"Wrote {rows} rows to {paths[0]}{' .. ' + paths[-1] if days > 1 else ''}")
     return paths
 
@@ -1088,11 +1092,12 @@ def main(argv=None) -> int:
         if args.command == "make-fake":
             if args.rows < 1 or args.days < 1:
                 raise DataError("--rows and --days must be at least 1")
-            make_fake(args.out, args.rows, args.days, args.seed, args.gzip)
+            make_fake(args.out, args.rows, args.days, args.seed, args.gzip, progress=sys.stderr.isatty())
             return 0
         out_dir = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
         processed = preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
-                               args.data_sub_sample_rate, os.cpu_count() if args.dataset_multiprocessing else 1)
+                               args.data_sub_sample_rate, os.cpu_count() if args.dataset_multiprocessing else 1,
+                               progress=sys.stderr.isatty())  # bars on a terminal only, never in a log
         if args.mlperf_bin_loader:
             write_bin_files(processed)
         return 0

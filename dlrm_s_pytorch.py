@@ -62,7 +62,7 @@ import extend_distributed as ext_dist
 from dlrmkit import compute_graph, onnx_export, profiling, quantization, trace_data
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, create_embedding_bag
 from dlrmkit.optim import OPTIMIZERS, make_optimizer
-from dlrmkit.progress import DivergenceGuard, ProgressBar
+from dlrmkit.progress import DivergenceGuard, ProgressBar, stderr_is_terminal
 from dlrmkit.run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
 from dlrmkit.tricks import PoolingWeights, embedding_output_dim, table_factory
 
@@ -862,7 +862,8 @@ def make_datasets(args):
     """Training and test datasets plus (dense width, table sizes) of the data."""
     if args.data_generation == "dataset":
         try:
-            train, test, table_sizes = dlrm_data.make_criteo_datasets(args)
+            # progress bars on a terminal only: a log gets no carriage returns
+            train, test, table_sizes = dlrm_data.make_criteo_datasets(args, progress=stderr_is_terminal())
         except data_utils.DataError as e:
             raise DLRMError(str(e)) from None
         return train, test, data_utils.NUM_DENSE, table_sizes

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The main job in one command: Criteo-format data -> preprocessing -> the Criteo Kaggle model
+# (the flags of bench/dlrm_s_criteo_kaggle.sh) -> test accuracy and AUC -> training curves as a PNG.
+#
+# Usage:
+#   bash bench/quickstart.sh                              generated data (about two minutes on 2 cores)
+#   bash bench/quickstart.sh --raw-data-file=PATH         your Criteo Kaggle train.txt
+#   bash bench/quickstart.sh [--rows=N] [--out=DIR] [-- extra dlrm_s_pytorch.py flags]
+#
+# Data: --raw-data-file, else ./input/train.txt when it exists, else a generated file of N rows
+# (--rows, default 2000000; QUICKSTART_ROWS sets it too) in Criteo's format with a learnable signal,
+# named synthetic_criteo_kaggle_<N>_rows.txt. Outputs go to --out (default ./quickstart).
+# PYTHON overrides the interpreter.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+python_bin=${PYTHON:-python}
+rows=${QUICKSTART_ROWS:-2000000}
+out=quickstart
+raw=""
+extra=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --raw-data-file=*) raw=${1#*=} ;;
+    --rows=*) rows=${1#*=} ;;
+    --out=*) out=${1#*=} ;;
+    --) shift; extra=("$@"); break ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "quickstart.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [[ -z $raw && -f input/train.txt ]]; then
+  raw=input/train.txt
+fi
+mkdir -p "$out"
+
+say() { printf '\n== %s\n' "$*"; }
+
+started=$SECONDS
+if [[ -n $raw ]]; then
+  [[ -f $raw ]] || { echo "quickstart.sh: error: no such file: $raw" >&2; exit 1; }
+  say "Data: $raw"
+  processed="$(dirname "$raw")/kaggleAdDisplayChallenge_processed.npz"
+  test_freq=102400  # as bench/dlrm_s_criteo_kaggle.sh: every 102,400 iterations and at the end
+else
+  raw="$out/synthetic_criteo_kaggle_${rows}_rows.txt"
+  processed="$out/synthetic_criteo_kaggle_${rows}_rows_processed.npz"
+  if [[ -f $raw ]]; then
+    say "Data: $raw (generated before: synthetic Criteo-format rows with a learnable click signal)"
+  else
+    say "Generating $raw: $rows synthetic Criteo-format rows with a learnable click signal"
+    "$python_bin" "$repo/data_utils.py" make-fake --rows "$rows" --out "$raw"
+  fi
+  # six of seven parts of the rows train, in batches of 128: four tests over the run
+  test_freq=$(( (rows * 6 / 7 / 128 + 3) / 4 ))
+  (( test_freq > 0 )) || test_freq=1
+fi
+
+log="$out/train.log"
+metrics="$out/metrics.jsonl"
+model="$out/model.pt"
+curves="$out/training_curves.png"
+rm -f "$metrics"
+say "Training the Criteo Kaggle model (preprocessing first when the data is new)"
+args=(--arch-sparse-feature-size=16 --arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1
+      --data-generation=dataset --data-set=kaggle --raw-data-file="$raw" --processed-data-file="$processed"
+      --loss-function=bce --round-targets=True --learning-rate=0.1 --mini-batch-size=128
+      --print-freq=1024 --print-time --test-freq="$test_freq" --test-mini-batch-size=16384
+      --metrics-log-file="$metrics" --save-model="$model")
+echo "$python_bin dlrm_s_pytorch.py ${args[*]} ${extra[*]}"
+# the printed lines go to the log; on a terminal, progress bars and notes stay on the terminal
+if [[ -t 2 ]]; then
+  "$python_bin" "$repo/dlrm_s_pytorch.py" "${args[@]}" "${extra[@]}" | tee "$log"
+else
+  "$python_bin" "$repo/dlrm_s_pytorch.py" "${args[@]}" "${extra[@]}" 2>&1 | tee "$log"
+fi
+
+say "Result"
+"$python_bin" - "$metrics" <<'EOF'
+import json, sys
+tests = [r for r in map(json.loads, open(sys.argv[1])) if r.get("event") == "test"]
+if not tests:
+    sys.exit("quickstart.sh: error: the run wrote no test result")
+last = tests[-1]
+print(f"test accuracy {last['accuracy'] * 100:.3f} %, test AUC {last['auc']:.4f} "
+      f"(best {last['best_auc']:.4f}) on {last['samples']:,} test samples")
+EOF
+"$python_bin" "$repo/tools/plot_metrics.py" "$metrics" -o "$curves" --labels "Criteo Kaggle model" > /dev/null
+
+say "Outputs"
+echo "data:              $raw"
+echo "processed data:    ${processed%.npz}/"
+echo "training log:      $log"
+echo "metrics log:       $metrics"
+echo "checkpoint:        $model"
+echo "training curves:   $curves"
+echo "wall time:         $((SECONDS - started)) s"

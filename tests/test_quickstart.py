@@ -1,0 +1,33 @@
+"""bench/quickstart.sh: the main job in one command, here on a small generated file."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_quickstart_generates_data_trains_tests_and_draws_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, QUICKSTART_ROWS="7000")
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "quickstart.sh")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    data = tmp_path / "quickstart" / "synthetic_criteo_kaggle_7000_rows.txt"
+    assert len(data.read_text().splitlines()) == 7000
+    # the original's Kaggle model on the processed file, tested four times
+    assert "--arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1" in out
+    assert out.count("Testing at - ") == 4
+    result_line = next(line for line in out.splitlines() if line.startswith("test accuracy"))
+    assert " %, test AUC 0." in result_line
+    # where every output went, and each is there
+    for name in ("data:", "processed data:", "training log:", "metrics log:", "checkpoint:", "training curves:"):
+        path = next(line for line in out.splitlines() if line.startswith(name)).split(":", 1)[1].strip()
+        assert os.path.exists(tmp_path / path), name
+    assert (tmp_path / "quickstart" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    log = (tmp_path / "quickstart" / "train.log").read_text()
+    assert "Finished training it" in log and "\r" not in log
