@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job in one command: Criteo-format data -> preprocessing -> the Criteo Kaggle model
-# (the flags of bench/dlrm_s_criteo_kaggle.sh) -> test accuracy and AUC -> training curves as a PNG.
+# (the flags of bench/dlrm_s_criteo_kaggle.sh) -> test accuracy and AUC -> training curves and the
+# trained model's feature interactions as PNGs.
 #
 # Usage:
 #   bash bench/quickstart.sh                              generated data (about two minutes on 2 cores)
@@ -25,7 +26,7 @@ while [[ $# -gt 0 ]]; do
     --rows=*) rows=${1#*=} ;;
     --out=*) out=${1#*=} ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "quickstart.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -61,6 +62,7 @@ log="$out/train.log"
 metrics="$out/metrics.jsonl"
 model="$out/model.pt"
 curves="$out/training_curves.png"
+interactions="$out/feature_interactions.png"
 rm -f "$metrics"
 say "Training the Criteo Kaggle model (preprocessing first when the data is new)"
 args=(--arch-sparse-feature-size=16 --arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1
@@ -87,6 +89,9 @@ print(f"test accuracy {last['accuracy'] * 100:.3f} %, test AUC {last['auc']:.4f}
       f"(best {last['best_auc']:.4f}) on {last['samples']:,} test samples")
 EOF
 "$python_bin" "$repo/tools/plot_metrics.py" "$metrics" -o "$curves" --labels "Criteo Kaggle model" > /dev/null
+# the checkpoint of the best test AUC: how strongly its features interact
+"$python_bin" "$repo/tools/plot_interactions.py" -o "$interactions" "${args[@]}" "${extra[@]}" --load-model="$model" \
+  | grep '^strongest'
 
 say "Outputs"
 echo "data:              $raw"
@@ -95,4 +100,5 @@ echo "training log:      $log"
 echo "metrics log:       $metrics"
 echo "checkpoint:        $model"
 echo "training curves:   $curves"
+echo "interactions:      $interactions"
 echo "wall time:         $((SECONDS - started)) s"

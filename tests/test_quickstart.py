@@ -25,9 +25,12 @@ def test_quickstart_generates_data_trains_tests_and_draws_the_curves(tmp_path):
     result_line = next(line for line in out.splitlines() if line.startswith("test accuracy"))
     assert " %, test AUC 0." in result_line
     # where every output went, and each is there
-    for name in ("data:", "processed data:", "training log:", "metrics log:", "checkpoint:", "training curves:"):
+    for name in ("data:", "processed data:", "training log:", "metrics log:", "checkpoint:", "training curves:",
+                 "interactions:"):
         path = next(line for line in out.splitlines() if line.startswith(name)).split(":", 1)[1].strip()
         assert os.path.exists(tmp_path / path), name
-    assert (tmp_path / "quickstart" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("training_curves.png", "feature_interactions.png"):
+        assert (tmp_path / "quickstart" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "strongest interactions: " in out
     log = (tmp_path / "quickstart" / "train.log").read_text()
     assert "Finished training it" in log and "\r" not in log
