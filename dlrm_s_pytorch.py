@@ -688,7 +688,7 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
             z = model(batch.dense_x, batch.sparse)
         scores.append(z.float())
         targets.append(batch.target)
-        progress.step(ext_dist.global_batch_size(batch))
+        progress.step(batch.global_batch_size)
     progress.close()
     model.train(was_training)
     scores, targets = torch.cat(scores), torch.cat(targets)

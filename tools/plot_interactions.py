@@ -41,7 +41,7 @@ def feature_vectors(model, batch):
     import torch
 
     dense = model.bot_l(batch.dense_x)
-    pooled = model.apply_emb(batch.offsets, batch.indices, batch.dense_x.shape[0])  # [B, T, D]
+    pooled = model.apply_emb(batch.sparse)  # [B, T, D], with the pooling weights of --weighted-pooling
     return torch.cat([dense.unsqueeze(1).float(), pooled.float()], dim=1)
 
 
