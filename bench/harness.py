@@ -3,7 +3,7 @@
 Usage:
     python bench/harness.py --list
     python bench/harness.py                                        # CPU table: every CPU config, fp32 and bf16
-    python bench/harness.py --configs kaggle-128 benchmark --precisions fp32 bf16 --baseline a648935
+    python bench/harness.py --configs kaggle-128 benchmark --precisions fp32 bf16 --baseline main
     python bench/harness.py --configs kaggle-16384 --device cuda --precisions bf16 --compile
     python bench/harness.py --configs benchmark --iters 10 --json out/bench.json
 
@@ -17,12 +17,18 @@ Every run is a new Python process that builds and trains exactly as `dlrm_s_pyto
   so the figure is the trainer's step (the original's ms/it excludes data loading too);
 - peak memory: the process's maximum resident set (CPU), or the peak of torch.cuda allocations.
 
-`--baseline REV` also runs every configuration and precision with the code of git revision REV of
-this repository (e.g. the commit before a change), alternating with this code's runs, so ratios come
-from one run on one machine.
-"Original" ratios compare with the original facebookresearch/dlrm on the same class of
-2-core machine, as quoted in issue 4 (kaggle-128: ~14 ms/it; benchmark: ~370-650 ms/it and
-~35 s of start-up); they are reference figures, not measured here.
+Every ratio comes from runs of the same invocation on the same machine, alternating round-robin:
+- "reference": a plain-PyTorch DLRM of the same configuration, as the original builds it: one
+  `nn.EmbeddingBag` (sum, sparse gradients) per table, the bottom and top MLPs, the dot (or cat)
+  interaction, and `torch.optim.SGD` / `torch.optim.Adagrad`, on the same batches and precision.
+  "× reference" is its ms/it over ours (above 1: we are faster).
+- "dense floor": the bottom and top MLPs alone, forward, backward and a `torch.optim.SGD` step at
+  the same batch size and precision (the top MLP's input is the interaction's width of constant
+  values): the least any DLRM step can cost. "× floor" is our ms/it over it (1: nothing but MLPs).
+- `--baseline REV`: the same runs with the code of git revision REV of this repository (e.g. the
+  commit before a change); "× baseline" is its ms/it over ours.
+The header names the CPU and its matrix/vector instruction sets (AVX-512, AVX512-BF16, AMX), which
+decide what bf16 can gain.
 """
 
 from __future__ import annotations
@@ -65,19 +71,19 @@ BENCHMARK = ["--mini-batch-size=2048", "--arch-mlp-bot=512-512-64", "--arch-mlp-
              "--num-indices-per-lookup=100", "--arch-interaction-op=dot", "--numpy-rand-seed=727"]
 
 CONFIGS = {
-    # name: (flags, original ms/it or None, original start-up s or None, description)
-    "kaggle-128": (KAGGLE + ["--mini-batch-size=128"], 14.0, None, "Criteo Kaggle model, mini-batch 128"),
-    "kaggle-2048": (KAGGLE + ["--mini-batch-size=2048"], None, None, "Criteo Kaggle model, mini-batch 2048"),
-    "benchmark": (BENCHMARK, 370.0, 35.0, "bench/dlrm_s_benchmark.sh: 8 x 1M x 64, 100 lookups, mini-batch 2048"),
-    "terabyte-small": (TERABYTE_SMALL, None, None,
-                       f"MLPerf Terabyte model, tables capped at {TERABYTE_SMALL_ROWS:,} rows, mini-batch 2048"),
-    "kaggle-16384": (KAGGLE + ["--mini-batch-size=16384"], None, None, "Criteo Kaggle model, mini-batch 16384 (GPU)"),
+    # name: (flags, description)
+    "kaggle-128": (KAGGLE + ["--mini-batch-size=128"], "Criteo Kaggle model, mini-batch 128"),
+    "kaggle-2048": (KAGGLE + ["--mini-batch-size=2048"], "Criteo Kaggle model, mini-batch 2048"),
+    "benchmark": (BENCHMARK, "bench/dlrm_s_benchmark.sh: 8 x 1M x 64, 100 lookups, mini-batch 2048"),
+    "terabyte-small": (TERABYTE_SMALL, f"MLPerf Terabyte model, tables capped at {TERABYTE_SMALL_ROWS:,} rows, "
+                                       "mini-batch 2048"),
+    "kaggle-16384": (KAGGLE + ["--mini-batch-size=16384"], "Criteo Kaggle model, mini-batch 16384 (GPU)"),
     "smoke": (["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-64-16", "--arch-mlp-top=64-1",
                "--arch-embedding-size=1000-1000-1000-1000", "--mini-batch-size=128", "--loss-function=bce",
-               "--round-targets=True"], None, None, "a tiny model: checks the harness itself in seconds"),
+               "--round-targets=True"], "a tiny model: checks the harness itself in seconds"),
 }
 CPU_DEFAULT = ["kaggle-128", "kaggle-2048", "benchmark", "terabyte-small"]
-ORIGINAL_BENCHMARK_RANGE_MS = (370.0, 650.0)
+REFERENCE, FLOOR = "reference", "dense floor"  # the plain-PyTorch runs measured next to ours
 
 
 # ============================================================================ one run (child process)
@@ -111,7 +117,7 @@ def peak_memory_gib(device):
 
 
 def run_one(spec: dict) -> dict:
-    """Builds and trains one configuration as dlrm_s_pytorch.run() does; returns the measurements."""
+    """Builds and trains one configuration (ours as dlrm_s_pytorch.run() does, or a plain-PyTorch one)."""
     sys.path.insert(0, spec["code_dir"])
     import torch
 
@@ -138,26 +144,37 @@ def run_one(spec: dict) -> dict:
 
     t_build = time.perf_counter()
     train_set, test_set, dense_dim, table_sizes = dlrm.make_datasets(args)
-    model = dlrm.build_model(args, dense_dim, table_sizes)
-    model.to(device)
-    if spec["compile"]:
-        dlrm.compile_dense(model, device)
-    if hasattr(dlrm, "build_optimizer"):
-        optimizer = dlrm.build_optimizer(args, model)
-    else:  # a --baseline revision from before build_optimizer
-        optimizer = dlrm.make_optimizer(args.optimizer, model.parameters(), args.learning_rate)
-    build_s = time.perf_counter() - t_build
+    if spec["code"] in (REFERENCE, FLOOR):
+        steps, build_s = plain_pytorch_steps(spec["code"], args, train_set, dense_dim, table_sizes, device, t_build)
+        stamps = []
 
-    stamps = []
+        def train(nbatches, print_freq):
+            for j in range(nbatches):
+                loss = steps(j % spec["pool"])
+                if (j + 1) % print_freq == 0 or j + 1 == nbatches:
+                    loss.item()  # as the trainer reads its loss back when it prints
+                    stamps.append(time.perf_counter())
+    else:
+        model = dlrm.build_model(args, dense_dim, table_sizes)
+        model.to(device)
+        if spec["compile"]:
+            dlrm.compile_dense(model, device)
+        if hasattr(dlrm, "build_optimizer"):
+            optimizer = dlrm.build_optimizer(args, model)
+        else:  # a --baseline revision from before build_optimizer
+            optimizer = dlrm.make_optimizer(args.optimizer, model.parameters(), args.learning_rate)
+        build_s = time.perf_counter() - t_build
 
-    def log(_line):  # called at print time, right after the loss is read back (a sync)
-        stamps.append(time.perf_counter())
+        stamps = []
 
-    def train(nbatches, print_freq):
-        run_args = copy.copy(args)
-        run_args.print_freq = print_freq
-        pool = BatchPool(train_set, spec["pool"], nbatches)
-        dlrm.train(run_args, model, optimizer, pool, pool, device, dlrm.TrainState(), nbatches, log=log)
+        def log(_line):  # called at print time, right after the loss is read back (a sync)
+            stamps.append(time.perf_counter())
+
+        def train(nbatches, print_freq):
+            run_args = copy.copy(args)
+            run_args.print_freq = print_freq
+            pool = BatchPool(train_set, spec["pool"], nbatches)
+            dlrm.train(run_args, model, optimizer, pool, pool, device, dlrm.TrainState(), nbatches, log=log)
 
     train(1, 1)
     startup_s = time.time() - spec["spawned_at"]
@@ -184,6 +201,109 @@ def run_one(spec: dict) -> dict:
     }
 
 
+
+
+def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t_build):
+    """(step(j) -> loss, build seconds) of the plain-PyTorch reference DLRM or of the dense floor."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    def mlp(widths, sigmoid_last):
+        layers = []
+        for i in range(len(widths) - 1):
+            layers += [nn.Linear(widths[i], widths[i + 1]),
+                       nn.Sigmoid() if sigmoid_last and i == len(widths) - 2 else nn.ReLU()]
+        return nn.Sequential(*layers).to(device)
+
+    bottom_widths = list(args.arch_mlp_bot)
+    num_tables, dim = len(table_sizes), args.arch_sparse_feature_size
+    num_features = num_tables + 1
+    itself = args.arch_interaction_itself
+    if args.arch_interaction_op == "dot":
+        pairs = num_features * (num_features + 1) // 2 if itself else num_features * (num_features - 1) // 2
+        top_in = bottom_widths[-1] + pairs
+    else:
+        top_in = bottom_widths[-1] + num_tables * dim
+    bottom, top = mlp(bottom_widths, False), mlp([top_in] + list(args.arch_mlp_top), True)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    batches = [train_set[j] for j in range(min(len(train_set), args.num_batches))]
+    weights = torch.tensor(args.loss_weights, device=device)
+
+    def loss_of(z, target):
+        z = z.float()
+        if args.loss_function == "mse":
+            return F.mse_loss(z, target)
+        per_sample = F.binary_cross_entropy(z, target, reduction="none")
+        if args.loss_function == "wbce":
+            per_sample = weights[target.round().long()] * per_sample
+        return per_sample.mean()
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    if kind == FLOOR:
+        data = [(b.dense_x.to(device), b.target.to(device)) for b in batches]
+        # the interaction's output stands in as constants: the MLPs' work without the lookups and pairs
+        constant = torch.rand(data[0][0].shape[0], top_in - bottom_widths[-1], device=device)
+        optimizer = torch.optim.SGD(list(bottom.parameters()) + list(top.parameters()), lr=args.learning_rate)
+
+        def step(j):
+            dense_x, target = data[j]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                z = top(torch.cat([bottom(dense_x).float(), constant], dim=1))
+            loss = loss_of(z, target)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        return step, time.perf_counter() - t_build
+
+    # the reference DLRM: one EmbeddingBag per table, looked up table by table, as the original does
+    tables = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum", sparse=True) for n in table_sizes).to(device)
+    with torch.no_grad():
+        for table, n in zip(tables, table_sizes):
+            table.weight.uniform_(-(1 / n) ** 0.5, (1 / n) ** 0.5)
+
+    def per_table(batch):  # the original's lS_o / lS_i lists from the flat table-major layout
+        offsets, indices, size = batch.offsets, batch.indices, batch.dense_x.shape[0]
+        lookups = []
+        for t in range(num_tables):
+            first, last = int(offsets[t * size]), int(offsets[(t + 1) * size])
+            lookups.append(((offsets[t * size:(t + 1) * size] - first).to(device), indices[first:last].to(device)))
+        return batch.dense_x.to(device), lookups, batch.target.to(device)
+
+    data = [per_table(b) for b in batches]
+    rows, cols = torch.tril_indices(num_features, num_features, offset=0 if itself else -1)
+    params = list(bottom.parameters()) + list(top.parameters()) + list(tables.parameters())
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=args.learning_rate)
+    else:  # adagrad; rwsadagrad has no torch.optim counterpart: plain Adagrad stands in
+        optimizer = torch.optim.Adagrad(params, lr=args.learning_rate)
+
+    def step(j):
+        dense_x, lookups, target = data[j]
+        optimizer.zero_grad(set_to_none=True)
+        ly = [table(idx, off) for table, (off, idx) in zip(tables, lookups)]
+        with autocast():
+            x = bottom(dense_x)
+        if args.arch_interaction_op == "dot":
+            features = torch.cat([x.float()] + ly, dim=1).view(x.shape[0], -1, dim)
+            gram = torch.bmm(features, features.transpose(1, 2))
+            interaction = torch.cat([x.float(), gram[:, rows, cols]], dim=1)
+        else:
+            interaction = torch.cat([x.float()] + ly, dim=1)
+        with autocast():
+            z = top(interaction)
+        loss = loss_of(z, target)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step, time.perf_counter() - t_build
+
+
 # ============================================================================ driver
 def checkout(rev: str) -> str:
     """The files of git revision `rev` of this repository, in a temporary directory."""
@@ -196,12 +316,11 @@ def checkout(rev: str) -> str:
 
 
 def spawn(name, code, code_dir, precision, opts, compile_run=False) -> dict:
-    flags, original_ms, original_startup, _ = CONFIGS[name]
+    flags, _ = CONFIGS[name]
     spec = dict(flags=flags, precision=precision, compile=compile_run, device=opts.device, iters=opts.iters,
-                warmup=opts.warmup, pool=opts.pool, code_dir=code_dir, spawned_at=time.time())
+                warmup=opts.warmup, pool=opts.pool, code=code, code_dir=code_dir, spawned_at=time.time())
     row = dict(config=name, code=code, precision=precision + ("+compile" if compile_run else ""),
-               device=opts.device, original_ms=original_ms, original_startup_s=original_startup,
-               load_before=os.getloadavg()[0])  # other work on the machine skews the figures
+               device=opts.device, load_before=os.getloadavg()[0])  # other work on the machine skews the figures
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     env.pop("WORLD_SIZE", None)
     try:
@@ -228,23 +347,56 @@ def best_of(tries):
 
 
 def add_ratios(rows):
-    baseline = {(r["config"], r["precision"]): r for r in rows if r["code"] != "this" and "error" not in r}
-    for row in rows:
-        if "error" in row:
+    """Ratios of our rows to the plain-PyTorch runs and the baseline of the same configuration and precision."""
+    good = [r for r in rows if "error" not in r]
+    by_code = {(r["code"], r["config"], r["precision"]): r for r in good}
+    for row in good:
+        if row["code"] != "this":
             continue
-        if row.get("original_ms"):
-            row["x_original"] = row["original_ms"] / row["ms_per_it"]
-        if row.get("original_startup_s"):
-            row["x_original_startup"] = row["original_startup_s"] / row["startup_s"]
-        base = baseline.get((row["config"], row["precision"].split("+")[0]))  # "bf16+compile" vs "bf16"
-        if base is not None and row["code"] == "this":
-            row["x_baseline"] = base["ms_per_it"] / row["ms_per_it"]
-            row["x_baseline_startup"] = base["startup_s"] / row["startup_s"]
+        key = (row["config"], row["precision"].split("+")[0])  # "bf16+compile" against "bf16"
+        reference, floor = by_code.get((REFERENCE, *key)), by_code.get((FLOOR, *key))
+        baseline = next((r for r in good if r["code"] not in ("this", REFERENCE, FLOOR)
+                         and (r["config"], r["precision"]) == key), None)
+        if reference is not None:
+            row["x_reference"] = reference["ms_per_it"] / row["ms_per_it"]
+            row["x_reference_startup"] = reference["startup_s"] / row["startup_s"]
+        if floor is not None:
+            row["x_floor"] = row["ms_per_it"] / floor["ms_per_it"]
+        if baseline is not None:
+            row["x_baseline"] = baseline["ms_per_it"] / row["ms_per_it"]
+            row["x_baseline_startup"] = baseline["startup_s"] / row["startup_s"]
+
+
+def machine_description(device: str) -> str:
+    """The CPU's model, cores and vector/matrix instruction sets (and the GPU's name), for the table's header."""
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+           if name in flags]
+    text = (f"CPU: {model}, {os.cpu_count()} cores; ISA: {' '.join(isa) or 'unknown'} "
+            f"(AVX-512: {'yes' if 'avx512f' in flags else 'no'}, AVX512-BF16: "
+            f"{'yes' if 'avx512_bf16' in flags else 'no'}, AMX: {'yes' if 'amx_tile' in flags else 'no'}); "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if device == "cuda" and torch.cuda.is_available():
+        text += f"; GPU: {torch.cuda.get_device_name(0)}"
+    return text
 
 
 def format_table(rows) -> str:
     header = ["config", "code", "precision", "device", "ms/it", "median ms/it", "samples/s", "start-up s",
-              "peak GiB", "× original", "× baseline", "start-up × original"]
+              "peak GiB", "× reference", "× floor", "× baseline", "start-up × reference"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def ratio(row, key):
@@ -258,7 +410,8 @@ def format_table(rows) -> str:
             cells = [row["config"], row["code"], row["precision"], row["device"], f"{row['ms_per_it']:.1f}",
                      f"{row['median_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}",
                      f"{row['peak_mem_gib']:.1f}",
-                     ratio(row, "x_original"), ratio(row, "x_baseline"), ratio(row, "x_original_startup")]
+                     ratio(row, "x_reference"), ratio(row, "x_floor"), ratio(row, "x_baseline"),
+                     ratio(row, "x_reference_startup")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -275,6 +428,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="add --compile to every run of this code")
     parser.add_argument("--baseline", default=None, metavar="REV",
                         help="also run each configuration and precision with git revision REV of this repository")
+    parser.add_argument("--plain", nargs="*", default=[REFERENCE, FLOOR], choices=["reference", "floor"],
+                        help="plain-PyTorch runs measured next to ours (none: --plain without values)")
     parser.add_argument("--iters", type=int, default=20, help="measured iterations per run")
     parser.add_argument("--warmup", type=int, default=5, help="iterations before measuring (at least --pool)")
     parser.add_argument("--pool", type=int, default=4, help="distinct random batches cycled through")
@@ -288,6 +443,7 @@ def parse_args(argv=None):
     if min(opts.iters, opts.pool, opts.repeat) < 1:
         parser.error("--iters, --pool and --repeat must be at least 1")
     opts.warmup = max(opts.warmup, opts.pool)
+    opts.plain = [FLOOR if p == "floor" else p for p in opts.plain]
     if opts.configs is None:
         opts.configs = CPU_DEFAULT if opts.device == "cpu" else ["kaggle-16384", "benchmark"]
     return opts
@@ -299,40 +455,49 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(json.loads(opts.child))), flush=True)
         return 0
     if opts.list:
-        for name, (flags, *_, description) in CONFIGS.items():
+        for name, (flags, description) in CONFIGS.items():
             print(f"{name:15s} {description}\n{'':15s} {' '.join(flags)}")
         return 0
+    from tqdm import tqdm
+
     baseline_dir = checkout(opts.baseline) if opts.baseline else None
     runs = []
     for name in opts.configs:
         for p in opts.precisions:
+            runs += [(name, plain, ROOT, p) for plain in opts.plain]
             if baseline_dir:
                 runs.append((name, opts.baseline[:12], baseline_dir, p))
             runs.append((name, "this", ROOT, p))
+    header = machine_description(opts.device)
+    print(header, file=sys.stderr, flush=True)
     # repeats go round all runs, so a burst of other work on the machine spoils one try of several runs
     tries = {run: [] for run in runs}
-    for attempt in range(opts.repeat):
-        for run in runs:
-            name, code, code_dir, precision = run
-            row = spawn(name, code, code_dir, precision, opts, compile_run=opts.compile and code == "this")
-            tries[run].append(row)
-            done = row.get("error") or (f"{row['ms_per_it']:.1f} ms/it, start-up {row['startup_s']:.1f} s, "
-                                        f"load average before {row['load_before']:.1f}")
-            print(f"{name} [{code}, {row['precision']}, {opts.device}] try {attempt + 1}: {done}",
-                  file=sys.stderr, flush=True)
+    with tqdm(total=opts.repeat * len(runs), desc="runs", unit=" runs", file=sys.stderr, leave=False,
+              disable=not sys.stderr.isatty()) as progress:
+        for attempt in range(opts.repeat):
+            for run in runs:
+                name, code, code_dir, precision = run
+                progress.set_postfix_str(f"{name} [{code}, {precision}]")
+                row = spawn(name, code, code_dir, precision, opts, compile_run=opts.compile and code == "this")
+                tries[run].append(row)
+                done = row.get("error") or (f"{row['ms_per_it']:.1f} ms/it, start-up {row['startup_s']:.1f} s, "
+                                            f"load average before {row['load_before']:.1f}")
+                progress.write(f"{name} [{code}, {row['precision']}, {opts.device}] try {attempt + 1}: {done}",
+                               file=sys.stderr)
+                progress.update(1)
     rows = [best_of(tries[run]) for run in runs]
     add_ratios(rows)
+    print(header + "\n")
     print(format_table(rows))
-    low, high = ORIGINAL_BENCHMARK_RANGE_MS
-    print(f"\n× original: the original's ms/it on the same class of machine (issue 4) / ours; for the benchmark "
-          f"model the fast end of its {low:.0f}-{high:.0f} ms/it range "
-          f"(× {high / low:.2f} more against the slow end).")
+    print("\n× reference: the plain-PyTorch DLRM's ms/it over ours (one nn.EmbeddingBag per table, torch.optim); "
+          "× floor: our ms/it over the dense floor's (the MLPs alone); × baseline: --baseline's ms/it over ours. "
+          "All measured in this run.")
     if opts.json:
         tmp = f"{opts.json}.tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
         with open(tmp, "w") as f:
-            json.dump({"argv": sys.argv[1:], "host": platform.node(), "cpus": os.cpu_count(), "rows": rows}, f,
-                      indent=1)
+            json.dump({"argv": sys.argv[1:], "host": platform.node(), "cpus": os.cpu_count(), "machine": header,
+                       "rows": rows}, f, indent=1)
         os.replace(tmp, opts.json)
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -17,18 +17,44 @@ def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
          "bf16", "--iters", "3", "--warmup", "1", "--pool", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    # the machine: CPU model and the instruction sets bf16 depends on
+    assert result.stdout.startswith("CPU: ") and "AVX-512: " in result.stdout and "AMX: " in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("| smoke |")]
-    assert len(table) == 2 and "| fp32 |" in table[0] and "| bf16 |" in table[1]
+    assert [line.split(" | ")[1:3] for line in table] == [
+        ["reference", "fp32"], ["dense floor", "fp32"], ["this", "fp32"],
+        ["reference", "bf16"], ["dense floor", "bf16"], ["this", "bf16"]]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["config"], r["precision"], r["device"]) for r in rows] == [("smoke", "fp32", "cpu"),
-                                                                          ("smoke", "bf16", "cpu")]
+    assert [(r["config"], r["code"], r["precision"], r["device"]) for r in rows] == [
+        ("smoke", code, precision, "cpu") for precision in ("fp32", "bf16") for code in ("reference", "dense floor", "this")]
     for row in rows:
         assert row["ms_per_it"] > 0 and row["samples_per_s"] > 0 and row["mini_batch_size"] == 128
         assert row["samples_per_s"] == pytest.approx(128 * 1000 / row["ms_per_it"], rel=1e-6)
         assert 0 < row["build_s"] < row["startup_s"] and row["peak_mem_gib"] > 0
+    # ratios only from figures measured in this run
+    for i in (2, 5):
+        ours, reference, floor = rows[i], rows[i - 2], rows[i - 1]
+        assert ours["x_reference"] == pytest.approx(reference["ms_per_it"] / ours["ms_per_it"])
+        assert ours["x_floor"] == pytest.approx(ours["ms_per_it"] / floor["ms_per_it"])
+    assert "original" not in result.stdout
 
 
-def test_harness_lists_the_issue_configurations():
+def test_harness_plain_pytorch_reference_trains():
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import dlrm_s_pytorch as dlrm
+    import harness
+
+    args = dlrm.parse_args(harness.CONFIGS["smoke"][0] + ["--num-batches=4", "--learning-rate=0.1"])
+    train_set, _, dense_dim, tables = dlrm.make_datasets(args)
+    for kind in (harness.REFERENCE, harness.FLOOR):
+        torch.manual_seed(0)
+        step, _ = harness.plain_pytorch_steps(kind, args, train_set, dense_dim, tables, torch.device("cpu"), 0.0)
+        losses = [step(j % 4).item() for j in range(40)]
+        assert sum(losses[-4:]) < sum(losses[:4])  # the same four batches, learnt
+
+
+def test_harness_lists_the_named_configurations():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--list"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
