@@ -65,11 +65,11 @@ best_ms() {  # the fastest "N ms/it" of a log
   grep -o '[0-9.]* ms/it' "$1" | awk 'BEGIN {best = ""} {if (best == "" || $1 < best) best = $1} END {print best}'
 }
 
-run() {  # run LOG CMD...: runs CMD into LOG, prints the best time per iteration
+run() {  # run LOG CMD...: runs CMD, its printed lines into LOG too, then prints the best time per iteration
   local log=$1
   shift
   echo "$*"
-  "$@" > "$log"
+  "$@" | tee "$log"  # stderr (on a terminal: a progress line) stays out of the log
   echo "Min time per iteration = $(best_ms "$log") ms (log: $log)"
 }
 

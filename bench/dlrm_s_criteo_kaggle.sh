@@ -19,7 +19,13 @@ dlrm_pt_bin=("${PYTHON:-python}" "$(dirname "$0")/../dlrm_s_pytorch.py")
 
 echo "run pytorch ..."
 # --arch-embedding-size comes from the data; --test-freq added so that the test AUC is reported
-"${dlrm_pt_bin[@]}" --arch-sparse-feature-size=16 --arch-mlp-bot="13-512-256-64-16" --arch-mlp-top="512-256-1" --data-generation=dataset --data-set=kaggle --raw-data-file=./input/train.txt --processed-data-file=./input/kaggleAdDisplayChallenge_processed.npz --loss-function=bce --round-targets=True --learning-rate=0.1 --mini-batch-size=128 --print-freq=1024 --print-time --test-freq=102400 --test-mini-batch-size=16384 --test-num-workers=16 $dlrm_extra_option 2>&1 | tee run_kaggle_pt.log
+# the printed lines go to the log; on a terminal, progress bars and notes stay on the terminal
+dlrm_args=(--arch-sparse-feature-size=16 --arch-mlp-bot="13-512-256-64-16" --arch-mlp-top="512-256-1" --data-generation=dataset --data-set=kaggle --raw-data-file=./input/train.txt --processed-data-file=./input/kaggleAdDisplayChallenge_processed.npz --loss-function=bce --round-targets=True --learning-rate=0.1 --mini-batch-size=128 --print-freq=1024 --print-time --test-freq=102400 --test-mini-batch-size=16384 --test-num-workers=16)
+if [[ -t 2 ]]; then
+    "${dlrm_pt_bin[@]}" "${dlrm_args[@]}" $dlrm_extra_option | tee run_kaggle_pt.log
+else
+    "${dlrm_pt_bin[@]}" "${dlrm_args[@]}" $dlrm_extra_option 2>&1 | tee run_kaggle_pt.log
+fi
 status=$?
 
 echo "done"

@@ -13,7 +13,13 @@ else
     dlrm_extra_option=""
 fi
 
-${PYTHON:-python} "$(dirname "$0")/../dlrm_s_pytorch.py" --arch-sparse-feature-size=128 --arch-mlp-bot="13-512-256-128" --arch-mlp-top="1024-1024-512-256-1" --max-ind-range=40000000 --data-generation=dataset --data-set=terabyte --raw-data-file=./input/day --processed-data-file=./input/terabyte_processed.npz --loss-function=bce --round-targets=True --learning-rate=1.0 --mini-batch-size=2048 --print-freq=2048 --print-time --test-freq=102400 --test-mini-batch-size=16384 --test-num-workers=16 --memory-map --mlperf-logging --mlperf-auc-threshold=0.8025 --mlperf-bin-loader --mlperf-bin-shuffle $dlrm_extra_option 2>&1 | tee run_terabyte_mlperf_pt.log
+# the printed lines go to the log; on a terminal, progress bars and notes stay on the terminal
+dlrm_args=("$(dirname "$0")/../dlrm_s_pytorch.py" --arch-sparse-feature-size=128 --arch-mlp-bot="13-512-256-128" --arch-mlp-top="1024-1024-512-256-1" --max-ind-range=40000000 --data-generation=dataset --data-set=terabyte --raw-data-file=./input/day --processed-data-file=./input/terabyte_processed.npz --loss-function=bce --round-targets=True --learning-rate=1.0 --mini-batch-size=2048 --print-freq=2048 --print-time --test-freq=102400 --test-mini-batch-size=16384 --test-num-workers=16 --memory-map --mlperf-logging --mlperf-auc-threshold=0.8025 --mlperf-bin-loader --mlperf-bin-shuffle)
+if [[ -t 2 ]]; then
+    ${PYTHON:-python} "${dlrm_args[@]}" $dlrm_extra_option | tee run_terabyte_mlperf_pt.log
+else
+    ${PYTHON:-python} "${dlrm_args[@]}" $dlrm_extra_option 2>&1 | tee run_terabyte_mlperf_pt.log
+fi
 status=$?
 
 echo "done"
