@@ -404,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--data-trace-enable-padding", False, "synthetic data: pad short traces")
     g.add_argument("--data-set", type=str, default="kaggle", choices=["kaggle", "terabyte"], help="Criteo data set")
     g.add_argument("--raw-data-file", type=str, default="", help="raw Criteo file (train.txt or day prefix)")
-    g.add_argument("--processed-data-file", type=str, default="", help="processed data file")
+    g.add_argument("--processed-data-file", type=str, default="", help="processed data: the original's .npz, or our directory (this path without .npz)")
     g.add_argument("--data-randomize", type=str, default="total", choices=["total", "day", "none"],
-                   help="shuffling of the processed training data")
+                   help="shuffling of the training rows, redrawn each epoch")
     g.add_argument("--max-ind-range", type=int, default=-1, help="hash sparse ids into [0, M) (-1: dictionary)")
     g.add_argument("--data-sub-sample-rate", type=float, default=0.0,
                    help="drop this fraction of negatives from training days")

@@ -28,7 +28,7 @@ ORIGINAL_KAGGLE_FLAGS = [
     "--learning-rate=0.1", "--mini-batch-size=128", "--print-freq=1024", "--print-time",
     "--test-mini-batch-size=16384", "--test-num-workers=16",
 ]
-ORIGINAL_ROWS_PER_S = 1_000_000 / 172  # the original on a 1M-row file, 2-core machine (issue 3)
+ORIGINAL_ROWS_PER_S = 1_000_000 / 172  # the original on a 1M-row file, 2-core machine (172 s)
 
 
 def tree_rss_kib(pid) -> int:
