@@ -11,7 +11,7 @@ Usage:
     python dlrm_s_pytorch.py --arch-sparse-feature-size=16 --arch-mlp-bot=13-512-256-64-16 \
         --arch-mlp-top=512-256-1 --arch-embedding-size=1000-1000-1000 \
         --data-size=100000 --mini-batch-size=128 --loss-function=bce --round-targets=True \
-        --optimizer=adagrad --learning-rate=0.1 --test-freq=100 --print-time \
+        --optimizer=adagrad --learning-rate=0.01 --test-freq=100 --print-time \
         --save-model=model.pt
 
     # resume it, or only evaluate it (optionally quantized: int8 MLPs, 4-bit embedding rows)
