@@ -70,7 +70,10 @@ class ProgressBar:
 
     def postfix(self) -> str:
         parts = []
-        rate = self.bar.format_dict.get("rate")  # smoothed iterations/s
+        rate = self.bar.format_dict.get("rate")  # smoothed iterations/s, once the bar has been redrawn
+        if not rate:
+            elapsed = self.bar.format_dict["elapsed"]
+            rate = (self.bar.n - self.bar.initial) / elapsed if elapsed > 0 else None
         if rate:
             parts.append(f"{rate * self.samples_per_it:,.0f} samples/s")
         if self.with_loss and self.loss_sum is not None and self.loss_samples:
@@ -89,6 +92,7 @@ class ProgressBar:
         if self.bar is None:
             yield
             return
+        self.bar.set_postfix_str(self.postfix(), refresh=False)  # drawn again after the line: up to date
         with self.bar.external_write_mode():
             yield
 
