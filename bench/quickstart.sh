@@ -53,9 +53,11 @@ else
     say "Generating $raw: $rows synthetic Criteo-format rows with a learnable click signal"
     "$python_bin" "$repo/data_utils.py" make-fake --rows "$rows" --out "$raw"
   fi
-  # six of seven parts of the rows train, in batches of 128: four tests over the run
-  test_freq=$(( (rows * 6 / 7 / 128 + 3) / 4 ))
-  (( test_freq > 0 )) || test_freq=1
+  # the first six of seven "days" train (the first days take the remainder), in batches of 128:
+  # a test after each quarter of them, the last at the end of the epoch
+  train_rows=$(( rows / 7 * 6 + (rows % 7 < 6 ? rows % 7 : 6) ))
+  batches=$(( (train_rows + 127) / 128 ))
+  test_freq=$(( (batches + 3) / 4 ))
 fi
 
 log="$out/train.log"
