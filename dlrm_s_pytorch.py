@@ -603,10 +603,11 @@ APPLIES_WHEN = {
 REFUSED_WITHOUT_EFFECT = ("--raw-data-file", "--processed-data-file")  # a forgotten --data-generation=dataset
 
 
-def check_writable(flag: str, path: str):
-    """Stops before any work when an output file cannot be written (its folder is created if missing)."""
+def check_writable(flag: str, path: str, example: str = "model.pt"):
+    """Stops before any work when an output file cannot be written (its folder is created if missing);
+    `example`: a file name to suggest when `path` is a directory."""
     if os.path.isdir(path):
-        raise DLRMError(f"{flag} {path}: is a directory; give a file name (e.g. {os.path.join(path, '')}...)")
+        raise DLRMError(f"{flag} {path}: is a directory; give a file name (e.g. {os.path.join(path, example)})")
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
@@ -647,14 +648,16 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         raise DLRMError(f"--arch-mlp-top must end in 1 (the click probability), got {args.arch_mlp_top[-1]}")
     if args.rand_data_min > args.rand_data_max:
         raise DLRMError(f"--rand-data-min {args.rand_data_min:g} is above --rand-data-max {args.rand_data_max:g}")
-    for flag, path, wanted in (("--save-model", args.save_model, bool(args.save_model)),
-                               ("--onnx-file", args.onnx_file, args.save_onnx),
-                               ("--profiling-trace-file", args.profiling_trace_file, args.enable_profiling),
-                               ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph),
-                               ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file))):
+    for flag, path, wanted, example in (
+            ("--save-model", args.save_model, bool(args.save_model), "model.pt"),
+            ("--onnx-file", args.onnx_file, args.save_onnx, "model.onnx"),
+            ("--profiling-trace-file", args.profiling_trace_file, args.enable_profiling, "trace.prof"),
+            ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph, "graph.dot"),
+            ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file), "metrics.jsonl")):
         if wanted:
-            check_writable(flag, path)
-    if args.load_model:
+            check_writable(flag, path, example)
+    launch = ext_dist.launch_info()
+    if args.load_model and (launch is None or launch.rank == 0):  # rank 0 reads it for all
         check_readable("--load-model", args.load_model, "a checkpoint file written by --save-model")
     if args.data_generation == "synthetic":
         if os.path.isdir(args.data_trace_file):

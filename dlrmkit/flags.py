@@ -132,8 +132,13 @@ def _one_of(values) -> str:
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """The first flag value of `args` outside its declared range, as a one-line message, or None."""
+    """The first flag value of `args` outside its declared range, as a one-line message, or None
+    (the flags of a chosen sub-command included)."""
     for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            problem = check_ranges(action.choices[getattr(args, action.dest)], args)
+            if problem:
+                return problem
         valid = getattr(action, "valid_range", None)
         value = getattr(args, action.dest, None)
         if valid is None or value is None or isinstance(value, str):
