@@ -353,9 +353,9 @@ def device_batches(loader, device: torch.device):
 
 # ============================================================================ configuration
 EXAMPLES = """examples:
-  # random data: a small model, 100 batches, a test every 50 iterations
+  # random data (no signal to learn: a speed check): a small model, 100 batches, a test every 50
   {command} --arch-embedding-size=1000-1000-1000 --data-size=12800 --mini-batch-size=128 \\
-      --learning-rate=0.1 --test-freq=50
+      --loss-function=bce --round-targets=True --learning-rate=0.1 --test-freq=50
   # Criteo Kaggle (train.txt from the Display Advertising Challenge), the original's model
   {command} --data-generation=dataset --data-set=kaggle --raw-data-file=./input/train.txt \\
       --processed-data-file=./input/kaggleAdDisplayChallenge_processed.npz --arch-sparse-feature-size=16 \\

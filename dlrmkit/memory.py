@@ -75,8 +75,8 @@ def usable_memory() -> tuple[int, str]:
     less what the process maps already, the cgroup v2/v1 memory limit less its non-cache usage,
     and the machine's available memory (psutil, else /proc/meminfo). Limits that cannot be
     read are skipped; with none readable the result is unbounded."""
-    found = [(_address_space_left(), "the address-space limit (ulimit -v) less what this process maps"),
-             (_cgroup_memory_left(), "the memory limit of this process's cgroup less its usage"),
+    found = [(_address_space_left(), "the address-space limit of ulimit -v, less what the process maps already"),
+             (_cgroup_memory_left(), "the cgroup memory limit, less its usage"),
              (_available_memory(), "the memory available on this machine")]
     found = [(n, why) for n, why in found if n is not None]
     return min(found) if found else (2**63 - 1, "no memory limit found")
