@@ -600,7 +600,7 @@ APPLIES_WHEN = {
     "--profiling-trace-file": (flag_is("--enable-profiling"),),
     "--compute-graph-file": (flag_is("--plot-compute-graph"),),
 }
-REFUSED_WITHOUT_EFFECT = ("--raw-data-file", "--processed-data-file")  # a forgotten --data-generation=dataset
+REFUSED_WITHOUT_EFFECT = ("--raw-data-file", "--processed-data-file")  # data files: a forgotten --data-generation
 
 
 def check_writable(flag: str, path: str, example: str = "model.pt"):
@@ -638,7 +638,7 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
     ineffective = flags.ineffective_flags(parser, args, APPLIES_WHEN, distributed, DERIVED_DEFAULTS)
     for name, condition in ineffective:
         if name in REFUSED_WITHOUT_EFFECT:
-            raise DLRMError(f"{name} needs {condition.needs} (it has no effect {condition.unless(args)})")
+            raise DLRMError(f"{name} needs {condition.needs} (it is {args.data_generation})")
     dataset = args.data_generation == "dataset"
     if dataset and not (args.raw_data_file or args.processed_data_file):
         raise DLRMError("--data-generation=dataset needs --raw-data-file (or an existing --processed-data-file)")

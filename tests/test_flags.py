@@ -246,8 +246,9 @@ def test_memory_estimate_counts_batch_ids_and_optimizer_state():
     assert memory.estimate_memory([1000], 4, [[4, 4]], 20, 2.0, "sgd").batch == 2 * small.batch
     assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 4.0, "sgd").batch > small.batch
     assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 2.0, "adagrad").optimizer_state >= 16000
-    assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 2.0, "sgd", num_workers=2).loader == 6 * small.batch
-    assert memory.mean_bag_size(4, 50, False) == 2.5 and memory.mean_bag_size(4, 50, True) == 50
+    assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 2.0, "sgd", num_workers=2).loader == 6 * 10 * (96 + 20)
+    assert memory.mean_bag_size(4, 50, False) == 2.125 and memory.mean_bag_size(4, 50, True) == 50
+    assert memory.mean_bag_size(1, 10, False) == memory.mean_bag_size(10, 1, False) == 1
 
 
 def test_huge_table_stops_before_allocating(run_main):
