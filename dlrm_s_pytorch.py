@@ -1019,8 +1019,15 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     tests = args.inference_only or args.test_freq > 0
     batch_size = max(args.mini_batch_size, args.test_mini_batch_size if tests else 0)
     workers = max(args.num_workers, args.test_num_workers if tests else 0)
-    return memory.estimate_memory(held, sparse_dim, [[dense_dim] + list(args.arch_mlp_bot[1:]), [width] + list(args.arch_mlp_top)],
-                                  batch_size, ids, None if args.inference_only else args.optimizer, workers)
+    needed = memory.estimate_memory(held, sparse_dim, [[dense_dim] + list(args.arch_mlp_bot[1:]),
+                                                       [width] + list(args.arch_mlp_top)],
+                                    batch_size, ids, None if args.inference_only else args.optimizer, workers)
+    if args.data_generation == "synthetic":  # per table: an id stream, and where each batch starts in it
+        samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
+        batches = math.ceil(samples / args.mini_batch_size) + math.ceil(samples / args.test_mini_batch_size)
+        stream = min(samples * ids / len(table_sizes), trace_data.MAX_STREAM_LENGTH)
+        needed.data = int(len(table_sizes) * (2 * 8 * batches + 2 * 8 * stream))
+    return needed
 
 
 def check_memory(args, dense_dim: int, table_sizes, local_tables=None):
@@ -1028,11 +1035,13 @@ def check_memory(args, dense_dim: int, table_sizes, local_tables=None):
     needed = estimate_memory(args, dense_dim, table_sizes, local_tables)
     usable, limited_by = memory.usable_memory()
     if needed.total > usable:
-        if needed.parameters + needed.optimizer_state > needed.batch + needed.loader:
-            remedy = ("smaller tables (--arch-embedding-size, or --max-ind-range for a data set) "
-                      "or a smaller --arch-sparse-feature-size")
-        else:
-            remedy = "a smaller --mini-batch-size (or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"
+        remedies = [
+            (needed.parameters + needed.optimizer_state, "smaller tables (--arch-embedding-size, or --max-ind-range "
+                                                         "for a data set) or a smaller --arch-sparse-feature-size"),
+            (needed.batch + needed.loader, "a smaller --mini-batch-size (or --test-mini-batch-size, "
+                                           "--num-indices-per-lookup, --num-workers)"),
+            (needed.data, "a smaller --data-size (or --num-batches)")]
+        remedy = max(remedies, key=lambda part: part[0])[1]
         raise DLRMError(f"this run needs about {memory.gib(needed.total)} of memory ({needed.describe()}) but this "
                         f"process may use {memory.gib(usable)} ({limited_by}); try {remedy}")
 
@@ -1332,11 +1341,15 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     if device.type == "cpu":
         keep_freed_memory()
 
+    if args.data_generation != "dataset":  # sizes given by the flags: checked before any data is made
+        check_memory(args, args.arch_mlp_bot[0], args.arch_embedding_size,
+                     ext_dist.local_tables(args.arch_embedding_size, args.arch_sparse_feature_size))
     with ext_dist.rank0_first("preparing the data"):  # one process fills any cache, the others reuse it
         train_set, test_set, dense_dim, table_sizes = make_datasets(args)
     nbatches = min(args.num_batches, len(train_set)) if args.num_batches > 0 else len(train_set)
     local_tables = ext_dist.local_tables(table_sizes, args.arch_sparse_feature_size)
-    check_memory(args, dense_dim, table_sizes, local_tables)
+    if args.data_generation == "dataset":  # once the data's table sizes are known
+        check_memory(args, dense_dim, table_sizes, local_tables)
     model = build_model(args, dense_dim, table_sizes, local_tables)
     if args.debug_mode:
         ln_top = [model.top_l[0].in_features] + list(args.arch_mlp_top)

@@ -25,14 +25,15 @@ class MemoryEstimate:
     optimizer_state: int
     batch: int
     loader: int
+    data: int = 0  # what the data source holds (synthetic data's id streams and batch index)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.optimizer_state + self.batch + self.loader
+        return self.parameters + self.optimizer_state + self.batch + self.loader + self.data
 
     def describe(self) -> str:
         parts = (("parameters", self.parameters), ("optimizer state", self.optimizer_state), ("one batch", self.batch),
-                 ("loader buffers", self.loader))
+                 ("loader buffers", self.loader), ("data", self.data))
         return ", ".join(f"{name} {gib(n)}" for name, n in parts)
 
 

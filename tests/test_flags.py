@@ -256,6 +256,12 @@ def test_huge_table_stops_before_allocating(run_main):
     one_line_error(code, err, "this run needs about", "GiB of memory", "but this process may use", "smaller tables")
 
 
+def test_huge_synthetic_data_stops_before_it_is_made(run_main):
+    code, out, err = run_main("--data-generation=synthetic", f"--data-trace-file={os.path.join(ROOT, 'bench', 'traces', 'dist_emb_j.log')}",
+                              "--data-size=100000000000000")
+    one_line_error(code, err, "needs about", "a smaller --data-size")
+
+
 def test_huge_batch_under_an_address_space_limit_stops_with_both_figures(tmp_path):
     command = (f"ulimit -v 6000000 && exec {sys.executable} {os.path.join(ROOT, 'dlrm_s_pytorch.py')} "
                "--mini-batch-size=20000000 --data-size=20000000 --num-indices-per-lookup=50")
