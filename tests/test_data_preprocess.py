@@ -10,7 +10,7 @@ import pytest
 import data_utils
 import dlrm_s_pytorch as dlrm
 from conftest import CRITEO_SAMPLE
-from data_helpers import (fake_kaggle, fake_terabyte, load_days, naive_ids, naive_row, preprocess_quietly,
+from helpers import (fake_kaggle, fake_terabyte, load_days, naive_ids, naive_row, preprocess_quietly,
                           row_text)
 
 
