@@ -644,6 +644,9 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
                                 "e.g. on a checkpoint of this run)")
     if args.loss_function == "wbce" and len(args.loss_weights) != 2:
         raise DLRMError(f"--loss-weights needs two values (negative-positive), got {len(args.loss_weights)}")
+    if args.loss_function == "wbce" and max(args.loss_weights) == 0:
+        raise DLRMError("--loss-weights: at least one weight must be positive (with both 0 the loss is 0: "
+                        "nothing is learned)")
     if args.lr_num_decay_steps > 0 and args.lr_decay_start_step < args.lr_num_warmup_steps:
         raise DLRMError(
             f"--lr-decay-start-step {args.lr_decay_start_step} is before the end of warmup "
@@ -1003,20 +1006,29 @@ def tables_of_this_process(table_sizes, dim: int) -> list[int] | None:
     return ext_dist.place_tables([n * dim for n in table_sizes], ext_dist.world_size())[ext_dist.rank()]
 
 
-def check_memory(args, dense_dim: int, table_sizes, local_tables=None):
-    """Stops (DLRMError) before the model is built when the run needs more memory than the process may use."""
+TABLES_REMEDY = "smaller tables (--arch-embedding-size, or --max-ind-range for a data set) or a smaller " \
+                "--arch-sparse-feature-size"
+BATCH_REMEDY = "a smaller --mini-batch-size (or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"
+MEMORY_REMEDIES = {"parameters": TABLES_REMEDY, "optimizer state": TABLES_REMEDY, "one batch": BATCH_REMEDY,
+                   "batch inputs": BATCH_REMEDY, "loader buffers": BATCH_REMEDY,
+                   "data": "a smaller --data-size (or --num-batches)"}
+
+
+def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: torch.device | None = None):
+    """Stops (DLRMError) before the model is built when the run needs more memory than the process may use:
+    host memory, and on a CUDA `device` the device's free memory for the model, its optimizer state and a batch."""
     needed = estimate_memory(args, dense_dim, table_sizes, local_tables)
-    usable, limited_by = memory.usable_memory()
-    if needed.total > usable:
-        remedies = [
-            (needed.parameters + needed.optimizer_state, "smaller tables (--arch-embedding-size, or --max-ind-range "
-                                                         "for a data set) or a smaller --arch-sparse-feature-size"),
-            (needed.batch + needed.loader, "a smaller --mini-batch-size (or --test-mini-batch-size, "
-                                           "--num-indices-per-lookup, --num-workers)"),
-            (needed.data, "a smaller --data-size (or --num-batches)")]
-        remedy = max(remedies, key=lambda part: part[0])[1]
-        raise DLRMError(f"this run needs about {memory.gib(needed.total)} of memory ({needed.describe()}) but this "
-                        f"process may use {memory.gib(usable)} ({limited_by}); try {remedy}")
+    on_cuda = device is not None and device.type == "cuda"
+    checks = [(needed.in_host_memory(on_cuda), "memory", memory.usable_memory())]
+    if on_cuda:
+        checks.append((needed.on_device(), f"memory on {device}", memory.device_memory(device)))
+    for parts, where, (usable, limited_by) in checks:
+        if sum(parts.values()) <= usable:
+            continue
+        remedy = MEMORY_REMEDIES[max(parts, key=parts.get)]
+        raise DLRMError(f"this run needs about {memory.gib(sum(parts.values()))} of {where} "
+                        f"({memory.describe(parts)}) but this process may use {memory.gib(usable)} ({limited_by}); "
+                        f"try {remedy}")
 
 
 def build_optimizer(args, model: nn.Module):
@@ -1316,12 +1328,13 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
 
     if args.data_generation != "dataset":  # sizes given by the flags: checked before any data is made
         check_memory(args, args.arch_mlp_bot[0], args.arch_embedding_size,
-                     tables_of_this_process(args.arch_embedding_size, args.arch_sparse_feature_size))
+                     tables_of_this_process(args.arch_embedding_size, args.arch_sparse_feature_size), device)
     with ext_dist.rank0_first("preparing the data"):  # one process fills any cache, the others reuse it
         train_set, test_set, dense_dim, table_sizes = make_datasets(args)
     nbatches = min(args.num_batches, len(train_set)) if args.num_batches > 0 else len(train_set)
     if args.data_generation == "dataset":  # once the data's table sizes are known
-        check_memory(args, dense_dim, table_sizes, tables_of_this_process(table_sizes, args.arch_sparse_feature_size))
+        check_memory(args, dense_dim, table_sizes, tables_of_this_process(table_sizes, args.arch_sparse_feature_size),
+                     device)
     embeddings = None
     if launch:  # this process's tables, pooled for the whole batch and exchanged with the other processes
         embeddings = ext_dist.ModelParallelEmbeddings(

@@ -23,18 +23,24 @@ class MemoryEstimate:
 
     parameters: int
     optimizer_state: int
-    batch: int
+    batch: int  # batch_inputs included
     loader: int
+    batch_inputs: int = 0  # what the loader hands over: ids, offsets, dense features, targets
     data: int = 0  # what the data source holds (synthetic data's id streams and batch index)
 
     @property
     def total(self) -> int:
         return self.parameters + self.optimizer_state + self.batch + self.loader + self.data
 
-    def describe(self) -> str:
-        parts = (("parameters", self.parameters), ("optimizer state", self.optimizer_state), ("one batch", self.batch),
-                 ("loader buffers", self.loader), ("data", self.data))
-        return ", ".join(f"{name} {gib(n)}" for name, n in parts)
+    def on_device(self) -> dict:
+        """Parts in the accelerator's memory when the model runs there (the rest stays in host memory)."""
+        return {"parameters": self.parameters, "optimizer state": self.optimizer_state, "one batch": self.batch}
+
+    def in_host_memory(self, model_on_device: bool) -> dict:
+        parts = {"loader buffers": self.loader, "data": self.data}
+        if model_on_device:
+            return {"batch inputs": self.batch_inputs, **parts}
+        return {**self.on_device(), **parts}
 
 
 def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample: float, optimizer: str | None,
@@ -68,7 +74,8 @@ def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample:
         state = 0
     inputs = batch_size * (ID_BYTES * ids_per_sample + FLOAT * (mlps[0][0] + 1))
     batch = int(inputs + batch_size * (2 * FLOAT * dim * ids_per_sample + ACTIVATION_COPIES * FLOAT * units))
-    return MemoryEstimate(tables + 2 * FLOAT * weights, state, batch, int(num_workers * LOADER_BATCHES_PER_WORKER * inputs))
+    return MemoryEstimate(tables + 2 * FLOAT * weights, state, batch, int(num_workers * LOADER_BATCHES_PER_WORKER * inputs),
+                          batch_inputs=int(inputs))
 
 
 def usable_memory() -> tuple[int, str]:
@@ -81,6 +88,19 @@ def usable_memory() -> tuple[int, str]:
              (_available_memory(), "the memory available on this machine")]
     found = [(n, why) for n, why in found if n is not None]
     return min(found) if found else (2**63 - 1, "no memory limit found")
+
+
+def device_memory(device) -> tuple[int, str]:
+    """(bytes, what they are): the free memory of a CUDA device."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free), f"the free memory of {device}"
+
+
+def describe(parts: dict) -> str:
+    """`name size, ...` of the parts that need any memory."""
+    return ", ".join(f"{name} {gib(n)}" for name, n in parts.items() if n > 0)
 
 
 def gib(n: int) -> str:

@@ -85,6 +85,9 @@ def test_data_utils_numeric_flags_are_checked_too(capsys, command, flag, value):
     (["--dist-timeout=0"], "--dist-timeout must be in (0, 31536000], got 0"),
     (["--arch-mlp-bot=4-0-2"], "--arch-mlp-bot: every value must be at least 1, got 4-0-2"),
     (["--mini-batch-size=99999999999999999999"], "--mini-batch-size: 99999999999999999999 does not fit a 64-bit integer"),
+    (["--loss-function=wbce", "--loss-weights=0-0"], "--loss-weights: at least one weight must be positive"),
+    (["--lr-num-warmup-steps=5", "--lr-num-decay-steps=3", "--lr-decay-start-step=1"],
+     "--lr-decay-start-step 1 is before the end of warmup"),
 ])
 def test_reported_bad_values_are_one_line_errors(run_main, argv, message):
     code, out, err = run_main(*argv)
@@ -273,6 +276,22 @@ def test_memory_check_uses_the_data_sets_table_sizes(tmp_path, run_main, monkeyp
     last = err.splitlines()[-1] + "\n"
     one_line_error(code, last, "needs about", "may use 8.0 GiB (a test limit)", "smaller tables")
     assert "Processed 1000 rows" in out  # checked once the data's table sizes are known
+
+
+def test_model_on_a_gpu_is_checked_against_the_gpu_and_its_inputs_against_host_memory(monkeypatch):
+    import torch
+
+    args = dlrm.parse_args(["--arch-embedding-size=100000000-10", "--arch-sparse-feature-size=2",
+                            "--arch-mlp-bot=4-3-2"])  # 0.75 GiB of tables
+    monkeypatch.setattr(memory, "usable_memory", lambda: (memory.GIB // 2, "a host limit"))
+    monkeypatch.setattr(memory, "device_memory", lambda device: (8 * memory.GIB, "a device limit"))
+    cuda = torch.device("cuda", 0)
+    dlrm.check_memory(args, 4, args.arch_embedding_size, None, cuda)  # the tables fit the device
+    with pytest.raises(dlrm.DLRMError, match="of memory .parameters .*a host limit"):
+        dlrm.check_memory(args, 4, args.arch_embedding_size, None, torch.device("cpu"))
+    monkeypatch.setattr(memory, "device_memory", lambda device: (memory.GIB // 2, "the free memory of cuda:0"))
+    with pytest.raises(dlrm.DLRMError, match="of memory on cuda:0 .parameters .*smaller tables"):
+        dlrm.check_memory(args, 4, args.arch_embedding_size, None, cuda)
 
 
 @pytest.mark.parametrize("version", ["v2", "v1"])
