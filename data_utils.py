@@ -486,7 +486,12 @@ def missing_raw_data(path: str, data_set: str) -> str:
     if data_set == "kaggle":
         if _day_file(path, 0):
             return f"{flag}: no such file, but {_day_file(path, 0)} exists: --data-set=terabyte reads the {days}"
+        if os.path.isfile(path + ".gz"):
+            return f"{flag}: no such file, but {path}.gz exists: use --raw-data-file={path}.gz (read as it is)"
         return f"{flag}: no such file (--data-set=kaggle reads the Criteo Kaggle train.txt)"
+    day_file = re.match(r"^(.*)_\d+(\.gz)?$", path)
+    if os.path.isfile(path) and day_file and _day_file(day_file.group(1), 0):
+        return f"{flag}: is one day file; --data-set=terabyte reads the {days}: use --raw-data-file={day_file.group(1)}"
     if os.path.isfile(path):
         return (f"{flag}: --data-set=terabyte reads the {days}, and {path}_0 does not exist; "
                 f"for one file such as the Kaggle train.txt use --data-set=kaggle")

@@ -1,5 +1,6 @@
 """Flag definitions and checks: valid ranges, where flags have an effect, memory, paths, the command line."""
 
+import gzip
 import math
 import os
 import subprocess
@@ -318,7 +319,11 @@ def raw_files(tmp_path_factory):
     (root / "kaggle").mkdir()
     (root / "terabyte").mkdir()
     (root / "empty").mkdir()
-    return {"train": fake_kaggle(root / "kaggle", 100), "days": fake_terabyte(root / "terabyte", 48),
+    (root / "gzipped").mkdir()
+    with open(fake_kaggle(root / "kaggle", 100), "rb") as f, gzip.open(root / "gzipped" / "train.txt.gz", "wb") as out:
+        out.write(f.read())
+    return {"train": str(root / "kaggle" / "train.txt"), "days": fake_terabyte(root / "terabyte", 48),
+            "day_5": str(root / "terabyte" / "day_5"), "gzipped": str(root / "gzipped" / "train.txt"),
             "kaggle_dir": str(root / "kaggle"), "terabyte_dir": str(root / "terabyte"), "empty": str(root / "empty")}
 
 
@@ -330,6 +335,8 @@ def raw_files(tmp_path_factory):
     ("train", "terabyte", ["_0 does not exist", "--data-set=kaggle"]),
     ("terabyte_dir", "terabyte", ["is a directory", "terabyte/day"]),
     ("empty", "terabyte", ["is a directory", "prefix"]),
+    ("day_5", "terabyte", ["is one day file", "terabyte/day\n"]),
+    ("gzipped", "kaggle", ["no such file, but", "train.txt.gz exists", "--raw-data-file="]),
 ])
 def test_raw_data_errors_say_what_is_there_and_which_flags_read_it(raw_files, run_main, capsys, key, data_set, parts):
     path = raw_files[key]
