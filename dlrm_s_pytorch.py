@@ -616,6 +616,9 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
             ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file), "metrics.jsonl")):
         if wanted:
             check_writable(flag, path, example)
+    if args.tensor_board_filename and os.path.isfile(args.tensor_board_filename):
+        raise DLRMError(f"--tensor-board-filename {args.tensor_board_filename}: is a file; TensorBoard writes a "
+                        "directory of event files there (give a directory name)")
     launch = ext_dist.launch_info()
     if args.load_model and (launch is None or launch.rank == 0):  # rank 0 reads it for all
         check_readable("--load-model", args.load_model, "a checkpoint file written by --save-model")
