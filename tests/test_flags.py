@@ -359,6 +359,13 @@ def test_processed_data_directory_holding_raw_data_says_so(raw_files, run_main):
     one_line_error(code, err, "no processed data", f"--raw-data-file={raw_files['days']} --data-set=terabyte")
 
 
+def test_tensor_board_directory_that_is_a_file_says_so(tmp_path, run_main):
+    path = tmp_path / "events"
+    path.write_text("")
+    code, out, err = run_main(f"--tensor-board-filename={path}")
+    one_line_error(code, err, f"--tensor-board-filename {path}: is a file", "directory")
+
+
 @pytest.mark.parametrize("argv,parts", [
     (["--load-model={d}"], ["--load-model {d}: is a directory", "checkpoint file"]),
     (["--load-model={d}/none.pt"], ["--load-model {d}/none.pt: no such file"]),
@@ -369,13 +376,6 @@ def test_processed_data_directory_holding_raw_data_says_so(raw_files, run_main):
     (["--enable-profiling", "--profiling-trace-file={d}"], ["--profiling-trace-file {d}: is a directory"]),
     (["--plot-compute-graph", "--compute-graph-file={d}"], ["--compute-graph-file {d}: is a directory"]),
 ])
-def test_tensor_board_directory_that_is_a_file_says_so(tmp_path, run_main):
-    path = tmp_path / "events"
-    path.write_text("")
-    code, out, err = run_main(f"--tensor-board-filename={path}")
-    one_line_error(code, err, f"--tensor-board-filename {path}: is a file", "directory")
-
-
 def test_paths_that_are_directories_say_so_before_any_work(tmp_path, run_main, argv, parts):
     code, out, err = run_main(*[a.format(d=tmp_path) for a in argv])
     one_line_error(code, err, *[p.format(d=tmp_path) for p in parts])
