@@ -975,7 +975,8 @@ def build_embeddings(args, table_sizes, tables=None) -> EmbeddingCollection:
 
 
 def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> memory.MemoryEstimate:
-    """What this process will allocate for the model, the optimizer, a batch and the loaders (bytes)."""
+    """What this process will allocate (bytes): the model, the optimizer, a batch and the loaders
+    (`memory.estimate_memory`), synthetic data's id streams, and a checkpoint to load."""
     dim = args.arch_sparse_feature_size
     held = [table_sizes[t] for t in local_tables] if local_tables is not None else list(table_sizes)
     if args.qr_flag:  # a quotient and a remainder table for each big table
@@ -999,6 +1000,8 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
         batches = math.ceil(samples / args.mini_batch_size) + math.ceil(samples / args.test_mini_batch_size)
         stream = min(samples * ids / len(table_sizes), trace_data.MAX_STREAM_LENGTH)
         needed.data = int(len(table_sizes) * (2 * 8 * batches + 2 * 8 * stream))
+    if args.load_model and os.path.isfile(args.load_model) and ext_dist.rank() == 0:  # rank 0 reads it for all
+        needed.checkpoint = os.path.getsize(args.load_model)
     return needed
 
 
@@ -1014,7 +1017,8 @@ TABLES_REMEDY = "smaller tables (--arch-embedding-size, or --max-ind-range for a
 BATCH_REMEDY = "a smaller --mini-batch-size (or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"
 MEMORY_REMEDIES = {"parameters": TABLES_REMEDY, "optimizer state": TABLES_REMEDY, "one batch": BATCH_REMEDY,
                    "batch inputs": BATCH_REMEDY, "loader buffers": BATCH_REMEDY,
-                   "data": "a smaller --data-size (or --num-batches)"}
+                   "data": "a smaller --data-size (or --num-batches)",
+                   "checkpoint": "a machine with more memory for this checkpoint"}
 
 
 def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: torch.device | None = None):

@@ -27,17 +27,18 @@ class MemoryEstimate:
     loader: int
     batch_inputs: int = 0  # what the loader hands over: ids, offsets, dense features, targets
     data: int = 0  # what the data source holds (synthetic data's id streams and batch index)
+    checkpoint: int = 0  # a checkpoint being loaded, read whole into host memory first
 
     @property
     def total(self) -> int:
-        return self.parameters + self.optimizer_state + self.batch + self.loader + self.data
+        return self.parameters + self.optimizer_state + self.batch + self.loader + self.data + self.checkpoint
 
     def on_device(self) -> dict:
         """Parts in the accelerator's memory when the model runs there (the rest stays in host memory)."""
         return {"parameters": self.parameters, "optimizer state": self.optimizer_state, "one batch": self.batch}
 
     def in_host_memory(self, model_on_device: bool) -> dict:
-        parts = {"loader buffers": self.loader, "data": self.data}
+        parts = {"loader buffers": self.loader, "data": self.data, "checkpoint": self.checkpoint}
         if model_on_device:
             return {"batch inputs": self.batch_inputs, **parts}
         return {**self.on_device(), **parts}
