@@ -1007,13 +1007,6 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     return needed
 
 
-def tables_of_this_process(table_sizes, dim: int) -> list[int] | None:
-    """Ids of the tables this process holds in a model-parallel run; None (all) in a single process."""
-    if not ext_dist.is_initialized():
-        return None
-    return ext_dist.place_tables([n * dim for n in table_sizes], ext_dist.world_size())[ext_dist.rank()]
-
-
 TABLES_REMEDY = "smaller tables (--arch-embedding-size, or --max-ind-range for a data set) or a smaller " \
                 "--arch-sparse-feature-size"
 BATCH_REMEDY = "a smaller --mini-batch-size (or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"
@@ -1337,12 +1330,12 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
 
     if args.data_generation != "dataset":  # sizes given by the flags: checked before any data is made
         check_memory(args, args.arch_mlp_bot[0], args.arch_embedding_size,
-                     tables_of_this_process(args.arch_embedding_size, args.arch_sparse_feature_size), device)
+                     ext_dist.tables_of_this_process(args.arch_embedding_size, args.arch_sparse_feature_size), device)
     with ext_dist.rank0_first("preparing the data"):  # one process fills any cache, the others reuse it
         train_set, test_set, dense_dim, table_sizes = make_datasets(args)
     nbatches = min(args.num_batches, len(train_set)) if args.num_batches > 0 else len(train_set)
     if args.data_generation == "dataset":  # once the data's table sizes are known
-        check_memory(args, dense_dim, table_sizes, tables_of_this_process(table_sizes, args.arch_sparse_feature_size),
+        check_memory(args, dense_dim, table_sizes, ext_dist.tables_of_this_process(table_sizes, args.arch_sparse_feature_size),
                      device)
     embeddings = None
     if launch:  # this process's tables, pooled for the whole batch and exchanged with the other processes
