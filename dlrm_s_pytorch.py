@@ -1181,7 +1181,8 @@ def open_run_logs(args) -> RunLog:
     return RunLogs(logs)
 
 
-def run_config(args, train_set, test_set, nbatches) -> dict:
+def run_config(args, train_set, test_set, table_sizes) -> dict:
+    """What the run logs record at the start; `args` as used, with the table sizes of the data."""
     return {
         "seed": args.numpy_rand_seed,
         "global_batch_size": args.mini_batch_size * args.mlperf_grad_accum_iter,
@@ -1191,9 +1192,13 @@ def run_config(args, train_set, test_set, nbatches) -> dict:
         "warmup_steps": args.lr_num_warmup_steps,
         "decay_start_step": args.lr_decay_start_step,
         "decay_steps": args.lr_num_decay_steps,
-        "train_samples": min(nbatches * args.mini_batch_size, dataset_samples(train_set, args.mini_batch_size)),
+        "train_samples": dataset_samples(train_set, args.mini_batch_size),  # an epoch, as the reference
         "eval_samples": dataset_samples(test_set, args.test_mini_batch_size),
-        "args": vars(args),
+        "batches_per_epoch": len(train_set),
+        # MLPerf's names of the initialized tensors: all tables together, then each MLP layer
+        "initialized_tensors": ["embeddings"] + [f"bottom_mlp_dense{k}" for k in range(1, len(args.arch_mlp_bot))]
+        + [f"top_mlp_dense{k}" for k in range(1, len(args.arch_mlp_top) + 1)],
+        "args": {**vars(args), "arch_embedding_size": [int(n) for n in table_sizes]},
     }
 
 
@@ -1254,7 +1259,7 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         if last is not None:
             print(f"Testing state: loss = {last.loss:.6f}, accuracy = {last.accuracy * 100:3.3f} %, auc = {last.auc:.4f}")
 
-    run_log.run_start(run_config(args, train_set, test_set, nbatches))
+    run_log.run_start(run_config(args, train_set, test_set, table_sizes))
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
     exported_model = model
     with profiling.profiled(args.enable_profiling, args.profiling_trace_file, device.type == "cuda"):
