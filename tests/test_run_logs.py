@@ -1,6 +1,8 @@
 """Profiling, compute graph, TensorBoard, MLPerf log lines, the metrics log and its plot."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -13,13 +15,28 @@ from dlrmkit.mlperf_logger import parse_mllog
 RUN = ["--mini-batch-size=4", "--data-size=16", "--test-freq=2", "--loss-function=bce", "--round-targets"]
 
 
-def test_profiling_writes_a_chrome_trace_and_prints_top_operators(run_main, tmp_path):
+def test_profiling_writes_the_originals_trace_and_operator_tables(cli, tmp_path):
+    result = cli(*RUN, "--enable-profiling", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 3 and re.fullmatch(r"dlrm_s_pytorch\d{4}-\d\d-\d\d_[\d:.]+\.json", names[0]), names
+    stem = names[0][:-5]
+    assert names[1:] == [stem + "_shape.prof", stem + "_total.prof"]
+    events = json.loads((tmp_path / names[0]).read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::embedding_bag") for e in events)
+    shape, total = ((tmp_path / n).read_text() for n in names[1:])
+    assert "Input Shapes" in shape and "Input Shapes" not in total and "aten::addmm" in total
+    assert "Self CPU time total" in result.stdout and f"Chrome trace to {names[0]}" in result.stdout
+
+
+def test_profiling_trace_file_names_the_trace_with_the_tables_next_to_it(run_main, tmp_path):
     trace = tmp_path / "prof" / "trace.json"
     code, out, err = run_main(*RUN, "--enable-profiling", f"--profiling-trace-file={trace}")
     assert code == 0, err
     assert "Self CPU time total" in out and "aten::" in out and f"Wrote the profiler's Chrome trace to {trace}" in out
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name", "").startswith("aten::embedding_bag") for e in events)
+    assert sorted(os.listdir(tmp_path / "prof")) == ["trace.json", "trace_shape.prof", "trace_total.prof"]
 
 
 @pytest.mark.parametrize("torchviz_present", [True, False])
@@ -188,3 +205,16 @@ def test_inference_only_passes_are_logged_as_inference(run_main, tmp_path):
     assert code == 0, err
     events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
     assert events == ["start"] + ["inference"] * 4 + ["test", "end"]
+
+
+def test_metrics_log_of_a_criteo_run_records_the_table_sizes_used(run_main, tmp_path):
+    from data_helpers import fake_kaggle, preprocess_quietly
+
+    raw, log = fake_kaggle(tmp_path, 1400), tmp_path / "metrics.jsonl"
+    code, _, err = run_main("--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2",
+                            "--max-ind-range=300", "--mini-batch-size=100", "--num-batches=2",
+                            f"--metrics-log-file={log}")
+    assert code == 0, err
+    processed, _ = preprocess_quietly(raw, tmp_path / "kaggleAdDisplayChallenge_processed", max_ind_range=300)
+    config = json.loads(log.read_text().splitlines()[0])["config"]
+    assert config["args"]["arch_embedding_size"] == processed.counts and len(processed.counts) == 26
