@@ -957,8 +957,9 @@ def make_datasets(args):
         round_targets=args.round_targets,
     )
     num_samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
-    # --num-batches caps training only: the test set keeps --data-size samples
-    test_samples = args.data_size if args.data_size > 0 else num_samples
+    # --num-batches caps training only: the test set keeps --data-size samples (more when the cap
+    # asks for more training samples than that: then, as in the original, it sets the data size)
+    test_samples = max(args.data_size, num_samples)
     if args.data_generation == "synthetic":
         # sparse ids drawn from the trace distributions; a held-out set from its own streams
         def synthetic(split, batch_size, notes, samples=num_samples):

@@ -1,5 +1,6 @@
 """Training behaviour: learning, accumulation, evaluation, checkpoints, early stop."""
 
+import json
 import re
 
 import numpy as np
@@ -105,13 +106,15 @@ def test_an_inference_only_rerun_reports_the_metrics_of_the_runs_own_test(run_ma
 def test_a_test_set_of_one_class_says_the_auc_is_undefined(run_main, tmp_path):
     log = tmp_path / "metrics.jsonl"
     # a test set of one sample has one class
-    code, out, err = run_main("--mini-batch-size=2", "--data-size=1", "--num-batches=2", "--test-freq=1",
+    code, out, err = run_main("--mini-batch-size=1", "--data-size=1", "--nepochs=2", "--test-freq=1",
                               "--round-targets", f"--metrics-log-file={log}")
     assert code == 0, err
     tests = [line for line in out.splitlines() if line.startswith(" accuracy")]
     assert len(tests) == 2 and all(", auc undefined (the test set has one class), best auc undefined" in line
                                    for line in tests), tests
     assert "nan" not in out
+    tests = [json.loads(line) for line in log.read_text().splitlines() if '"test"' in line]
+    assert [(t["auc"], t["best_auc"]) for t in tests] == [(None, None), (None, None)]
 
 
 def test_loading_an_original_checkpoint_prints_its_stored_state(run_main, tmp_path):
