@@ -1,9 +1,9 @@
 """Data for the DLRM trainer: the batch type and the random-data generator.
 
-Every data source yields `Batch` objects: dense features, one flat `indices`
-array holding the sparse ids of all tables (table-major), and one flat
-`offsets` array of `num_tables * batch_size + 1` bag starts into it. This is
-the KeyedJaggedTensor layout of TorchRec; the model consumes it directly.
+Every data source yields `Batch` objects: dense features, the sparse ids of all
+tables as one `dlrmkit.sparse.SparseFeatures` (a flat `indices` array, table-major,
+and `num_tables * batch_size + 1` bag `offsets` into it: the KeyedJaggedTensor
+layout of TorchRec), and targets. The model consumes the sparse part directly.
 
     >>> ds = RandomDataset(dense_dim=4, table_sizes=[4, 3, 2], num_samples=6,
     ...                    batch_size=2, seed=123)
@@ -38,21 +38,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import data_utils
+from dlrmkit.sparse import SparseFeatures
 
 
 @dataclasses.dataclass
 class Batch:
-    """One mini-batch in the flat (KeyedJaggedTensor-like) layout.
+    """One mini-batch: dense features, the sparse ids of every table, targets.
 
     dense_x: [B, dense_dim] float32
-    offsets: [T * B + 1] int64; bag (t, b) is indices[offsets[t*B + b]:offsets[t*B + b + 1]]
-    indices: [N] int64 row ids, each relative to its own table
+    sparse:  `SparseFeatures`, the ids of T tables in the flat layout (indices + offsets)
     target:  [B, 1] float32
+
+    In a distributed run a process's batch holds its share of the rows of the global batch
+    (dense_x, target) and the ids of its own tables for every sample of it: `batch_size` counts
+    the rows here, `global_batch_size` (= sparse.batch_size) those of the whole batch.
     """
 
     dense_x: torch.Tensor
-    offsets: torch.Tensor
-    indices: torch.Tensor
+    sparse: SparseFeatures
     target: torch.Tensor
 
     @property
@@ -60,70 +63,62 @@ class Batch:
         return self.dense_x.shape[0]
 
     @property
+    def global_batch_size(self) -> int:
+        return self.sparse.batch_size
+
+    @property
     def num_tables(self) -> int:
-        return (self.offsets.shape[0] - 1) // max(self.batch_size, 1)
+        return self.sparse.num_tables
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self.sparse.offsets
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.sparse.indices
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()))
+        return Batch(self.dense_x.to(device, non_blocking=non_blocking), self.sparse.to(device, non_blocking),
+                     self.target.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
-        return Batch(*(t.pin_memory() for t in self._tensors()))
+        return Batch(self.dense_x.pin_memory(), self.sparse.pin_memory(), self.target.pin_memory())
 
-    def _tensors(self):
-        return (self.dense_x, self.offsets, self.indices, self.target)
+    def record_stream(self, stream) -> None:
+        """Marks every tensor as used on `stream` (its memory is reused only after that use)."""
+        self.dense_x.record_stream(stream)
+        self.target.record_stream(stream)
+        self.sparse.record_stream(stream)
 
     # The original's per-table layout, for users' code and for printing.
     @property
     def lS_o(self) -> torch.Tensor:
         """[T, B] offsets, each table's relative to its own index list."""
-        per_table = self.offsets[:-1].view(self.num_tables, self.batch_size)
-        return per_table - per_table[:, :1]
+        return torch.stack([offsets for _, offsets, _ in self.sparse.tables()]) if self.num_tables else \
+            self.offsets.new_zeros(0, self.global_batch_size)
 
     @property
     def lS_i(self) -> list[torch.Tensor]:
-        starts = self.offsets[:: self.batch_size].tolist()
-        return [self.indices[starts[t] : starts[t + 1]] for t in range(self.num_tables)]
+        return [indices for indices, _, _ in self.sparse.tables()]
 
 
 def batch_from_tables(dense_x, per_table_lengths, per_table_indices, target) -> Batch:
-    """Builds a Batch from per-table bag lengths ([B] each) and index arrays (NumPy)."""
-    lengths = np.concatenate(per_table_lengths).astype(np.int64)
-    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    indices = np.concatenate(per_table_indices).astype(np.int64, copy=False)
-    return Batch(
-        dense_x=torch.from_numpy(np.ascontiguousarray(dense_x, dtype=np.float32)),
-        offsets=torch.from_numpy(offsets),
-        indices=torch.from_numpy(indices),
-        target=torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32).reshape(-1, 1)),
-    )
+    """A Batch from per-table bag lengths ([B] each) and index arrays (NumPy)."""
+    dense_x = torch.from_numpy(np.ascontiguousarray(dense_x, dtype=np.float32))
+    lengths = np.concatenate(per_table_lengths).astype(np.int64) if len(per_table_lengths) else np.zeros(0, np.int64)
+    indices = np.concatenate(per_table_indices).astype(np.int64, copy=False) if len(per_table_indices) else lengths
+    return Batch(dense_x, SparseFeatures.from_lengths(lengths, indices, dense_x.shape[0]), _targets(target))
 
 
 def batch_from_ids(dense_x, ids, target) -> Batch:
     """A Batch with exactly one id per table per sample: ids is [B, T] (NumPy)."""
-    ids = np.asarray(ids)
-    lengths = [np.ones(ids.shape[0], dtype=np.int64)] * ids.shape[1]
-    return batch_from_tables(dense_x, lengths, [ids[:, t] for t in range(ids.shape[1])], target)
+    return Batch(torch.from_numpy(np.ascontiguousarray(dense_x, dtype=np.float32)),
+                 SparseFeatures.one_hot(np.asarray(ids)), _targets(target))
 
 
-def batch_from_original(dense_x, lS_o, lS_i, target=None) -> Batch:
-    """Converts the original's (X, lS_o, lS_i) layout to a Batch.
-
-    lS_o: [T, B] tensor or list of T [B] tensors (per-table offsets);
-    lS_i: list of T 1-D tensors or a [T, N] tensor (per-table indices).
-    """
-    batch_size = dense_x.shape[0]
-    lS_i = list(lS_i)
-    starts = [0]
-    for idx in lS_i:
-        starts.append(starts[-1] + idx.numel())
-    offsets = [lS_o[t].reshape(-1).to(torch.int64) + starts[t] for t in range(len(lS_i))]
-    end = torch.tensor([starts[-1]], dtype=torch.int64, device=dense_x.device)
-    offsets = torch.cat([o.to(dense_x.device) for o in offsets] + [end])
-    indices = torch.cat([i.reshape(-1).to(torch.int64) for i in lS_i]) if lS_i else end[:0]
-    if target is None:
-        target = torch.zeros(batch_size, 1)
-    return Batch(dense_x, offsets, indices.to(dense_x.device), target)
+def _targets(target) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32).reshape(-1, 1))
 
 
 # --------------------------------------------------------------------------- random data
@@ -341,12 +336,10 @@ class MappedPart:
 
 def criteo_batch(label, dense, sparse) -> Batch:
     """A Batch from gathered rows: dense features log(x + 1) in float32 as the original, one id per bag."""
-    n, num_tables = sparse.shape
     return Batch(
         dense_x=torch.log(torch.from_numpy(np.asarray(dense, dtype=np.float32)) + 1.0),
-        offsets=torch.arange(num_tables * n + 1, dtype=torch.int64),
-        indices=torch.from_numpy(np.ascontiguousarray(sparse.T, dtype=np.int64).reshape(-1)),
-        target=torch.from_numpy(np.asarray(label, dtype=np.float32).reshape(-1, 1)),
+        sparse=SparseFeatures.one_hot(sparse),
+        target=_targets(label),
     )
 
 

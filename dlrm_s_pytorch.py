@@ -61,9 +61,11 @@ import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
 from dlrmkit import compute_graph, onnx_export, profiling, quantization, trace_data
-from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, create_embedding_bag
+from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
+from dlrmkit.interactions import INTERACTIONS, interaction_class, interaction_width, make_interaction
 from dlrmkit.optim import OPTIMIZERS, make_optimizer
 from dlrmkit.run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
+from dlrmkit.sparse import SparseFeatures
 from dlrmkit.tricks import PoolingWeights, embedding_output_dim, table_factory
 
 
@@ -89,75 +91,47 @@ def create_mlp(dims, sigmoid_layer: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def interaction_width(op: str, itself: bool, num_tables: int, dense_out: int, emb_dim: int) -> int:
-    """Width of the interaction output, i.e. the input width the top MLP must have."""
-    num_features = num_tables + 1
-    if op == "dot":
-        pairs = num_features * (num_features + 1) // 2 if itself else num_features * (num_features - 1) // 2
-        return dense_out + pairs
-    if op == "cat":
-        return dense_out + num_tables * emb_dim
-    raise ValueError(f"--arch-interaction-op={op} is not supported (dot or cat)")
+def create_embeddings(table_sizes, dim, qr_flag=False, qr_operation="mult", qr_collisions=4, qr_threshold=200,
+                      md_flag=False, md_threshold=200, md_temperature=0.3, md_round_dims=False,
+                      per_table=False, tables=None) -> EmbeddingCollection:
+    """The embedding collection for these tables: all in one weight (BatchedEmbeddingBags), or one
+    module per table (EmbeddingBagList) with QR / MD tables, or when `per_table` is asked for.
 
-
-def sparse_size_mismatch(m_spa: int, dense_out: int, qr_concat: bool) -> str:
-    if qr_concat:
-        return (f"2 arch-sparse-feature-size {2 * m_spa} does not match last dim of bottom mlp {dense_out} "
-                f"(with --qr-operation=concat the last dim of the bottom mlp must be 2x the embedding dim)")
-    return (f"arch-sparse-feature-size {m_spa} does not match last dim of bottom mlp {dense_out} "
-            f"(the dot interaction needs them equal)")
-
-
-def to_flat_sparse(dense_x, lS_o, lS_i):
-    """Accepts the flat layout (1-D offsets + 1-D indices) or the original's per-table one."""
-    if isinstance(lS_o, torch.Tensor) and lS_o.dim() == 1 and isinstance(lS_i, torch.Tensor) and lS_i.dim() == 1:
-        return lS_o, lS_i
-    batch = dlrm_data.batch_from_original(dense_x, lS_o, lS_i)
-    return batch.offsets, batch.indices
-
-
-def gram_pairs(features: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
-    """The dot products of the feature vectors [B, F, D] at `pair_index` (positions in the flattened
-    [F, F] Gram matrix), [B, P], in float32 also under autocast."""
-    with torch.autocast(features.device.type, enabled=False):
-        features = features.float()
-        return torch.bmm(features, features.transpose(1, 2)).flatten(1).index_select(1, pair_index)
-
-
-class DotInteraction(torch.autograd.Function):
-    """`gram_pairs` with a backward that uses the Gram matrix's symmetry.
-
-    With S the pairs' gradient scattered into [F, F] at (i, j) and (j, i), the features' gradient
-    is S @ features: one bmm, where autograd through bmm(f, f^T) runs two and adds them.
+    `tables` (global table ids) builds only those, each as a single process would (model-parallel runs).
     """
+    if not (qr_flag or md_flag or per_table):
+        return BatchedEmbeddingBags(table_sizes, dim, tables=tables)
+    make_bag = create_embedding_bag
+    if qr_flag or md_flag:
+        make_bag = table_factory(table_sizes, dim, qr_flag, qr_operation, int(qr_collisions), qr_threshold,
+                                 md_flag, md_threshold, md_temperature, md_round_dims)
+    return EmbeddingBagList(table_sizes, dim, make_bag=make_bag, tables=tables,
+                            out_dim=embedding_output_dim(dim, qr_flag, qr_operation))
 
-    @staticmethod
-    def forward(ctx, features, pair_index, mirror_index):
-        ctx.save_for_backward(features, pair_index, mirror_index)
-        return gram_pairs(features, pair_index)
 
-    @staticmethod
-    def backward(ctx, grad_pairs):
-        features, pair_index, mirror_index = ctx.saved_tensors
-        batch, num_features, _ = features.shape
-        grad_pairs = grad_pairs.float()
-        sym = grad_pairs.new_zeros(batch, num_features * num_features)
-        sym.index_add_(1, pair_index, grad_pairs)
-        sym.index_add_(1, mirror_index, grad_pairs)  # a self-pair (i, i) gets both: d(f.f)/df = 2f
-        grad = torch.bmm(sym.view(batch, num_features, num_features), features.float())
-        return grad.to(features.dtype), None, None
+# keywords of the original's DLRM_Net that have no counterpart here
+ORIGINAL_ONLY_KEYWORDS = {
+    "ndevices": "devices come from the launcher (torchrun/mpirun) and --use-gpu",
+    "loss_function": "the loss is computed by the trainer (per_sample_loss), not the model",
+    "sync_dense_params": "dense parameters are always kept in sync",
+}
 
 
 class DLRM_Net(nn.Module):
-    """The DLRM model.
+    """The DLRM model (Naumov et al. 2019, arXiv:1906.00091).
 
     DLRM_Net(m_spa, ln_emb, ln_bot, ln_top, arch_interaction_op="dot", ...) as in the original:
     m_spa embedding dimension, ln_emb rows per table, ln_bot / ln_top the full layer widths of
-    the bottom and top MLPs (ln_top[0] must equal the interaction width). `local_tables` (ids of
-    some tables) builds only those, for model-parallel runs (see extend_distributed.py).
+    the bottom and top MLPs (ln_top[0] must equal the interaction width, see
+    `dlrmkit.interactions.interaction_width`). The embedding collection is built from ln_emb and the
+    QR / MD keywords, or passed ready-made as `embeddings` (any `EmbeddingCollection`, e.g. a
+    model-parallel one; ln_emb then defaults to its table sizes). The original's `ndevices`,
+    `loss_function` and `sync_dense_params` keywords are accepted and have no effect on the model.
 
-    forward(dense_x, lS_o, lS_i) takes either the flat layout of `dlrm_data.Batch`
-    (lS_o: [T*B+1] offsets, lS_i: [N] indices) or the original's per-table lists.
+    forward(dense_x, lS_o, lS_i=None): dense_x [B, dense features] float32 and the sparse ids as a
+    `SparseFeatures` (lS_o alone), the flat layout (lS_o: [T*B+1] offsets, lS_i: [N] indices) or the
+    original's per-table lists; returns the click probability [B, 1] float32.
+    Raises DLRMError for layer widths that do not fit together.
     """
 
     def __init__(
@@ -170,9 +144,7 @@ class DLRM_Net(nn.Module):
         arch_interaction_itself=False,
         sigmoid_bot=-1,
         sigmoid_top=-1,
-        sync_dense_params=True,
         loss_threshold=0.0,
-        ndevices=-1,
         qr_flag=False,
         qr_operation="mult",
         qr_collisions=0,
@@ -180,87 +152,78 @@ class DLRM_Net(nn.Module):
         md_flag=False,
         md_threshold=200,
         weighted_pooling=None,
-        loss_function="bce",
         md_temperature=0.3,
         md_round_dims=False,
-        local_tables=None,
-        batched_embeddings=True,
+        embeddings: EmbeddingCollection | None = None,
+        **original_only,
     ):
         super().__init__()
-        ln_emb = [int(n) for n in ln_emb]
+        for name, value in original_only.items():
+            if name not in ORIGINAL_ONLY_KEYWORDS:
+                raise TypeError(f"DLRM_Net() got an unexpected keyword argument '{name}'")
+            if name == "sync_dense_params" and not value:
+                raise DLRMError("sync_dense_params=False is not supported: dense parameters are always kept in sync")
+        ln_emb = [int(n) for n in (ln_emb if ln_emb is not None else embeddings.table_sizes)]
         ln_bot = [int(n) for n in ln_bot]
         ln_top = [int(n) for n in ln_top]
         self.embedding_dim = int(m_spa)
         # width of each pooled embedding: 2 * m_spa with concatenated QR halves
         self.sparse_dim = embedding_output_dim(self.embedding_dim, qr_flag, qr_operation)
-        self.qr_concat = bool(qr_flag) and qr_operation == "concat"
         self.table_sizes = ln_emb
         self.arch_interaction_op = arch_interaction_op
         self.arch_interaction_itself = bool(arch_interaction_itself)
         self.loss_threshold = float(loss_threshold)
-        self._check_arch(ln_bot, ln_top)
+        self._check_arch(ln_bot, ln_top, bool(qr_flag) and qr_operation == "concat")
 
-        if qr_flag and int(qr_collisions) < 1:
-            raise DLRMError(f"--qr-collisions must be at least 1 with --qr-flag, got {qr_collisions}")
-        # a model-parallel process builds only its own tables (`local_tables`), each as a single process would
-        if qr_flag or md_flag or weighted_pooling or not batched_embeddings:
-            # one module per table: QR / MD tables plug in through the factory (checkpoints are alike)
-            make_bag = create_embedding_bag
-            if qr_flag or md_flag:
-                make_bag = table_factory(ln_emb, self.embedding_dim, qr_flag, qr_operation, int(qr_collisions),
-                                         qr_threshold, md_flag, md_threshold, md_temperature, md_round_dims)
-            self.emb_l = EmbeddingBagList(ln_emb, self.embedding_dim, make_bag=make_bag, tables=local_tables)
-        else:  # all tables in one weight and one lookup
-            self.emb_l = BatchedEmbeddingBags(ln_emb, self.embedding_dim, tables=local_tables)
+        self.emb_l = embeddings if embeddings is not None else create_embeddings(
+            ln_emb, self.embedding_dim, qr_flag, qr_operation, qr_collisions, qr_threshold, md_flag, md_threshold,
+            md_temperature, md_round_dims, per_table=bool(weighted_pooling))
         # the original's v_W_l: per-row pooling weights, "fixed" (ones) or "learned"
-        self.pooling_weights = None
-        if weighted_pooling:
-            if local_tables is not None:
-                raise DLRMError("not supported yet: --weighted-pooling in a distributed run")
-            self.pooling_weights = PoolingWeights(ln_emb, learned=weighted_pooling == "learned")
+        self.pooling_weights = PoolingWeights(ln_emb, learned=weighted_pooling == "learned") if weighted_pooling else None
         self.bot_l = create_mlp(ln_bot, sigmoid_bot)
         self.top_l = create_mlp(ln_top, sigmoid_top)
+        self.interaction = make_interaction(arch_interaction_op, len(ln_emb), self.arch_interaction_itself)
 
-        # pairs (i, j), i > j (or i >= j with self-interaction), in the original's row-major order,
-        # as positions in the flattened [F, F] Gram matrix: one index_select per forward; (j, i) for the backward
-        num_features = len(ln_emb) + 1
-        rows, cols = torch.tril_indices(num_features, num_features, offset=0 if self.arch_interaction_itself else -1)
-        self.register_buffer("pair_index", rows * num_features + cols, persistent=False)
-        self.register_buffer("mirror_index", cols * num_features + rows, persistent=False)
-
-    def _check_arch(self, ln_bot, ln_top):
+    def _check_arch(self, ln_bot, ln_top, qr_concat: bool):
+        """The one check that the bottom MLP, the tables, the interaction and the top MLP fit together."""
         dense_out = ln_bot[-1]
-        if self.arch_interaction_op == "dot" and dense_out != self.sparse_dim:
-            raise DLRMError(sparse_size_mismatch(self.embedding_dim, dense_out, self.qr_concat))
-        width = interaction_width(
-            self.arch_interaction_op, self.arch_interaction_itself, len(self.table_sizes), dense_out, self.sparse_dim
-        )
+        try:
+            interaction = interaction_class(self.arch_interaction_op)
+        except ValueError as e:
+            raise DLRMError(str(e))
+        problem = interaction.check_dims(dense_out, self.sparse_dim)
+        if problem:
+            if qr_concat:
+                raise DLRMError(f"2 arch-sparse-feature-size {self.sparse_dim} does not match last dim of bottom mlp "
+                                f"{dense_out} (with --qr-operation=concat the last dim of the bottom mlp must be 2x "
+                                "the embedding dim)")
+            raise DLRMError(f"arch-sparse-feature-size {self.embedding_dim} does not match last dim of bottom mlp "
+                            f"{dense_out} ({problem})")
+        width = interaction.output_width(len(self.table_sizes), dense_out, self.sparse_dim, self.arch_interaction_itself)
         if ln_top[0] != width:
             raise DLRMError(f"# of feature interactions {width} does not match first dim of top mlp {ln_top[0]}")
 
-    def apply_emb(self, offsets, indices, batch_size):
-        """Pooled embeddings, [B, T, D]."""
-        if self.pooling_weights is None:
-            return self.emb_l.pool(offsets, indices, batch_size)
-        weights = self.pooling_weights(offsets, indices, batch_size)
-        return self.emb_l.pool(offsets, indices, batch_size, per_sample_weights=weights)
+    def sparse_features(self, dense_x, lS_o, lS_i=None) -> SparseFeatures:
+        """The forward's sparse input as SparseFeatures, whichever layout it came in."""
+        if isinstance(lS_o, SparseFeatures):
+            return lS_o
+        batch_size = dense_x.shape[0]
+        if isinstance(lS_o, torch.Tensor) and lS_o.dim() == 1 and isinstance(lS_i, torch.Tensor) and lS_i.dim() == 1:
+            return SparseFeatures(lS_i, lS_o, batch_size, len(self.table_sizes))
+        return SparseFeatures.from_original(lS_o, lS_i, batch_size)
+
+    def apply_emb(self, sparse: SparseFeatures) -> torch.Tensor:
+        """Pooled embeddings [B, T, D] (with --weighted-pooling, each id's row weighted)."""
+        if self.pooling_weights is not None:
+            sparse = sparse.with_weights(self.pooling_weights(sparse))
+        return self.emb_l(sparse)
 
     def interact_features(self, x, ly):
-        """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings."""
-        if self.arch_interaction_op == "dot":
-            # in float32 under autocast too: tiny products, where bf16 only adds casts and rounding
-            x = x.float()
-            features = torch.cat([x.unsqueeze(1), ly.float()], dim=1)  # [B, T+1, D]
-            if torch.is_grad_enabled() and features.requires_grad:
-                pairs = DotInteraction.apply(features, self.pair_index, self.mirror_index)
-            else:  # the same arithmetic as plain operators (ONNX export, tracing, inference)
-                pairs = gram_pairs(features, self.pair_index)
-            return torch.cat([x, pairs], dim=1)
-        return torch.cat([x, ly.to(x.dtype).flatten(1)], dim=1)
+        """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings -> [B, ln_top[0]]."""
+        return self.interaction(x, ly)
 
-    def forward(self, dense_x, lS_o, lS_i):
-        offsets, indices = to_flat_sparse(dense_x, lS_o, lS_i)
-        ly = self.apply_emb(offsets, indices, dense_x.shape[0])
+    def forward(self, dense_x, lS_o, lS_i=None):
+        ly = self.apply_emb(self.sparse_features(dense_x, lS_o, lS_i))
         return self.dense_forward(dense_x, ly)
 
     def dense_forward(self, dense_x, ly):
@@ -342,10 +305,7 @@ def device_batches(loader, device: torch.device):
         compute_stream = torch.cuda.current_stream(device)
         compute_stream.wait_stream(copy_stream)
         batch = upcoming
-        for field in dataclasses.fields(batch):
-            value = getattr(batch, field.name)
-            if isinstance(value, torch.Tensor):
-                value.record_stream(compute_stream)  # memory reused only after its use here
+        batch.record_stream(compute_stream)  # memory reused only after its use here
         upcoming = copy(next(batches, None))
         yield batch
 
@@ -400,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bottom MLP widths, input (dense features) first")
     g.add_argument("--arch-mlp-top", type=dash_separated(int), default="4-2-1",
                    help="top MLP widths after its input; the interaction width is prepended")
-    g.add_argument("--arch-interaction-op", type=str, default="dot", choices=["dot", "cat"],
+    g.add_argument("--arch-interaction-op", type=str, default="dot", choices=list(INTERACTIONS),
                    help="feature interaction")
     flag(g, "--arch-interaction-itself", False, "dot interaction includes each feature with itself")
     g.add_argument("--weighted-pooling", type=str, default=None, choices=["fixed", "learned"],
@@ -725,7 +685,7 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
     loader = dlrm_data.make_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda")
     for batch in device_batches(loader, device):
         with autocast(precision, device):
-            z = model(batch.dense_x, batch.offsets, batch.indices)
+            z = model(batch.dense_x, batch.sparse)
         scores.append(z.float())
         targets.append(batch.target)
     model.train(was_training)
@@ -981,14 +941,13 @@ def make_datasets(args):
     return train, test, dense_dim, table_sizes
 
 
-def build_model(args, dense_dim, table_sizes, local_tables=None) -> DLRM_Net:
+def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | None = None) -> DLRM_Net:
+    """The DLRM_Net the flags describe for data of `dense_dim` features and these tables; `embeddings`
+    (e.g. a model-parallel collection) instead of the tables the flags describe."""
     ln_bot = list(args.arch_mlp_bot)
     if ln_bot[0] != dense_dim:
         raise DLRMError(f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {ln_bot[0]}")
     sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
-    if args.arch_interaction_op == "dot" and ln_bot[-1] != sparse_dim:
-        raise DLRMError(sparse_size_mismatch(args.arch_sparse_feature_size, ln_bot[-1],
-                                             args.qr_flag and args.qr_operation == "concat"))
     width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, len(table_sizes),
                               ln_bot[-1], sparse_dim)
     ln_top = [width] + list(args.arch_mlp_top)
@@ -1002,7 +961,6 @@ def build_model(args, dense_dim, table_sizes, local_tables=None) -> DLRM_Net:
         sigmoid_bot=-1,
         sigmoid_top=len(ln_top) - 2,
         loss_threshold=args.loss_threshold,
-        loss_function=args.loss_function,
         qr_flag=args.qr_flag,
         qr_operation=args.qr_operation,
         qr_collisions=args.qr_collisions,
@@ -1012,8 +970,16 @@ def build_model(args, dense_dim, table_sizes, local_tables=None) -> DLRM_Net:
         md_temperature=args.md_temperature,
         md_round_dims=args.md_round_dims,
         weighted_pooling=args.weighted_pooling,
-        local_tables=local_tables,
+        embeddings=embeddings,
     )
+
+
+def build_embeddings(args, table_sizes, tables=None) -> EmbeddingCollection:
+    """The embedding collection the flags describe; `tables` (global ids) builds only those."""
+    return create_embeddings(table_sizes, args.arch_sparse_feature_size, args.qr_flag, args.qr_operation,
+                             args.qr_collisions, args.qr_threshold, args.md_flag, args.md_threshold,
+                             args.md_temperature, args.md_round_dims, per_table=args.weighted_pooling is not None,
+                             tables=tables)
 
 
 def build_optimizer(args, model: nn.Module):
@@ -1045,7 +1011,7 @@ def print_debug_data(dataset, nbatches):
         batch = dataset[j]
         print(f"mini-batch: {j}")
         print(batch.dense_x)
-        print(torch.diff(batch.offsets).view(batch.num_tables, batch.batch_size))  # bag lengths
+        print(batch.sparse.lengths().view(batch.num_tables, batch.global_batch_size))  # bag lengths
         print(batch.lS_i)
         print(batch.target)
 
@@ -1106,14 +1072,14 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         for j, batch in enumerate(device_batches(loader, device), start=first):
             if j >= nbatches:
                 break
-            mbs = ext_dist.global_batch_size(batch)  # a distributed process holds a share of it
+            mbs = batch.global_batch_size  # a distributed process holds a share of its rows
             if accum_samples == 0:
                 window_first_batch = j
             last_in_window = (j + 1) % accum == 0 or j + 1 == nbatches
 
             with torch.set_grad_enabled(training), ext_dist.no_grad_sync(model, training and not last_in_window):
                 with autocast(args.precision, device):
-                    z = model(batch.dense_x, batch.offsets, batch.indices)
+                    z = model(batch.dense_x, batch.sparse)
                 # this process's samples; the sums of all processes make the global batch's
                 loss_sum = per_sample_loss(args.loss_function, z.float(), batch.target, loss_weights).sum()
 
@@ -1323,7 +1289,11 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     with ext_dist.rank0_first("preparing the data"):  # one process fills any cache, the others reuse it
         train_set, test_set, dense_dim, table_sizes = make_datasets(args)
     nbatches = min(args.num_batches, len(train_set)) if args.num_batches > 0 else len(train_set)
-    model = build_model(args, dense_dim, table_sizes, ext_dist.local_tables(table_sizes, args.arch_sparse_feature_size))
+    embeddings = None
+    if launch:  # this process's tables, pooled for the whole batch and exchanged with the other processes
+        embeddings = ext_dist.ModelParallelEmbeddings(
+            table_sizes, args.arch_sparse_feature_size, lambda tables: build_embeddings(args, table_sizes, tables))
+    model = build_model(args, dense_dim, table_sizes, embeddings)
     if args.debug_mode:
         ln_top = [model.top_l[0].in_features] + list(args.arch_mlp_top)
         print_debug_arch(model, args.arch_mlp_bot, ln_top)
@@ -1332,8 +1302,8 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     model.to(device)
     if args.compile:
         compile_dense(model, device)
-    if launch:  # this process's tables and share of each batch; MLPs replicated
-        model, train_set, test_set = ext_dist.distribute(model, train_set, test_set, table_sizes, device,
+    if launch:  # this process's share of each batch; MLPs replicated
+        model, train_set, test_set = ext_dist.distribute(model, train_set, test_set, device,
                                                          lambda: build_model(args, dense_dim, table_sizes))
     optimizer = None if args.inference_only else build_optimizer(args, model)
 
@@ -1401,7 +1371,7 @@ def quantize_if_asked(args, model):
 def plot_compute_graph(args, model, batch, loss_weights):
     """Writes the autograd graph of one forward pass (and its loss when training)."""
     with torch.enable_grad():
-        z = model(batch.dense_x, batch.offsets, batch.indices)
+        z = model(batch.dense_x, batch.sparse)
         if args.inference_only:
             output = z.mean()
         else:

@@ -14,10 +14,11 @@ How a run is split over W processes (ranks):
 - each embedding table lives on exactly one rank: tables are placed greedily by size (rows x dim),
   the largest first, each on the rank holding the fewest bytes so far (`place_tables`);
 - every rank reads the whole global batch j (datasets give `ds[j]`, a pure function of j) and keeps
-  the sparse ids of its own tables for all B samples plus dense features and targets of its rows
-  [r*B/W, (r+1)*B/W) (`ShardedDataset`);
-- it pools its tables for all B samples, and an all-to-all (`_ExchangePooled`, an autograd function;
-  the reverse all-to-all in backward) hands every rank the pooled embeddings [B/W, T, D] of its rows;
+  the sparse ids of its own tables for all B samples (`SparseFeatures.select_tables`) plus dense
+  features and targets of its rows [r*B/W, (r+1)*B/W) (`ShardedDataset`);
+- its embedding collection (`ModelParallelEmbeddings`, wrapping the collection of its own tables)
+  pools them for all B samples, and an all-to-all (`_ExchangePooled`, an autograd function; the
+  reverse all-to-all in backward) hands every rank the pooled embeddings [B/W, T, D] of its rows;
 - bottom and top MLPs are replicated, their gradients averaged by DistributedDataParallel; the
   embedding gradients are not averaged by DDP: the all-to-all scales them so that the update equals
   the single-process one on the whole global batch (see `dlrm_s_pytorch.train`);
@@ -44,11 +45,11 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import dlrm_data
+from dlrmkit.embeddings import EmbeddingCollection
 
 BACKENDS = ("gloo", "nccl", "mpi")
 
@@ -323,56 +324,12 @@ def row_splits(batch_size: int, num_ranks: int) -> list[int]:
 
 
 # ============================================================================ data
-@dataclasses.dataclass
-class ShardBatch(dlrm_data.Batch):
-    """One rank's part of global batch j.
-
-    dense_x, target: the rank's rows of the global batch, [B_r, ...];
-    offsets, indices: the sparse ids of the rank's own tables for all `global_batch_size` samples.
-    """
-
-    global_batch_size: int = 0
-
-    @property
-    def num_tables(self) -> int:
-        return (self.offsets.shape[0] - 1) // max(self.global_batch_size, 1)
-
-    def to(self, device, non_blocking: bool = False) -> "ShardBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "ShardBatch":
-        return self._map(lambda t: t.pin_memory())
-
-    def _map(self, fn):
-        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
-
-
-def global_batch_size(batch) -> int:
-    """Samples of the global batch this batch is (part of)."""
-    return getattr(batch, "global_batch_size", batch.batch_size)
-
-
-def shard_batch(batch, rank: int, num_ranks: int, tables) -> ShardBatch:
+def shard_batch(batch: dlrm_data.Batch, rank: int, num_ranks: int, tables) -> dlrm_data.Batch:
     """Rank `rank`'s rows of dense features and targets, and the ids of `tables` for every sample."""
-    size = batch.batch_size
-    splits = row_splits(size, num_ranks)
+    splits = row_splits(batch.batch_size, num_ranks)
     lo = sum(splits[:rank])
     hi = lo + splits[rank]
-    starts = batch.offsets[::size].tolist()  # where each table's ids begin, and the end
-    offsets, indices, base = [], [], 0
-    for t in tables:
-        offsets.append(batch.offsets[t * size:(t + 1) * size] - (starts[t] - base))
-        indices.append(batch.indices[starts[t]:starts[t + 1]])
-        base += starts[t + 1] - starts[t]
-    offsets.append(torch.tensor([base], dtype=batch.offsets.dtype))
-    return ShardBatch(
-        dense_x=batch.dense_x[lo:hi],
-        offsets=torch.cat(offsets),
-        indices=torch.cat(indices) if indices else batch.indices[:0],
-        target=batch.target[lo:hi],
-        global_batch_size=size,
-    )
+    return dlrm_data.Batch(batch.dense_x[lo:hi], batch.sparse.select_tables(tables), batch.target[lo:hi])
 
 
 class ShardedDataset(Dataset):
@@ -384,7 +341,7 @@ class ShardedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, j) -> ShardBatch:
+    def __getitem__(self, j) -> dlrm_data.Batch:
         return shard_batch(self.dataset[j], self.rank, self.num_ranks, self.tables)
 
     def set_epoch(self, epoch: int):
@@ -424,89 +381,88 @@ class _ExchangePooled(torch.autograd.Function):
         return grad_local.view(ctx.local_shape).mul_(ctx.grad_scale), None, None, None, None
 
 
-class ModelParallelEmbeddings(nn.Module):
-    """Stands in for `DLRM_Net.emb_l`: pools this rank's tables, exchanges them with all-to-all.
+class ModelParallelEmbeddings(EmbeddingCollection):
+    """The embedding collection of a model-parallel run: this rank's tables, exchanged with all-to-all.
 
-    pool(offsets, indices, batch_size) takes the sparse ids of the local tables for the whole global
-    batch (a ShardBatch) and returns [batch_size, T, D] for this rank's rows, all T tables in order.
+    Built in a process group: `make_local(tables)` builds the collection of this rank's tables (global
+    ids, see `place_tables`). Called on the sparse ids of those tables for the whole global batch (a
+    shard made by `shard_batch`), it returns [rows of this rank, T, D]: every table, in order.
     """
 
-    def __init__(self, local, placement, dim: int, dtype=torch.float32):
+    def __init__(self, table_sizes, dim: int, make_local):
         super().__init__()
-        self.local = local
-        self.placement = [list(tables) for tables in placement]
-        self.dim = dim
-        self.dtype = dtype
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        self.table_sizes = [int(n) for n in table_sizes]
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.placement = place_tables([n * dim for n in self.table_sizes], self.world_size)
+        self.local = make_local(self.placement[self.rank])
+        self.embedding_dim = self.local.embedding_dim
         order = [t for tables in self.placement for t in tables]
         to_global = torch.empty(len(order), dtype=torch.int64)
         to_global[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))
         self.identity_order = order == sorted(order)
         self.register_buffer("to_global", to_global, persistent=False)
 
+    def __len__(self):
+        return len(self.table_sizes)
+
     @property
     def local_tables(self) -> list[int]:
         return self.placement[self.rank]
 
-    def pool(self, offsets, indices, batch_size):
-        num_local = len(self.local_tables)
-        if num_local:
-            global_batch = (offsets.shape[0] - 1) // num_local
-            rows = row_splits(global_batch, self.world_size)
-            if rows[self.rank] != batch_size:
-                raise RuntimeError(f"rank {self.rank}: {batch_size} dense rows but {rows[self.rank]} expected "
-                                   f"for a global batch of {global_batch}")
-            # one dtype for every rank's part of the exchange (under autocast MD projections give bf16)
-            local = self.local.pool(offsets, indices, global_batch).to(self.dtype)
+    def pool(self, sparse):
+        rows = row_splits(sparse.batch_size, self.world_size)
+        # float32 for every rank's part of the exchange (under autocast MD projections give bf16)
+        if self.local_tables:
+            local = self.local(sparse).float()
         else:  # no tables here: nothing to send, but still part of every exchange (and its backward)
-            rows = [batch_size if r == self.rank else 0 for r in range(self.world_size)]
-            local = torch.zeros(0, 0, self.dim, device=self.to_global.device, dtype=self.dtype,
+            local = torch.zeros(0, 0, self.embedding_dim, device=self.to_global.device,
                                 requires_grad=torch.is_grad_enabled())
         tables_per_rank = [len(tables) for tables in self.placement]
-        pooled = _ExchangePooled.apply(local, rows, tables_per_rank, self.dim, 1.0 / self.world_size)
+        pooled = _ExchangePooled.apply(local, rows, tables_per_rank, self.embedding_dim, 1.0 / self.world_size)
         return pooled if self.identity_order else pooled.index_select(1, self.to_global)
+
+    def table_parameters(self, t: int) -> dict[str, torch.Tensor]:
+        """The tensors of the t-th table held by this rank (global table local_tables[t])."""
+        return self.local.table_parameters(t)
+
+    def table_rows(self, t, indices):
+        raise NotImplementedError("a model-parallel collection is not exported (gather a checkpoint first)")
+
+    def to_per_table(self):
+        raise NotImplementedError("a model-parallel collection is not quantized (gather a checkpoint first)")
 
 
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 class DistributedDLRM(DistributedDataParallel):
-    """A DLRM_Net built with its local tables only, wrapped for a distributed run.
+    """A DLRM_Net whose `emb_l` is a ModelParallelEmbeddings, wrapped for a distributed run.
 
     DDP averages the MLP gradients; the embedding tables are left out of DDP. `make_full_model`
     builds an uninitialised single-process model: the container that checkpoints are written from
     and read into on rank 0.
     """
 
-    def __init__(self, model, placement, device, make_full_model):
-        model.emb_l = ModelParallelEmbeddings(model.emb_l, placement, model.embedding_dim,
-                                              dtype=next(model.bot_l.parameters()).dtype).to(device)
+    def __init__(self, model, device, make_full_model):
+        if not isinstance(model.emb_l, ModelParallelEmbeddings):
+            raise TypeError("DistributedDLRM needs a model built with ModelParallelEmbeddings")
         ignored = [name for name, _ in [*model.named_parameters(), *model.named_buffers()] if name.startswith("emb_l.")]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         # the buffers (interaction pair indices) are the same everywhere: no syncing before each forward
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_PARAMETERS
                           else {"broadcast_buffers": False})
         super().__init__(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
-        self.placement = placement
+        self.placement = model.emb_l.placement
         self.make_full_model = make_full_model
 
 
-def distribute(model, train_set, test_set, table_sizes, device, make_full_model):
-    """The distributed model and this rank's views of the datasets; `model` was built with
-    `local_tables(table_sizes, dim)` tables."""
-    placement = place_tables([n * model.embedding_dim for n in table_sizes], world_size())
-    tables = placement[rank()]
-    return (DistributedDLRM(model, placement, device, make_full_model),
+def distribute(model, train_set, test_set, device, make_full_model):
+    """The distributed model and this rank's views of the datasets; `model.emb_l` is a
+    ModelParallelEmbeddings."""
+    tables = model.emb_l.local_tables
+    return (DistributedDLRM(model, device, make_full_model),
             ShardedDataset(train_set, rank(), world_size(), tables),
             ShardedDataset(test_set, rank(), world_size(), tables))
-
-
-def local_tables(table_sizes, dim: int) -> list[int] | None:
-    """Ids of the tables this rank builds; None (all) without a process group."""
-    if not is_initialized():
-        return None
-    return place_tables([n * dim for n in table_sizes], world_size())[rank()]
 
 
 # ============================================================================ collectives for the loop
@@ -633,7 +589,7 @@ def gather_to_rank0(model: DistributedDLRM, optimizer):
     """Every rank calls this; rank 0 gets the whole single-process model and optimizer (on its CPU),
     the others (None, None)."""
     module, emb = model.module, model.module.emb_l
-    slots = _table_slots(emb.local, emb.local_tables)
+    slots = _table_slots(emb, emb.local_tables)
     every_rank_specs = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank_specs, _state_specs(slots, optimizer))
     specs = {key: spec for part in every_rank_specs for key, spec in part.items()}
@@ -702,6 +658,6 @@ def load_distributed(path, model: DistributedDLRM, optimizer, load_single):
         for group, saved in zip(optimizer.param_groups, groups):
             group.update(saved)
     owners = {t: r for r, tables in enumerate(model.placement) for t in tables}
-    slots = _table_slots(emb.local, emb.local_tables)
+    slots = _table_slots(emb, emb.local_tables)
     _move_tables(specs, owners, (slots, optimizer), (full_slots, full_optimizer), False, device)
     return state

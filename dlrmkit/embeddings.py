@@ -1,16 +1,20 @@
 """Embedding-table collections: the sparse half of DLRM.
 
-A collection turns the flat sparse layout of `dlrm_data.Batch` (one `indices`
-array, `offsets` of T*B+1 bag starts, table-major) into pooled embeddings of
-shape [B, T, D]. `DLRM_Net` holds one as `emb_l`:
+Every collection implements one interface, `EmbeddingCollection`: called on a
+`dlrmkit.sparse.SparseFeatures` batch (T tables, B bags each) it returns the pooled
+embeddings [B, T, D] (float32, sum pooling, optional per-index weights); `len(c)` tables,
+`c[t]` is table t (called like the original's `nn.EmbeddingBag`), `c.table_parameters(t)`
+its tensors, `c.table_rows(t, ids)` the embedding of each id with exportable ops, and
+`c.to_per_table()` the same tables as one module each. `DLRM_Net` holds one as `emb_l`:
 
 - `BatchedEmbeddingBags` (the default): every table's rows in one weight
   [sum of rows, D]; one `F.embedding_bag` call looks up all tables at once and
-  its backward yields one sparse gradient, which the optimizers in `optim/`
+  its backward yields one sparse gradient, which the optimizers in `dlrmkit.optim`
   coalesce once and apply in a few fused row operations.
 - `EmbeddingBagList`: one module per table (`emb_l[k]`, as in the original),
-  for tables that differ (QR, mixed dimensions, weighted pooling) through a
-  per-table factory.
+  for tables that differ (QR, mixed dimensions, weighted pooling, quantized rows)
+  through a per-table factory.
+- `extend_distributed.ModelParallelEmbeddings` wraps either for a model-parallel run.
 
 Both save the original's checkpoint keys, `emb_l.<k>.weight`, so checkpoints
 move freely between them and the original.
@@ -20,9 +24,10 @@ torch's global RNG and the table's index (`table_rng`): a table gets the same
 initial values in either collection, and whether a process builds all tables
 or, in a model-parallel run (`tables=`), only some of them.
 
+    >>> from dlrmkit.sparse import SparseFeatures
     >>> bags = BatchedEmbeddingBags([4, 3, 2], dim=8)
-    >>> offsets, indices = torch.tensor([0, 1, 3, 4, 5, 6, 7]), torch.tensor([3, 0, 1, 2, 0, 1, 0])
-    >>> bags.pool(offsets, indices, batch_size=2).shape
+    >>> sparse = SparseFeatures.one_hot(torch.tensor([[3, 0, 1], [2, 1, 0]]))
+    >>> bags(sparse).shape
     torch.Size([2, 3, 8])
 """
 
@@ -37,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dlrmkit.sparse import SparseFeatures, bag_of_each_index
 
 INIT_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per random-number stream
 
@@ -99,45 +106,120 @@ def create_embedding_bag(num_rows: int, dim: int) -> nn.EmbeddingBag:
     return bag
 
 
-class EmbeddingBagList(nn.ModuleList):
-    """One module per table (`emb_l[k]`, as in the original), each called as bag(indices, offsets).
+def sum_bags(rows: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, D] sums of `rows` ([N, D], one per index) over the bags starting at `offsets` ([B]).
 
-    `tables` (global table ids, ascending) builds only those tables, e.g. the ones a process owns in a
-    model-parallel run; `pool` then expects the sparse input of just those tables, in that order.
+    What `nn.EmbeddingBag(mode="sum")` does after its lookup, for rows computed per index
+    (quotient-remainder products, exported lookups), with ops that export to ONNX and keep
+    the batch size and the number of lookups dynamic (scatter-add and cumsum).
+    """
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(1).to(rows.dtype)
+    bag = bag_of_each_index(offsets, rows[:, 0])
+    out = torch.zeros_like(offsets, dtype=rows.dtype).unsqueeze(1).repeat(1, rows.shape[1])
+    return out.scatter_add(0, bag.unsqueeze(1).expand(-1, rows.shape[1]), rows)
+
+
+def table_rows(bag: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+    """[N, D] embedding of each index of one table module (no pooling).
+
+    An `nn.EmbeddingBag` is read directly (its sparse gradients kept); a module with an
+    `embed(indices)` method (QR, MD tables) is asked; any other table module (e.g. quantized
+    rows) is called with one index per bag.
+    """
+    if isinstance(bag, nn.EmbeddingBag):
+        if bag.mode != "sum":
+            raise ValueError(f"only sum-pooled tables are supported, not mode={bag.mode}")
+        return F.embedding(indices, bag.weight, sparse=bag.sparse)
+    if hasattr(bag, "embed"):
+        return bag.embed(indices)
+    return bag(indices, torch.arange(indices.shape[0], device=indices.device))
+
+
+class EmbeddingCollection(nn.Module):
+    """The interface of every embedding collection (see the module docstring).
+
+    Subclasses set `table_sizes` (rows of each table, all T tables of the model) and
+    `embedding_dim` (the pooled width D) and implement `pool`, `table_parameters`,
+    `table_rows` and `to_per_table`.
     """
 
-    def __init__(self, table_sizes, dim, make_bag=create_embedding_bag, tables=None):
+    table_sizes: list
+    embedding_dim: int
+
+    def forward(self, sparse: SparseFeatures) -> torch.Tensor:
+        """Pooled embeddings [B, T, D] of `sparse` (B = sparse.batch_size).
+
+        Raises IndexError (on the CPU) for an id outside its table. While traced (ONNX export)
+        every table is pooled with exportable ops instead of the fused kernels."""
+        if torch.jit.is_tracing():
+            return self.exportable_pool(sparse)
+        return self.pool(sparse)
+
+    def pool(self, sparse: SparseFeatures) -> torch.Tensor:
+        raise NotImplementedError
+
+    def table_parameters(self, t: int) -> dict[str, torch.Tensor]:
+        """The tensors holding the t-th table held here (parameters, or row views of one)."""
+        raise NotImplementedError
+
+    def table_rows(self, t: int, indices: torch.Tensor) -> torch.Tensor:
+        """[N, D] embedding of each id of table t, with ops that export to ONNX."""
+        raise NotImplementedError
+
+    def to_per_table(self) -> "EmbeddingBagList":
+        """The same tables as one module each (e.g. for per-table quantization)."""
+        raise NotImplementedError
+
+    def exportable_pool(self, sparse: SparseFeatures) -> torch.Tensor:
+        """`forward` with gathers and scatter-adds only (no data-dependent Python): what ONNX gets."""
+        pooled = []
+        for t in range(sparse.num_tables):
+            indices, offsets, weights = sparse.table(t)
+            pooled.append(sum_bags(self.table_rows(t, indices), offsets, weights))
+        return torch.stack(pooled, dim=1)
+
+
+class EmbeddingBagList(EmbeddingCollection, nn.ModuleList):
+    """One module per table (`emb_l[k]`, as in the original), each called as bag(indices, offsets, weights).
+
+    `tables` (global table ids, ascending) builds only those tables, e.g. the ones a process owns in a
+    model-parallel run; it then pools the sparse ids of just those tables, in that order.
+    `make_bag(num_rows, dim)` builds each table module (plain, QR or MD: see dlrmkit.tricks).
+    """
+
+    def __init__(self, table_sizes, dim, make_bag=create_embedding_bag, tables=None, out_dim=None):
         seed = draw_tables_seed()
         tables = range(len(table_sizes)) if tables is None else tables
         bags = []
         for t in tables:
             with table_rng(seed, t):
                 bags.append(make_bag(table_sizes[t], dim))
-        super().__init__(bags)
+        nn.ModuleList.__init__(self, bags)
+        self.table_sizes = [int(table_sizes[t]) for t in tables]
+        self.embedding_dim = int(out_dim if out_dim is not None else dim)
 
     @classmethod
-    def of(cls, modules) -> "EmbeddingBagList":
+    def of(cls, modules, table_sizes, embedding_dim) -> "EmbeddingBagList":
         """A list of ready-made table modules (no new tables are initialised)."""
         bags = cls.__new__(cls)
         nn.ModuleList.__init__(bags, modules)
+        bags.table_sizes = [int(n) for n in table_sizes]
+        bags.embedding_dim = int(embedding_dim)
         return bags
 
-    def pool(self, offsets: torch.Tensor, indices: torch.Tensor, batch_size: int,
-             per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled embeddings [B, T, D] from the flat layout; optional [N] weights, one per index."""
-        # each table's slice of the flat index array (.tolist() is free on CPU, one sync on GPU)
-        starts = offsets[::batch_size].tolist()
-        pooled = []
-        for t, bag in enumerate(self):
-            table_offsets = offsets[t * batch_size : (t + 1) * batch_size] - starts[t]
-            table = slice(starts[t], starts[t + 1])
-            weights = per_sample_weights[table] if per_sample_weights is not None else None
-            pooled.append(bag(indices[table], table_offsets, per_sample_weights=weights))
-        return torch.stack(pooled, dim=1)
+    def pool(self, sparse: SparseFeatures) -> torch.Tensor:
+        return torch.stack([bag(indices, offsets, per_sample_weights=weights)
+                            for bag, (indices, offsets, weights) in zip(self, sparse.tables())], dim=1)
 
     def table_parameters(self, t: int) -> dict[str, torch.Tensor]:
-        """The tensors holding the t-th table built here (parameters, or row views of one)."""
         return dict(self[t].named_parameters())
+
+    def table_rows(self, t: int, indices: torch.Tensor) -> torch.Tensor:
+        return table_rows(self[t], indices)
+
+    def to_per_table(self) -> "EmbeddingBagList":
+        return self
 
 
 class EmbeddingTableView:
@@ -165,7 +247,7 @@ class EmbeddingTableView:
         return f"EmbeddingTableView(table={self.table}, rows={self.num_embeddings}, dim={self.embedding_dim})"
 
 
-class BatchedEmbeddingBags(nn.Module):
+class BatchedEmbeddingBags(EmbeddingCollection):
     """All tables in one weight, looked up by one `F.embedding_bag` with a sparse gradient.
 
     Table t owns rows [row_starts[t], row_starts[t] + table_sizes[t]) of `weight`; each index is
@@ -205,35 +287,37 @@ class BatchedEmbeddingBags(nn.Module):
     def extra_repr(self):
         return f"tables={len(self)}, rows={self.weight.shape[0]}, dim={self.embedding_dim}"
 
-    def pool(self, offsets: torch.Tensor, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Pooled embeddings [B, T, D] from the flat layout."""
-        num_tables = len(self.table_sizes)
-        per_table = torch.diff(offsets[::batch_size])  # indices of each table
-        n = indices.numel()
-        self._check_in_range(indices, torch.repeat_interleave(self.num_rows, per_table, output_size=n), per_table)
-        rows = indices + torch.repeat_interleave(self.first_row, per_table, output_size=n)
-        pooled = F.embedding_bag(rows, self.weight, offsets, mode="sum", sparse=True, include_last_offset=True)
-        return pooled.view(num_tables, batch_size, self.embedding_dim).transpose(0, 1)
-
-    def to_table_list(self) -> EmbeddingBagList:
-        """The same tables as one nn.EmbeddingBag each (copies), e.g. for per-table quantization."""
-        return EmbeddingBagList.of(
-            nn.EmbeddingBag(n, self.embedding_dim, mode="sum", sparse=True, _weight=self[t].weight.detach().clone())
-            for t, n in enumerate(self.table_sizes))
+    def pool(self, sparse: SparseFeatures) -> torch.Tensor:
+        rows = sparse.index_rows(self.first_row)
+        self._check_in_range(sparse, rows)
+        pooled = F.embedding_bag(rows, self.weight, sparse.offsets, mode="sum", sparse=True,
+                                 per_sample_weights=sparse.weights, include_last_offset=True)
+        return pooled.view(len(self), sparse.batch_size, self.embedding_dim).transpose(0, 1)
 
     def table_parameters(self, t: int) -> dict[str, torch.Tensor]:
-        """The tensors holding the t-th table built here: a row view of the one weight."""
+        """A row view of the one weight."""
         return {"weight": self[t].weight}
 
-    def _check_in_range(self, indices, table_rows, per_table):
-        out_of_range = (indices < 0) | (indices >= table_rows)
-        if indices.device.type != "cpu":
+    def table_rows(self, t: int, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices + self.row_starts[t], self.weight)
+
+    def to_per_table(self) -> EmbeddingBagList:
+        """The same tables as one nn.EmbeddingBag each (copies)."""
+        return EmbeddingBagList.of(
+            [nn.EmbeddingBag(n, self.embedding_dim, mode="sum", sparse=True, _weight=self[t].weight.detach().clone())
+             for t, n in enumerate(self.table_sizes)], self.table_sizes, self.embedding_dim)
+
+    def _check_in_range(self, sparse: SparseFeatures, rows: torch.Tensor):
+        """Each id inside its own table, as one nn.EmbeddingBag per table would check."""
+        table_end = sparse.index_rows(self.num_rows + self.first_row) - sparse.indices  # end row of each id's table
+        out_of_range = (sparse.indices < 0) | (rows >= table_end)
+        if rows.device.type != "cpu":
             # a device-side assertion: no host sync on the hot path
             torch._assert_async(~out_of_range.any(), "embedding index out of range of its table")
         elif bool(out_of_range.any()):
             position = int(out_of_range.nonzero()[0])
-            table = bisect.bisect_right(torch.cumsum(per_table, 0).tolist(), position)
-            raise IndexError(f"embedding index {int(indices[position])} out of range for table {table} "
+            table = bisect.bisect_right(sparse.table_bounds().tolist(), position) - 1
+            raise IndexError(f"embedding index {int(sparse.indices[position])} out of range for table {table} "
                              f"({self.table_sizes[table]} rows)")
 
     # -- checkpoints: the original's keys, one `<k>.weight` per table (views of the one weight)

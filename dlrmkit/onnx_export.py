@@ -8,8 +8,9 @@ size and the number of lookups dynamic:
     indices  int64   [lookups]
     -> click probability float32 [batch, 1]
 
-Pooling is exported as gather + scatter-add (no ONNX Loop), which needs opset >= 16.
-QR, MD and weighted-pooling tables export too; quantized models do not.
+The exported graph is the model's own forward, traced; pooling is exported as gather +
+scatter-add (no ONNX Loop), which needs opset >= 16. QR, MD and weighted-pooling tables
+export too; quantized models do not.
 
     export_onnx(model, batch, "dlrm_s_pytorch.onnx")   # -> max |onnx - torch| on `batch`
 """
@@ -22,10 +23,8 @@ import warnings
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingTableView
-from dlrmkit.tricks.pooling import sum_bags
+from dlrmkit.sparse import SparseFeatures
 
 OPSET = 17
 INPUT_NAMES = ["dense_x", "offsets", "indices"]
@@ -44,47 +43,24 @@ def require_onnx():
     return onnx
 
 
-def table_rows(bag: nn.Module, indices: torch.Tensor) -> torch.Tensor:
-    """[N, D] embedding of each index of one table, with exportable ops."""
-    if isinstance(bag, nn.EmbeddingBag):
-        if bag.mode != "sum":
-            raise ExportError(f"ONNX export supports sum-pooled tables, not mode={bag.mode}")
-        return F.embedding(indices, bag.weight)
-    if isinstance(bag, EmbeddingTableView):  # a table of the batched collection: rows of its one weight
-        collection = bag.collection
-        return F.embedding(indices + collection.row_starts[bag.table], collection.weight)
-    if hasattr(bag, "embed"):  # QR and MD tables
-        return bag.embed(indices)
-    raise ExportError(f"ONNX export does not support {type(bag).__name__} tables (export before quantizing)")
+class FlatInputs(nn.Module):
+    """The model with the flat input signature (dense_x, offsets, indices) that the graph gets.
 
-
-class ExportableDLRM(nn.Module):
-    """DLRM_Net's forward on the flat layout, without data-dependent Python (traceable)."""
+    The model's own forward is traced: its embedding collection pools with exportable ops while
+    traced (`EmbeddingCollection.exportable_pool`).
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        if isinstance(model.emb_l, BatchedEmbeddingBags):
-            # its state_dict holds per-table views; the tracer finds parameters through state_dict
-            self.batched_weight = model.emb_l.weight
+        # parameters that the model's state_dict shows only as views (the batched collection's one
+        # weight, saved as per-table rows): the tracer finds parameters through state_dict
+        in_state = {id(v) for v in model.state_dict(keep_vars=True).values()}
+        self.viewed_parameters = nn.ParameterList([p for p in model.parameters() if id(p) not in in_state])
 
     def forward(self, dense_x, offsets, indices):
-        model = self.model
-        batch_size = dense_x.shape[0]
-        pooled = []
-        for t, bag in enumerate(model.emb_l):
-            start, end = offsets[t * batch_size], offsets[(t + 1) * batch_size]
-            table_indices = indices[start:end]
-            weights = None
-            if model.pooling_weights is not None:
-                weights = model.pooling_weights.for_table(t, table_indices)
-            table_offsets = offsets[t * batch_size:(t + 1) * batch_size] - start
-            pooled.append(sum_bags(table_rows(bag, table_indices), table_offsets, weights))
-        x = model.bot_l(dense_x)
-        p = model.top_l(model.interact_features(x, torch.stack(pooled, dim=1)))
-        if 0.0 < model.loss_threshold < 1.0:
-            p = torch.clamp(p, min=model.loss_threshold, max=1.0 - model.loss_threshold)
-        return p
+        sparse = SparseFeatures(indices, offsets, dense_x.shape[0], len(self.model.table_sizes))
+        return self.model(dense_x, sparse)
 
 
 def export_onnx(model: nn.Module, batch, path: str, opset: int = OPSET) -> float:
@@ -99,7 +75,7 @@ def export_onnx(model: nn.Module, batch, path: str, opset: int = OPSET) -> float
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notices
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                ExportableDLRM(model), inputs, tmp, dynamo=False, opset_version=opset,
+                FlatInputs(model), inputs, tmp, dynamo=False, opset_version=opset,
                 input_names=INPUT_NAMES, output_names=["click_probability"],
                 dynamic_axes={"dense_x": {0: "batch"}, "offsets": {0: "bags_plus_one"},
                               "indices": {0: "lookups"}, "click_probability": {0: "batch"}},

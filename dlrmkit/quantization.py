@@ -19,8 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dlrmkit.embeddings import BatchedEmbeddingBags
-
 MLP_BITS = (8, 16, 32)
 EMB_BITS = (4, 8, 32)
 
@@ -88,9 +86,8 @@ def quantize_for_inference(model: nn.Module, mlp_bits: int = 32, emb_bits: int =
     if mlp_bits != 32:
         model.bot_l = quantize_mlp(model.bot_l, mlp_bits)
         model.top_l = quantize_mlp(model.top_l, mlp_bits)
-    if emb_bits != 32:
-        if isinstance(model.emb_l, BatchedEmbeddingBags):  # row-wise quantized per table
-            model.emb_l = model.emb_l.to_table_list()
+    if emb_bits != 32:  # row-wise quantized, one table module at a time
+        model.emb_l = model.emb_l.to_per_table()
         quantize_embeddings(model.emb_l, emb_bits)
     return model
 

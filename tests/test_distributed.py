@@ -290,7 +290,8 @@ def test_tables_are_initialised_the_same_wherever_they_are_built():
     torch.manual_seed(3)
     whole = dlrm.build_model(args, 4, args.arch_embedding_size)
     torch.manual_seed(3)
-    part = dlrm.build_model(args, 4, args.arch_embedding_size, local_tables=[1, 3])
+    part = dlrm.build_model(args, 4, args.arch_embedding_size,
+                            dlrm.build_embeddings(args, args.arch_embedding_size, tables=[1, 3]))
     assert len(part.emb_l) == 2
     torch.testing.assert_close(part.emb_l[0].weight, whole.emb_l[1].weight, rtol=0, atol=0)
     torch.testing.assert_close(part.emb_l[1].weight, whole.emb_l[3].weight, rtol=0, atol=0)

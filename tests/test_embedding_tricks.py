@@ -12,7 +12,7 @@ import dlrm_s_pytorch as dlrm
 from dlrmkit.optim import make_optimizer
 from test_training import PlantedDataset
 from dlrmkit.tricks import PrEmbeddingBag, QREmbeddingBag, md_solver
-from dlrmkit.tricks.pooling import sum_bags
+from dlrmkit.embeddings import sum_bags
 
 TABLES = (500, 300, 10)
 
@@ -125,7 +125,7 @@ def test_weighted_pooling_fixed_equals_plain_and_learned_weights_train():
     # a bag sums weight[row] * E[row]: compare with a naive sum for set weights
     with torch.no_grad():
         learned.pooling_weights.weight.uniform_(0.0, 2.0)
-    pooled = learned.apply_emb(batch.offsets, batch.indices, 16)
+    pooled = learned.apply_emb(batch.sparse)
     lengths = torch.diff(batch.offsets).view(3, 16)
     per_table = batch.lS_i
     starts = [0] + list(np.cumsum([n for n in TABLES]))

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 import dlrm_data
 from dlrmkit import embeddings
-from dlrm_s_pytorch import DLRM_Net, interaction_width
+from dlrm_s_pytorch import DLRM_Net, create_embeddings, interaction_width
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList
 from dlrmkit.optim import coalesce_rows, make_optimizer
+from dlrmkit.sparse import SparseFeatures
 
 TABLES = [5, 1, 7, 3]
 
@@ -44,8 +45,8 @@ def test_batched_pooling_equals_one_embedding_bag_per_table():
     batched.load_state_dict(per_table.state_dict())
     batch = random_batch()
     expected = naive_pool([bag.weight.detach() for bag in per_table], batch)
-    torch.testing.assert_close(per_table.pool(batch.offsets, batch.indices, 6), expected)
-    torch.testing.assert_close(batched.pool(batch.offsets, batch.indices, 6), expected)
+    torch.testing.assert_close(per_table(batch.sparse), expected)
+    torch.testing.assert_close(batched(batch.sparse), expected)
 
 
 def twin_nets(tables=(5, 1, 7, 3), dim=4):
@@ -54,7 +55,8 @@ def twin_nets(tables=(5, 1, 7, 3), dim=4):
     width = interaction_width("dot", False, len(tables), dim, dim)
     kwargs = dict(arch_interaction_op="dot", sigmoid_top=1)
     batched = DLRM_Net(dim, list(tables), [3, 8, dim], [width, 6, 1], **kwargs)
-    per_table = DLRM_Net(dim, list(tables), [3, 8, dim], [width, 6, 1], batched_embeddings=False, **kwargs)
+    per_table = DLRM_Net(dim, list(tables), [3, 8, dim], [width, 6, 1],
+                         embeddings=create_embeddings(list(tables), dim, per_table=True), **kwargs)
     per_table.load_state_dict(batched.state_dict())
     assert isinstance(batched.emb_l, BatchedEmbeddingBags) and isinstance(per_table.emb_l, EmbeddingBagList)
     return batched, per_table
@@ -136,12 +138,11 @@ def test_emb_l_k_is_a_view_of_table_k_usable_like_an_embedding_bag():
 
 def test_an_index_past_its_table_is_an_error_not_a_row_of_the_next_table():
     batched = BatchedEmbeddingBags([4, 3, 2], 2)
-    offsets = torch.tensor([0, 1, 2, 3])  # one bag per table, batch of 1
-    batched.pool(offsets, torch.tensor([3, 2, 1]), 1)
+    batched(SparseFeatures.one_hot(torch.tensor([[3, 2, 1]])))  # one id per table, batch of 1
     with pytest.raises(IndexError, match="embedding index 3 out of range for table 1 \\(3 rows\\)"):
-        batched.pool(offsets, torch.tensor([0, 3, 0]), 1)
+        batched(SparseFeatures.one_hot(torch.tensor([[0, 3, 0]])))
     with pytest.raises(IndexError, match="embedding index -1 out of range for table 2"):
-        batched.pool(offsets, torch.tensor([0, 0, -1]), 1)
+        batched(SparseFeatures.one_hot(torch.tensor([[0, 0, -1]])))
 
 
 def test_initialisation_is_per_table_uniform_and_seeded(monkeypatch):

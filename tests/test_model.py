@@ -72,7 +72,7 @@ def test_embedding_bags_sum_rows_named_by_offsets():
     lengths = [np.array([2, 0, 1]), np.array([1, 3, 1]), np.array([1, 1, 2])]
     indices = [np.array([4, 0, 2]), np.array([6, 1, 1, 0, 2]), np.array([2, 0, 1, 2])]
     batch = dlrm_data.batch_from_tables(np.zeros((3, 3)), lengths, indices, np.zeros(3))
-    pooled = net.apply_emb(batch.offsets, batch.indices, 3)
+    pooled = net.apply_emb(batch.sparse)
     for t, bag in enumerate(net.emb_l):
         start = 0
         for b, n in enumerate(lengths[t]):

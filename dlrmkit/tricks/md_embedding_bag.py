@@ -32,11 +32,6 @@ def md_solver(table_sizes, alpha: float, d0: int, round_dim: bool = False, frequ
     return [int(min(d0, d)) for d in dims]
 
 
-def md_parameter_count(num_rows: int, dim: int, base_dim: int) -> int:
-    """n * d (+ d * d0 for the projection when d < d0)."""
-    return num_rows * dim + (dim * base_dim if dim < base_dim else 0)
-
-
 class PrEmbeddingBag(nn.Module):
     """A num_embeddings x embedding_dim sum-pooled table projected to base_dim columns."""
 

@@ -20,14 +20,9 @@ import math
 import torch
 import torch.nn as nn
 
-from dlrmkit.tricks.pooling import lookup_rows, sum_bags
+from dlrmkit.embeddings import sum_bags, table_rows
 
 QR_OPERATIONS = ("mult", "add", "concat")
-
-
-def qr_parameter_count(num_categories: int, dim: int, num_collisions: int) -> int:
-    """(ceil(n / m) + m) * D: the quotient and remainder tables."""
-    return (math.ceil(num_categories / num_collisions) + num_collisions) * dim
 
 
 class QREmbeddingBag(nn.Module):
@@ -73,7 +68,7 @@ class QREmbeddingBag(nn.Module):
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """[N, output_dim] embedding of each index."""
         q, r = self.split(indices)
-        return self.compose(lookup_rows(self.embs_q, q), lookup_rows(self.embs_r, r))
+        return self.compose(table_rows(self.embs_q, q), table_rows(self.embs_r, r))
 
     def forward(self, indices, offsets, per_sample_weights=None):
         if self.operation == "mult":

@@ -12,8 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dlrmkit.sparse import SparseFeatures
+
 
 class PoolingWeights(nn.Module):
+    """One weight per row of every table ([sum of rows, 1]); called on a sparse batch, the weight of each id."""
+
     def __init__(self, table_sizes, learned: bool):
         super().__init__()
         sizes = torch.tensor([int(n) for n in table_sizes], dtype=torch.int64)
@@ -25,16 +29,9 @@ class PoolingWeights(nn.Module):
             self.register_buffer("weight", weight)
         self.register_buffer("row_starts", torch.cumsum(sizes, 0) - sizes, persistent=False)
 
-    def for_table(self, table: int, indices: torch.Tensor) -> torch.Tensor:
-        """[N_t] weights of table `table`'s indices."""
-        return self._lookup(indices + self.row_starts[table])
-
-    def forward(self, offsets: torch.Tensor, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """[N] weight of every index of the flat layout (table-major, T*B+1 offsets)."""
-        per_table = offsets[::batch_size]
-        counts = per_table[1:] - per_table[:-1]
-        first_row = torch.repeat_interleave(self.row_starts, counts, output_size=indices.shape[0])
-        return self._lookup(indices + first_row)
+    def forward(self, sparse: SparseFeatures) -> torch.Tensor:
+        """[N] weight of every id of `sparse` (all tables of the model, in order)."""
+        return self._lookup(sparse.index_rows(self.row_starts))
 
     def _lookup(self, rows):
         if self.learned:
