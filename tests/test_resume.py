@@ -114,3 +114,18 @@ def test_at_an_epoch_start_a_changed_flag_is_noted(kaggle_file, run_main, tmp_pa
     assert code == 0, err
     assert "note: --numpy-rand-seed was 123 in the checkpoint, now 9 (it is at the start of epoch 1)" in out
     assert out.count("Finished training it") == 3
+
+
+def test_a_distributed_resume_with_another_batch_size_equals_the_single_process_one(
+        kaggle_file, checkpoint, run_main, tmp_path):
+    from test_distributed import launch, train_losses
+
+    resume = flags(kaggle_file, "--mini-batch-size=256", "--print-freq=1", f"--load-model={checkpoint}")
+    code, single, err = run_main(*resume)
+    assert code == 0, err
+    (_, out, _), _ = launch(2, resume, tmp_path)
+    assert "Resuming at sample 5760 of epoch 0" in out
+    expected = train_losses(single)
+    assert [(e, j) for e, j, _ in expected] == [(0, 23), (0, 24)]
+    for (_, _, loss), (_, _, reference) in zip(train_losses(out), expected, strict=True):
+        assert loss == pytest.approx(reference, rel=1e-5, abs=1.1e-6)
