@@ -206,6 +206,27 @@ class RandomDataset(Dataset):
         return np.bincount(keys // rows, minlength=n), keys % rows
 
 
+class OneHotDataset(Dataset):
+    """Batches of in-memory arrays with one id per table: dense [n, d], ids [n, T], labels [n] (NumPy).
+
+    Batch j holds rows [j * batch_size, (j + 1) * batch_size), the last one possibly fewer; the
+    dense features are used as given (float32)."""
+
+    def __init__(self, dense, ids, labels, batch_size: int):
+        self.dense, self.ids, self.labels = dense, ids, labels
+        self.batch_size = int(batch_size)
+        self.num_samples = len(labels)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __getitem__(self, j: int) -> Batch:
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        rows = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        return batch_from_ids(self.dense[rows], self.ids[rows], self.labels[rows])
+
+
 def make_loader(dataset, first_batch=0, num_workers=0, pin_memory=False):
     """Iterates dataset[first_batch:] (each item is a whole Batch) with optional workers."""
     return DataLoader(

@@ -31,7 +31,9 @@ Usage:
 Model (`DLRM_Net`, importable without side effects):
     dense x -> bottom MLP ---------------------------\
     sparse ids -> embedding tables (sum pooling) ----> interaction (dot | cat) -> top MLP -> sigmoid
-    (all tables in one weight, one lookup: embeddings.BatchedEmbeddingBags; `model.emb_l[k]` is table k)
+    Sparse ids travel as one `dlrmkit.sparse.SparseFeatures` (flat indices + offsets); the tables are an
+    embedding collection (`dlrmkit.embeddings`: by default all in one weight, one lookup; `model.emb_l[k]`
+    is table k); the interactions are registered by name in `dlrmkit.interactions`.
 
 Speed: --precision=bf16 (CPU, CUDA) or fp16 (CUDA) for the MLPs, --compile for the dense part;
 bench/harness.py measures named configurations.

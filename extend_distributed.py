@@ -333,7 +333,7 @@ def shard_batch(batch: dlrm_data.Batch, rank: int, num_ranks: int, tables) -> dl
 
 
 class ShardedDataset(Dataset):
-    """ds[j] = this rank's ShardBatch of global batch j of `dataset` (same length, same batches)."""
+    """ds[j] = this rank's share of global batch j of `dataset` (`shard_batch`; same length, same batches)."""
 
     def __init__(self, dataset, rank: int, num_ranks: int, tables):
         self.dataset, self.rank, self.num_ranks, self.tables = dataset, rank, num_ranks, list(tables)

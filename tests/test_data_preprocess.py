@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import data_utils
 import dlrm_s_pytorch as dlrm
 from conftest import CRITEO_SAMPLE
-from data_helpers import (MISSING, fake_kaggle, fake_terabyte, load_days, naive_ids, naive_key, naive_row,
-                          preprocess_quietly, row_text)
+from helpers import (MISSING, fake_kaggle, fake_terabyte, load_days, naive_ids, naive_key, naive_row,
+                     preprocess_quietly, row_text)
 
 
 @pytest.mark.skipif(not os.path.exists(CRITEO_SAMPLE), reason="no ../shared/data/criteo_sample.tsv")
@@ -125,6 +125,7 @@ def test_each_setting_keeps_its_own_processed_set_and_switching_back_reuses_it(t
     assert {name: os.path.getmtime(base / name / "day_0_sparse.npy") for name in sets.values()} == mtimes
 
 
+@pytest.mark.slow
 def test_the_trainer_says_which_processed_set_it_uses(tmp_path, cli):
     raw = fake_kaggle(tmp_path, 1400)
     flags = ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2", "--mini-batch-size=64",

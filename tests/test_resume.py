@@ -8,7 +8,7 @@ import torch
 
 import dlrm_data
 import dlrm_s_pytorch as dlrm
-from data_helpers import fake_kaggle
+from helpers import fake_kaggle
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,7 @@ def test_at_an_epoch_start_a_changed_flag_is_noted(kaggle_file, run_main, tmp_pa
     assert out.count("Finished training it") == 3
 
 
+@pytest.mark.slow
 def test_a_distributed_resume_with_another_batch_size_equals_the_single_process_one(
         kaggle_file, checkpoint, run_main, tmp_path):
     from test_distributed import launch, train_losses

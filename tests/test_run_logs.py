@@ -129,7 +129,7 @@ def test_mlperf_epoch_num_of_tests_counts_from_one_like_epochs(run_main):
 
 
 def test_mlperf_epoch_num_is_a_fraction_of_the_whole_epoch_not_of_the_batch_cap(run_main, tmp_path):
-    from data_helpers import fake_kaggle
+    from helpers import fake_kaggle
 
     raw = fake_kaggle(tmp_path, 1400)  # 6 training days of 200 rows: 10 batches of 120
     code, out, err = run_main("--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2",
@@ -208,7 +208,7 @@ def test_inference_only_passes_are_logged_as_inference(run_main, tmp_path):
 
 
 def test_metrics_log_of_a_criteo_run_records_the_table_sizes_used(run_main, tmp_path):
-    from data_helpers import fake_kaggle, preprocess_quietly
+    from helpers import fake_kaggle, preprocess_quietly
 
     raw, log = fake_kaggle(tmp_path, 1400), tmp_path / "metrics.jsonl"
     code, _, err = run_main("--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2",

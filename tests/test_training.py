@@ -3,13 +3,12 @@
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 
-import dlrm_data
 import dlrm_s_pytorch as dlrm
 from dlrmkit.optim import make_optimizer
+from helpers import PLANTED_TABLES, planted_dataset
 
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
 TEST_LINE = re.compile(r"^ accuracy ([\d.]+) %, best ([\d.]+) %, loss ([\d.]+), auc ([\d.na]+), best auc ([\d.na]+)")
@@ -20,36 +19,17 @@ def losses_by_position(out):
             for m in map(TRAIN_LINE.match, out.splitlines()) if m}
 
 
-class PlantedDataset:
-    """Clicks depend on dense feature 0 and on the id in table 0: a learnable signal."""
-
-    def __init__(self, num_samples, batch_size, seed, tables=(50, 20, 10)):
-        rng = np.random.default_rng(seed)
-        self.batch_size, self.tables = batch_size, tables
-        self.dense = rng.random((num_samples, 4), dtype=np.float32)
-        self.ids = np.stack([rng.integers(0, n, num_samples) for n in tables], axis=1)
-        effect = np.random.default_rng(99).normal(0, 2, tables[0])
-        logit = 4 * (self.dense[:, 0] - 0.5) + effect[self.ids[:, 0]]
-        self.labels = (rng.random(num_samples) < 1 / (1 + np.exp(-logit))).astype(np.float32)
-
-    def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
-
-    def __getitem__(self, j):
-        s = slice(j * self.batch_size, (j + 1) * self.batch_size)
-        return dlrm_data.batch_from_ids(self.dense[s], self.ids[s], self.labels[s])
-
-
 def small_args(*extra):
     return dlrm.parse_args(["--arch-sparse-feature-size=8", "--arch-mlp-bot=4-16-8", "--arch-mlp-top=16-1",
                             "--loss-function=bce", *extra])
 
 
+@pytest.mark.slow
 def test_trainer_learns_a_planted_signal():
     torch.manual_seed(0)
     args = small_args("--optimizer=adagrad", "--learning-rate=0.05", "--nepochs=3", "--mini-batch-size=64")
-    train_set, test_set = PlantedDataset(6000, 64, seed=1), PlantedDataset(2000, 256, seed=2)
-    model = dlrm.build_model(args, 4, train_set.tables)
+    train_set, test_set = planted_dataset(6000, 64, seed=1), planted_dataset(2000, 256, seed=2)
+    model = dlrm.build_model(args, 4, list(PLANTED_TABLES))
     device = torch.device("cpu")
     before = dlrm.evaluate(model, test_set, "bce", None, device)
     optimizer = make_optimizer("adagrad", model.parameters(), args.learning_rate)
@@ -71,9 +51,9 @@ def train_params(batches, accum):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    data = PlantedDataset(12, 12, seed=3)
+    data = planted_dataset(12, 12, seed=3)
     big = [data[0]]
-    micro = [PlantedDataset(12, 4, seed=3)[j] for j in range(3)]  # same 12 samples, 3 micro-batches
+    micro = [planted_dataset(12, 4, seed=3)[j] for j in range(3)]  # same 12 samples, 3 micro-batches
     params_big, updates_big = train_params(big, accum=1)
     params_micro, updates_micro = train_params(micro, accum=3)
     assert updates_big == updates_micro == 1
