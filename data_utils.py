@@ -536,7 +536,7 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
     if not 0.0 <= sub_sample_rate <= 1.0:
         raise DataError(f"--data-sub-sample-rate must be in [0, 1], got {sub_sample_rate}")
     out_dir = os.path.join(base_dir, settings_key(data_set, max_ind_range, sub_sample_rate))
-    _adopt_single_set_layout(base_dir, log)
+    _adopt_single_set_layout(base_dir, bool(raw_data_file and _raw_data_present(raw_data_file, data_set)), log)
     existing = _read_metadata(out_dir)
     damage = _damaged_output(out_dir, existing) if existing is not None else None
     if damage:
@@ -587,10 +587,11 @@ def _processed_sets(base_dir) -> list[str]:
 SINGLE_SET_FORMAT = "dlrm-criteo-processed-v1"  # one set directly in the base directory
 
 
-def _adopt_single_set_layout(base_dir, log):
+def _adopt_single_set_layout(base_dir, can_rebuild: bool, log):
     """Processed data written directly into base_dir by an earlier version moves into its settings'
     subdirectory when its ids are still valid (dictionary ids: missing always had a key of its own);
-    hashed ids (missing hashed like a value) are removed, as any stale processed set."""
+    hashed ids (missing hashed like a value) are removed, as any stale processed set, when the raw data
+    is there to rebuild them (else DataError)."""
     legacy = _read_metadata(base_dir)
     if legacy is None:
         if os.path.isfile(os.path.join(base_dir, "work", "settings.json")):  # its unfinished work
@@ -615,6 +616,9 @@ def _adopt_single_set_layout(base_dir, log):
     else:
         why = (f"{target} already holds its settings" if _read_metadata(target) is not None
                else "its ids are stale: missing categoricals were hashed like values")
+        if not can_rebuild:
+            raise DataError(f"processed data in {base_dir} was written by an earlier version and is not used "
+                            f"({why}); rebuilding it needs the raw data (--raw-data-file)")
         log(f"Removing the processed data of an earlier version in {base_dir}: {why}")
     remove_outputs(base_dir)
 

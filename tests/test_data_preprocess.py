@@ -149,6 +149,10 @@ def test_a_single_set_of_an_earlier_version_is_moved_or_removed(tmp_path):
         meta = json.load(open(base / "metadata.json"))
         meta["settings"]["format"] = "dlrm-criteo-processed-v1"
         (base / "metadata.json").write_text(json.dumps(meta))
+        if max_ind_range > 0:  # its ids are stale: without the raw data nothing is removed
+            with pytest.raises(data_utils.DataError, match="written by an earlier version and is not used"):
+                preprocess_quietly(str(tmp_path / "gone.txt"), base, max_ind_range=max_ind_range)
+            assert (base / "metadata.json").exists()
         processed, messages = preprocess_quietly(raw, base)
         if max_ind_range < 0:  # dictionary ids are still valid: moved, not rebuilt
             assert messages == [f"Moved the processed data in {base} into {base / 'kaggle-dictionary'} "
