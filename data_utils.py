@@ -69,6 +69,8 @@ import zlib
 
 import numpy as np
 
+from dlrmkit import flags
+
 NUM_DENSE = 13
 NUM_SPARSE = 26
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
@@ -468,16 +470,49 @@ def raw_day_files(raw_data_file: str, data_set: str) -> list[str]:
     """The raw files of a data set: train.txt for kaggle, <prefix>_0 .. <prefix>_23[.gz] for terabyte."""
     if data_set == "kaggle":
         if not os.path.isfile(raw_data_file):
-            raise DataError(f"--raw-data-file {raw_data_file}: no such file")
+            raise DataError(missing_raw_data(raw_data_file, data_set))
         return [raw_data_file]
     files = []
     for day in range(DAYS["terabyte"]):
-        candidates = [f"{raw_data_file}_{day}", f"{raw_data_file}_{day}.gz"]
-        found = [c for c in candidates if os.path.isfile(c)]
-        if not found:
-            raise DataError(f"--raw-data-file {raw_data_file}: day file {candidates[0]} (or .gz) not found")
-        files.append(found[0])
+        found = _day_file(raw_data_file, day)
+        if found is None:
+            if day == 0:
+                raise DataError(missing_raw_data(raw_data_file, data_set))
+            raise DataError(f"--raw-data-file {raw_data_file}: day file {raw_data_file}_{day} (or .gz) not found")
+        files.append(found)
     return files
+
+
+def _day_file(prefix: str, day: int) -> str | None:
+    return next((p for p in (f"{prefix}_{day}", f"{prefix}_{day}.gz") if os.path.isfile(p)), None)
+
+
+def missing_raw_data(path: str, data_set: str) -> str:
+    """Why --raw-data-file names no raw data of `data_set`, and the flags that read what is there."""
+    flag = f"--raw-data-file {path}"
+    days = f"{DAYS['terabyte']} day files <prefix>_0 .. <prefix>_{DAYS['terabyte'] - 1}"
+    inside_train, inside_prefix = os.path.join(path, "train.txt"), os.path.join(path, "day")
+    if os.path.isdir(path):
+        if os.path.isfile(inside_train):
+            return f"{flag}: is a directory; use --raw-data-file={inside_train} --data-set=kaggle"
+        if _day_file(inside_prefix, 0):
+            return f"{flag}: is a directory; use --raw-data-file={inside_prefix} --data-set=terabyte"
+        if data_set == "kaggle":
+            return f"{flag}: is a directory; --data-set=kaggle reads one file, the Criteo Kaggle train.txt"
+        return f"{flag}: is a directory; --data-set=terabyte reads the {days}: give their prefix (e.g. {inside_prefix})"
+    if data_set == "kaggle":
+        if _day_file(path, 0):
+            return f"{flag}: no such file, but {_day_file(path, 0)} exists: --data-set=terabyte reads the {days}"
+        if os.path.isfile(path + ".gz"):
+            return f"{flag}: no such file, but {path}.gz exists: use --raw-data-file={path}.gz (read as it is)"
+        return f"{flag}: no such file (--data-set=kaggle reads the Criteo Kaggle train.txt)"
+    day_file = re.match(r"^(.*)_\d+(\.gz)?$", path)
+    if os.path.isfile(path) and day_file and _day_file(day_file.group(1), 0):
+        return f"{flag}: is one day file; --data-set=terabyte reads the {days}: use --raw-data-file={day_file.group(1)}"
+    if os.path.isfile(path):
+        return (f"{flag}: --data-set=terabyte reads the {days}, and {path}_0 does not exist; "
+                f"for one file such as the Kaggle train.txt use --data-set=kaggle")
+    return f"{flag}: day file {path}_0 (or .gz) not found (--data-set=terabyte reads the {days})"
 
 
 def source_identity(path) -> dict:
@@ -535,6 +570,9 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
         raise DataError(f"--data-set={data_set} is not one of {', '.join(DAYS)}")
     if not 0.0 <= sub_sample_rate <= 1.0:
         raise DataError(f"--data-sub-sample-rate must be in [0, 1], got {sub_sample_rate}")
+    if os.path.isfile(base_dir):
+        raise DataError(f"--processed-data-file: {base_dir} is a file, not processed data (a directory, "
+                        "or the original's .npz); the raw data goes to --raw-data-file")
     out_dir = os.path.join(base_dir, settings_key(data_set, max_ind_range, sub_sample_rate))
     _adopt_single_set_layout(base_dir, bool(raw_data_file and _raw_data_present(raw_data_file, data_set)), log)
     existing = _read_metadata(out_dir)
@@ -553,7 +591,13 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
             if not others:
                 if raw_data_file:
                     raw_day_files(raw_data_file, data_set)  # says which file is missing
-                raise DataError(f"no processed data in {base_dir} and no --raw-data-file to build it from")
+                hint = ""
+                if os.path.isfile(os.path.join(base_dir, "train.txt")):
+                    hint = f" (it holds raw data: --raw-data-file={os.path.join(base_dir, 'train.txt')})"
+                elif _day_file(os.path.join(base_dir, "day"), 0):
+                    hint = (f" (it holds raw data: --raw-data-file={os.path.join(base_dir, 'day')} "
+                            "--data-set=terabyte)")
+                raise DataError(f"no processed data in {base_dir} and no --raw-data-file to build it from{hint}")
             raise DataError(f"processed data in {base_dir} was built with other settings "
                             f"({describe_change(others[0], wanted)}); rebuilding it needs the raw data "
                             f"(--raw-data-file {raw_data_file or 'not given'})")
@@ -1145,28 +1189,29 @@ def make_fake(out, rows, days=1, seed=0, compress=False, log=print):
 
 
 # ============================================================================ command line
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="data_utils.py", description="Criteo data: fake raw files, preprocessing")
+def build_parser() -> argparse.ArgumentParser:
+    parser = flags.CommandLineParser(prog="data_utils.py", description="Criteo data: fake raw files, preprocessing")
     commands = parser.add_subparsers(dest="command", required=True)
     fake = commands.add_parser("make-fake", help="write a raw Criteo-format file with a learnable signal")
-    fake.add_argument("--rows", type=int, required=True, help="number of rows (all days together)")
+    flags.add_number(fake, "--rows", int, None, flags.at_least(1), "number of rows (all days together)", required=True)
     fake.add_argument("--out", required=True, help="output file (with --days > 1: prefix of <out>_<day>)")
-    fake.add_argument("--days", type=int, default=1, help="1: one file (kaggle train.txt); 24: terabyte day files")
-    fake.add_argument("--seed", type=int, default=0, help="random seed")
+    flags.add_number(fake, "--days", int, 1, flags.at_least(1),
+                     "1: one file (kaggle train.txt); 24: terabyte day files")
+    flags.add_number(fake, "--seed", int, 0, flags.at_least(0), "random seed")
     fake.add_argument("--gzip", action="store_true", help="gzip the day files (with --days > 1)")
     prep = commands.add_parser("preprocess", help="raw Criteo data -> processed arrays (as the trainer on first use)")
-    prep.add_argument("--data-set", choices=list(DAYS), default="kaggle", help="Criteo data set")
-    prep.add_argument("--raw-data-file", required=True, help="train.txt (kaggle) or the day prefix (terabyte)")
-    prep.add_argument("--processed-data-file", default="", help="output: this path without .npz is a directory")
-    prep.add_argument("--max-ind-range", type=int, default=-1, help="hash categoricals into [0, M) (-1: dictionary)")
-    prep.add_argument("--data-sub-sample-rate", type=float, default=0.0, help="drop this share of training negatives")
-    prep.add_argument("--dataset-multiprocessing", action="store_true", help="use all cores")
-    prep.add_argument("--mlperf-bin-loader", action="store_true", help="also write the train/test/val .bin files")
+    flags.add_data_flags(prep, list(DAYS), raw_required=True)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        problem = flags.check_ranges(parser, args)
+        if problem:
+            raise DataError(problem)
         if args.command == "make-fake":
-            if args.rows < 1 or args.days < 1:
-                raise DataError("--rows and --days must be at least 1")
             make_fake(args.out, args.rows, args.days, args.seed, args.gzip)
             return 0
         out_dir = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
