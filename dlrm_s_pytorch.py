@@ -47,6 +47,7 @@ import copy
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -440,8 +441,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     flag(g, "--print-wall-time", False, "append the wall-clock time to progress lines")
     flag(g, "--debug-mode", False, "print the architecture, the data and the parameters")
     flag(g, "--enable-profiling", False, "run the PyTorch profiler: top operators and a Chrome trace")
-    g.add_argument("--profiling-trace-file", type=str, default="dlrm_s_pytorch.prof",
-                   help="Chrome trace written by --enable-profiling")
+    g.add_argument("--profiling-trace-file", type=str, default="",
+                   help="Chrome trace written by --enable-profiling, operator tables next to it "
+                        "(default: the original's dlrm_s_pytorch<timestamp>.json, _shape.prof, _total.prof)")
     flag(g, "--plot-compute-graph", False, "write the autograd graph as Graphviz source (and PDF when dot exists)")
     g.add_argument("--compute-graph-file", type=str, default="dlrm_s_pytorch_graph.dot",
                    help="Graphviz source written by --plot-compute-graph (the PDF goes next to it)")
@@ -613,7 +615,8 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
     for flag, path, wanted, example in (
             ("--save-model", args.save_model, bool(args.save_model), "model.pt"),
             ("--onnx-file", args.onnx_file, args.save_onnx, "model.onnx"),
-            ("--profiling-trace-file", args.profiling_trace_file, args.enable_profiling, "trace.prof"),
+            ("--profiling-trace-file", args.profiling_trace_file or "dlrm_s_pytorch.json", args.enable_profiling,
+             "trace.json"),
             ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph, "graph.dot"),
             ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file), "metrics.jsonl")):
         if wanted:
@@ -775,10 +778,15 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
 
 
 def is_better(metrics: TestMetrics, best_auc: float, best_acc: float) -> bool:
-    """Improvement in AUC, or in accuracy when AUC is undefined (one class)."""
+    """Improvement in AUC (the first defined AUC is one), or in accuracy when AUC is undefined (one class)."""
     if not math.isnan(metrics.auc):
-        return metrics.auc > best_auc
+        return math.isnan(best_auc) or metrics.auc > best_auc
     return metrics.accuracy > best_acc
+
+
+def format_auc(auc: float) -> str:
+    """AUC to 4 decimals; NaN (a test set of one class, or no defined AUC yet) is `undefined`."""
+    return "undefined" if math.isnan(auc) else f"{auc:.4f}"
 
 
 @dataclasses.dataclass
@@ -789,10 +797,13 @@ class TrainState:
     next_batch: int = 0  # first batch of `epoch` still to train
     updates: int = 0  # optimizer steps taken
     best_acc: float = 0.0
-    best_auc: float = 0.0
+    best_auc: float = float("nan")  # until a test set with both classes gives one
     tested: bool = False
     last_test: TestMetrics | None = None
     train_loss: float = float("nan")
+    skip_samples: int = 0  # samples of batch `next_batch` already trained (resumed with another batch size)
+    batch_size: int = 0  # --mini-batch-size of the position; 0: unknown (checkpoints of earlier versions)
+    data_order: dict = dataclasses.field(default_factory=dict)  # see data_order()
 
 
 def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, nbatches_test):
@@ -842,9 +853,11 @@ def model_arch(model: DLRM_Net) -> dict:
     }
 
 
-def load_checkpoint(path, model, optimizer) -> TrainState:
+def load_checkpoint(path, model, optimizer, check=None) -> TrainState:
+    """Loads a checkpoint (ours or the original's) into model and optimizer; returns its TrainState.
+    check(state), when given, runs on the saved state before the model is compared and loaded."""
     if isinstance(model, ext_dist.DistributedDLRM):  # rank 0 reads it whole and hands out the tables
-        return ext_dist.load_distributed(path, model, optimizer, load_checkpoint)
+        return ext_dist.load_distributed(path, model, optimizer, functools.partial(load_checkpoint, check=check))
     if not os.path.isfile(path):
         raise DLRMError(f"--load-model {path}: no such file")
     try:
@@ -853,6 +866,15 @@ def load_checkpoint(path, model, optimizer) -> TrainState:
         raise DLRMError(f"--load-model {path}: not a readable checkpoint ({type(e).__name__}: {e})")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DLRMError(f"--load-model {path}: not a DLRM checkpoint (no state_dict)")
+    saved = dict(checkpoint.get("train_state") or {})
+    if saved:
+        last_test = saved.pop("last_test", None)
+        state = TrainState(**saved)
+        state.last_test = TestMetrics(**last_test) if last_test else None
+    else:
+        state = original_train_state(checkpoint)
+    if check is not None:
+        check(state)
     saved_arch = checkpoint.get("arch")
     if saved_arch is not None and saved_arch != model_arch(model):
         raise DLRMError(f"--load-model {path}: saved with a different architecture than these flags ({describe_arch_diff(saved_arch, model_arch(model))})")
@@ -865,10 +887,71 @@ def load_checkpoint(path, model, optimizer) -> TrainState:
             optimizer.load_state_dict(checkpoint["opt_state_dict"])
         except (ValueError, KeyError) as e:
             raise DLRMError(f"--load-model {path}: optimizer state does not fit --optimizer ({e})")
-    saved = dict(checkpoint.get("train_state") or {})
-    last_test = saved.pop("last_test", None)
-    state = TrainState(**saved) if saved else TrainState(epoch=checkpoint.get("epoch", 0), next_batch=checkpoint.get("iter", 0))
-    state.last_test = TestMetrics(**last_test) if last_test else None
+    return state
+
+
+def original_train_state(checkpoint: dict) -> TrainState:
+    """The position and metrics that the original's checkpoints store: epoch, iter, train_loss, and the
+    test accuracy (its best) and, with --mlperf-logging, the best test AUC."""
+    nan = float("nan")
+    test_acc, test_auc = checkpoint.get("test_acc"), checkpoint.get("test_auc", nan)
+    state = TrainState(epoch=int(checkpoint.get("epoch", 0)), next_batch=int(checkpoint.get("iter", 0)),
+                       train_loss=float(checkpoint.get("train_loss", nan)))
+    if test_acc is not None:
+        state.best_acc, state.best_auc = float(test_acc), float(test_auc)
+        state.last_test = TestMetrics(float(checkpoint.get("test_loss", nan)), float(test_acc), float(test_auc), 0)
+    return state
+
+
+def data_order(args, train_set) -> dict:
+    """{flag: value} of what decides which training rows come in which order (for this data source)."""
+    order = {"--data-generation": args.data_generation}
+    if args.data_generation != "dataset":
+        order["--numpy-rand-seed"] = args.numpy_rand_seed  # batch j is drawn from (seed, j)
+        if args.data_generation == "synthetic":
+            order["--data-trace-file"] = args.data_trace_file
+        return order
+    bin_shuffle = bool(args.mlperf_bin_loader and args.mlperf_bin_shuffle)
+    order.update({"--data-set": args.data_set,
+                  "--data-sub-sample-rate": args.data_sub_sample_rate,
+                  "--raw-data-file / --processed-data-file (training rows)": dataset_samples(train_set, 1),
+                  "--data-randomize": args.data_randomize,
+                  "--mlperf-bin-shuffle": bin_shuffle})
+    if args.data_randomize != "none" or bin_shuffle:
+        order["--numpy-rand-seed"] = args.numpy_rand_seed
+    return order
+
+
+def check_data_order(state: TrainState, order: dict, path: str, log=print):
+    """Raises DLRMError when a flag that decides the rows still to train in the checkpoint's epoch
+    differs from the checkpoint's (see data_order); at an epoch's start a change is only noted (later
+    epochs follow the new value). Checkpoints that do not record the order pass."""
+    inside_epoch = state.next_batch > 0 or state.skip_samples > 0
+    for key in dict.fromkeys([*state.data_order, *order]) if state.data_order else ():
+        old, new = state.data_order.get(key, "not in effect"), order.get(key, "not in effect")
+        if old == new:
+            continue
+        if inside_epoch:
+            raise DLRMError(f"--load-model {path}: {key} was {old}, now {new}: the rest of epoch {state.epoch} "
+                            f"would skip or repeat rows; resume with the checkpoint's value")
+        log(f"note: {key} was {old} in the checkpoint, now {new} (it is at the start of epoch {state.epoch})")
+
+
+def resume_position(state: TrainState, args, order: dict, path: str, log=print) -> TrainState:
+    """Moves the checkpoint's position to the same sample of its epoch under this run's
+    --mini-batch-size (checkpoints that do not record their batch size keep their batch)."""
+    if state.batch_size and state.batch_size != args.mini_batch_size:
+        sample = state.next_batch * state.batch_size + state.skip_samples
+        if sample and order.get("--mlperf-bin-shuffle"):
+            raise DLRMError(f"--load-model {path}: --mini-batch-size was {state.batch_size}, now "
+                            f"{args.mini_batch_size}: with --mlperf-bin-shuffle the rest of epoch {state.epoch} "
+                            f"depends on it; resume with --mini-batch-size={state.batch_size}")
+        state.next_batch, state.skip_samples = divmod(sample, args.mini_batch_size)
+        if sample:
+            log(f"Resuming at sample {sample} of epoch {state.epoch} (--mini-batch-size was {state.batch_size}, "
+                f"now {args.mini_batch_size}: batch {state.next_batch}"
+                + (f", from its sample {state.skip_samples})" if state.skip_samples else ")"))
+    state.batch_size, state.data_order = args.mini_batch_size, order
     return state
 
 
@@ -914,23 +997,26 @@ def make_datasets(args):
         round_targets=args.round_targets,
     )
     num_samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
+    # --num-batches caps training only: the test set keeps --data-size samples (more when the cap
+    # asks for more training samples than that: then, as in the original, it sets the data size)
+    test_samples = max(args.data_size, num_samples)
     if args.data_generation == "synthetic":
         # sparse ids drawn from the trace distributions; a held-out set from its own streams
-        def synthetic(split, batch_size, notes):
+        def synthetic(split, batch_size, notes, samples=num_samples):
             return trace_data.SyntheticTraceDataset(
-                dense_dim, table_sizes, num_samples, batch_size, args.numpy_rand_seed, config,
+                dense_dim, table_sizes, samples, batch_size, args.numpy_rand_seed, config,
                 args.data_trace_file, args.data_trace_enable_padding, split=split, notes=notes)
 
         try:
             train = synthetic(0, args.mini_batch_size, lambda text: print(text, file=sys.stderr))
-            test = synthetic(1, args.test_mini_batch_size, lambda text: None)
+            test = synthetic(1, args.test_mini_batch_size, lambda text: None, test_samples)
         except trace_data.TraceFileError as e:
             raise DLRMError(f"--data-trace-file: {e}")
         return train, test, dense_dim, table_sizes
     train = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.mini_batch_size,
                                     args.numpy_rand_seed, config, split=0)
     # a held-out set of the same size, from its own random stream
-    test = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.test_mini_batch_size,
+    test = dlrm_data.RandomDataset(dense_dim, table_sizes, test_samples, args.test_mini_batch_size,
                                    args.numpy_rand_seed, config, split=1)
     return train, test, dense_dim, table_sizes
 
@@ -1118,7 +1204,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         window_wall = time.perf_counter()  # samples/s for the run logs, without device syncs
         accum_samples = 0
         run_log.epoch_start(epoch)
-        loader = dlrm_data.make_loader(train_set, first, args.num_workers, pin)
+        source = dlrm_data.skip_within_batch(train_set, first, state.skip_samples)
+        loader = dlrm_data.make_loader(source, first, args.num_workers, pin)
         for j, batch in enumerate(device_batches(loader, device), start=first):
             if j >= nbatches:
                 break
@@ -1156,6 +1243,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             window_iters += 1
             # a checkpoint taken inside an accumulation window resumes at the window's start
             state.next_batch = j + 1 if accum_samples == 0 else window_first_batch
+            if state.next_batch != first:
+                state.skip_samples = 0
 
             should_print = (j + 1) % args.print_freq == 0 or j + 1 == nbatches
             should_test = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == nbatches)
@@ -1186,7 +1275,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         run_log.epoch_end(epoch)
         if stop:
             break
-        state.next_batch = 0
+        state.next_batch = state.skip_samples = 0
         state.epoch = epoch + 1
     return state
 
@@ -1208,11 +1297,12 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     improved = is_better(metrics, state.best_auc, state.best_acc)
     state.best_acc = max(state.best_acc, metrics.accuracy)
     if not math.isnan(metrics.auc):
-        state.best_auc = max(state.best_auc, metrics.auc)
+        state.best_auc = metrics.auc if math.isnan(state.best_auc) else max(state.best_auc, metrics.auc)
     state.tested = True
     state.last_test = metrics
+    one_class = " (the test set has one class)" if math.isnan(metrics.auc) else ""
     log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %, "
-        f"loss {metrics.loss:.6f}, auc {metrics.auc:.4f}, best auc {state.best_auc:.4f}"
+        f"loss {metrics.loss:.6f}, auc {format_auc(metrics.auc)}{one_class}, best auc {format_auc(state.best_auc)}"
         + (f", {time.perf_counter() - t0:.2f} s" if args.print_time else ""))
     run_log.test_end(dict(epoch=epoch, iteration=iteration, nbatches=nbatches,
                           global_iteration=epoch * nbatches + iteration, loss=metrics.loss, accuracy=metrics.accuracy,
@@ -1284,7 +1374,8 @@ def open_run_logs(args) -> RunLog:
     return RunLogs(logs)
 
 
-def run_config(args, train_set, test_set, nbatches) -> dict:
+def run_config(args, train_set, test_set, table_sizes) -> dict:
+    """What the run logs record at the start; `args` as used, with the table sizes of the data."""
     return {
         "seed": args.numpy_rand_seed,
         "global_batch_size": args.mini_batch_size * args.mlperf_grad_accum_iter,
@@ -1294,9 +1385,13 @@ def run_config(args, train_set, test_set, nbatches) -> dict:
         "warmup_steps": args.lr_num_warmup_steps,
         "decay_start_step": args.lr_decay_start_step,
         "decay_steps": args.lr_num_decay_steps,
-        "train_samples": min(nbatches * args.mini_batch_size, dataset_samples(train_set, args.mini_batch_size)),
+        "train_samples": dataset_samples(train_set, args.mini_batch_size),  # an epoch, as the reference
         "eval_samples": dataset_samples(test_set, args.test_mini_batch_size),
-        "args": vars(args),
+        "batches_per_epoch": len(train_set),
+        # MLPerf's names of the initialized tensors: all tables together, then each MLP layer
+        "initialized_tensors": ["embeddings"] + [f"bottom_mlp_dense{k}" for k in range(1, len(args.arch_mlp_bot))]
+        + [f"top_mlp_dense{k}" for k in range(1, len(args.arch_mlp_top) + 1)],
+        "args": {**vars(args), "arch_embedding_size": [int(n) for n in table_sizes]},
     }
 
 
@@ -1355,19 +1450,26 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
                                                          lambda: build_model(args, dense_dim, table_sizes))
     optimizer = None if args.inference_only else build_optimizer(args, model)
 
-    state = TrainState()
+    order = data_order(args, train_set)
+    state = TrainState(batch_size=args.mini_batch_size, data_order=order)
     if args.load_model:
         print(f"Loading saved model {args.load_model}")
-        state = load_checkpoint(args.load_model, model, optimizer)
+        check = None if args.inference_only else lambda saved: check_data_order(saved, order, args.load_model)
+        state = load_checkpoint(args.load_model, model, optimizer, check)
         state.tested = False  # whether *this* run tested: without tests the final model is saved
+        if not args.inference_only:
+            state = resume_position(state, args, order, args.load_model)
         last = state.last_test
         print(f"Saved at: epoch = {state.epoch:d}/{args.nepochs:d}, batch = {state.next_batch:d}/{nbatches:d}, "
               f"ntbatch = {len(test_set):d}")
         print(f"Training state: loss = {state.train_loss:.6f}")
         if last is not None:
-            print(f"Testing state: loss = {last.loss:.6f}, accuracy = {last.accuracy * 100:3.3f} %, auc = {last.auc:.4f}")
+            known = [f"{name} = {text}" for name, value, text in (
+                ("loss", last.loss, f"{last.loss:.6f}"), ("accuracy", last.accuracy, f"{last.accuracy * 100:3.3f} %"),
+                ("auc", last.auc, format_auc(last.auc))) if not math.isnan(value)]
+            print("Testing state: " + ", ".join(known))
 
-    run_log.run_start(run_config(args, train_set, test_set, nbatches))
+    run_log.run_start(run_config(args, train_set, test_set, table_sizes))
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
     exported_model = model
     with profiling.profiled(args.enable_profiling, args.profiling_trace_file, device.type == "cuda"):

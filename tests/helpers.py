@@ -35,10 +35,14 @@ def naive_row(line: bytes):
     return int(fields[0]), ints, cats
 
 
+def naive_key(value, max_ind_range=-1):
+    """The key a categorical is numbered by: the value, or value % M; missing stays apart."""
+    return value if max_ind_range <= 0 or value == MISSING else value % max_ind_range
+
+
 def naive_ids(cats, max_ind_range=-1):
-    """Per-feature ids in order of first appearance of (value, or value % M), as the original."""
-    cats = np.asarray(cats, dtype=np.int64)
-    keys = cats % max_ind_range if max_ind_range > 0 else cats
+    """Per-feature ids in order of first appearance of their keys, as the original."""
+    keys = np.vectorize(lambda v: naive_key(v, max_ind_range), otypes=[np.int64])(np.asarray(cats, dtype=np.int64))
     ids = np.empty(keys.shape, dtype=np.int64)
     counts = []
     for t in range(keys.shape[1]):

@@ -188,7 +188,7 @@ def test_kaggle_bench_script_runs_end_to_end_and_reports_auc(tmp_path):
                             env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"auc 0\.\d+", result.stdout), result.stdout
-    assert (tmp_path / "input" / "kaggleAdDisplayChallenge_processed" / "metadata.json").exists()
+    assert (tmp_path / "input" / "kaggleAdDisplayChallenge_processed" / "kaggle-dictionary" / "metadata.json").exists()
     assert (tmp_path / "run_kaggle_pt.log").exists()
 
 

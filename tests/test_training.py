@@ -1,5 +1,6 @@
 """Training behaviour: learning, accumulation, evaluation, checkpoints, early stop."""
 
+import json
 import re
 
 import pytest
@@ -67,7 +68,49 @@ def test_evaluation_covers_the_whole_test_set_regardless_of_num_batches(run_main
     model_args = dlrm.parse_args(["--mini-batch-size=4", "--data-size=40", "--num-batches=3",
                                   "--test-mini-batch-size=7"])
     _, test_set, _, _ = dlrm.make_datasets(model_args)
-    assert len(test_set) == 2 and test_set.samples_in_batch(1) == 5  # 12 samples, batches of 7: none dropped
+    assert len(test_set) == 6 and test_set.samples_in_batch(5) == 5  # all 40 samples, batches of 7: none dropped
+
+
+def test_an_inference_only_rerun_reports_the_metrics_of_the_runs_own_test(run_main, tmp_path):
+    checkpoint = tmp_path / "m.pt"
+    flags = ["--mini-batch-size=16", "--data-size=512", "--loss-function=bce", "--round-targets"]
+    code, out, err = run_main(*flags, "--num-batches=8", "--test-freq=8", f"--save-model={checkpoint}")
+    assert code == 0, err
+    own = [m.group(1, 3, 4) for m in map(TEST_LINE.match, out.splitlines()) if m]
+    code, rerun, err = run_main(*flags, f"--load-model={checkpoint}", "--inference-only")
+    assert code == 0, err
+    again = [m.group(1, 3, 4) for m in map(TEST_LINE.match, rerun.splitlines()) if m]
+    assert len(own) == 1 and again == own  # accuracy, loss, auc over the same 512 test samples
+
+
+def test_a_test_set_of_one_class_says_the_auc_is_undefined(run_main, tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    # a test set of one sample has one class
+    code, out, err = run_main("--mini-batch-size=1", "--data-size=1", "--nepochs=2", "--test-freq=1",
+                              "--round-targets", f"--metrics-log-file={log}")
+    assert code == 0, err
+    tests = [line for line in out.splitlines() if line.startswith(" accuracy")]
+    assert len(tests) == 2 and all(", auc undefined (the test set has one class), best auc undefined" in line
+                                   for line in tests), tests
+    assert "nan" not in out
+    tests = [json.loads(line) for line in log.read_text().splitlines() if '"test"' in line]
+    assert [(t["auc"], t["best_auc"]) for t in tests] == [(None, None), (None, None)]
+
+
+def test_loading_an_original_checkpoint_prints_its_stored_state(run_main, tmp_path):
+    path = tmp_path / "original.pt"
+    assert run_main("--mini-batch-size=2", "--data-size=8", f"--save-model={path}")[0] == 0
+    ours = torch.load(path, weights_only=False)
+    original = {key: ours[key] for key in ("state_dict", "opt_state_dict", "nepochs", "nbatches", "nbatches_test")}
+    original.update(epoch=0, iter=2, train_loss=0.3125, total_loss=1.25, test_acc=0.75)  # the original's keys
+    torch.save(original, path)
+    code, out, err = run_main("--mini-batch-size=2", "--data-size=8", "--test-freq=4", f"--load-model={path}")
+    assert code == 0, err
+    assert "Saved at: epoch = 0/1, batch = 2/4, ntbatch = 4" in out
+    assert "Training state: loss = 0.312500" in out and "Testing state: accuracy = 75.000 %" in out
+    assert out.count("Finished training it") == 2  # the rest of epoch 0
+    best = re.search(r"best ([\d.]+) %", out).group(1)
+    assert float(best) >= 75.0  # the stored accuracy is the best so far, as in the original
 
 
 FLAGS = ["--mini-batch-size=4", "--data-size=32", "--nepochs=2", "--test-freq=3", "--optimizer=adagrad",
