@@ -11,11 +11,12 @@ Usage:
 
 Raw format: one row per line, TAB-separated: label (0/1), 13 integers, 26 categoricals of
 8 hex digits; an empty field is missing. Integers: missing or negative -> 0 (the model
-sees log(x + 1)). Categoricals: hex -> integer, missing -> a value of its own (2**32);
-with --max-ind-range=M the value is hashed to value % M. Each feature's distinct
-values are then numbered densely 0..count-1 (over all days, as the original's dictionaries),
-and the counts are the embedding table sizes (the original's derived --arch-embedding-size;
-with M, at most M).
+sees log(x + 1)). Categoricals: hex -> integer, missing -> a value of its own (MISSING);
+with --max-ind-range=M a present value is hashed to value % M and missing keeps its own
+key (categorical_keys). Each feature's distinct keys are then numbered densely 0..count-1
+(over all days, as the original's dictionaries), and the counts are the embedding table
+sizes (the original's derived --arch-embedding-size; with M, at most M + 1: M hashed values
+and missing).
 
 Days and splits, as the original (so results compare with published ones):
     kaggle:   train.txt cut into 7 equal consecutive "days" (the first days take one
@@ -26,12 +27,14 @@ Days and splits, as the original (so results compare with published ones):
 --data-sub-sample-rate=r drops that fraction of negatives from the training days only
 (a fixed pseudo-random choice per row, so the processed data does not depend on the seed).
 
-Output, in the directory named by --processed-data-file without its .npz suffix
-(default: <raw dir>/kaggleAdDisplayChallenge_processed or terabyte_processed):
+Output, in a subdirectory per settings (settings_key: data set, --max-ind-range,
+--data-sub-sample-rate) of the directory named by --processed-data-file without its .npz
+suffix (default: <raw dir>/kaggleAdDisplayChallenge_processed or terabyte_processed), so
+that runs with other settings keep their own processed set:
     day_<d>_label.npy   uint8 [rows]       click or not
     day_<d>_dense.npy   int32 [rows, 13]   integers, missing/negative -> 0
     day_<d>_sparse.npy  int32 [rows, 26]   categorical ids in [0, counts[t])
-    dictionary_<t>.npy  int64 [counts[t]]  the value (or hashed value) behind each id
+    dictionary_<t>.npy  int64 [counts[t]]  the key (value, hashed value or MISSING) behind each id
     metadata.json       everything the result depends on; written last
     train.bin, test.bin, val.bin           (only with --mlperf-bin-loader) int32 records
                                            [label, 13 integers, 26 ids], one file per split
@@ -66,11 +69,13 @@ import zlib
 
 import numpy as np
 
+from dlrmkit import flags
+
 NUM_DENSE = 13
 NUM_SPARSE = 26
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
-MISSING = 1 << 32  # the value of a missing categorical: no 8-hex-digit value equals it
-FORMAT = "dlrm-criteo-processed-v1"
+MISSING = 1 << 32  # the key of a missing categorical: no 8-hex-digit value and no hashed value equals it
+FORMAT = "dlrm-criteo-processed-v2"
 DAYS = {"kaggle": 7, "terabyte": 24}
 DEFAULT_NAMES = {"kaggle": "kaggleAdDisplayChallenge_processed", "terabyte": "terabyte_processed"}
 FIELD_NAMES = ["label"] + [f"I{k}" for k in range(1, NUM_DENSE + 1)] + [f"C{k}" for k in range(1, NUM_SPARSE + 1)]
@@ -154,6 +159,20 @@ class _Block:
     def text(self, start, stop, limit=40) -> str:
         value = bytes(self.bytes[start : min(stop, start + limit)]).decode("utf-8", "replace")
         return value + ("..." if stop - start > limit else "")
+
+
+def categorical_keys(values, max_ind_range):
+    """The key each categorical value is numbered by (int64, same shape as `values`).
+
+    max_ind_range <= 0: the value itself. Otherwise a present value is hashed to
+    value % max_ind_range and MISSING stays MISSING: hashed values are below both
+    max_ind_range and 2**32 (values have 8 hex digits), so missing never shares a key with
+    a present value, and two present values share one exactly when they are equal modulo M."""
+    if max_ind_range <= 0:
+        return values
+    keys = values % max_ind_range
+    keys[values == MISSING] = MISSING
+    return keys
 
 
 def parse_block(raw: bytes, path: str, first_line: int) -> ParsedRows:
@@ -451,16 +470,49 @@ def raw_day_files(raw_data_file: str, data_set: str) -> list[str]:
     """The raw files of a data set: train.txt for kaggle, <prefix>_0 .. <prefix>_23[.gz] for terabyte."""
     if data_set == "kaggle":
         if not os.path.isfile(raw_data_file):
-            raise DataError(f"--raw-data-file {raw_data_file}: no such file")
+            raise DataError(missing_raw_data(raw_data_file, data_set))
         return [raw_data_file]
     files = []
     for day in range(DAYS["terabyte"]):
-        candidates = [f"{raw_data_file}_{day}", f"{raw_data_file}_{day}.gz"]
-        found = [c for c in candidates if os.path.isfile(c)]
-        if not found:
-            raise DataError(f"--raw-data-file {raw_data_file}: day file {candidates[0]} (or .gz) not found")
-        files.append(found[0])
+        found = _day_file(raw_data_file, day)
+        if found is None:
+            if day == 0:
+                raise DataError(missing_raw_data(raw_data_file, data_set))
+            raise DataError(f"--raw-data-file {raw_data_file}: day file {raw_data_file}_{day} (or .gz) not found")
+        files.append(found)
     return files
+
+
+def _day_file(prefix: str, day: int) -> str | None:
+    return next((p for p in (f"{prefix}_{day}", f"{prefix}_{day}.gz") if os.path.isfile(p)), None)
+
+
+def missing_raw_data(path: str, data_set: str) -> str:
+    """Why --raw-data-file names no raw data of `data_set`, and the flags that read what is there."""
+    flag = f"--raw-data-file {path}"
+    days = f"{DAYS['terabyte']} day files <prefix>_0 .. <prefix>_{DAYS['terabyte'] - 1}"
+    inside_train, inside_prefix = os.path.join(path, "train.txt"), os.path.join(path, "day")
+    if os.path.isdir(path):
+        if os.path.isfile(inside_train):
+            return f"{flag}: is a directory; use --raw-data-file={inside_train} --data-set=kaggle"
+        if _day_file(inside_prefix, 0):
+            return f"{flag}: is a directory; use --raw-data-file={inside_prefix} --data-set=terabyte"
+        if data_set == "kaggle":
+            return f"{flag}: is a directory; --data-set=kaggle reads one file, the Criteo Kaggle train.txt"
+        return f"{flag}: is a directory; --data-set=terabyte reads the {days}: give their prefix (e.g. {inside_prefix})"
+    if data_set == "kaggle":
+        if _day_file(path, 0):
+            return f"{flag}: no such file, but {_day_file(path, 0)} exists: --data-set=terabyte reads the {days}"
+        if os.path.isfile(path + ".gz"):
+            return f"{flag}: no such file, but {path}.gz exists: use --raw-data-file={path}.gz (read as it is)"
+        return f"{flag}: no such file (--data-set=kaggle reads the Criteo Kaggle train.txt)"
+    day_file = re.match(r"^(.*)_\d+(\.gz)?$", path)
+    if os.path.isfile(path) and day_file and _day_file(day_file.group(1), 0):
+        return f"{flag}: is one day file; --data-set=terabyte reads the {days}: use --raw-data-file={day_file.group(1)}"
+    if os.path.isfile(path):
+        return (f"{flag}: --data-set=terabyte reads the {days}, and {path}_0 does not exist; "
+                f"for one file such as the Kaggle train.txt use --data-set=kaggle")
+    return f"{flag}: day file {path}_0 (or .gz) not found (--data-set=terabyte reads the {days})"
 
 
 def source_identity(path) -> dict:
@@ -496,23 +548,34 @@ def describe_change(old: dict, new: dict) -> str:
     return "the raw files changed"
 
 
-def preprocess(raw_data_file, out_dir, data_set="kaggle", max_ind_range=-1, sub_sample_rate=0.0,
+def settings_key(data_set, max_ind_range, sub_sample_rate) -> str:
+    """Name of the subdirectory holding the processed set of these settings, e.g. kaggle-dictionary,
+    terabyte-hash40000000, terabyte-hash10000000-sub0.875."""
+    ids = f"hash{int(max_ind_range)}" if max_ind_range > 0 else "dictionary"
+    sub = f"-sub{float(sub_sample_rate):g}" if sub_sample_rate > 0 else ""
+    return f"{data_set}-{ids}{sub}"
+
+
+def preprocess(raw_data_file, base_dir, data_set="kaggle", max_ind_range=-1, sub_sample_rate=0.0,
                workers=1, log=print, progress=True) -> ProcessedData:
-    """Raw Criteo file(s) -> processed arrays in out_dir, reusing a matching earlier result."""
+    """Raw Criteo file(s) -> processed arrays in base_dir/<settings_key>, reusing a matching earlier result."""
     try:
-        return _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress)
+        return _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress)
     except OSError as e:  # disk full, permissions, ...
-        raise DataError(f"preprocessing into {out_dir} failed: {e.filename or ''}: {e.strerror or e}")
+        raise DataError(f"preprocessing into {base_dir} failed: {e.filename or ''}: {e.strerror or e}")
 
 
-def _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress):
+def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress):
     if data_set not in DAYS:
         raise DataError(f"--data-set={data_set} is not one of {', '.join(DAYS)}")
     if not 0.0 <= sub_sample_rate <= 1.0:
         raise DataError(f"--data-sub-sample-rate must be in [0, 1], got {sub_sample_rate}")
-    existing = load_json(os.path.join(out_dir, "metadata.json"))
-    if not (isinstance(existing, dict) and isinstance(existing.get("settings"), dict)):
-        existing = None  # none, or not ours
+    if os.path.isfile(base_dir):
+        raise DataError(f"--processed-data-file: {base_dir} is a file, not processed data (a directory, "
+                        "or the original's .npz); the raw data goes to --raw-data-file")
+    out_dir = os.path.join(base_dir, settings_key(data_set, max_ind_range, sub_sample_rate))
+    _adopt_single_set_layout(base_dir, bool(raw_data_file and _raw_data_present(raw_data_file, data_set)), log)
+    existing = _read_metadata(out_dir)
     damage = _damaged_output(out_dir, existing) if existing is not None else None
     if damage:
         if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
@@ -522,14 +585,21 @@ def _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate
         remove_outputs(out_dir)
         existing = None
     if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
-        if existing is None:
-            if raw_data_file:
-                raw_day_files(raw_data_file, data_set)  # says which file is missing
-            raise DataError(f"no processed data in {out_dir} and no --raw-data-file to build it from")
         wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
-        if any(existing["settings"].get(k) != wanted[k] for k in wanted if k != "sources"):
-            raise DataError(f"processed data in {out_dir} was built with other settings "
-                            f"({describe_change(existing['settings'], wanted)}); rebuilding it needs the raw data "
+        if existing is None or any(existing["settings"].get(k) != wanted[k] for k in wanted if k != "sources"):
+            others = [m["settings"] for m in map(_read_metadata, _processed_sets(base_dir)) if m is not None]
+            if not others:
+                if raw_data_file:
+                    raw_day_files(raw_data_file, data_set)  # says which file is missing
+                hint = ""
+                if os.path.isfile(os.path.join(base_dir, "train.txt")):
+                    hint = f" (it holds raw data: --raw-data-file={os.path.join(base_dir, 'train.txt')})"
+                elif _day_file(os.path.join(base_dir, "day"), 0):
+                    hint = (f" (it holds raw data: --raw-data-file={os.path.join(base_dir, 'day')} "
+                            "--data-set=terabyte)")
+                raise DataError(f"no processed data in {base_dir} and no --raw-data-file to build it from{hint}")
+            raise DataError(f"processed data in {base_dir} was built with other settings "
+                            f"({describe_change(others[0], wanted)}); rebuilding it needs the raw data "
                             f"(--raw-data-file {raw_data_file or 'not given'})")
         log(f"Reading pre-processed data={out_dir} (raw data not found: not checked against it)")
         return ProcessedData(out_dir, existing)
@@ -542,6 +612,59 @@ def _preprocess(raw_data_file, out_dir, data_set, max_ind_range, sub_sample_rate
         log(f"Rebuilding processed data in {out_dir}: {describe_change(existing['settings'], settings)}")
         remove_outputs(out_dir)
     return _build(sources, out_dir, settings, workers, log, progress)
+
+
+def _read_metadata(out_dir):
+    """metadata.json of a processed set, or None (none, or not ours)."""
+    metadata = load_json(os.path.join(out_dir, "metadata.json"))
+    return metadata if isinstance(metadata, dict) and isinstance(metadata.get("settings"), dict) else None
+
+
+def _processed_sets(base_dir) -> list[str]:
+    """The settings subdirectories of base_dir that hold a processed set."""
+    if not os.path.isdir(base_dir):
+        return []
+    return sorted(os.path.join(base_dir, name) for name in os.listdir(base_dir)
+                  if os.path.isfile(os.path.join(base_dir, name, "metadata.json")))
+
+
+SINGLE_SET_FORMAT = "dlrm-criteo-processed-v1"  # one set directly in the base directory
+
+
+def _adopt_single_set_layout(base_dir, can_rebuild: bool, log):
+    """Processed data written directly into base_dir by an earlier version moves into its settings'
+    subdirectory when its ids are still valid (dictionary ids: missing always had a key of its own);
+    hashed ids (missing hashed like a value) are removed, as any stale processed set, when the raw data
+    is there to rebuild them (else DataError)."""
+    legacy = _read_metadata(base_dir)
+    if legacy is None:
+        if os.path.isfile(os.path.join(base_dir, "work", "settings.json")):  # its unfinished work
+            shutil.rmtree(os.path.join(base_dir, "work"), ignore_errors=True)
+        return
+    old = legacy["settings"]
+    target = os.path.join(base_dir, settings_key(old.get("data_set"), old.get("max_ind_range", -1),
+                                                 old.get("sub_sample_rate", 0.0)))
+    if (old.get("format") == SINGLE_SET_FORMAT and old.get("max_ind_range") == -1 and old.get("data_set") in DAYS
+            and _read_metadata(target) is None):
+        os.makedirs(target, exist_ok=True)
+        old["format"] = FORMAT
+        marker = load_json(os.path.join(base_dir, "bin.json"))
+        for name in os.listdir(base_dir):
+            if OUTPUT_FILE.match(name) and name not in ("metadata.json", "bin.json") and not name.endswith(".tmp"):
+                os.replace(os.path.join(base_dir, name), os.path.join(target, name))
+        if isinstance(marker, dict):
+            marker["settings"] = old
+            save_json(os.path.join(target, "bin.json"), marker)
+        save_json(os.path.join(target, "metadata.json"), legacy)
+        log(f"Moved the processed data in {base_dir} into {target} (one directory per settings)")
+    else:
+        why = (f"{target} already holds its settings" if _read_metadata(target) is not None
+               else "its ids are stale: missing categoricals were hashed like values")
+        if not can_rebuild:
+            raise DataError(f"processed data in {base_dir} was written by an earlier version and is not used "
+                            f"({why}); rebuilding it needs the raw data (--raw-data-file)")
+        log(f"Removing the processed data of an earlier version in {base_dir}: {why}")
+    remove_outputs(base_dir)
 
 
 def _damaged_output(out_dir, metadata):
@@ -726,7 +849,7 @@ def _parse_day(task: DayTask, report):
             if task.sub_sample_rate > 0:
                 rows = rows.select(_keep_after_sub_sampling(rows.label, task.day, line, task.sub_sample_rate))
             line += num_lines
-            keys = rows.categorical if task.max_ind_range <= 0 else rows.categorical % task.max_ind_range
+            keys = categorical_keys(rows.categorical, task.max_ind_range)
             local_ids = np.empty((len(rows.label), NUM_SPARSE), dtype=np.uint16)
             sizes = [len(rows.label)]
             for t in range(NUM_SPARSE):
@@ -1070,28 +1193,29 @@ def make_fake(out, rows, days=1, seed=0, compress=False, log=print, progress=Fal
 
 
 # ============================================================================ command line
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="data_utils.py", description="Criteo data: fake raw files, preprocessing")
+def build_parser() -> argparse.ArgumentParser:
+    parser = flags.CommandLineParser(prog="data_utils.py", description="Criteo data: fake raw files, preprocessing")
     commands = parser.add_subparsers(dest="command", required=True)
     fake = commands.add_parser("make-fake", help="write a raw Criteo-format file with a learnable signal")
-    fake.add_argument("--rows", type=int, required=True, help="number of rows (all days together)")
+    flags.add_number(fake, "--rows", int, None, flags.at_least(1), "number of rows (all days together)", required=True)
     fake.add_argument("--out", required=True, help="output file (with --days > 1: prefix of <out>_<day>)")
-    fake.add_argument("--days", type=int, default=1, help="1: one file (kaggle train.txt); 24: terabyte day files")
-    fake.add_argument("--seed", type=int, default=0, help="random seed")
+    flags.add_number(fake, "--days", int, 1, flags.at_least(1),
+                     "1: one file (kaggle train.txt); 24: terabyte day files")
+    flags.add_number(fake, "--seed", int, 0, flags.at_least(0), "random seed")
     fake.add_argument("--gzip", action="store_true", help="gzip the day files (with --days > 1)")
     prep = commands.add_parser("preprocess", help="raw Criteo data -> processed arrays (as the trainer on first use)")
-    prep.add_argument("--data-set", choices=list(DAYS), default="kaggle", help="Criteo data set")
-    prep.add_argument("--raw-data-file", required=True, help="train.txt (kaggle) or the day prefix (terabyte)")
-    prep.add_argument("--processed-data-file", default="", help="output: this path without .npz is a directory")
-    prep.add_argument("--max-ind-range", type=int, default=-1, help="hash categoricals into [0, M) (-1: dictionary)")
-    prep.add_argument("--data-sub-sample-rate", type=float, default=0.0, help="drop this share of training negatives")
-    prep.add_argument("--dataset-multiprocessing", action="store_true", help="use all cores")
-    prep.add_argument("--mlperf-bin-loader", action="store_true", help="also write the train/test/val .bin files")
+    flags.add_data_flags(prep, list(DAYS), raw_required=True)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        problem = flags.check_ranges(parser, args)
+        if problem:
+            raise DataError(problem)
         if args.command == "make-fake":
-            if args.rows < 1 or args.days < 1:
-                raise DataError("--rows and --days must be at least 1")
             make_fake(args.out, args.rows, args.days, args.seed, args.gzip, progress=sys.stderr.isatty())
             return 0
         out_dir = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)

@@ -27,6 +27,7 @@ give identical batches.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -205,6 +206,27 @@ class RandomDataset(Dataset):
         return np.bincount(keys // rows, minlength=n), keys % rows
 
 
+class OneHotDataset(Dataset):
+    """Batches of in-memory arrays with one id per table: dense [n, d], ids [n, T], labels [n] (NumPy).
+
+    Batch j holds rows [j * batch_size, (j + 1) * batch_size), the last one possibly fewer; the
+    dense features are used as given (float32)."""
+
+    def __init__(self, dense, ids, labels, batch_size: int):
+        self.dense, self.ids, self.labels = dense, ids, labels
+        self.batch_size = int(batch_size)
+        self.num_samples = len(labels)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __getitem__(self, j: int) -> Batch:
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        rows = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        return batch_from_ids(self.dense[rows], self.ids[rows], self.labels[rows])
+
+
 def make_loader(dataset, first_batch=0, num_workers=0, pin_memory=False):
     """Iterates dataset[first_batch:] (each item is a whole Batch) with optional workers."""
     return DataLoader(
@@ -215,6 +237,50 @@ def make_loader(dataset, first_batch=0, num_workers=0, pin_memory=False):
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def batch_tail(batch: Batch, keep: int) -> Batch:
+    """The last `keep` samples of a whole (not distributed) batch: their dense rows, bags and targets."""
+    sparse = batch.sparse
+    size, first = sparse.batch_size, sparse.batch_size - keep
+    lengths = sparse.lengths().view(sparse.num_tables, size)
+    sample_of_index = torch.arange(size).repeat(sparse.num_tables).repeat_interleave(lengths.reshape(-1))
+    kept = sample_of_index >= first
+    weights = sparse.weights[kept] if sparse.weights is not None else None
+    tail = SparseFeatures.from_lengths(lengths[:, first:], sparse.indices[kept], keep, weights)
+    return Batch(batch.dense_x[first:], tail, batch.target[first:])
+
+
+class _SkipWithinBatch(Dataset):
+    """`dataset` with the first `skip` samples of batch `j` left out."""
+
+    def __init__(self, dataset, j, skip):
+        self.dataset, self.j, self.skip = dataset, int(j), int(skip)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k) -> Batch:
+        if k != self.j:
+            return self.dataset[k]
+        if hasattr(self.dataset, "batch_of_rows"):  # Criteo batches hold their rows sorted: skip positions
+            return self.dataset.batch_of_rows(self.dataset.rows_of_batch(k, self.skip))
+        batch = self.dataset[k]
+        return batch_tail(batch, batch.batch_size - self.skip)
+
+
+def skip_within_batch(dataset, j: int, skip: int):
+    """`dataset` whose batch j starts at its sample `skip` (a run resumed inside a batch: the samples
+    before were trained under another batch size); `dataset` itself when skip is 0. A distributed
+    process's shard (it has `.dataset`) gets the global batch shortened before its share is cut."""
+    if skip <= 0:
+        return dataset
+    inner = getattr(dataset, "dataset", None)
+    if inner is not None:
+        view = copy.copy(dataset)
+        view.dataset = skip_within_batch(inner, j, skip)
+        return view
+    return _SkipWithinBatch(dataset, j, skip)
 
 
 # --------------------------------------------------------------------------- Criteo data
@@ -347,12 +413,13 @@ class CriteoDataset(Dataset):
             self._batch_order = np.random.default_rng([self.seed, self.epoch, 2]).permutation(len(self))
         return int(self._batch_order[j])
 
-    def rows_of_batch(self, j: int) -> np.ndarray:
-        """Rows of the split in batch j, sorted (the order within a batch does not matter)."""
+    def rows_of_batch(self, j: int, skip: int = 0) -> np.ndarray:
+        """Rows of the split in batch j, sorted (the order within a batch does not matter); with `skip`,
+        without the rows of its first `skip` positions."""
         if not 0 <= j < len(self):
             raise IndexError(j)
         first = self._batch_position(j) * self.batch_size
-        positions = np.arange(first, min(first + self.batch_size, self.num_rows), dtype=np.int64)
+        positions = np.arange(first + skip, min(first + self.batch_size, self.num_rows), dtype=np.int64)
         if self.randomize == "total":
             rows = self._permutations[0](positions)
         elif self.randomize == "day":
@@ -367,7 +434,10 @@ class CriteoDataset(Dataset):
         return rows
 
     def __getitem__(self, j: int) -> Batch:
-        rows = self.rows_of_batch(j)
+        return self.batch_of_rows(self.rows_of_batch(j))
+
+    def batch_of_rows(self, rows) -> Batch:
+        """The Batch of these rows of the split (sorted)."""
         bounds = np.searchsorted(rows, self.part_starts)
         pieces = []
         for k, part in enumerate(self.parts):

@@ -31,7 +31,9 @@ Usage:
 Model (`DLRM_Net`, importable without side effects):
     dense x -> bottom MLP ---------------------------\
     sparse ids -> embedding tables (sum pooling) ----> interaction (dot | cat) -> top MLP -> sigmoid
-    (all tables in one weight, one lookup: embeddings.BatchedEmbeddingBags; `model.emb_l[k]` is table k)
+    Sparse ids travel as one `dlrmkit.sparse.SparseFeatures` (flat indices + offsets); the tables are an
+    embedding collection (`dlrmkit.embeddings`: by default all in one weight, one lookup; `model.emb_l[k]`
+    is table k); the interactions are registered by name in `dlrmkit.interactions`.
 
 Speed: --precision=bf16 (CPU, CUDA) or fp16 (CUDA) for the MLPs, --compile for the dense part;
 bench/harness.py measures named configurations.
@@ -40,10 +42,13 @@ bench/harness.py measures named configurations.
 from __future__ import annotations
 
 import argparse
+import configparser
 import copy
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -59,7 +64,7 @@ import torch.nn.functional as F
 import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
-from dlrmkit import compute_graph, onnx_export, profiling, quantization, trace_data
+from dlrmkit import compute_graph, flags, memory, onnx_export, profiling, quantization, trace_data
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
 from dlrmkit.interactions import INTERACTIONS, interaction_class, interaction_width, make_interaction
 from dlrmkit.optim import OPTIMIZERS, make_optimizer
@@ -311,55 +316,49 @@ def device_batches(loader, device: torch.device):
 
 
 # ============================================================================ configuration
-def parse_bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "t", "yes", "y", "on"):
-        return True
-    if text in ("0", "false", "f", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False/1/0), got {value!r}")
+EXAMPLES = """examples:
+  # random data (no signal to learn: a speed check): a small model, 100 batches, a test every 50
+  {command} --arch-embedding-size=1000-1000-1000 --data-size=12800 --mini-batch-size=128 \\
+      --loss-function=bce --round-targets=True --learning-rate=0.1 --test-freq=50
+  # Criteo Kaggle (train.txt from the Display Advertising Challenge), the original's model
+  {command} --data-generation=dataset --data-set=kaggle --raw-data-file=./input/train.txt \\
+      --processed-data-file=./input/kaggleAdDisplayChallenge_processed.npz --arch-sparse-feature-size=16 \\
+      --arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1 --loss-function=bce --round-targets=True \\
+      --learning-rate=0.1 --mini-batch-size=128 --print-freq=1024 --test-freq=102400 --test-mini-batch-size=16384
+"""
 
 
-def dash_separated(kind):
-    def parse(text):
-        try:
-            values = [kind(v) for v in str(text).split("-") if v != ""]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected dash-separated {kind.__name__}s like 4-3-2, got {text!r}")
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected dash-separated {kind.__name__}s like 4-3-2, got {text!r}")
-        return values
-
-    parse.__name__ = f"dash-separated {kind.__name__}s"
-    return parse
+def package_version() -> str:
+    """This program's version: setup.cfg's in a source checkout, else the installed package's metadata."""
+    setup_cfg = os.path.join(os.path.dirname(os.path.abspath(__file__)), "setup.cfg")
+    config = configparser.ConfigParser()
+    if config.read(setup_cfg) and config.has_option("metadata", "version"):
+        return config.get("metadata", "version")
+    try:
+        return importlib.metadata.version("dlrm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
-        prog="dlrm_s_pytorch.py",
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's flags: the original's (spelling, meaning, defaults), each number with its valid range."""
+    prog = prog or flags.program_name("dlrm_s_pytorch.py")
+    parser = flags.CommandLineParser(
+        prog=prog,
         description="Train the Deep Learning Recommendation Model (DLRM)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXAMPLES.format(command=prog if prog.startswith("dlrm") and not prog.endswith(".py") else f"python {prog}"),
     )
-
-    def flag(group, name, default, help):
-        """A boolean flag: bare `--x` means True, `--x=False` / `--x=0` mean False."""
-        group.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+    flag, number = flags.add_bool_flag, flags.add_number
+    at_least, between = flags.at_least, flags.between
 
     g = parser.add_argument_group("model")
-    g.add_argument("--arch-sparse-feature-size", type=int, default=2, help="embedding dimension")
-    g.add_argument("--arch-embedding-size", type=dash_separated(int), default="4-3-2",
-                   help="rows of each embedding table (random data); derived from the data set otherwise")
-    g.add_argument("--arch-mlp-bot", type=dash_separated(int), default="4-3-2",
-                   help="bottom MLP widths, input (dense features) first")
-    g.add_argument("--arch-mlp-top", type=dash_separated(int), default="4-2-1",
-                   help="top MLP widths after its input; the interaction width is prepended")
+    number(g, "--arch-sparse-feature-size", int, 2, at_least(1), "embedding dimension")
+    number(g, "--arch-embedding-size", flags.dash_separated(int), "4-3-2", at_least(1),
+           "rows of each embedding table (random data); derived from the data set otherwise")
+    number(g, "--arch-mlp-bot", flags.dash_separated(int), "4-3-2", at_least(1),
+           "bottom MLP widths, input (dense features) first")
+    number(g, "--arch-mlp-top", flags.dash_separated(int), "4-2-1", at_least(1),
+           "top MLP widths after its input; the interaction width is prepended")
     g.add_argument("--arch-interaction-op", type=str, default="dot", choices=list(INTERACTIONS),
                    help="feature interaction")
     flag(g, "--arch-interaction-itself", False, "dot interaction includes each feature with itself")
@@ -369,64 +368,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("embedding compression")
     flag(g, "--md-flag", False, "mixed-dimension embeddings")
-    g.add_argument("--md-threshold", type=int, default=200, help="tables with more rows get mixed dimensions")
-    g.add_argument("--md-temperature", type=float, default=0.3, help="mixed-dimension temperature (alpha)")
+    number(g, "--md-threshold", int, 200, at_least(0), "tables with more rows get mixed dimensions")
+    number(g, "--md-temperature", float, 0.3, at_least(0), "mixed-dimension temperature (alpha)")
     flag(g, "--md-round-dims", False, "round mixed dimensions to the nearest power of 2")
     flag(g, "--qr-flag", False, "quotient-remainder embeddings")
-    g.add_argument("--qr-threshold", type=int, default=200, help="tables with more rows get QR embeddings")
+    number(g, "--qr-threshold", int, 200, at_least(0), "tables with more rows get QR embeddings")
     g.add_argument("--qr-operation", type=str, default="mult", choices=["mult", "add", "concat"],
                    help="how quotient and remainder embeddings combine")
-    g.add_argument("--qr-collisions", type=int, default=4, help="QR collisions (rows per quotient bucket)")
+    number(g, "--qr-collisions", int, 4, at_least(1), "QR collisions (rows per quotient bucket)")
 
     g = parser.add_argument_group("loss")
     g.add_argument("--loss-function", type=str, default="mse", choices=["mse", "bce", "wbce"], help="loss")
-    g.add_argument("--loss-weights", type=dash_separated(float), default="1.0-1.0",
-                   help="wbce weights of negatives-positives")
-    g.add_argument("--loss-threshold", type=float, default=0.0,
-                   help="clamp predictions to [t, 1-t] when 0 < t < 1")
+    number(g, "--loss-weights", flags.dash_separated(float), "1.0-1.0", at_least(0),
+           "wbce weights of negatives-positives")
+    # from 0.5 on the clamp [t, 1-t] would be empty: every prediction the same
+    number(g, "--loss-threshold", float, 0.0, between(0, 0.5, open_high=True),
+           "clamp predictions to [t, 1-t] when t > 0")
     flag(g, "--round-targets", False, "round random targets to 0/1")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-generation", type=str, default="random", choices=["random", "synthetic", "dataset"],
                    help="random data, synthetic trace-driven data, or a Criteo data set")
-    g.add_argument("--data-size", type=int, default=1, help="random data: number of training samples")
-    g.add_argument("--num-batches", type=int, default=0, help="training batches per epoch (0: all)")
-    g.add_argument("--num-indices-per-lookup", type=int, default=10, help="random data: (max) ids per bag")
+    number(g, "--data-size", int, 1, at_least(1), "random data: number of training samples")
+    number(g, "--num-batches", int, 0, at_least(0), "training batches per epoch (0: all)")
+    number(g, "--num-indices-per-lookup", int, 10, at_least(1), "random data: (max) ids per bag")
     flag(g, "--num-indices-per-lookup-fixed", False, "random data: every bag has exactly that many ids")
     g.add_argument("--rand-data-dist", type=str, default="uniform", choices=list(dlrm_data.RANDOM_DISTRIBUTIONS),
                    help="random data: distribution of the sparse ids")
-    g.add_argument("--rand-data-min", type=float, default=0, help="gaussian ids: lowest id")
-    g.add_argument("--rand-data-max", type=float, default=1, help="gaussian ids: highest id")
-    g.add_argument("--rand-data-mu", type=float, default=-1, help="gaussian ids: mean (-1: midpoint of min and max)")
-    g.add_argument("--rand-data-sigma", type=float, default=1, help="gaussian ids: standard deviation")
+    number(g, "--rand-data-min", float, 0, flags.Range(), "gaussian ids: lowest id")
+    number(g, "--rand-data-max", float, 1, flags.Range(), "gaussian ids: highest id")
+    number(g, "--rand-data-mu", float, -1, flags.Range(), "gaussian ids: mean (-1: midpoint of min and max)")
+    number(g, "--rand-data-sigma", float, 1, at_least(0), "gaussian ids: standard deviation")
     g.add_argument("--data-trace-file", type=str, default="./input/dist_emb_j.log",
                    help="synthetic data: trace file, j replaced by the table number")
     flag(g, "--data-trace-enable-padding", False, "synthetic data: pad short traces")
-    g.add_argument("--data-set", type=str, default="kaggle", choices=["kaggle", "terabyte"], help="Criteo data set")
-    g.add_argument("--raw-data-file", type=str, default="", help="raw Criteo file (train.txt or day prefix)")
-    g.add_argument("--processed-data-file", type=str, default="", help="processed data: the original's .npz, or our directory (this path without .npz)")
+    flags.add_data_flags(g, list(data_utils.DAYS))
     g.add_argument("--data-randomize", type=str, default="total", choices=["total", "day", "none"],
                    help="shuffling of the training rows, redrawn each epoch")
-    g.add_argument("--max-ind-range", type=int, default=-1, help="hash sparse ids into [0, M) (-1: dictionary)")
-    g.add_argument("--data-sub-sample-rate", type=float, default=0.0,
-                   help="drop this fraction of negatives from training days")
-    g.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    number(g, "--num-workers", int, 0, at_least(0),
+           "data loader worker processes (at most the CPUs this process may use)")
     flag(g, "--memory-map", False, "memory-map the processed data instead of loading it")
-    flag(g, "--dataset-multiprocessing", False, "preprocess with all cores")
-    flag(g, "--mlperf-bin-loader", False, "use the binary one-file-per-split data format")
     flag(g, "--mlperf-bin-shuffle", False, "shuffle batches of the binary loader")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--mini-batch-size", type=int, default=1, help="training mini-batch size")
-    g.add_argument("--nepochs", type=int, default=1, help="training epochs")
-    g.add_argument("--learning-rate", type=float, default=0.01, help="learning rate")
+    number(g, "--mini-batch-size", int, 1, at_least(1), "training mini-batch size")
+    number(g, "--nepochs", int, 1, at_least(1), "training epochs")
+    number(g, "--learning-rate", float, 0.01, at_least(0), "learning rate")
     g.add_argument("--optimizer", type=str, default="sgd", choices=list(OPTIMIZERS), help="optimizer")
-    g.add_argument("--numpy-rand-seed", type=int, default=123, help="seed of all random numbers")
-    g.add_argument("--mlperf-grad-accum-iter", type=int, default=1,
-                   help="micro-batches accumulated per optimizer step")
-    g.add_argument("--lr-num-warmup-steps", type=int, default=0, help="linear LR warmup steps")
-    g.add_argument("--lr-decay-start-step", type=int, default=0, help="step where polynomial LR decay starts")
-    g.add_argument("--lr-num-decay-steps", type=int, default=0, help="steps of polynomial LR decay (0: none)")
+    number(g, "--numpy-rand-seed", int, 123, between(0, 2**32 - 1), "seed of all random numbers")  # NumPy's range
+    number(g, "--mlperf-grad-accum-iter", int, 1, at_least(1), "micro-batches accumulated per optimizer step")
+    number(g, "--lr-num-warmup-steps", int, 0, at_least(0), "linear LR warmup steps")
+    number(g, "--lr-decay-start-step", int, 0, at_least(0), "step where polynomial LR decay starts")
+    number(g, "--lr-num-decay-steps", int, 0, at_least(0), "steps of polynomial LR decay (0: none)")
     flag(g, "--sync-dense-params", True, "keep dense parameters in sync across devices")
     flag(g, "--inference-only", False, "no training: forward passes and evaluation only")
     g.add_argument("--precision", type=str, default="fp32", choices=list(PRECISIONS),
@@ -435,21 +428,23 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--compile", False, "torch.compile the dense part (bottom MLP, interaction, top MLP)")
 
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--test-freq", type=int, default=-1, help="test every N iterations and at epoch end (-1: never)")
-    g.add_argument("--test-mini-batch-size", type=int, default=-1, help="test batch size (-1: training's)")
-    g.add_argument("--test-num-workers", type=int, default=-1, help="test loader workers (-1: training's)")
-    g.add_argument("--mlperf-acc-threshold", type=float, default=0.0, help="stop once test accuracy reaches it")
-    g.add_argument("--mlperf-auc-threshold", type=float, default=0.0, help="stop once test AUC reaches it")
+    number(g, "--test-freq", int, -1, at_least(1, -1, 0), "test every N iterations and at epoch end (-1, 0: never)")
+    number(g, "--test-mini-batch-size", int, -1, at_least(1, -1), "test batch size (-1: training's)")
+    number(g, "--test-num-workers", int, -1, at_least(0, -1), "test loader workers (-1: training's)")
+    number(g, "--mlperf-acc-threshold", float, 0.0, between(0, 1), "stop once test accuracy reaches it (0: never)")
+    number(g, "--mlperf-auc-threshold", float, 0.0, between(0, 1), "stop once test AUC reaches it (0: never)")
 
     g = parser.add_argument_group("output")
-    g.add_argument("--print-freq", type=int, default=1, help="print every N iterations")
-    g.add_argument("--print-precision", type=int, default=5, help="digits of printed arrays")
+    number(g, "--print-freq", int, 1, at_least(1), "print every N iterations")
+    # float64 has 17 significant digits
+    number(g, "--print-precision", int, 5, between(0, 17), "digits of printed arrays")
     flag(g, "--print-time", False, "print ms per iteration")
     flag(g, "--print-wall-time", False, "append the wall-clock time to progress lines")
     flag(g, "--debug-mode", False, "print the architecture, the data and the parameters")
     flag(g, "--enable-profiling", False, "run the PyTorch profiler: top operators and a Chrome trace")
-    g.add_argument("--profiling-trace-file", type=str, default="dlrm_s_pytorch.prof",
-                   help="Chrome trace written by --enable-profiling")
+    g.add_argument("--profiling-trace-file", type=str, default="",
+                   help="Chrome trace written by --enable-profiling, operator tables next to it "
+                        "(default: the original's dlrm_s_pytorch<timestamp>.json, _shape.prof, _total.prof)")
     flag(g, "--plot-compute-graph", False, "write the autograd graph as Graphviz source (and PDF when dot exists)")
     g.add_argument("--compute-graph-file", type=str, default="dlrm_s_pytorch_graph.dot",
                    help="Graphviz source written by --plot-compute-graph (the PDF goes next to it)")
@@ -464,81 +459,182 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load-model", type=str, default="", help="resume (or with --inference-only, evaluate) this checkpoint")
     flag(g, "--save-onnx", False, "export the trained model to ONNX (dynamic batch and lookups)")
     g.add_argument("--onnx-file", type=str, default="dlrm_s_pytorch.onnx", help="file written by --save-onnx")
-    g.add_argument("--quantize-mlp-with-bit", type=int, default=32,
-                   help="--inference-only on CPU: MLP weights in 8 (int8) or 16 (fp16) bits, 32: unquantized")
-    g.add_argument("--quantize-emb-with-bit", type=int, default=32,
-                   help="--inference-only on CPU: embedding rows in 4 or 8 bits, 32: unquantized")
+    number(g, "--quantize-mlp-with-bit", int, 32, flags.one_of(8, 16, 32),
+           "--inference-only on CPU: MLP weights in 8 (int8) or 16 (fp16) bits, 32: unquantized")
+    number(g, "--quantize-emb-with-bit", int, 32, flags.one_of(4, 8, 32),
+           "--inference-only on CPU: embedding rows in 4 or 8 bits, 32: unquantized")
 
     g = parser.add_argument_group("devices and distribution")
     flag(g, "--use-gpu", False, "train on CUDA")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
-                   help="local rank given by the launcher")
+    number(g, "--local_rank", int, -1, at_least(0, -1), "local rank given by the launcher",
+           dest="local_rank", aliases=("--local-rank",))
     g.add_argument("--dist-backend", type=str, default="",
                    help="torch.distributed backend (gloo, nccl, mpi; default nccl with --use-gpu, else gloo)")
-    g.add_argument("--dist-timeout", type=float, default=600,
-                   help="seconds a distributed run waits for a silent process before stopping with an error")
+    # a year at most: longer ones overflow the process group's timers
+    number(g, "--dist-timeout", float, 600, flags.Range(low=0, open_low=True, high=365 * 24 * 3600),
+           "seconds a distributed run waits for a silent process before stopping with an error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 
 
-DATASET_ONLY_FLAGS = {
-    "--memory-map": ("memory_map", False),
-    "--dataset-multiprocessing": ("dataset_multiprocessing", False),
-    "--mlperf-bin-loader": ("mlperf_bin_loader", False),
-    "--mlperf-bin-shuffle": ("mlperf_bin_shuffle", False),
-    "--max-ind-range": ("max_ind_range", -1),
-    "--data-sub-sample-rate": ("data_sub_sample_rate", 0.0),
+# flags whose default (-1) means "the value of this other flag"
+DERIVED_DEFAULTS = {"test_mini_batch_size": "mini_batch_size", "test_num_workers": "num_workers"}
+
+
+def data_from(*sources: str) -> flags.Condition:
+    """The data source is one of `sources` (--data-generation)."""
+    def unless(args):
+        if len(sources) == 1:
+            return f"without --data-generation={sources[0]}"
+        return f"with --data-generation={args.data_generation}"
+
+    return flags.Condition(f"data from {' or '.join(sources)}", lambda args, distributed: args.data_generation in sources,
+                           f"--data-generation={' or '.join(sources)}", unless)
+
+
+def flag_is(name: str, value=True) -> flags.Condition:
+    """Flag `name` is `value` (True: given)."""
+    dest = name[2:].replace("-", "_")
+    needs = name if value is True else f"{name}={value}"
+    unless = f"with {name}" if value is False else f"without {needs}"
+    return flags.Condition(needs, lambda args, distributed: getattr(args, dest) == value, needs, lambda args: unless)
+
+
+TRAINING = flags.Condition("training", lambda args, distributed: not args.inference_only,
+                           "training (no --inference-only)", lambda args: "with --inference-only")
+TESTING = flags.Condition("testing", lambda args, distributed: args.inference_only or args.test_freq > 0,
+                          "--test-freq or --inference-only", lambda args: "without --test-freq (no test runs)")
+SIZED_BY_DATA_SIZE = flags.Condition(
+    "sized by --data-size", lambda args, distributed: args.num_batches <= 0, "no --num-batches",
+    lambda args: "with --num-batches (the data has --num-batches x --mini-batch-size samples)")
+DISTRIBUTED = flags.Condition("distributed", lambda args, distributed: distributed, "a launcher",
+                              lambda args: "in a single process (launch with torchrun or mpirun)")
+DATASET = data_from("dataset")
+RANDOM_OR_SYNTHETIC = data_from("random", "synthetic")
+GAUSSIAN_IDS = (data_from("random"), flag_is("--rand-data-dist", "gaussian"))
+
+# Which flags have an effect, by data source, mode and other flags: each flag, and the conditions
+# that must all hold for it to change anything. A flag set otherwise gets a note (or an error,
+# REFUSED_WITHOUT_EFFECT); flags not listed always have an effect.
+APPLIES_WHEN = {
+    "--arch-embedding-size": (RANDOM_OR_SYNTHETIC,),  # a data set's sizes come from its data
+    "--data-size": (RANDOM_OR_SYNTHETIC, SIZED_BY_DATA_SIZE),
+    "--num-indices-per-lookup": (RANDOM_OR_SYNTHETIC,),
+    "--num-indices-per-lookup-fixed": (RANDOM_OR_SYNTHETIC,),
+    "--round-targets": (RANDOM_OR_SYNTHETIC,),
+    "--rand-data-dist": (data_from("random"),),
+    "--rand-data-min": GAUSSIAN_IDS,
+    "--rand-data-max": GAUSSIAN_IDS,
+    "--rand-data-mu": GAUSSIAN_IDS,
+    "--rand-data-sigma": GAUSSIAN_IDS,
+    "--data-trace-file": (data_from("synthetic"),),
+    "--data-trace-enable-padding": (data_from("synthetic"),),
+    "--data-set": (DATASET,),
+    "--raw-data-file": (DATASET,),
+    "--processed-data-file": (DATASET,),
+    "--data-randomize": (DATASET,),
+    "--max-ind-range": (DATASET,),
+    "--data-sub-sample-rate": (DATASET,),
+    "--dataset-multiprocessing": (DATASET,),
+    "--mlperf-bin-loader": (DATASET,),
+    "--memory-map": (DATASET, flag_is("--mlperf-bin-loader", False)),  # .bin files are always memory-mapped
+    "--mlperf-bin-shuffle": (DATASET, flag_is("--mlperf-bin-loader")),
+    "--learning-rate": (TRAINING,),
+    "--optimizer": (TRAINING,),
+    "--mlperf-grad-accum-iter": (TRAINING,),
+    "--lr-num-warmup-steps": (TRAINING,),
+    "--lr-decay-start-step": (TRAINING,),
+    "--lr-num-decay-steps": (TRAINING,),
+    "--test-freq": (TRAINING,),  # --inference-only tests once, at the end
+    "--test-mini-batch-size": (TESTING,),
+    "--test-num-workers": (TESTING,),
+    "--mlperf-acc-threshold": (TESTING,),
+    "--mlperf-auc-threshold": (TESTING,),
+    "--dist-backend": (DISTRIBUTED,),
+    "--dist-timeout": (DISTRIBUTED,),
+    "--local_rank": (DISTRIBUTED,),
+    "--md-threshold": (flag_is("--md-flag"),),
+    "--md-temperature": (flag_is("--md-flag"),),
+    "--md-round-dims": (flag_is("--md-flag"),),
+    "--qr-threshold": (flag_is("--qr-flag"),),
+    "--qr-operation": (flag_is("--qr-flag"),),
+    "--qr-collisions": (flag_is("--qr-flag"),),
+    "--loss-weights": (flag_is("--loss-function", "wbce"),),
+    "--arch-interaction-itself": (flag_is("--arch-interaction-op", "dot"),),
+    "--onnx-file": (flag_is("--save-onnx"),),
+    "--profiling-trace-file": (flag_is("--enable-profiling"),),
+    "--compute-graph-file": (flag_is("--plot-compute-graph"),),
 }
+REFUSED_WITHOUT_EFFECT = ("--raw-data-file", "--processed-data-file")  # data files: a forgotten --data-generation
 
 
-def check_writable(flag: str, path: str):
-    """Stops before any work when an output file cannot be written (its folder is created if missing)."""
+def check_writable(flag: str, path: str, example: str = "model.pt"):
+    """Stops before any work when an output file cannot be written (its folder is created if missing);
+    `example`: a file name to suggest when `path` is a directory."""
+    if os.path.isdir(path):
+        raise DLRMError(f"{flag} {path}: is a directory; give a file name (e.g. {os.path.join(path, example)})")
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise DLRMError(f"{flag} {path}: cannot create folder {directory} ({e.strerror})")
-    if not os.access(directory, os.W_OK) or os.path.isdir(path):
+    if not os.access(directory, os.W_OK):
         raise DLRMError(f"{flag} {path}: cannot write there")
 
 
-def validate_args(args) -> list[str]:
-    """Stops on flags that cannot work; returns notes for flags that have no effect here."""
+def check_readable(flag: str, path: str, expected: str):
+    """Stops before any work when an input file is missing or is a directory; `expected` says what it should be."""
+    if os.path.isdir(path):
+        raise DLRMError(f"{flag} {path}: is a directory; expected {expected}")
+    if not os.path.exists(path):
+        raise DLRMError(f"{flag} {path}: no such file (expected {expected})")
+
+
+def validate_args(args, distributed: bool | None = None) -> list[str]:
+    """Stops (DLRMError) on flags that cannot work; returns notes for flags that have no effect here.
+
+    `distributed`: launched by torchrun/mpirun (default: read from the environment)."""
+    parser = build_parser()
+    problem = flags.check_ranges(parser, args)
+    if problem:
+        raise DLRMError(problem)
+    if distributed is None:
+        distributed = ext_dist.launch_info() is not None
+    ineffective = flags.ineffective_flags(parser, args, APPLIES_WHEN, distributed, DERIVED_DEFAULTS)
+    for name, condition in ineffective:
+        if name in REFUSED_WITHOUT_EFFECT:
+            raise DLRMError(f"{name} needs {condition.needs} (it is {args.data_generation})")
     dataset = args.data_generation == "dataset"
-    for name in ("raw_data_file", "processed_data_file"):
-        if getattr(args, name) and not dataset:
-            raise DLRMError(f"--{name.replace('_', '-')} needs --data-generation=dataset (it is {args.data_generation})")
     if dataset and not (args.raw_data_file or args.processed_data_file):
         raise DLRMError("--data-generation=dataset needs --raw-data-file (or an existing --processed-data-file)")
-    if dataset and not 0.0 <= args.data_sub_sample_rate <= 1.0:
-        raise DLRMError(f"--data-sub-sample-rate must be in [0, 1], got {args.data_sub_sample_rate}")
     if args.activation_function != "relu":
         raise DLRMError(f"--activation-function={args.activation_function} is not supported (relu)")
-    if args.data_generation != "dataset" and min(args.arch_embedding_size) < 1:
-        raise DLRMError(f"--arch-embedding-size: every table needs at least one row, got "
-                        f"{'-'.join(map(str, args.arch_embedding_size))}")
-    if min(args.arch_mlp_bot + args.arch_mlp_top) < 1:
-        raise DLRMError("--arch-mlp-bot / --arch-mlp-top: every layer needs at least one unit")
     if args.arch_mlp_top[-1] != 1:
         raise DLRMError(f"--arch-mlp-top must end in 1 (the click probability), got {args.arch_mlp_top[-1]}")
-    if args.num_workers < 0 or args.test_num_workers < 0:
-        raise DLRMError(f"--num-workers / --test-num-workers must be 0 or more, got {args.num_workers} / "
-                        f"{args.test_num_workers}")
-    for flag, path, wanted in (("--save-model", args.save_model, bool(args.save_model)),
-                               ("--onnx-file", args.onnx_file, args.save_onnx),
-                               ("--profiling-trace-file", args.profiling_trace_file, args.enable_profiling),
-                               ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph),
-                               ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file))):
+    if args.rand_data_min > args.rand_data_max:
+        raise DLRMError(f"--rand-data-min {args.rand_data_min:g} is above --rand-data-max {args.rand_data_max:g}")
+    for flag, path, wanted, example in (
+            ("--save-model", args.save_model, bool(args.save_model), "model.pt"),
+            ("--onnx-file", args.onnx_file, args.save_onnx, "model.onnx"),
+            ("--profiling-trace-file", args.profiling_trace_file or "dlrm_s_pytorch.json", args.enable_profiling,
+             "trace.json"),
+            ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph, "graph.dot"),
+            ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file), "metrics.jsonl")):
         if wanted:
-            check_writable(flag, path)
+            check_writable(flag, path, example)
+    if args.tensor_board_filename and os.path.isfile(args.tensor_board_filename):
+        raise DLRMError(f"--tensor-board-filename {args.tensor_board_filename}: is a file; TensorBoard writes a "
+                        "directory of event files there (give a directory name)")
+    launch = ext_dist.launch_info()
+    if args.load_model and (launch is None or launch.rank == 0):  # rank 0 reads it for all
+        check_readable("--load-model", args.load_model, "a checkpoint file written by --save-model")
+    if args.data_generation == "synthetic":
+        if os.path.isdir(args.data_trace_file):
+            raise DLRMError(f"--data-trace-file {args.data_trace_file}: is a directory; expected a trace "
+                            f"distribution file name with j for the table number (e.g. "
+                            f"{os.path.join(args.data_trace_file, 'dist_emb_j.log')})")
     if not args.sync_dense_params:
         raise DLRMError("--sync-dense-params=False is not supported: dense parameters are always kept in sync")
-    for name in ("mini_batch_size", "nepochs", "mlperf_grad_accum_iter", "print_freq"):
-        if getattr(args, name) < 1:
-            raise DLRMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.data_size < 1 and args.num_batches <= 0:
-        raise DLRMError(f"--data-size must be at least 1, got {args.data_size}")
-    if args.test_mini_batch_size == 0:
-        raise DLRMError("--test-mini-batch-size must be positive (or -1 for the training batch size)")
     world = ext_dist.launch_world_size()
     for name in ("mini_batch_size", "test_mini_batch_size"):
         if getattr(args, name) % world:
@@ -555,10 +651,11 @@ def validate_args(args) -> list[str]:
             if given:
                 raise DLRMError(f"not supported yet: {name} in a distributed run (run it in a single process, "
                                 "e.g. on a checkpoint of this run)")
-    if args.dist_timeout <= 0:
-        raise DLRMError(f"--dist-timeout must be positive, got {args.dist_timeout:g}")
     if args.loss_function == "wbce" and len(args.loss_weights) != 2:
         raise DLRMError(f"--loss-weights needs two values (negative-positive), got {len(args.loss_weights)}")
+    if args.loss_function == "wbce" and max(args.loss_weights) == 0:
+        raise DLRMError("--loss-weights: at least one weight must be positive (with both 0 the loss is 0: "
+                        "nothing is learned)")
     if args.lr_num_decay_steps > 0 and args.lr_decay_start_step < args.lr_num_warmup_steps:
         raise DLRMError(
             f"--lr-decay-start-step {args.lr_decay_start_step} is before the end of warmup "
@@ -566,49 +663,15 @@ def validate_args(args) -> list[str]:
         )
     if args.inference_only and args.save_model:
         raise DLRMError("--save-model has nothing to save with --inference-only")
-    validate_embedding_args(args)
     validate_quantization_args(args)
-    notes = []
-    if ext_dist.launch_info() is not None:
+    if distributed:
         ext_dist.choose_backend(args.dist_backend, args.use_gpu)  # one that cannot work fails before joining
-    elif args.dist_backend:
-        if args.dist_backend not in ext_dist.BACKENDS:
-            raise DLRMError(f"--dist-backend={args.dist_backend} is not one of {', '.join(ext_dist.BACKENDS)}")
-        notes.append("note: --dist-backend has no effect in a single process (launch with torchrun or mpirun)")
-    if not dataset:
-        for name, (attr, off) in DATASET_ONLY_FLAGS.items():
-            if getattr(args, attr) != off:
-                notes.append(f"note: {name} has no effect without --data-generation=dataset")
-    elif args.mlperf_bin_shuffle and not args.mlperf_bin_loader:
-        notes.append("note: --mlperf-bin-shuffle has no effect without --mlperf-bin-loader")
-    if dataset and args.arch_embedding_size != [4, 3, 2]:
-        notes.append("note: --arch-embedding-size has no effect with --data-generation=dataset "
-                     "(table sizes come from the data)")
-    if args.data_generation != "synthetic":
-        for name, (attr, off) in SYNTHETIC_ONLY_FLAGS.items():
-            if getattr(args, attr) != off:
-                notes.append(f"note: {name} has no effect without --data-generation=synthetic")
-    return notes
-
-
-SYNTHETIC_ONLY_FLAGS = {
-    "--data-trace-file": ("data_trace_file", "./input/dist_emb_j.log"),
-    "--data-trace-enable-padding": ("data_trace_enable_padding", False),
-}
-
-
-def validate_embedding_args(args):
-    if args.qr_flag and args.qr_collisions < 1:
-        raise DLRMError(f"--qr-collisions must be at least 1 with --qr-flag, got {args.qr_collisions}")
-    if args.md_flag and args.md_temperature < 0:
-        raise DLRMError(f"--md-temperature must be non-negative, got {args.md_temperature}")
+    elif args.dist_backend and args.dist_backend not in ext_dist.BACKENDS:
+        raise DLRMError(f"--dist-backend={args.dist_backend} is not one of {', '.join(ext_dist.BACKENDS)}")
+    return [f"note: {name} has no effect {condition.unless(args)}" for name, condition in ineffective]
 
 
 def validate_quantization_args(args):
-    if args.quantize_mlp_with_bit not in (8, 16, 32):
-        raise DLRMError(f"--quantize-mlp-with-bit must be 8, 16 or 32, got {args.quantize_mlp_with_bit}")
-    if args.quantize_emb_with_bit not in (4, 8, 32):
-        raise DLRMError(f"--quantize-emb-with-bit must be 4, 8 or 32, got {args.quantize_emb_with_bit}")
     for name in ("quantize_mlp_with_bit", "quantize_emb_with_bit"):
         if getattr(args, name) != 32:
             flag_name = "--" + name.replace("_", "-")
@@ -618,12 +681,32 @@ def validate_quantization_args(args):
                 raise DLRMError(f"{flag_name}: quantized inference runs on the CPU, drop --use-gpu")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def fit_workers_to_cpus(args, cpus: int | None = None) -> list[str]:
+    """Lowers --num-workers / --test-num-workers above the CPU count to it; returns the note saying so.
+    More workers than CPUs only compete for them (and make PyTorch warn mid-output)."""
+    cpus = cpus or usable_cpus()
+    lowered = [f"--{dest.replace('_', '-')}={getattr(args, dest)}" for dest in ("num_workers", "test_num_workers")
+               if getattr(args, dest) > cpus]
+    if not lowered:
+        return []
+    args.num_workers = min(args.num_workers, cpus)
+    args.test_num_workers = min(args.test_num_workers, cpus)
+    return [f"note: {' and '.join(lowered)} lowered to {cpus}, the number of CPUs this process may use"]
+
+
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if args.test_mini_batch_size < 0:
-        args.test_mini_batch_size = args.mini_batch_size
-    if args.test_num_workers < 0:
-        args.test_num_workers = args.num_workers
+    for dest, source in DERIVED_DEFAULTS.items():
+        if getattr(args, dest) == -1:
+            setattr(args, dest, getattr(args, source))
     return args
 
 
@@ -700,10 +783,15 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
 
 
 def is_better(metrics: TestMetrics, best_auc: float, best_acc: float) -> bool:
-    """Improvement in AUC, or in accuracy when AUC is undefined (one class)."""
+    """Improvement in AUC (the first defined AUC is one), or in accuracy when AUC is undefined (one class)."""
     if not math.isnan(metrics.auc):
-        return metrics.auc > best_auc
+        return math.isnan(best_auc) or metrics.auc > best_auc
     return metrics.accuracy > best_acc
+
+
+def format_auc(auc: float) -> str:
+    """AUC to 4 decimals; NaN (a test set of one class, or no defined AUC yet) is `undefined`."""
+    return "undefined" if math.isnan(auc) else f"{auc:.4f}"
 
 
 @dataclasses.dataclass
@@ -714,10 +802,13 @@ class TrainState:
     next_batch: int = 0  # first batch of `epoch` still to train
     updates: int = 0  # optimizer steps taken
     best_acc: float = 0.0
-    best_auc: float = 0.0
+    best_auc: float = float("nan")  # until a test set with both classes gives one
     tested: bool = False
     last_test: TestMetrics | None = None
     train_loss: float = float("nan")
+    skip_samples: int = 0  # samples of batch `next_batch` already trained (resumed with another batch size)
+    batch_size: int = 0  # --mini-batch-size of the position; 0: unknown (checkpoints of earlier versions)
+    data_order: dict = dataclasses.field(default_factory=dict)  # see data_order()
 
 
 def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, nbatches_test):
@@ -767,9 +858,11 @@ def model_arch(model: DLRM_Net) -> dict:
     }
 
 
-def load_checkpoint(path, model, optimizer) -> TrainState:
+def load_checkpoint(path, model, optimizer, check=None) -> TrainState:
+    """Loads a checkpoint (ours or the original's) into model and optimizer; returns its TrainState.
+    check(state), when given, runs on the saved state before the model is compared and loaded."""
     if isinstance(model, ext_dist.DistributedDLRM):  # rank 0 reads it whole and hands out the tables
-        return ext_dist.load_distributed(path, model, optimizer, load_checkpoint)
+        return ext_dist.load_distributed(path, model, optimizer, functools.partial(load_checkpoint, check=check))
     if not os.path.isfile(path):
         raise DLRMError(f"--load-model {path}: no such file")
     try:
@@ -778,6 +871,15 @@ def load_checkpoint(path, model, optimizer) -> TrainState:
         raise DLRMError(f"--load-model {path}: not a readable checkpoint ({type(e).__name__}: {e})")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DLRMError(f"--load-model {path}: not a DLRM checkpoint (no state_dict)")
+    saved = dict(checkpoint.get("train_state") or {})
+    if saved:
+        last_test = saved.pop("last_test", None)
+        state = TrainState(**saved)
+        state.last_test = TestMetrics(**last_test) if last_test else None
+    else:
+        state = original_train_state(checkpoint)
+    if check is not None:
+        check(state)
     saved_arch = checkpoint.get("arch")
     if saved_arch is not None and saved_arch != model_arch(model):
         raise DLRMError(f"--load-model {path}: saved with a different architecture than these flags ({describe_arch_diff(saved_arch, model_arch(model))})")
@@ -790,10 +892,71 @@ def load_checkpoint(path, model, optimizer) -> TrainState:
             optimizer.load_state_dict(checkpoint["opt_state_dict"])
         except (ValueError, KeyError) as e:
             raise DLRMError(f"--load-model {path}: optimizer state does not fit --optimizer ({e})")
-    saved = dict(checkpoint.get("train_state") or {})
-    last_test = saved.pop("last_test", None)
-    state = TrainState(**saved) if saved else TrainState(epoch=checkpoint.get("epoch", 0), next_batch=checkpoint.get("iter", 0))
-    state.last_test = TestMetrics(**last_test) if last_test else None
+    return state
+
+
+def original_train_state(checkpoint: dict) -> TrainState:
+    """The position and metrics that the original's checkpoints store: epoch, iter, train_loss, and the
+    test accuracy (its best) and, with --mlperf-logging, the best test AUC."""
+    nan = float("nan")
+    test_acc, test_auc = checkpoint.get("test_acc"), checkpoint.get("test_auc", nan)
+    state = TrainState(epoch=int(checkpoint.get("epoch", 0)), next_batch=int(checkpoint.get("iter", 0)),
+                       train_loss=float(checkpoint.get("train_loss", nan)))
+    if test_acc is not None:
+        state.best_acc, state.best_auc = float(test_acc), float(test_auc)
+        state.last_test = TestMetrics(float(checkpoint.get("test_loss", nan)), float(test_acc), float(test_auc), 0)
+    return state
+
+
+def data_order(args, train_set) -> dict:
+    """{flag: value} of what decides which training rows come in which order (for this data source)."""
+    order = {"--data-generation": args.data_generation}
+    if args.data_generation != "dataset":
+        order["--numpy-rand-seed"] = args.numpy_rand_seed  # batch j is drawn from (seed, j)
+        if args.data_generation == "synthetic":
+            order["--data-trace-file"] = args.data_trace_file
+        return order
+    bin_shuffle = bool(args.mlperf_bin_loader and args.mlperf_bin_shuffle)
+    order.update({"--data-set": args.data_set,
+                  "--data-sub-sample-rate": args.data_sub_sample_rate,
+                  "--raw-data-file / --processed-data-file (training rows)": dataset_samples(train_set, 1),
+                  "--data-randomize": args.data_randomize,
+                  "--mlperf-bin-shuffle": bin_shuffle})
+    if args.data_randomize != "none" or bin_shuffle:
+        order["--numpy-rand-seed"] = args.numpy_rand_seed
+    return order
+
+
+def check_data_order(state: TrainState, order: dict, path: str, log=print):
+    """Raises DLRMError when a flag that decides the rows still to train in the checkpoint's epoch
+    differs from the checkpoint's (see data_order); at an epoch's start a change is only noted (later
+    epochs follow the new value). Checkpoints that do not record the order pass."""
+    inside_epoch = state.next_batch > 0 or state.skip_samples > 0
+    for key in dict.fromkeys([*state.data_order, *order]) if state.data_order else ():
+        old, new = state.data_order.get(key, "not in effect"), order.get(key, "not in effect")
+        if old == new:
+            continue
+        if inside_epoch:
+            raise DLRMError(f"--load-model {path}: {key} was {old}, now {new}: the rest of epoch {state.epoch} "
+                            f"would skip or repeat rows; resume with the checkpoint's value")
+        log(f"note: {key} was {old} in the checkpoint, now {new} (it is at the start of epoch {state.epoch})")
+
+
+def resume_position(state: TrainState, args, order: dict, path: str, log=print) -> TrainState:
+    """Moves the checkpoint's position to the same sample of its epoch under this run's
+    --mini-batch-size (checkpoints that do not record their batch size keep their batch)."""
+    if state.batch_size and state.batch_size != args.mini_batch_size:
+        sample = state.next_batch * state.batch_size + state.skip_samples
+        if sample and order.get("--mlperf-bin-shuffle"):
+            raise DLRMError(f"--load-model {path}: --mini-batch-size was {state.batch_size}, now "
+                            f"{args.mini_batch_size}: with --mlperf-bin-shuffle the rest of epoch {state.epoch} "
+                            f"depends on it; resume with --mini-batch-size={state.batch_size}")
+        state.next_batch, state.skip_samples = divmod(sample, args.mini_batch_size)
+        if sample:
+            log(f"Resuming at sample {sample} of epoch {state.epoch} (--mini-batch-size was {state.batch_size}, "
+                f"now {args.mini_batch_size}: batch {state.next_batch}"
+                + (f", from its sample {state.skip_samples})" if state.skip_samples else ")"))
+    state.batch_size, state.data_order = args.mini_batch_size, order
     return state
 
 
@@ -840,23 +1003,26 @@ def make_datasets(args):
         round_targets=args.round_targets,
     )
     num_samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
+    # --num-batches caps training only: the test set keeps --data-size samples (more when the cap
+    # asks for more training samples than that: then, as in the original, it sets the data size)
+    test_samples = max(args.data_size, num_samples)
     if args.data_generation == "synthetic":
         # sparse ids drawn from the trace distributions; a held-out set from its own streams
-        def synthetic(split, batch_size, notes):
+        def synthetic(split, batch_size, notes, samples=num_samples):
             return trace_data.SyntheticTraceDataset(
-                dense_dim, table_sizes, num_samples, batch_size, args.numpy_rand_seed, config,
+                dense_dim, table_sizes, samples, batch_size, args.numpy_rand_seed, config,
                 args.data_trace_file, args.data_trace_enable_padding, split=split, notes=notes)
 
         try:
             train = synthetic(0, args.mini_batch_size, lambda text: print(text, file=sys.stderr))
-            test = synthetic(1, args.test_mini_batch_size, lambda text: None)
+            test = synthetic(1, args.test_mini_batch_size, lambda text: None, test_samples)
         except trace_data.TraceFileError as e:
             raise DLRMError(f"--data-trace-file: {e}")
         return train, test, dense_dim, table_sizes
     train = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.mini_batch_size,
                                     args.numpy_rand_seed, config, split=0)
     # a held-out set of the same size, from its own random stream
-    test = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.test_mini_batch_size,
+    test = dlrm_data.RandomDataset(dense_dim, table_sizes, test_samples, args.test_mini_batch_size,
                                    args.numpy_rand_seed, config, split=1)
     return train, test, dense_dim, table_sizes
 
@@ -900,6 +1066,63 @@ def build_embeddings(args, table_sizes, tables=None) -> EmbeddingCollection:
                              args.qr_collisions, args.qr_threshold, args.md_flag, args.md_threshold,
                              args.md_temperature, args.md_round_dims, per_table=args.weighted_pooling is not None,
                              tables=tables)
+
+
+def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> memory.MemoryEstimate:
+    """What this process will allocate (bytes): the model, the optimizer, a batch and the loaders
+    (`memory.estimate_memory`), synthetic data's id streams, and a checkpoint to load."""
+    dim = args.arch_sparse_feature_size
+    held = [table_sizes[t] for t in local_tables] if local_tables is not None else list(table_sizes)
+    if args.qr_flag:  # a quotient and a remainder table for each big table
+        held = [math.ceil(n / args.qr_collisions) + args.qr_collisions if n > args.qr_threshold else n for n in held]
+    if args.data_generation == "dataset":
+        ids = float(len(table_sizes))
+    else:
+        ids = sum(memory.mean_bag_size(n, args.num_indices_per_lookup, args.num_indices_per_lookup_fixed)
+                  for n in table_sizes)
+    sparse_dim = embedding_output_dim(dim, args.qr_flag, args.qr_operation)
+    width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, len(table_sizes),
+                              args.arch_mlp_bot[-1], sparse_dim)
+    tests = args.inference_only or args.test_freq > 0
+    batch_size = max(args.mini_batch_size, args.test_mini_batch_size if tests else 0)
+    workers = max(args.num_workers, args.test_num_workers if tests else 0)
+    needed = memory.estimate_memory(held, sparse_dim, [[dense_dim] + list(args.arch_mlp_bot[1:]),
+                                                       [width] + list(args.arch_mlp_top)],
+                                    batch_size, ids, None if args.inference_only else args.optimizer, workers)
+    if args.data_generation == "synthetic":  # per table: an id stream, and where each batch starts in it
+        samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
+        batches = math.ceil(samples / args.mini_batch_size) + math.ceil(samples / args.test_mini_batch_size)
+        stream = min(samples * ids / len(table_sizes), trace_data.MAX_STREAM_LENGTH)
+        needed.data = int(len(table_sizes) * (2 * 8 * batches + 2 * 8 * stream))
+    if args.load_model and os.path.isfile(args.load_model) and ext_dist.rank() == 0:  # rank 0 reads it for all
+        needed.checkpoint = os.path.getsize(args.load_model)
+    return needed
+
+
+TABLES_REMEDY = "smaller tables (--arch-embedding-size, or --max-ind-range for a data set) or a smaller " \
+                "--arch-sparse-feature-size"
+BATCH_REMEDY = "a smaller --mini-batch-size (or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"
+MEMORY_REMEDIES = {"parameters": TABLES_REMEDY, "optimizer state": TABLES_REMEDY, "one batch": BATCH_REMEDY,
+                   "batch inputs": BATCH_REMEDY, "loader buffers": BATCH_REMEDY,
+                   "data": "a smaller --data-size (or --num-batches)",
+                   "checkpoint": "a machine with more memory for this checkpoint"}
+
+
+def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: torch.device | None = None):
+    """Stops (DLRMError) before the model is built when the run needs more memory than the process may use:
+    host memory, and on a CUDA `device` the device's free memory for the model, its optimizer state and a batch."""
+    needed = estimate_memory(args, dense_dim, table_sizes, local_tables)
+    on_cuda = device is not None and device.type == "cuda"
+    checks = [(needed.in_host_memory(on_cuda), "memory", memory.usable_memory())]
+    if on_cuda:
+        checks.append((needed.on_device(), f"memory on {device}", memory.device_memory(device)))
+    for parts, where, (usable, limited_by) in checks:
+        if sum(parts.values()) <= usable:
+            continue
+        remedy = MEMORY_REMEDIES[max(parts, key=parts.get)]
+        raise DLRMError(f"this run needs about {memory.gib(sum(parts.values()))} of {where} "
+                        f"({memory.describe(parts)}) but this process may use {memory.gib(usable)} ({limited_by}); "
+                        f"try {remedy}")
 
 
 def build_optimizer(args, model: nn.Module):
@@ -993,7 +1216,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         window_wall = time.perf_counter()  # samples/s for the run logs, without device syncs
         accum_samples = 0
         run_log.epoch_start(epoch)
-        loader = dlrm_data.make_loader(train_set, first, args.num_workers, pin)
+        source = dlrm_data.skip_within_batch(train_set, first, state.skip_samples)
+        loader = dlrm_data.make_loader(source, first, args.num_workers, pin)
         # with a line per iteration the printed lines are the progress
         progress = ProgressBar(f"{run_type} epoch {epoch}", nbatches, first,
                                show=ext_dist.is_rank0() and args.print_freq > 1)
@@ -1035,6 +1259,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             progress.step(mbs, loss_sum, z.shape[0])
             # a checkpoint taken inside an accumulation window resumes at the window's start
             state.next_batch = j + 1 if accum_samples == 0 else window_first_batch
+            if state.next_batch != first:
+                state.skip_samples = 0
 
             should_print = (j + 1) % args.print_freq == 0 or j + 1 == nbatches
             should_test = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == nbatches)
@@ -1071,7 +1297,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         run_log.epoch_end(epoch)
         if stop:
             break
-        state.next_batch = 0
+        state.next_batch = state.skip_samples = 0
         state.epoch = epoch + 1
     return state
 
@@ -1093,11 +1319,12 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     improved = is_better(metrics, state.best_auc, state.best_acc)
     state.best_acc = max(state.best_acc, metrics.accuracy)
     if not math.isnan(metrics.auc):
-        state.best_auc = max(state.best_auc, metrics.auc)
+        state.best_auc = metrics.auc if math.isnan(state.best_auc) else max(state.best_auc, metrics.auc)
     state.tested = True
     state.last_test = metrics
+    one_class = " (the test set has one class)" if math.isnan(metrics.auc) else ""
     log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %, "
-        f"loss {metrics.loss:.6f}, auc {metrics.auc:.4f}, best auc {state.best_auc:.4f}"
+        f"loss {metrics.loss:.6f}, auc {format_auc(metrics.auc)}{one_class}, best auc {format_auc(state.best_auc)}"
         + (f", {time.perf_counter() - t0:.2f} s" if args.print_time else ""))
     run_log.test_end(dict(epoch=epoch, iteration=iteration, nbatches=nbatches,
                           global_iteration=epoch * nbatches + iteration, loss=metrics.loss, accuracy=metrics.accuracy,
@@ -1121,7 +1348,7 @@ def main(argv=None) -> int:
         with ext_dist.session(args.dist_timeout):  # tears down a process group, names a lost peer
             return run(args)
     except (DLRMError, ext_dist.DistributedError) as e:
-        print(f"dlrm_s_pytorch.py: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
+        print(f"{flags.program_name('dlrm_s_pytorch.py')}: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
         if isinstance(e, ext_dist.DistributedError) and ext_dist.is_initialized():
             # a process group whose peer is gone can abort in its destructor at interpreter exit
             sys.stdout.flush()
@@ -1131,7 +1358,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    notes = validate_args(args)
+    notes = validate_args(args) + fit_workers_to_cpus(args)
     # under torchrun/mpirun: join the process group; only rank 0 prints from here on
     launch = ext_dist.init_distributed(args.dist_backend, args.use_gpu, args.local_rank, args.dist_timeout)
     for note in notes if ext_dist.is_rank0() else []:
@@ -1169,7 +1396,8 @@ def open_run_logs(args) -> RunLog:
     return RunLogs(logs)
 
 
-def run_config(args, train_set, test_set, nbatches) -> dict:
+def run_config(args, train_set, test_set, table_sizes) -> dict:
+    """What the run logs record at the start; `args` as used, with the table sizes of the data."""
     return {
         "seed": args.numpy_rand_seed,
         "global_batch_size": args.mini_batch_size * args.mlperf_grad_accum_iter,
@@ -1179,9 +1407,13 @@ def run_config(args, train_set, test_set, nbatches) -> dict:
         "warmup_steps": args.lr_num_warmup_steps,
         "decay_start_step": args.lr_decay_start_step,
         "decay_steps": args.lr_num_decay_steps,
-        "train_samples": min(nbatches * args.mini_batch_size, dataset_samples(train_set, args.mini_batch_size)),
+        "train_samples": dataset_samples(train_set, args.mini_batch_size),  # an epoch, as the reference
         "eval_samples": dataset_samples(test_set, args.test_mini_batch_size),
-        "args": vars(args),
+        "batches_per_epoch": len(train_set),
+        # MLPerf's names of the initialized tensors: all tables together, then each MLP layer
+        "initialized_tensors": ["embeddings"] + [f"bottom_mlp_dense{k}" for k in range(1, len(args.arch_mlp_bot))]
+        + [f"top_mlp_dense{k}" for k in range(1, len(args.arch_mlp_top) + 1)],
+        "args": {**vars(args), "arch_embedding_size": [int(n) for n in table_sizes]},
     }
 
 
@@ -1213,9 +1445,15 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     if device.type == "cpu":
         keep_freed_memory()
 
+    if args.data_generation != "dataset":  # sizes given by the flags: checked before any data is made
+        check_memory(args, args.arch_mlp_bot[0], args.arch_embedding_size,
+                     ext_dist.tables_of_this_process(args.arch_embedding_size, args.arch_sparse_feature_size), device)
     with ext_dist.rank0_first("preparing the data"):  # one process fills any cache, the others reuse it
         train_set, test_set, dense_dim, table_sizes = make_datasets(args)
     nbatches = min(args.num_batches, len(train_set)) if args.num_batches > 0 else len(train_set)
+    if args.data_generation == "dataset":  # once the data's table sizes are known
+        check_memory(args, dense_dim, table_sizes, ext_dist.tables_of_this_process(table_sizes, args.arch_sparse_feature_size),
+                     device)
     embeddings = None
     if launch:  # this process's tables, pooled for the whole batch and exchanged with the other processes
         embeddings = ext_dist.ModelParallelEmbeddings(
@@ -1234,19 +1472,26 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
                                                          lambda: build_model(args, dense_dim, table_sizes))
     optimizer = None if args.inference_only else build_optimizer(args, model)
 
-    state = TrainState()
+    order = data_order(args, train_set)
+    state = TrainState(batch_size=args.mini_batch_size, data_order=order)
     if args.load_model:
         print(f"Loading saved model {args.load_model}")
-        state = load_checkpoint(args.load_model, model, optimizer)
+        check = None if args.inference_only else lambda saved: check_data_order(saved, order, args.load_model)
+        state = load_checkpoint(args.load_model, model, optimizer, check)
         state.tested = False  # whether *this* run tested: without tests the final model is saved
+        if not args.inference_only:
+            state = resume_position(state, args, order, args.load_model)
         last = state.last_test
         print(f"Saved at: epoch = {state.epoch:d}/{args.nepochs:d}, batch = {state.next_batch:d}/{nbatches:d}, "
               f"ntbatch = {len(test_set):d}")
         print(f"Training state: loss = {state.train_loss:.6f}")
         if last is not None:
-            print(f"Testing state: loss = {last.loss:.6f}, accuracy = {last.accuracy * 100:3.3f} %, auc = {last.auc:.4f}")
+            known = [f"{name} = {text}" for name, value, text in (
+                ("loss", last.loss, f"{last.loss:.6f}"), ("accuracy", last.accuracy, f"{last.accuracy * 100:3.3f} %"),
+                ("auc", last.auc, format_auc(last.auc))) if not math.isnan(value)]
+            print("Testing state: " + ", ".join(known))
 
-    run_log.run_start(run_config(args, train_set, test_set, nbatches))
+    run_log.run_start(run_config(args, train_set, test_set, table_sizes))
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
     exported_model = model
     with profiling.profiled(args.enable_profiling, args.profiling_trace_file, device.type == "cuda"):

@@ -317,6 +317,18 @@ def place_tables(table_bytes, num_ranks: int) -> list[list[int]]:
     return [sorted(tables) for tables in placement]
 
 
+def table_placement(table_sizes, dim: int, num_ranks: int) -> list[list[int]]:
+    """The tables of each rank in a run of `num_ranks` processes (`place_tables` by rows x dim)."""
+    return place_tables([int(n) * dim for n in table_sizes], num_ranks)
+
+
+def tables_of_this_process(table_sizes, dim: int) -> list[int] | None:
+    """Ids of the tables this process holds in a model-parallel run; None (all) in a single process."""
+    if not is_initialized():
+        return None
+    return table_placement(table_sizes, dim, world_size())[rank()]
+
+
 def row_splits(batch_size: int, num_ranks: int) -> list[int]:
     """Rows of a global batch on each rank: equal shares, the remainder (short last batch) to the first ranks."""
     share, extra = divmod(batch_size, num_ranks)
@@ -333,7 +345,7 @@ def shard_batch(batch: dlrm_data.Batch, rank: int, num_ranks: int, tables) -> dl
 
 
 class ShardedDataset(Dataset):
-    """ds[j] = this rank's ShardBatch of global batch j of `dataset` (same length, same batches)."""
+    """ds[j] = this rank's share of global batch j of `dataset` (`shard_batch`; same length, same batches)."""
 
     def __init__(self, dataset, rank: int, num_ranks: int, tables):
         self.dataset, self.rank, self.num_ranks, self.tables = dataset, rank, num_ranks, list(tables)
@@ -393,7 +405,7 @@ class ModelParallelEmbeddings(EmbeddingCollection):
         super().__init__()
         self.table_sizes = [int(n) for n in table_sizes]
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.placement = place_tables([n * dim for n in self.table_sizes], self.world_size)
+        self.placement = table_placement(self.table_sizes, dim, self.world_size)
         self.local = make_local(self.placement[self.rank])
         self.embedding_dim = self.local.embedding_dim
         order = [t for tables in self.placement for t in tables]

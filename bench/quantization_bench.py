@@ -32,34 +32,25 @@ CRITEO_KAGGLE_ROWS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 9314
                       14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
 
 
-class PlantedCriteo:
+def planted_criteo(table_sizes, num_samples, batch_size, seed) -> dlrm_data.OneHotDataset:
     """Criteo-shaped random data: Zipf-distributed ids, one per bag; clicks depend on 4 dense
     features and on per-id effects in 6 tables (a logistic model with ~25% positives)."""
-
-    def __init__(self, table_sizes, num_samples, batch_size, seed):
-        rng = np.random.default_rng(seed)
-        effects = np.random.default_rng(0)
-        self.table_sizes, self.batch_size = table_sizes, batch_size
-        self.dense = np.log1p(rng.exponential(3.0, (num_samples, 13))).astype(np.float32)
-        self.ids = np.stack([(rng.zipf(1.2, num_samples) - 1) % n for n in table_sizes], axis=1)
-        logit = -1.6 + self.dense[:, :4] @ np.array([0.8, -0.6, 0.5, 0.4]) - 1.0
-        for t in (0, 2, 3, 8, 11, 20):
-            logit += effects.normal(0, 1.0, table_sizes[t])[self.ids[:, t]]
-        self.labels = (rng.random(num_samples) < 1 / (1 + np.exp(-logit))).astype(np.float32)
-
-    def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
-
-    def __getitem__(self, j):
-        s = slice(j * self.batch_size, (j + 1) * self.batch_size)
-        return dlrm_data.batch_from_ids(self.dense[s], self.ids[s], self.labels[s])
+    rng = np.random.default_rng(seed)
+    effects = np.random.default_rng(0)
+    dense = np.log1p(rng.exponential(3.0, (num_samples, 13))).astype(np.float32)
+    ids = np.stack([(rng.zipf(1.2, num_samples) - 1) % n for n in table_sizes], axis=1)
+    logit = -1.6 + dense[:, :4] @ np.array([0.8, -0.6, 0.5, 0.4]) - 1.0
+    for t in (0, 2, 3, 8, 11, 20):
+        logit += effects.normal(0, 1.0, table_sizes[t])[ids[:, t]]
+    labels = (rng.random(num_samples) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    return dlrm_data.OneHotDataset(dense, ids, labels, batch_size)
 
 
 def inference_ms(model, batches):
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
-            model(batch.dense_x, batch.offsets, batch.indices)
+            model(batch.dense_x, batch.sparse)
     return 1000 * (time.perf_counter() - start) / len(batches)
 
 
@@ -80,8 +71,8 @@ def main(argv=None):
     flags = dlrm.parse_args(["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-512-256-64-16",
                              "--arch-mlp-top=512-256-1", "--loss-function=bce", "--optimizer=sgd",
                              "--learning-rate=0.1", f"--mini-batch-size={args.batch_size}", "--print-freq=100000"])
-    train_set = PlantedCriteo(tables, args.train_samples, args.batch_size, seed=1)
-    test_set = PlantedCriteo(tables, args.test_samples, args.inference_batch_size, seed=2)
+    train_set = planted_criteo(tables, args.train_samples, args.batch_size, seed=1)
+    test_set = planted_criteo(tables, args.test_samples, args.inference_batch_size, seed=2)
     model = dlrm.build_model(flags, 13, tables)
     start = time.perf_counter()
     dlrm.train(flags, model, make_optimizer("sgd", model.parameters(), 0.1), train_set, test_set,

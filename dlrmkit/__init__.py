@@ -6,5 +6,7 @@
 - `optim`: SGD, Adagrad and row-wise Adagrad with fused sparse updates;
 - `tricks`: quotient-remainder and mixed-dimension tables, weighted pooling;
 - `onnx_export`, `quantization`: deployment; `run_logs`, `mlperf_logger`, `profiling`,
-  `compute_graph`: what a run writes besides its printed lines; `trace_data`: trace-driven ids.
+  `compute_graph`: what a run writes besides its printed lines; `trace_data`: trace-driven ids;
+- `flags`: the command-line pieces shared by the trainer and data_utils.py (valid ranges, data flags);
+  `memory`: the memory a run needs and what the process may use.
 """

@@ -270,8 +270,9 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         self.weight = nn.Parameter(torch.empty(total_rows, self.embedding_dim))
         uniform_rows_(self.weight.data, [(start, start + n, math.sqrt(1.0 / n), table_init_seed(seed, t))
                                          for start, n, t in zip(self.row_starts, self.table_sizes, tables)])
-        self.register_buffer("first_row", torch.tensor(self.row_starts, dtype=torch.int64), persistent=False)
-        self.register_buffer("num_rows", torch.tensor(self.table_sizes, dtype=torch.int64), persistent=False)
+        # [first row, rows] of each table: looked up for every id in one repeat_interleave
+        self.register_buffer("row_ranges", torch.tensor([self.row_starts, self.table_sizes], dtype=torch.int64),
+                             persistent=False)
 
     def __len__(self):
         return len(self.table_sizes)
@@ -288,9 +289,9 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         return f"tables={len(self)}, rows={self.weight.shape[0]}, dim={self.embedding_dim}"
 
     def pool(self, sparse: SparseFeatures) -> torch.Tensor:
-        rows = sparse.index_rows(self.first_row)
-        self._check_in_range(sparse, rows)
-        pooled = F.embedding_bag(rows, self.weight, sparse.offsets, mode="sum", sparse=True,
+        first_row, table_rows = sparse.per_index(self.row_ranges)  # of each id's table
+        self._check_in_range(sparse, table_rows)
+        pooled = F.embedding_bag(sparse.indices + first_row, self.weight, sparse.offsets, mode="sum", sparse=True,
                                  per_sample_weights=sparse.weights, include_last_offset=True)
         return pooled.view(len(self), sparse.batch_size, self.embedding_dim).transpose(0, 1)
 
@@ -307,11 +308,10 @@ class BatchedEmbeddingBags(EmbeddingCollection):
             [nn.EmbeddingBag(n, self.embedding_dim, mode="sum", sparse=True, _weight=self[t].weight.detach().clone())
              for t, n in enumerate(self.table_sizes)], self.table_sizes, self.embedding_dim)
 
-    def _check_in_range(self, sparse: SparseFeatures, rows: torch.Tensor):
-        """Each id inside its own table, as one nn.EmbeddingBag per table would check."""
-        table_end = sparse.index_rows(self.num_rows + self.first_row) - sparse.indices  # end row of each id's table
-        out_of_range = (sparse.indices < 0) | (rows >= table_end)
-        if rows.device.type != "cpu":
+    def _check_in_range(self, sparse: SparseFeatures, table_rows: torch.Tensor):
+        """Each id inside its own table (of table_rows[k] rows), as one nn.EmbeddingBag per table would check."""
+        out_of_range = (sparse.indices < 0) | (sparse.indices >= table_rows)
+        if sparse.indices.device.type != "cpu":
             # a device-side assertion: no host sync on the hot path
             torch._assert_async(~out_of_range.any(), "embedding index out of range of its table")
         elif bool(out_of_range.any()):

@@ -1,21 +1,52 @@
 """--enable-profiling: the PyTorch profiler around the whole run.
 
-Writes a Chrome trace (open it in chrome://tracing or https://ui.perfetto.dev) and prints
-the operators that took the most self time. Profile a few batches (--num-batches), not a
-whole data set: the trace grows with every operator call.
+Writes the original's three files: a Chrome trace (open it in chrome://tracing or
+https://ui.perfetto.dev) and two operator tables sorted by self CPU time, one per
+operator and input shape (`_shape.prof`) and one per operator (`_total.prof`); it also
+prints the operators that took the most self time. Without --profiling-trace-file the files
+are the original's `dlrm_s_pytorch<timestamp>.json`, `..._shape.prof` and `..._total.prof`
+in the working directory; with it, the trace is that file and the tables lie next to it
+(`trace.json` -> `trace_shape.prof`, `trace_total.prof`). Profile a few batches
+(--num-batches), not a whole data set: the trace grows with every operator call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
 
 
+def output_paths(trace_path: str = "", now: datetime.datetime | None = None) -> dict:
+    """{"trace", "shape", "total"}: the files written for --profiling-trace-file=trace_path
+    (empty: the original's names, stamped with the time `now`)."""
+    if not trace_path:
+        stem = "dlrm_s_pytorch" + str(now or datetime.datetime.now()).replace(" ", "_")
+        trace_path = stem + ".json"
+    else:
+        stem, ext = os.path.splitext(trace_path)
+        stem = stem if ext in (".json", ".prof") else trace_path
+    return {"trace": trace_path, "shape": stem + "_shape.prof", "total": stem + "_total.prof"}
+
+
+def _write_atomically(path, write):
+    """write(tmp_path), then rename to `path`: never a half-written file under its name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @contextlib.contextmanager
-def profiled(enabled: bool, trace_path: str, use_cuda: bool = False, top: int = 20, log=print):
-    """Profiles the body when `enabled`; then writes `trace_path` (atomically) and logs the top operators."""
+def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: int = 20, log=print):
+    """Profiles the body when `enabled`; then writes the files of output_paths(trace_path) and logs
+    the top operators."""
     if not enabled:
         yield None
         return
@@ -26,12 +57,18 @@ def profiled(enabled: bool, trace_path: str, use_cuda: bool = False, top: int = 
         yield prof
     sort_by = "self_cuda_time_total" if use_cuda else "self_cpu_time_total"
     log(prof.key_averages().table(sort_by=sort_by, row_limit=top))
-    os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
-    tmp = f"{trace_path}.tmp{os.getpid()}"
-    try:
-        prof.export_chrome_trace(tmp)
-        os.replace(tmp, trace_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    log(f"Wrote the profiler's Chrome trace to {trace_path}")
+    paths = output_paths(trace_path)
+
+    def table(group_by_input_shape):
+        text = prof.key_averages(group_by_input_shape=group_by_input_shape).table(sort_by="self_cpu_time_total")
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+        return write
+
+    _write_atomically(paths["shape"], table(True))
+    _write_atomically(paths["total"], table(False))
+    _write_atomically(paths["trace"], prof.export_chrome_trace)
+    log(f"Wrote the profiler's Chrome trace to {paths['trace']} and its operator tables to {paths['shape']}, "
+        f"{paths['total']}")

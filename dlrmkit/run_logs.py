@@ -157,6 +157,7 @@ class MLPerfLog(RunLog):
 
     def __init__(self, logger: MLPerfLogger | None = None):
         self.mllog = logger or MLPerfLogger()
+        self.batches_per_epoch = None
         self.mllog.event("cache_clear", True)
         self.mllog.start("init_start")
 
@@ -178,6 +179,9 @@ class MLPerfLog(RunLog):
         self.mllog.event("sgd_opt_learning_rate_decay_poly_power", 2)
         self.mllog.event("train_samples", config["train_samples"])
         self.mllog.event("eval_samples", config["eval_samples"])
+        for tensor in config.get("initialized_tensors", ()):
+            self.mllog.event("weights_initialization", metadata={"tensor": tensor})
+        self.batches_per_epoch = config.get("batches_per_epoch")
         self.mllog.end("init_stop")
         self.mllog.start("run_start")
 
@@ -185,11 +189,16 @@ class MLPerfLog(RunLog):
         self.mllog.start("block_start", metadata={"first_epoch_num": epoch + 1, "epoch_count": 1})
         self.mllog.start("epoch_start", metadata={"epoch_num": epoch + 1})
 
+    def _epoch_num(self, epoch, iteration, nbatches):
+        """The reference's (j + 1) / batches_in_epoch + epoch + 1: 1-based, like epoch_start, and a
+        fraction of the whole epoch (not of a --num-batches cap)."""
+        return epoch + 1 + iteration / (self.batches_per_epoch or nbatches)
+
     def test_start(self, epoch, iteration, nbatches):
-        self.mllog.start("eval_start", metadata={"epoch_num": epoch + iteration / nbatches})
+        self.mllog.start("eval_start", metadata={"epoch_num": self._epoch_num(epoch, iteration, nbatches)})
 
     def test_end(self, record):
-        epoch_num = record["epoch"] + record["iteration"] / record["nbatches"]
+        epoch_num = self._epoch_num(record["epoch"], record["iteration"], record["nbatches"])
         self.mllog.event("eval_accuracy", _clean(record["auc"]), metadata={"epoch_num": epoch_num})
         self.mllog.end("eval_stop", metadata={"epoch_num": epoch_num})
 

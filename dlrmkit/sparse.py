@@ -10,7 +10,7 @@ table in one flat `indices` array, table-major, and one `offsets` array of bag s
 
 A bag may hold any number of ids, zero included, and bags differ per table and per sample
 (multi-hot). Everything that needs table boundaries asks this type for them
-(`table_bounds`, `table`, `tables`, `index_rows`); nothing else recomputes them.
+(`table_bounds`, `table`, `tables`, `per_index`, `index_rows`); nothing else recomputes them.
 
     >>> sf = SparseFeatures.from_lengths(torch.tensor([1, 2, 1, 0]), torch.tensor([3, 0, 1, 2]), batch_size=2)
     >>> sf.num_tables, sf.table_bounds().tolist()
@@ -110,13 +110,17 @@ class SparseFeatures:
             weights = self.weights[start:end] if self.weights is not None else None
             yield self.indices[start:end], self.offsets[t * batch_size : (t + 1) * batch_size] - start, weights
 
-    def index_rows(self, first_row: torch.Tensor) -> torch.Tensor:
-        """[N] row of each index in a stack of all tables whose table t starts at row first_row[t] ([T])."""
+    def per_index(self, table_values: torch.Tensor) -> torch.Tensor:
+        """Each index's value of its table: [..., T] per-table values -> [..., N] (any leading dims)."""
         if torch.jit.is_tracing():  # exportable ops only (ONNX): the table of each index by scatter + cumsum
             starts = self.offsets[torch.arange(self.num_tables, device=self.offsets.device) * self.batch_size]
-            return self.indices + first_row[bag_of_each_index(starts, self.indices)]
+            return table_values[..., bag_of_each_index(starts, self.indices)]
         per_table = torch.diff(self.table_bounds())
-        return self.indices + torch.repeat_interleave(first_row, per_table, output_size=self.indices.numel())
+        return torch.repeat_interleave(table_values, per_table, dim=-1, output_size=self.indices.numel())
+
+    def index_rows(self, first_row: torch.Tensor) -> torch.Tensor:
+        """[N] row of each index in a stack of all tables whose table t starts at row first_row[t] ([T])."""
+        return self.indices + self.per_index(first_row)
 
     # ---------------------------------------------------------------- reshaping
     def select_tables(self, tables) -> "SparseFeatures":

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(

@@ -104,9 +104,9 @@ def test_raw_data_file_without_dataset_generation_is_an_error(cli):
     (["--loss-function=wbce", "--loss-weights=1.0"], "--loss-weights needs two values"),
     (["--activation-function=tanh"], "--activation-function=tanh is not supported"),
     (["--sync-dense-params=False"], "--sync-dense-params=False is not supported"),
-    (["--arch-embedding-size=4-0-2"], "every table needs at least one row, got 4-0-2"),
+    (["--arch-embedding-size=4-0-2"], "--arch-embedding-size: every value must be at least 1, got 4-0-2"),
     (["--arch-mlp-top=4-2-3"], "--arch-mlp-top must end in 1"),
-    (["--num-workers=-1"], "--num-workers / --test-num-workers must be 0 or more"),
+    (["--num-workers=-1"], "--num-workers must be at least 0, got -1"),
     (["--save-model=/proc/no/such/dir/m.pt"], "--save-model /proc/no/such/dir/m.pt: cannot create folder"),
 ])
 def test_inconsistent_flags_are_one_line_errors(run_main, argv, message):

@@ -14,7 +14,7 @@ import torch
 import dlrm_data
 import dlrm_s_pytorch as dlrm
 from conftest import ROOT
-from data_helpers import fake_kaggle, fake_terabyte, load_days, preprocess_quietly
+from helpers import fake_kaggle, fake_terabyte, load_days, preprocess_quietly
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +157,7 @@ TRAIN = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\
 TEST = re.compile(r"^ accuracy ([\d.]+) %, best [\d.]+ %, loss [\d.]+, auc ([\d.]+)")
 
 
+@pytest.mark.slow
 def test_training_on_generated_data_learns_and_resumes_exactly(kaggle_file, run_main, tmp_path):
     flags = ["--data-generation=dataset", f"--raw-data-file={kaggle_file}", "--arch-sparse-feature-size=8",
              "--arch-mlp-bot=13-16-8", "--arch-mlp-top=16-1", "--loss-function=bce", "--optimizer=adagrad",
@@ -177,6 +178,7 @@ def test_training_on_generated_data_learns_and_resumes_exactly(kaggle_file, run_
     assert all(losses[k] == v for k, v in resumed_losses.items())  # the same shuffled batches
 
 
+@pytest.mark.slow
 def test_kaggle_bench_script_runs_end_to_end_and_reports_auc(tmp_path):
     (tmp_path / "input").mkdir()
     fake_kaggle(tmp_path / "input", 14000, seed=2)
@@ -186,7 +188,7 @@ def test_kaggle_bench_script_runs_end_to_end_and_reports_auc(tmp_path):
                             env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"auc 0\.\d+", result.stdout), result.stdout
-    assert (tmp_path / "input" / "kaggleAdDisplayChallenge_processed" / "metadata.json").exists()
+    assert (tmp_path / "input" / "kaggleAdDisplayChallenge_processed" / "kaggle-dictionary" / "metadata.json").exists()
     assert (tmp_path / "run_kaggle_pt.log").exists()
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import data_utils
 from conftest import CRITEO_SAMPLE
-from data_helpers import MISSING, naive_row, row_text
+from helpers import MISSING, naive_row, row_text
 
 
 def parse_all(raw: bytes, path="f.txt"):

@@ -6,12 +6,14 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data_utils
 import dlrm_s_pytorch as dlrm
 from conftest import CRITEO_SAMPLE
-from data_helpers import (fake_kaggle, fake_terabyte, load_days, naive_ids, naive_row, preprocess_quietly,
-                          row_text)
+from helpers import (MISSING, fake_kaggle, fake_terabyte, load_days, naive_ids, naive_key, naive_row,
+                     preprocess_quietly, row_text)
 
 
 @pytest.mark.skipif(not os.path.exists(CRITEO_SAMPLE), reason="no ../shared/data/criteo_sample.tsv")
@@ -25,12 +27,12 @@ def test_real_rows_end_up_as_the_naive_reference(tmp_path, max_ind_range):
     np.testing.assert_array_equal(dense, [e[1] for e in expected])
     np.testing.assert_array_equal(sparse, expected_ids)
     assert processed.counts == counts
-    if max_ind_range > 0:
-        assert max(counts) <= max_ind_range and max(counts) == max_ind_range  # some features fill the range
-    for t in range(26):  # the dictionary says which value each id stands for
+    if max_ind_range > 0:  # some features fill the range, plus missing
+        assert max(counts) <= max_ind_range + 1 and max(counts) >= max_ind_range
+    for t in range(26):  # the dictionary says which key each id stands for
         dictionary = np.load(os.path.join(processed.out_dir, f"dictionary_{t}.npy"))
-        keys = np.array([e[2][t] for e in expected], dtype=np.int64)
-        np.testing.assert_array_equal(dictionary[sparse[:, t]], keys % max_ind_range if max_ind_range > 0 else keys)
+        keys = [naive_key(e[2][t], max_ind_range) for e in expected]
+        np.testing.assert_array_equal(dictionary[sparse[:, t]], keys)
 
 
 def test_same_value_gets_the_same_id_on_every_day_and_missing_its_own(tmp_path):
@@ -51,7 +53,7 @@ def test_kaggle_split_sizes(tmp_path):
     splits = data_utils.split_days(processed.day_rows)
     assert splits == {"train": [(d, 0, processed.day_rows[d]) for d in range(6)],
                       "test": [(6, 0, 72)], "val": [(6, 72, 143)]}
-    meta = json.load(open(tmp_path / "out" / "metadata.json"))
+    meta = json.load(open(tmp_path / "out" / "kaggle-dictionary" / "metadata.json"))
     assert meta["splits"]["test"] == [[6, 0, 72]] and meta["counts"] == processed.counts
     # the days are the consecutive lines of the file
     lines = open(raw, "rb").readlines()
@@ -90,26 +92,76 @@ def test_sub_sampling_drops_training_negatives_only(tmp_path):
     assert again.day_rows == sub.day_rows  # a fixed choice, not a fresh draw
 
 
-def test_rerun_reuses_matching_output_and_rebuilds_when_a_setting_or_the_raw_file_changes(tmp_path):
+def test_rerun_reuses_matching_output_and_rebuilds_when_the_raw_file_changes(tmp_path):
     raw = fake_kaggle(tmp_path, 700)
-    out = tmp_path / "out"
-    _, messages = preprocess_quietly(raw, out)
-    assert any(m.startswith("Preprocessing kaggle") for m in messages)
+    out = tmp_path / "out" / "kaggle-dictionary"
+    _, messages = preprocess_quietly(raw, tmp_path / "out")
+    assert any(m.startswith("Preprocessing kaggle") and m.endswith(f"-> {out} (dictionary ids, 1 process)")
+               for m in messages)
     mtime = os.path.getmtime(out / "day_0_sparse.npy")
-    _, messages = preprocess_quietly(raw, out)
+    _, messages = preprocess_quietly(raw, tmp_path / "out")
     assert messages == [f"Reading pre-processed data={out}"] and os.path.getmtime(out / "day_0_sparse.npy") == mtime
-
-    hashed, messages = preprocess_quietly(raw, out, max_ind_range=50)
-    assert messages[0] == f"Rebuilding processed data in {out}: --max-ind-range was -1, now 50"
-    assert max(hashed.counts) == 50
-    _, messages = preprocess_quietly(raw, out, max_ind_range=50, sub_sample_rate=0.5)
-    assert messages[0].endswith("--data-sub-sample-rate was 0.0, now 0.5")
 
     with open(raw, "ab") as f:  # the raw data changed
         f.write(row_text(1))
-    rebuilt, messages = preprocess_quietly(raw, out, max_ind_range=50, sub_sample_rate=0.5)
-    assert messages[0].endswith("raw file train.txt changed (size or modification time)")
+    rebuilt, messages = preprocess_quietly(raw, tmp_path / "out")
+    assert messages[0] == f"Rebuilding processed data in {out}: raw file train.txt changed (size or modification time)"
     assert sum(d["lines"] for d in rebuilt.metadata["days"]) == 701
+
+
+def test_each_setting_keeps_its_own_processed_set_and_switching_back_reuses_it(tmp_path):
+    raw = fake_kaggle(tmp_path, 700)
+    base = tmp_path / "out"
+    sets = {(-1, 0.0): "kaggle-dictionary", (50, 0.0): "kaggle-hash50", (40, 0.0): "kaggle-hash40",
+            (50, 0.5): "kaggle-hash50-sub0.5"}
+    for (max_ind_range, rate), name in sets.items():
+        processed, messages = preprocess_quietly(raw, base, max_ind_range=max_ind_range, sub_sample_rate=rate)
+        assert processed.out_dir == str(base / name) and any(m.startswith("Preprocessing kaggle") for m in messages)
+    mtimes = {name: os.path.getmtime(base / name / "day_0_sparse.npy") for name in sets.values()}
+    for (max_ind_range, rate), name in reversed(list(sets.items())):  # alternating never rebuilds
+        processed, messages = preprocess_quietly(raw, base, max_ind_range=max_ind_range, sub_sample_rate=rate)
+        assert messages == [f"Reading pre-processed data={base / name}"]
+        assert max(processed.counts) <= max(max_ind_range, 0) + 1 or max_ind_range < 0
+    assert {name: os.path.getmtime(base / name / "day_0_sparse.npy") for name in sets.values()} == mtimes
+
+
+@pytest.mark.slow
+def test_the_trainer_says_which_processed_set_it_uses(tmp_path, cli):
+    raw = fake_kaggle(tmp_path, 1400)
+    flags = ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2", "--mini-batch-size=64",
+             "--num-batches=2", f"--processed-data-file={tmp_path / 'terabyte_processed.npz'}"]
+    for max_ind_range in (100, 200, 100):
+        result = cli(*flags, f"--max-ind-range={max_ind_range}")
+        assert result.returncode == 0, result.stderr
+    assert f"Reading pre-processed data={tmp_path / 'terabyte_processed' / 'kaggle-hash100'}" in result.stdout
+    assert "Preprocessing" not in result.stdout
+
+
+def test_a_single_set_of_an_earlier_version_is_moved_or_removed(tmp_path):
+    raw = fake_kaggle(tmp_path, 700)
+    fresh, _ = preprocess_quietly(raw, tmp_path / "fresh")
+    for max_ind_range in (-1, 50):
+        built, _ = preprocess_quietly(raw, tmp_path / "old", max_ind_range=max_ind_range)
+        base = tmp_path / "old"
+        for name in os.listdir(built.out_dir):  # the earlier layout: one set directly in the base directory
+            os.replace(os.path.join(built.out_dir, name), base / name)
+        os.rmdir(built.out_dir)
+        meta = json.load(open(base / "metadata.json"))
+        meta["settings"]["format"] = "dlrm-criteo-processed-v1"
+        (base / "metadata.json").write_text(json.dumps(meta))
+        if max_ind_range > 0:  # its ids are stale: without the raw data nothing is removed
+            with pytest.raises(data_utils.DataError, match="written by an earlier version and is not used"):
+                preprocess_quietly(str(tmp_path / "gone.txt"), base, max_ind_range=max_ind_range)
+            assert (base / "metadata.json").exists()
+        processed, messages = preprocess_quietly(raw, base)
+        if max_ind_range < 0:  # dictionary ids are still valid: moved, not rebuilt
+            assert messages == [f"Moved the processed data in {base} into {base / 'kaggle-dictionary'} "
+                                "(one directory per settings)", f"Reading pre-processed data={base / 'kaggle-dictionary'}"]
+        else:
+            assert messages[0].startswith(f"Removing the processed data of an earlier version in {base}: ")
+        assert sorted(os.listdir(base)) == ["kaggle-dictionary"]
+        for a, b in zip(load_days(processed), load_days(fresh)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_processed_data_is_used_without_the_raw_file_when_settings_match(tmp_path):
@@ -138,7 +190,7 @@ def test_an_interrupted_run_resumes_with_its_finished_days(tmp_path, monkeypatch
     monkeypatch.setattr(data_utils, "parse_block", parse_then_die)
     with pytest.raises(KeyboardInterrupt):
         preprocess_quietly(raw, tmp_path / "out")
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "kaggle-dictionary"
     assert not (out / "metadata.json").exists()
     assert sorted(p.name for p in (out / "work").glob("*.parsed.json")) == [f"day_{d}.parsed.json" for d in range(3)]
     assert not list(out.rglob("*.tmp"))  # the unfinished day's files were discarded
@@ -148,7 +200,7 @@ def test_an_interrupted_run_resumes_with_its_finished_days(tmp_path, monkeypatch
 
     monkeypatch.setattr(data_utils, "parse_block", real_parse)
     calls.clear()
-    resumed, messages = preprocess_quietly(raw, out)
+    resumed, messages = preprocess_quietly(raw, out.parent)
     assert "Resuming: 3 of 7 days already parsed" in messages
     for d in range(7):
         for kind in ("label", "dense", "sparse"):
@@ -157,15 +209,24 @@ def test_an_interrupted_run_resumes_with_its_finished_days(tmp_path, monkeypatch
     assert not (out / "work").exists() and not list(out.rglob("*.tmp"))
 
 
-def test_a_rerun_with_other_settings_discards_unfinished_work(tmp_path, monkeypatch):
+def test_unfinished_work_survives_other_settings_and_is_discarded_when_the_raw_file_changes(tmp_path, monkeypatch):
     raw = fake_kaggle(tmp_path, 700)
     monkeypatch.setattr(data_utils, "_number_feature", lambda job, report: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         preprocess_quietly(raw, tmp_path / "out")
     monkeypatch.undo()
     processed, messages = preprocess_quietly(raw, tmp_path / "out", max_ind_range=7)
-    assert any(m.startswith("Discarding unfinished preprocessing") for m in messages)
-    assert max(processed.counts) == 7 and np.load(processed.day_file(0, "sparse")).max() < 7
+    assert not any(m.startswith(("Discarding", "Resuming")) for m in messages)
+    assert max(processed.counts) <= 8 and np.load(processed.day_file(0, "sparse")).max() < 8  # 7 hashed + missing
+    monkeypatch.setattr(data_utils, "_number_feature", lambda job, report: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # the dictionary run resumed its parsed days, then stopped again
+        preprocess_quietly(raw, tmp_path / "out")
+    monkeypatch.undo()
+    with open(raw, "ab") as f:
+        f.write(row_text(1))
+    _, messages = preprocess_quietly(raw, tmp_path / "out")
+    assert any(m.startswith("Discarding unfinished preprocessing") and m.endswith("changed (size or modification time)")
+               for m in messages)
 
 
 def test_multiprocessing_gives_the_same_result(tmp_path):
@@ -227,5 +288,44 @@ def test_damaged_processed_files_are_rebuilt(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 104)
     rebuilt, messages = preprocess_quietly(raw, tmp_path / "out")
-    assert messages[0].startswith(f"Rebuilding processed data in {tmp_path / 'out'}: ")
+    assert messages[0].startswith(f"Rebuilding processed data in {tmp_path / 'out' / 'kaggle-dictionary'}: ")
     assert np.load(rebuilt.day_file(2, "sparse")).shape == (100, 26)
+
+
+def test_missing_keeps_an_id_of_its_own_under_hashing_in_every_output(tmp_path):
+    # 2**32 % 1000 == 0x128 % 1000: hashing missing like a value would merge it with 00000128
+    c1 = ["00000128", "00000001", None]
+    rows = [row_text(k % 2, cats=[c1[k % 3]] + ["0000000a"] * 25) for k in range(70)]
+    (tmp_path / "train.txt").write_bytes(b"".join(rows))
+    processed, _ = preprocess_quietly(str(tmp_path / "train.txt"), tmp_path / "out", max_ind_range=1000)
+    _, _, sparse = load_days(processed)
+    assert processed.counts[0] == 3 and processed.counts[1] == 1
+    ids = {value: set(sparse[k % 3 :: 3, 0].tolist()) for k, value in enumerate(c1)}
+    assert all(len(v) == 1 for v in ids.values()) and len(set.union(*ids.values())) == 3
+    dictionary = np.load(os.path.join(processed.out_dir, "dictionary_0.npy"))
+    assert sorted(dictionary.tolist()) == [1, 0x128, MISSING]
+    records = {}
+    for split, path in data_utils.write_bin_files(processed, log=lambda *a: None).items():
+        records[split] = np.fromfile(path, dtype=np.int32).reshape(-1, 40)
+    np.testing.assert_array_equal(np.concatenate([records[s][:, 14:] for s in ("train", "test", "val")]), sparse)
+
+
+@settings(max_examples=40, deadline=None)
+@given(max_ind_range=st.integers(1, 1 << 33),
+       values=st.lists(st.integers(0, (1 << 32) - 1), min_size=1, max_size=30),
+       missing_every=st.integers(1, 5))
+def test_hashed_ids_property(max_ind_range, values, missing_every):
+    """Missing never shares an id with a present value; two distinct values share one only when equal mod M."""
+    cats = ["%08x" % v for v in values]
+    for k in range(0, len(cats) + 1, missing_every):
+        cats.insert(k, None)
+    raw = b"".join(row_text(0, cats=[c] * 26) for c in cats)
+    parsed = data_utils.parse_block(raw, "rows", 1)
+    ids = data_utils.Numbering().add(data_utils.categorical_keys(parsed.categorical[0], max_ind_range))
+    present = [c is not None for c in cats]
+    missing_ids = {int(i) for i, p in zip(ids, present) if not p}
+    assert len(missing_ids) == 1 and not missing_ids & {int(i) for i, p in zip(ids, present) if p}
+    id_of = {v: int(i) for v, i, p in zip(parsed.categorical[0].tolist(), ids, present) if p}
+    for a in id_of:
+        for b in id_of:
+            assert (id_of[a] == id_of[b]) == (a % max_ind_range == b % max_ind_range)

@@ -123,6 +123,7 @@ def assert_same_checkpoint(path_a, path_b):
     ["--optimizer=sgd", "--learning-rate=0.1"],
     ["--optimizer=rwsadagrad", "--learning-rate=0.1", "--mlperf-grad-accum-iter=2"],
 ], ids=["sgd", "rwsadagrad"])
+@pytest.mark.slow
 def test_three_processes_train_and_test_exactly_as_one(run_main, tmp_path, optimizer):
     args = [*MODEL, *DATA, *optimizer]
     results = launch(3, [*args, f"--save-model={tmp_path / 'distributed.pt'}"], tmp_path)
@@ -138,6 +139,7 @@ def test_three_processes_train_and_test_exactly_as_one(run_main, tmp_path, optim
     assert_same_checkpoint(tmp_path / "distributed.pt", tmp_path / "single.pt")
 
 
+@pytest.mark.slow
 def test_checkpoints_load_across_world_sizes(run_main, tmp_path):
     args = [*MODEL, "--data-size=40", "--mini-batch-size=4", "--optimizer=rwsadagrad", "--learning-rate=0.2"]
     code, three_epochs, _ = run_main(*args, "--nepochs=3")
@@ -165,6 +167,7 @@ def test_checkpoints_load_across_world_sizes(run_main, tmp_path):
 
 
 # ---------------------------------------------------------------- failures
+@pytest.mark.slow
 def test_a_dying_rank_stops_the_others_with_a_clear_error(tmp_path):
     args = ["--data-size=1000000", "--mini-batch-size=2", "--print-freq=1"]
     runs = start(2, args, tmp_path)
@@ -182,6 +185,7 @@ def test_a_dying_rank_stops_the_others_with_a_clear_error(tmp_path):
     assert "Traceback" not in err and "Finished training it 500000/" not in out
 
 
+@pytest.mark.slow
 def test_a_missing_rank_is_an_error_after_the_timeout(tmp_path):
     started = time.monotonic()
     [(code, _, err)] = finish(start(2, ["--mini-batch-size=2", "--dist-timeout=2"], tmp_path, ranks=[0]), 60)

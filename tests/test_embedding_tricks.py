@@ -10,7 +10,7 @@ import torch.nn as nn
 import dlrm_data
 import dlrm_s_pytorch as dlrm
 from dlrmkit.optim import make_optimizer
-from test_training import PlantedDataset
+from helpers import planted_dataset
 from dlrmkit.tricks import PrEmbeddingBag, QREmbeddingBag, md_solver
 from dlrmkit.embeddings import sum_bags
 
@@ -34,8 +34,8 @@ def planted_args(*extra):
 
 def train_and_evaluate(args, tables=TABLES):
     torch.manual_seed(0)
-    train_set = PlantedDataset(3000, 64, seed=1, tables=tables)
-    test_set = PlantedDataset(2000, 1000, seed=2, tables=tables)
+    train_set = planted_dataset(3000, 64, seed=1, tables=tables)
+    test_set = planted_dataset(2000, 1000, seed=2, tables=tables)
     model = dlrm.build_model(args, 4, tables)
     device = torch.device("cpu")
     before = dlrm.evaluate(model, test_set, "bce", None, device)
@@ -45,6 +45,7 @@ def train_and_evaluate(args, tables=TABLES):
     return model, before, dlrm.evaluate(model, test_set, "bce", None, device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("operation", ["mult", "add", "concat"])
 def test_qr_parameter_count_matches_the_paper_and_the_model_learns(operation):
     dim = 8
@@ -82,6 +83,7 @@ def test_md_solver_follows_the_alpha_power_rule():
     assert md_solver([10, 30], alpha=0.5, d0=12, round_dim=True) == [12, 8]
 
 
+@pytest.mark.slow
 def test_md_parameter_count_matches_the_paper_and_the_model_learns():
     args = planted_args("--md-flag", "--md-threshold=100", "--md-temperature=0.3")
     model, before, after = train_and_evaluate(args)

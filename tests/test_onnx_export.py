@@ -35,7 +35,8 @@ def batches_with_other_shapes():
     {"qr_flag": True, "qr_operation": "concat", "qr_collisions": 4, "qr_threshold": 10, "dense_out": 8},
     {"md_flag": True, "md_threshold": 10},
     {"weighted_pooling": "learned"},
-], ids=["plain", "qr-mult", "qr-concat", "md", "weighted"])
+    {"loss_threshold": 0.49},
+], ids=["plain", "qr-mult", "qr-concat", "md", "weighted", "clamped"])
 def test_onnx_round_trip_matches_pytorch_for_any_batch(tmp_path, kwargs):
     net = make_net(**kwargs)
     if net.pooling_weights is not None:

@@ -9,7 +9,7 @@ import torch
 
 import dlrm_s_pytorch as dlrm
 from dlrmkit.optim import make_optimizer
-from test_training import PlantedDataset
+from helpers import PLANTED_TABLES, planted_dataset
 
 # bf16 vs fp32, this model and data, 2 epochs of Adagrad, a print every 10 iterations of 64 samples:
 # measured |diff| 0.0066 on average and 0.041 at most (an early print, loss ~0.6)
@@ -25,8 +25,8 @@ def train_planted(precision, device="cpu", compile_backend=None, optimizer="adag
                             "--mini-batch-size=64", "--print-freq=10", f"--precision={precision}",
                             f"--nepochs={epochs}"])
     device = torch.device(device)
-    train_set, test_set = PlantedDataset(samples, 64, seed=1), PlantedDataset(2000, 256, seed=2)
-    model = dlrm.build_model(args, 4, train_set.tables).to(device)
+    train_set, test_set = planted_dataset(samples, 64, seed=1), planted_dataset(2000, 256, seed=2)
+    model = dlrm.build_model(args, 4, list(PLANTED_TABLES)).to(device)
     if compile_backend:
         dlrm.compile_dense(model, device, backend=compile_backend)
     opt = make_optimizer(optimizer, model.parameters(), args.learning_rate)
@@ -42,6 +42,7 @@ def fp32_run():
     return train_planted("fp32")
 
 
+@pytest.mark.slow
 def test_bf16_tracks_fp32_loss_within_tolerance(fp32_run):
     fp32_losses, fp32_metrics = fp32_run
     bf16_losses, bf16_metrics = train_planted("bf16")
@@ -56,7 +57,7 @@ def test_autocast_leaves_embeddings_probabilities_and_loss_in_float32():
     torch.manual_seed(0)
     args = dlrm.parse_args(["--arch-sparse-feature-size=8", "--arch-mlp-bot=4-16-8", "--arch-mlp-top=16-1"])
     model = dlrm.build_model(args, 4, [50, 20, 10])
-    batch = PlantedDataset(64, 64, seed=1)[0]
+    batch = planted_dataset(64, 64, seed=1)[0]
     with dlrm.autocast("bf16", torch.device("cpu")):
         z = model(batch.dense_x, batch.offsets, batch.indices)
         assert model.bot_l(batch.dense_x).dtype == torch.bfloat16  # the MLPs do run in bf16
@@ -98,7 +99,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_cuda_training_tracks_cpu_fp32(precision, fp32_run):
     losses, metrics = train_planted(precision, device="cuda")
-    assert np.abs(losses - fp32_run[0]).max() < LOSS_TOLERANCE * (2 if precision == "fp16" else 1)
+    difference, slack = np.abs(losses - fp32_run[0]), 2 if precision == "fp16" else 1
+    assert difference.mean() < LOSS_TOLERANCE_MEAN * slack and difference.max() < LOSS_TOLERANCE_MAX * slack
     assert abs(metrics.auc - fp32_run[1].auc) < AUC_TOLERANCE * 2
 
 
@@ -110,8 +112,8 @@ def test_cuda_iterations_do_not_synchronise_with_the_host(precision, optimizer):
                             "--loss-function=bce", f"--optimizer={optimizer}", "--mini-batch-size=64",
                             f"--precision={precision}", "--print-freq=1000"])
     device = torch.device("cuda")
-    train_set = PlantedDataset(64 * 8, 64, seed=1)
-    model = dlrm.build_model(args, 4, train_set.tables).to(device)
+    train_set = planted_dataset(64 * 8, 64, seed=1)
+    model = dlrm.build_model(args, 4, list(PLANTED_TABLES)).to(device)
     opt = make_optimizer(optimizer, model.parameters(), 0.05)
     dlrm.train(args, model, opt, train_set, train_set, device, dlrm.TrainState(), 2, log=lambda s: None)  # warm up
     torch.cuda.synchronize()

@@ -9,7 +9,7 @@ import torch.nn as nn
 import dlrm_s_pytorch as dlrm
 from dlrmkit import quantization
 from dlrmkit.optim import make_optimizer
-from test_training import PlantedDataset
+from helpers import planted_dataset
 
 TABLES = (50, 20, 10)
 
@@ -20,8 +20,8 @@ def trained():
     args = dlrm.parse_args(["--arch-sparse-feature-size=8", "--arch-mlp-bot=4-16-8", "--arch-mlp-top=16-1",
                             "--loss-function=bce", "--optimizer=adagrad", "--learning-rate=0.1",
                             "--mini-batch-size=64"])
-    train_set = PlantedDataset(3000, 64, seed=1, tables=TABLES)
-    test_set = PlantedDataset(4000, 1000, seed=2, tables=TABLES)
+    train_set = planted_dataset(3000, 64, seed=1, tables=TABLES)
+    test_set = planted_dataset(4000, 1000, seed=2, tables=TABLES)
     model = dlrm.build_model(args, 4, TABLES)
     optimizer = make_optimizer("adagrad", model.parameters(), 0.1)
     dlrm.train(args, model, optimizer, train_set, test_set, torch.device("cpu"), dlrm.TrainState(), len(train_set),
@@ -29,6 +29,7 @@ def trained():
     return model, test_set
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mlp_bits,emb_bits", [(8, 32), (16, 32), (32, 8), (32, 4), (8, 4), (16, 8)])
 def test_quantized_auc_is_within_0_01_of_fp32(trained, mlp_bits, emb_bits):
     model, test_set = trained
@@ -77,7 +78,7 @@ def test_qr_and_md_tables_quantize_too():
     args = dlrm.parse_args(["--qr-flag", "--qr-threshold=30", "--md-flag", "--md-threshold=15",
                             "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4"])
     model = dlrm.build_model(args, 4, TABLES)
-    batch = PlantedDataset(64, 64, seed=3, tables=TABLES)[0]
+    batch = planted_dataset(64, 64, seed=3, tables=TABLES)[0]
     with torch.no_grad():
         reference = model(batch.dense_x, batch.offsets, batch.indices)
         quantization.quantize_for_inference(model, 32, 8)

@@ -1,6 +1,9 @@
 """Profiling, compute graph, TensorBoard, MLPerf log lines, the metrics log and its plot."""
 
 import json
+import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -12,13 +15,28 @@ from dlrmkit.mlperf_logger import parse_mllog
 RUN = ["--mini-batch-size=4", "--data-size=16", "--test-freq=2", "--loss-function=bce", "--round-targets"]
 
 
-def test_profiling_writes_a_chrome_trace_and_prints_top_operators(run_main, tmp_path):
+def test_profiling_writes_the_originals_trace_and_operator_tables(cli, tmp_path):
+    result = cli(*RUN, "--enable-profiling", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 3 and re.fullmatch(r"dlrm_s_pytorch\d{4}-\d\d-\d\d_[\d:.]+\.json", names[0]), names
+    stem = names[0][:-5]
+    assert names[1:] == [stem + "_shape.prof", stem + "_total.prof"]
+    events = json.loads((tmp_path / names[0]).read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::embedding_bag") for e in events)
+    shape, total = ((tmp_path / n).read_text() for n in names[1:])
+    assert "Input Shapes" in shape and "Input Shapes" not in total and "aten::addmm" in total
+    assert "Self CPU time total" in result.stdout and f"Chrome trace to {names[0]}" in result.stdout
+
+
+def test_profiling_trace_file_names_the_trace_with_the_tables_next_to_it(run_main, tmp_path):
     trace = tmp_path / "prof" / "trace.json"
     code, out, err = run_main(*RUN, "--enable-profiling", f"--profiling-trace-file={trace}")
     assert code == 0, err
     assert "Self CPU time total" in out and "aten::" in out and f"Wrote the profiler's Chrome trace to {trace}" in out
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name", "").startswith("aten::embedding_bag") for e in events)
+    assert sorted(os.listdir(tmp_path / "prof")) == ["trace.json", "trace_shape.prof", "trace_total.prof"]
 
 
 @pytest.mark.parametrize("torchviz_present", [True, False])
@@ -93,11 +111,62 @@ def test_mlperf_log_lines_follow_the_benchmark_structure(run_main):
     assert keys.index("init_stop") < keys.index("run_start") < keys.index("epoch_start") < keys.index("eval_accuracy")
     by_key = {r["key"]: r for r in records}
     assert by_key["submission_benchmark"]["value"] == "dlrm" and by_key["global_batch_size"]["value"] == 4
-    assert by_key["eval_accuracy"]["metadata"]["epoch_num"] == 0.5 and 0 <= by_key["eval_accuracy"]["value"] <= 1
+    assert by_key["eval_accuracy"]["metadata"]["epoch_num"] == 1.5 and 0 <= by_key["eval_accuracy"]["value"] <= 1
     # the AUC target is reached at the first test: training stops there and the run succeeded
     assert keys.count("eval_accuracy") == 1 and by_key["run_stop"]["metadata"]["status"] == "success"
     assert all(r["event_type"] in ("POINT_IN_TIME", "INTERVAL_START", "INTERVAL_END") for r in records)
     assert all(line.startswith(":::MLLOG {") for line in out.splitlines() if "MLLOG" in line)
+
+
+def test_mlperf_epoch_num_of_tests_counts_from_one_like_epochs(run_main):
+    code, out, _ = run_main("--mini-batch-size=4", "--test-freq=2", "--nepochs=2", "--num-batches=4",
+                            "--mlperf-logging")
+    assert code == 0
+    records = parse_mllog(out.splitlines())
+    for key in ("eval_start", "eval_accuracy", "eval_stop"):
+        assert [r["metadata"]["epoch_num"] for r in records if r["key"] == key] == [1.5, 2.0, 2.5, 3.0]
+    assert [r["metadata"]["epoch_num"] for r in records if r["key"] == "epoch_start"] == [1, 2]
+
+
+def test_mlperf_epoch_num_is_a_fraction_of_the_whole_epoch_not_of_the_batch_cap(run_main, tmp_path):
+    from helpers import fake_kaggle
+
+    raw = fake_kaggle(tmp_path, 1400)  # 6 training days of 200 rows: 10 batches of 120
+    code, out, err = run_main("--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2",
+                              "--mini-batch-size=120", "--num-batches=4", "--test-freq=2", "--mlperf-logging")
+    assert code == 0, err
+    records = parse_mllog(out.splitlines())
+    assert [r["metadata"]["epoch_num"] for r in records if r["key"] == "eval_accuracy"] == [1.2, 1.4]
+    assert [r["value"] for r in records if r["key"] == "train_samples"] == [1200]
+
+
+def test_mlperf_log_passes_the_compliance_checker_apart_from_the_accuracy_target(run_main, tmp_path):
+    pytest.importorskip("mlperf_logging")
+    # the benchmark's model shape (3 bottom, 5 top layers), small tables
+    code, out, err = run_main("--arch-sparse-feature-size=16", "--arch-mlp-bot=13-32-32-16",
+                              "--arch-mlp-top=32-32-16-8-1", "--arch-embedding-size=50-40-30", "--mini-batch-size=8",
+                              "--num-batches=4", "--nepochs=2", "--test-freq=2", "--mlperf-logging")
+    assert code == 0, err
+    records = parse_mllog(out.splitlines())
+    assert [r["metadata"]["tensor"] for r in records if r["key"] == "weights_initialization"] == [
+        "embeddings", "bottom_mlp_dense1", "bottom_mlp_dense2", "bottom_mlp_dense3",
+        "top_mlp_dense1", "top_mlp_dense2", "top_mlp_dense3", "top_mlp_dense4", "top_mlp_dense5"]
+    lines = [line for line in out.splitlines() if line.startswith(":::MLLOG")]
+    log = tmp_path / "mlperf.log"
+
+    def check(lines):
+        log.write_text("\n".join(lines) + "\n")
+        return subprocess.run([sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
+                               "--ruleset", "2.1.0", str(log)], capture_output=True, text=True, cwd=tmp_path)
+
+    result = check(lines)
+    assert result.returncode != 0 and "Failed checks for eval_accuracy : v['value'] >= 0.8025" in result.stderr
+    # the same log with the target AUC reached: nothing else fails
+    last = max(k for k, line in enumerate(lines) if '"key": "eval_accuracy"' in line)
+    record = json.loads(lines[last].split(" ", 1)[1])
+    record["value"] = 0.81
+    result = check(lines[:last] + [":::MLLOG " + json.dumps(record)] + lines[last + 1:])
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mlperf_run_stop_is_aborted_when_the_target_is_missed(run_main):
@@ -136,3 +205,16 @@ def test_inference_only_passes_are_logged_as_inference(run_main, tmp_path):
     assert code == 0, err
     events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
     assert events == ["start"] + ["inference"] * 4 + ["test", "end"]
+
+
+def test_metrics_log_of_a_criteo_run_records_the_table_sizes_used(run_main, tmp_path):
+    from helpers import fake_kaggle, preprocess_quietly
+
+    raw, log = fake_kaggle(tmp_path, 1400), tmp_path / "metrics.jsonl"
+    code, _, err = run_main("--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2",
+                            "--max-ind-range=300", "--mini-batch-size=100", "--num-batches=2",
+                            f"--metrics-log-file={log}")
+    assert code == 0, err
+    processed, _ = preprocess_quietly(raw, tmp_path / "kaggleAdDisplayChallenge_processed", max_ind_range=300)
+    config = json.loads(log.read_text().splitlines()[0])["config"]
+    assert config["args"]["arch_embedding_size"] == processed.counts and len(processed.counts) == 26

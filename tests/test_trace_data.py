@@ -139,3 +139,13 @@ def test_record_trace_tool_reads_raw_criteo_text(tmp_path):
         values = [line.rstrip("\n").split("\t")[14] for _, line in zip(range(5000), f)]
     first_seen = {v: i for i, v in reversed(list(enumerate(dict.fromkeys(values))))}
     assert columns[0].tolist() == [first_seen[v] for v in values]
+
+
+def test_record_trace_reads_raw_values_as_the_preprocessing_does(tmp_path):
+    from helpers import row_text
+    from tools.record_trace import read_columns
+
+    cats = ["0000000a", "0000000A", "a", None, "00000000", None, "0000000b"]
+    path = tmp_path / "raw.txt"
+    path.write_bytes(b"".join(row_text(0, cats=[c] * 26) for c in cats))
+    assert read_columns(str(path), 100)[0].tolist() == [0, 0, 0, 1, 2, 1, 3]

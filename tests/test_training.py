@@ -1,14 +1,14 @@
 """Training behaviour: learning, accumulation, evaluation, checkpoints, early stop."""
 
+import json
 import re
 
-import numpy as np
 import pytest
 import torch
 
-import dlrm_data
 import dlrm_s_pytorch as dlrm
 from dlrmkit.optim import make_optimizer
+from helpers import PLANTED_TABLES, planted_dataset
 
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
 TEST_LINE = re.compile(r"^ accuracy ([\d.]+) %, best ([\d.]+) %, loss ([\d.]+), auc ([\d.na]+), best auc ([\d.na]+)")
@@ -19,36 +19,17 @@ def losses_by_position(out):
             for m in map(TRAIN_LINE.match, out.splitlines()) if m}
 
 
-class PlantedDataset:
-    """Clicks depend on dense feature 0 and on the id in table 0: a learnable signal."""
-
-    def __init__(self, num_samples, batch_size, seed, tables=(50, 20, 10)):
-        rng = np.random.default_rng(seed)
-        self.batch_size, self.tables = batch_size, tables
-        self.dense = rng.random((num_samples, 4), dtype=np.float32)
-        self.ids = np.stack([rng.integers(0, n, num_samples) for n in tables], axis=1)
-        effect = np.random.default_rng(99).normal(0, 2, tables[0])
-        logit = 4 * (self.dense[:, 0] - 0.5) + effect[self.ids[:, 0]]
-        self.labels = (rng.random(num_samples) < 1 / (1 + np.exp(-logit))).astype(np.float32)
-
-    def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
-
-    def __getitem__(self, j):
-        s = slice(j * self.batch_size, (j + 1) * self.batch_size)
-        return dlrm_data.batch_from_ids(self.dense[s], self.ids[s], self.labels[s])
-
-
 def small_args(*extra):
     return dlrm.parse_args(["--arch-sparse-feature-size=8", "--arch-mlp-bot=4-16-8", "--arch-mlp-top=16-1",
                             "--loss-function=bce", *extra])
 
 
+@pytest.mark.slow
 def test_trainer_learns_a_planted_signal():
     torch.manual_seed(0)
     args = small_args("--optimizer=adagrad", "--learning-rate=0.05", "--nepochs=3", "--mini-batch-size=64")
-    train_set, test_set = PlantedDataset(6000, 64, seed=1), PlantedDataset(2000, 256, seed=2)
-    model = dlrm.build_model(args, 4, train_set.tables)
+    train_set, test_set = planted_dataset(6000, 64, seed=1), planted_dataset(2000, 256, seed=2)
+    model = dlrm.build_model(args, 4, list(PLANTED_TABLES))
     device = torch.device("cpu")
     before = dlrm.evaluate(model, test_set, "bce", None, device)
     optimizer = make_optimizer("adagrad", model.parameters(), args.learning_rate)
@@ -70,9 +51,9 @@ def train_params(batches, accum):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    data = PlantedDataset(12, 12, seed=3)
+    data = planted_dataset(12, 12, seed=3)
     big = [data[0]]
-    micro = [PlantedDataset(12, 4, seed=3)[j] for j in range(3)]  # same 12 samples, 3 micro-batches
+    micro = [planted_dataset(12, 4, seed=3)[j] for j in range(3)]  # same 12 samples, 3 micro-batches
     params_big, updates_big = train_params(big, accum=1)
     params_micro, updates_micro = train_params(micro, accum=3)
     assert updates_big == updates_micro == 1
@@ -87,7 +68,49 @@ def test_evaluation_covers_the_whole_test_set_regardless_of_num_batches(run_main
     model_args = dlrm.parse_args(["--mini-batch-size=4", "--data-size=40", "--num-batches=3",
                                   "--test-mini-batch-size=7"])
     _, test_set, _, _ = dlrm.make_datasets(model_args)
-    assert len(test_set) == 2 and test_set.samples_in_batch(1) == 5  # 12 samples, batches of 7: none dropped
+    assert len(test_set) == 6 and test_set.samples_in_batch(5) == 5  # all 40 samples, batches of 7: none dropped
+
+
+def test_an_inference_only_rerun_reports_the_metrics_of_the_runs_own_test(run_main, tmp_path):
+    checkpoint = tmp_path / "m.pt"
+    flags = ["--mini-batch-size=16", "--data-size=512", "--loss-function=bce", "--round-targets"]
+    code, out, err = run_main(*flags, "--num-batches=8", "--test-freq=8", f"--save-model={checkpoint}")
+    assert code == 0, err
+    own = [m.group(1, 3, 4) for m in map(TEST_LINE.match, out.splitlines()) if m]
+    code, rerun, err = run_main(*flags, f"--load-model={checkpoint}", "--inference-only")
+    assert code == 0, err
+    again = [m.group(1, 3, 4) for m in map(TEST_LINE.match, rerun.splitlines()) if m]
+    assert len(own) == 1 and again == own  # accuracy, loss, auc over the same 512 test samples
+
+
+def test_a_test_set_of_one_class_says_the_auc_is_undefined(run_main, tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    # a test set of one sample has one class
+    code, out, err = run_main("--mini-batch-size=1", "--data-size=1", "--nepochs=2", "--test-freq=1",
+                              "--round-targets", f"--metrics-log-file={log}")
+    assert code == 0, err
+    tests = [line for line in out.splitlines() if line.startswith(" accuracy")]
+    assert len(tests) == 2 and all(", auc undefined (the test set has one class), best auc undefined" in line
+                                   for line in tests), tests
+    assert "nan" not in out
+    tests = [json.loads(line) for line in log.read_text().splitlines() if '"test"' in line]
+    assert [(t["auc"], t["best_auc"]) for t in tests] == [(None, None), (None, None)]
+
+
+def test_loading_an_original_checkpoint_prints_its_stored_state(run_main, tmp_path):
+    path = tmp_path / "original.pt"
+    assert run_main("--mini-batch-size=2", "--data-size=8", f"--save-model={path}")[0] == 0
+    ours = torch.load(path, weights_only=False)
+    original = {key: ours[key] for key in ("state_dict", "opt_state_dict", "nepochs", "nbatches", "nbatches_test")}
+    original.update(epoch=0, iter=2, train_loss=0.3125, total_loss=1.25, test_acc=0.75)  # the original's keys
+    torch.save(original, path)
+    code, out, err = run_main("--mini-batch-size=2", "--data-size=8", "--test-freq=4", f"--load-model={path}")
+    assert code == 0, err
+    assert "Saved at: epoch = 0/1, batch = 2/4, ntbatch = 4" in out
+    assert "Training state: loss = 0.312500" in out and "Testing state: accuracy = 75.000 %" in out
+    assert out.count("Finished training it") == 2  # the rest of epoch 0
+    best = re.search(r"best ([\d.]+) %", out).group(1)
+    assert float(best) >= 75.0  # the stored accuracy is the best so far, as in the original
 
 
 FLAGS = ["--mini-batch-size=4", "--data-size=32", "--nepochs=2", "--test-freq=3", "--optimizer=adagrad",

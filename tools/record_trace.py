@@ -15,8 +15,9 @@ Usage:
 then train on ids drawn from those distributions:
     python dlrm_s_pytorch.py --data-generation=synthetic --data-trace-file=./input/dist_emb_j.log ...
 
-`j` in --output is replaced by the table number. Raw-text values get ids in order of first
-appearance (an empty field is a value of its own); reuse distances do not depend on the ids.
+`j` in --output is replaced by the table number. Raw-text values are read as the preprocessing
+reads them (hex values, so `0000000A` and `a` are `0000000a`; an empty field is a value of its own)
+and get ids in order of first appearance; reuse distances do not depend on the ids.
 """
 
 from __future__ import annotations
@@ -59,31 +60,21 @@ def read_npy(path, max_rows):
 
 
 def read_criteo_text(path, max_rows):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from pyarrow import csv
+    """Per table, the ids of the first max_rows rows: categorical values parsed as the preprocessing
+    parses them (hex values, missing apart) and numbered in order of first appearance."""
+    import data_utils
 
-    names = ["label"] + [f"I{i}" for i in range(1, CRITEO_DENSE + 1)] + [f"C{i}" for i in range(1, CRITEO_SPARSE + 1)]
-    sparse = names[1 + CRITEO_DENSE:]
-    reader = csv.open_csv(
-        path,
-        read_options=csv.ReadOptions(column_names=names),
-        parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
-        convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in sparse}, include_columns=sparse,
-                                           strings_can_be_null=False),
-    )
-    batches, rows = [], 0
+    blocks, rows = [], 0
     try:
-        for batch in reader:
-            batches.append(batch)
-            rows += batch.num_rows
+        for raw in data_utils.read_line_blocks(path):
+            blocks.append(data_utils.parse_block(raw, path, rows + 1).categorical)
+            rows += blocks[-1].shape[1]
             if rows >= max_rows:
                 break
-    except pa.ArrowInvalid as e:
-        raise InputError(f"{path}: not Criteo text with {len(names)} tab-separated columns ({e})")
-    table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, max_rows)
-    return [pc.dictionary_encode(table.column(c)).combine_chunks().indices.to_numpy().astype(np.int64)
-            for c in sparse]
+    except data_utils.DataError as e:
+        raise InputError(str(e))
+    values = np.concatenate(blocks, axis=1)[:, :max_rows] if blocks else np.zeros((CRITEO_SPARSE, 0), np.int64)
+    return [data_utils.Numbering().add(np.ascontiguousarray(v)).astype(np.int64) for v in values]
 
 
 def read_trace_text(path, max_rows):

@@ -1,7 +1,7 @@
 """SGD, Adagrad and row-wise sparse Adagrad with fused sparse updates, on any device.
 
 Sparse gradients (from `EmbeddingBag(sparse=True)`, above all the one weight of
-`embeddings.BatchedEmbeddingBags`) are coalesced once per step by
+`dlrmkit.embeddings.BatchedEmbeddingBags`) are coalesced once per step by
 `coalesce_rows` (sort the row ids, sum each row's values with one
 `embedding_bag` call) and applied with a few whole-tensor row operations (`add_rows_`): no
 per-table Python loop, none of `torch.sparse`'s serial CPU kernels, and on CUDA
@@ -281,9 +281,12 @@ OPTIMIZERS = {
 }
 
 
-def make_optimizer(name: str, params, lr: float, consume_grads: bool = False) -> torch.optim.Optimizer:
-    """`consume_grads`: the caller never reads gradients after a step (the training loop), so the
-    step may overwrite them instead of copying."""
+def make_optimizer(name: str, params, lr: float, consume_grads: bool = False) -> "_FusedSparseOptimizer":
+    """The optimizer `name` (sgd, adagrad, rwsadagrad) over `params` at learning rate `lr`.
+
+    It offers what the trainer uses of `torch.optim.Optimizer` (see `_FusedSparseOptimizer`);
+    `consume_grads`: the caller never reads gradients after a step (the training loop), so the
+    step may overwrite them instead of copying. Raises ValueError for another name."""
     if name not in OPTIMIZERS:
         raise ValueError(f"--optimizer={name} is not one of {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name](params, lr=lr, consume_grads=consume_grads)

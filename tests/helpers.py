@@ -1,12 +1,29 @@
-"""Shared helpers of the tests/test_data_*.py files: a naive reference parser and small files."""
+"""Helpers shared by the tests: a planted-signal dataset, a naive reference parser of raw
+Criteo lines, small generated Criteo files. (pytest fixtures are in conftest.py.)"""
 
 import os
 
 import numpy as np
 
 import data_utils
+import dlrm_data
 
 MISSING = 1 << 32
+
+
+PLANTED_TABLES = (50, 20, 10)
+
+
+def planted_dataset(num_samples, batch_size, seed, tables=PLANTED_TABLES) -> dlrm_data.OneHotDataset:
+    """4 dense features and one id per table; clicks depend on dense feature 0 and on the id in
+    table 0 (a learnable signal)."""
+    rng = np.random.default_rng(seed)
+    dense = rng.random((num_samples, 4), dtype=np.float32)
+    ids = np.stack([rng.integers(0, n, num_samples) for n in tables], axis=1)
+    effect = np.random.default_rng(99).normal(0, 2, tables[0])
+    logit = 4 * (dense[:, 0] - 0.5) + effect[ids[:, 0]]
+    labels = (rng.random(num_samples) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    return dlrm_data.OneHotDataset(dense, ids, labels, batch_size)
 
 
 def naive_row(line: bytes):
@@ -18,10 +35,14 @@ def naive_row(line: bytes):
     return int(fields[0]), ints, cats
 
 
+def naive_key(value, max_ind_range=-1):
+    """The key a categorical is numbered by: the value, or value % M; missing stays apart."""
+    return value if max_ind_range <= 0 or value == MISSING else value % max_ind_range
+
+
 def naive_ids(cats, max_ind_range=-1):
-    """Per-feature ids in order of first appearance of (value, or value % M), as the original."""
-    cats = np.asarray(cats, dtype=np.int64)
-    keys = cats % max_ind_range if max_ind_range > 0 else cats
+    """Per-feature ids in order of first appearance of their keys, as the original."""
+    keys = np.vectorize(lambda v: naive_key(v, max_ind_range), otypes=[np.int64])(np.asarray(cats, dtype=np.int64))
     ids = np.empty(keys.shape, dtype=np.int64)
     counts = []
     for t in range(keys.shape[1]):

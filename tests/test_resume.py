@@ -1,0 +1,132 @@
+"""Resuming a checkpoint: the same sample position under any batch size; changed data-order flags refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dlrm_data
+import dlrm_s_pytorch as dlrm
+from helpers import fake_kaggle
+
+
+@pytest.fixture(scope="module")
+def kaggle_file(tmp_path_factory):
+    return fake_kaggle(tmp_path_factory.mktemp("kaggle"), 7000, seed=4)  # 6 training days of 1000 rows
+
+
+def flags(raw, *extra):
+    return ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-sparse-feature-size=4",
+            "--arch-mlp-bot=13-4", "--arch-mlp-top=4-1", "--loss-function=bce", "--data-randomize=total",
+            "--mini-batch-size=128", *extra]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(kaggle_file, tmp_path_factory):
+    """Saved at the test after batch 45 of the 47 of epoch 0 (rows 0 .. 5759 of its order trained)."""
+    path = tmp_path_factory.mktemp("checkpoint") / "model.pt"
+    assert dlrm.main(flags(kaggle_file, "--test-freq=45", f"--save-model={path}")) == 0
+    assert torch.load(path, weights_only=False)["iter"] == 45
+    return path
+
+
+def trained_samples(log):
+    return [r["samples"] for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "train"]
+
+
+@pytest.mark.parametrize("batch_size,first_line", [
+    (256, "Resuming at sample 5760 of epoch 0 (--mini-batch-size was 128, now 256: batch 22, from its sample 128)"),
+    (64, "Resuming at sample 5760 of epoch 0 (--mini-batch-size was 128, now 64: batch 90)"),
+])
+def test_resume_with_another_batch_size_trains_exactly_the_rest_of_the_epoch(
+        kaggle_file, checkpoint, run_main, tmp_path, batch_size, first_line):
+    log = tmp_path / "metrics.jsonl"
+    code, out, err = run_main(*flags(kaggle_file, f"--mini-batch-size={batch_size}", "--print-freq=1",
+                                     f"--load-model={checkpoint}", f"--metrics-log-file={log}"))
+    assert code == 0, err
+    assert first_line in out.splitlines()
+    expected = {256: [128, 112], 64: [64, 64, 64, 48]}[batch_size]  # rows 5760 .. 5999, each once
+    assert trained_samples(log) == expected
+
+
+def test_resumed_batches_hold_exactly_the_rows_not_yet_trained(kaggle_file):
+    def dataset(batch_size):
+        args = dlrm.parse_args(flags(kaggle_file, f"--mini-batch-size={batch_size}"))
+        return dlrm_data.make_criteo_datasets(args, log=lambda *a: None, progress=False)[0]
+
+    def rows(batches):
+        dense = torch.cat([b.dense_x for b in batches]).numpy()
+        return dense[np.lexsort(dense.T)]
+
+    small, big = dataset(128), dataset(256)
+    rest = rows([small[j] for j in range(45, 47)])
+    resumed = dlrm_data.skip_within_batch(big, 22, 128)
+    np.testing.assert_array_equal(rows([resumed[22], resumed[23]]), rest)
+    assert resumed[22].batch_size == 128 and resumed[23].batch_size == 112
+
+
+def test_batch_tail_keeps_the_last_samples_with_their_bags():
+    config = dlrm_data.RandomDataConfig(num_indices_per_lookup=4)
+    batch = dlrm_data.RandomDataset(3, [7, 5, 9], 10, 10, seed=3, config=config)[0]
+    tail = dlrm_data.batch_tail(batch, 4)
+    assert torch.equal(tail.dense_x, batch.dense_x[6:]) and torch.equal(tail.target, batch.target[6:])
+    for t in range(3):
+        for b in range(4):
+            assert torch.equal(tail.lS_i[t][tail.lS_o[t][b]: (tail.lS_o[t][b + 1] if b < 3 else None)],
+                               batch.lS_i[t][batch.lS_o[t][6 + b]: (batch.lS_o[t][7 + b] if b < 3 else None)])
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--numpy-rand-seed=7"], "--numpy-rand-seed was 123, now 7"),
+    (["--data-randomize=day"], "--data-randomize was total, now day"),
+    (["--data-randomize=none"], "--data-randomize was total, now none"),
+    (["--data-sub-sample-rate=0.5"], "--data-sub-sample-rate was 0.0, now 0.5"),
+    (["--mlperf-bin-loader", "--mlperf-bin-shuffle"], "--mlperf-bin-shuffle was False, now True"),
+])
+def test_a_changed_data_order_flag_inside_an_epoch_is_refused(kaggle_file, checkpoint, run_main, change, message):
+    code, out, err = run_main(*flags(kaggle_file, *change, f"--load-model={checkpoint}"))
+    assert code == 1 and "Finished training" not in out
+    assert err.strip().splitlines()[-1] == (f"dlrm_s_pytorch.py: error: --load-model {checkpoint}: {message}: the rest of epoch 0 "
+                           "would skip or repeat rows; resume with the checkpoint's value")
+
+
+def test_other_data_files_are_refused(checkpoint, run_main, tmp_path):
+    other = fake_kaggle(tmp_path, 7700, seed=4)
+    code, _, err = run_main(*flags(other, f"--load-model={checkpoint}"))
+    assert code == 1 and ("--raw-data-file / --processed-data-file (training rows) was 6000, now 6600" in err)
+
+
+def test_a_batch_size_change_with_shuffled_batches_is_refused(kaggle_file, run_main, tmp_path):
+    path = tmp_path / "bin.pt"
+    shuffled = ["--mlperf-bin-loader", "--mlperf-bin-shuffle", "--test-freq=20"]
+    assert run_main(*flags(kaggle_file, *shuffled, "--num-batches=20", f"--save-model={path}"))[0] == 0
+    code, _, err = run_main(*flags(kaggle_file, *shuffled, "--mini-batch-size=64", f"--load-model={path}"))
+    assert code == 1 and err.strip().endswith("--mini-batch-size was 128, now 64: with --mlperf-bin-shuffle the rest "
+                                              "of epoch 0 depends on it; resume with --mini-batch-size=128")
+
+
+def test_at_an_epoch_start_a_changed_flag_is_noted(kaggle_file, run_main, tmp_path):
+    path = tmp_path / "end.pt"
+    assert run_main(*flags(kaggle_file, "--num-batches=3", f"--save-model={path}"))[0] == 0  # saved after epoch 0
+    code, out, err = run_main(*flags(kaggle_file, "--num-batches=3", "--nepochs=2", "--numpy-rand-seed=9",
+                                     f"--load-model={path}"))
+    assert code == 0, err
+    assert "note: --numpy-rand-seed was 123 in the checkpoint, now 9 (it is at the start of epoch 1)" in out
+    assert out.count("Finished training it") == 3
+
+
+@pytest.mark.slow
+def test_a_distributed_resume_with_another_batch_size_equals_the_single_process_one(
+        kaggle_file, checkpoint, run_main, tmp_path):
+    from test_distributed import launch, train_losses
+
+    resume = flags(kaggle_file, "--mini-batch-size=256", "--print-freq=1", f"--load-model={checkpoint}")
+    code, single, err = run_main(*resume)
+    assert code == 0, err
+    (_, out, _), _ = launch(2, resume, tmp_path)
+    assert "Resuming at sample 5760 of epoch 0" in out
+    expected = train_losses(single)
+    assert [(e, j) for e, j, _ in expected] == [(0, 23), (0, 24)]
+    for (_, _, loss), (_, _, reference) in zip(train_losses(out), expected, strict=True):
+        assert loss == pytest.approx(reference, rel=1e-5, abs=1.1e-6)
