@@ -263,16 +263,14 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         self.embedding_dim = int(dim)
         if any(n < 1 for n in self.table_sizes):
             raise ValueError(f"every embedding table needs at least one row, got {self.table_sizes}")
-        self.row_starts = [0]
-        for n in self.table_sizes[:-1]:
-            self.row_starts.append(self.row_starts[-1] + n)
+        self.row_starts = np.cumsum([0] + self.table_sizes[:-1]).tolist() if self.table_sizes else []
         total_rows = sum(self.table_sizes)
         self.weight = nn.Parameter(torch.empty(total_rows, self.embedding_dim))
         uniform_rows_(self.weight.data, [(start, start + n, math.sqrt(1.0 / n), table_init_seed(seed, t))
                                          for start, n, t in zip(self.row_starts, self.table_sizes, tables)])
         # [first row, rows] of each table: looked up for every id in one repeat_interleave
-        self.register_buffer("row_ranges", torch.tensor([self.row_starts, self.table_sizes], dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer("row_ranges", torch.tensor([self.row_starts, self.table_sizes], dtype=torch.int64)
+                             .view(2, len(self.table_sizes)), persistent=False)
 
     def __len__(self):
         return len(self.table_sizes)

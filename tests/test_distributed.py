@@ -140,6 +140,17 @@ def test_three_processes_train_and_test_exactly_as_one(run_main, tmp_path, optim
 
 
 @pytest.mark.slow
+def test_a_process_without_tables_still_trains_as_one(run_main, tmp_path):
+    """Two tables over three processes: the third holds none but takes part in every exchange."""
+    args = ["--arch-embedding-size=10-20", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",
+            "--arch-mlp-top=8-1", "--data-size=48", "--mini-batch-size=6", "--test-freq=4", "--optimizer=adagrad"]
+    (_, out0, _), *others = launch(3, args, tmp_path)
+    code, single, _ = run_main(*args)
+    assert code == 0 and all(code == 0 for code, _, _ in others)
+    assert_same_run(out0, single)
+
+
+@pytest.mark.slow
 def test_checkpoints_load_across_world_sizes(run_main, tmp_path):
     args = [*MODEL, "--data-size=40", "--mini-batch-size=4", "--optimizer=rwsadagrad", "--learning-rate=0.2"]
     code, three_epochs, _ = run_main(*args, "--nepochs=3")

@@ -75,6 +75,13 @@ def test_a_distributed_shard_is_a_batch_of_the_same_type():
     assert shard.lS_i[0].tolist() == batch.lS_i[3].tolist() and shard.lS_i[1].tolist() == batch.lS_i[0].tolist()
 
 
+def test_a_collection_of_no_tables_pools_to_nothing():
+    """What a process of a model-parallel run holds when every table lives elsewhere."""
+    empty = BatchedEmbeddingBags([10, 20], 4, tables=[])
+    sf = SparseFeatures.from_lengths(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 3)
+    assert len(empty) == 0 and empty(sf).shape == (3, 0, 4)
+
+
 def collections():
     torch.manual_seed(0)
     qr = dlrm.create_embeddings(TABLES, 4, qr_flag=True, qr_collisions=2, qr_threshold=3)
