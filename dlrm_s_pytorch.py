@@ -98,18 +98,19 @@ def create_mlp(dims, sigmoid_layer: int) -> nn.Sequential:
 
 def create_embeddings(table_sizes, dim, qr_flag=False, qr_operation="mult", qr_collisions=4, qr_threshold=200,
                       md_flag=False, md_threshold=200, md_temperature=0.3, md_round_dims=False,
-                      per_table=False, tables=None) -> EmbeddingCollection:
+                      per_table=False, tables=None, md_dims=None) -> EmbeddingCollection:
     """The embedding collection for these tables: all in one weight (BatchedEmbeddingBags), or one
     module per table (EmbeddingBagList) with QR / MD tables, or when `per_table` is asked for.
 
-    `tables` (global table ids) builds only those, each as a single process would (model-parallel runs).
+    `tables` (global table ids) builds only those, each as a single process would (model-parallel runs);
+    `md_dims` gives the MD dimension of each table instead of `md_solver`'s.
     """
     if not (qr_flag or md_flag or per_table):
         return BatchedEmbeddingBags(table_sizes, dim, tables=tables)
     make_bag = create_embedding_bag
     if qr_flag or md_flag:
         make_bag = table_factory(table_sizes, dim, qr_flag, qr_operation, int(qr_collisions), qr_threshold,
-                                 md_flag, md_threshold, md_temperature, md_round_dims)
+                                 md_flag, md_threshold, md_temperature, md_round_dims, md_dims)
     return EmbeddingBagList(table_sizes, dim, make_bag=make_bag, tables=tables,
                             out_dim=embedding_output_dim(dim, qr_flag, qr_operation))
 
@@ -126,12 +127,14 @@ class DLRM_Net(nn.Module):
     """The DLRM model (Naumov et al. 2019, arXiv:1906.00091).
 
     DLRM_Net(m_spa, ln_emb, ln_bot, ln_top, arch_interaction_op="dot", ...) as in the original:
-    m_spa embedding dimension, ln_emb rows per table, ln_bot / ln_top the full layer widths of
+    m_spa embedding dimension (with md_flag, as the original, also a list of each table's dimension,
+    projected to the largest), ln_emb rows per table, ln_bot / ln_top the full layer widths of
     the bottom and top MLPs (ln_top[0] must equal the interaction width, see
     `dlrmkit.interactions.interaction_width`). The embedding collection is built from ln_emb and the
     QR / MD keywords, or passed ready-made as `embeddings` (any `EmbeddingCollection`, e.g. a
-    model-parallel one; ln_emb then defaults to its table sizes). The original's `ndevices`,
-    `loss_function` and `sync_dense_params` keywords are accepted and have no effect on the model.
+    model-parallel one; m_spa and ln_emb then default to its dimension and table sizes, and the QR /
+    MD keywords must be left out). The original's `ndevices`, `loss_function` and `sync_dense_params`
+    keywords are accepted and have no effect on the model.
 
     forward(dense_x, lS_o, lS_i=None): dense_x [B, dense features] float32 and the sparse ids as a
     `SparseFeatures` (lS_o alone), the flat layout (lS_o: [T*B+1] offsets, lS_i: [N] indices) or the
@@ -168,12 +171,24 @@ class DLRM_Net(nn.Module):
                 raise TypeError(f"DLRM_Net() got an unexpected keyword argument '{name}'")
             if name == "sync_dense_params" and not value:
                 raise DLRMError("sync_dense_params=False is not supported: dense parameters are always kept in sync")
-        ln_emb = [int(n) for n in (ln_emb if ln_emb is not None else embeddings.table_sizes)]
+        md_dims = None
+        if isinstance(m_spa, (list, tuple)):  # the original's mixed dimensions: one per table
+            if not md_flag or len(m_spa) != len(ln_emb):
+                raise DLRMError(f"a list of embedding dimensions (m_spa={list(m_spa)}) needs md_flag=True and one "
+                                f"dimension per table ({len(ln_emb)} tables)")
+            md_dims, m_spa = [int(d) for d in m_spa], max(int(d) for d in m_spa)
+        if embeddings is not None:
+            if qr_flag or md_flag:
+                raise DLRMError("give the tables either as `embeddings` or through the QR / MD keywords, not both")
+            m_spa = embeddings.embedding_dim if m_spa is None else m_spa
+            ln_emb = embeddings.table_sizes if ln_emb is None else ln_emb
+        ln_emb = [int(n) for n in ln_emb]
         ln_bot = [int(n) for n in ln_bot]
         ln_top = [int(n) for n in ln_top]
         self.embedding_dim = int(m_spa)
         # width of each pooled embedding: 2 * m_spa with concatenated QR halves
-        self.sparse_dim = embedding_output_dim(self.embedding_dim, qr_flag, qr_operation)
+        self.sparse_dim = (embeddings.embedding_dim if embeddings is not None
+                           else embedding_output_dim(self.embedding_dim, qr_flag, qr_operation))
         self.table_sizes = ln_emb
         self.arch_interaction_op = arch_interaction_op
         self.arch_interaction_itself = bool(arch_interaction_itself)
@@ -182,7 +197,7 @@ class DLRM_Net(nn.Module):
 
         self.emb_l = embeddings if embeddings is not None else create_embeddings(
             ln_emb, self.embedding_dim, qr_flag, qr_operation, qr_collisions, qr_threshold, md_flag, md_threshold,
-            md_temperature, md_round_dims, per_table=bool(weighted_pooling))
+            md_temperature, md_round_dims, per_table=bool(weighted_pooling), md_dims=md_dims)
         # the original's v_W_l: per-row pooling weights, "fixed" (ones) or "learned"
         self.pooling_weights = PoolingWeights(ln_emb, learned=weighted_pooling == "learned") if weighted_pooling else None
         self.bot_l = create_mlp(ln_bot, sigmoid_bot)
@@ -224,8 +239,19 @@ class DLRM_Net(nn.Module):
         return self.emb_l(sparse)
 
     def interact_features(self, x, ly):
-        """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings -> [B, ln_top[0]]."""
+        """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings (or the original's list of T
+        [B, D] tensors) -> [B, ln_top[0]]."""
+        if isinstance(ly, (list, tuple)):
+            ly = torch.stack(list(ly), dim=1)
         return self.interaction(x, ly)
+
+    def apply_mlp(self, x, layers):
+        """The original's helper: `layers` (bot_l or top_l) applied to x."""
+        return layers(x)
+
+    def sequential_forward(self, dense_x, lS_o, lS_i=None):
+        """The original's name for the single-device forward."""
+        return self.forward(dense_x, lS_o, lS_i)
 
     def forward(self, dense_x, lS_o, lS_i=None):
         ly = self.apply_emb(self.sparse_features(dense_x, lS_o, lS_i))
@@ -1037,6 +1063,12 @@ def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | 
     width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, len(table_sizes),
                               ln_bot[-1], sparse_dim)
     ln_top = [width] + list(args.arch_mlp_top)
+    if embeddings is None:
+        tables = dict(qr_flag=args.qr_flag, qr_operation=args.qr_operation, qr_collisions=args.qr_collisions,
+                      qr_threshold=args.qr_threshold, md_flag=args.md_flag, md_threshold=args.md_threshold,
+                      md_temperature=args.md_temperature, md_round_dims=args.md_round_dims)
+    else:
+        tables = dict(embeddings=embeddings)
     return DLRM_Net(
         args.arch_sparse_feature_size,
         table_sizes,
@@ -1047,16 +1079,8 @@ def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | 
         sigmoid_bot=-1,
         sigmoid_top=len(ln_top) - 2,
         loss_threshold=args.loss_threshold,
-        qr_flag=args.qr_flag,
-        qr_operation=args.qr_operation,
-        qr_collisions=args.qr_collisions,
-        qr_threshold=args.qr_threshold,
-        md_flag=args.md_flag,
-        md_threshold=args.md_threshold,
-        md_temperature=args.md_temperature,
-        md_round_dims=args.md_round_dims,
         weighted_pooling=args.weighted_pooling,
-        embeddings=embeddings,
+        **tables,
     )
 
 

@@ -136,6 +136,19 @@ def table_rows(bag: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     return bag(indices, torch.arange(indices.shape[0], device=indices.device))
 
 
+def check_ids_in_range(sparse: SparseFeatures, rows_of_table: torch.Tensor, table_sizes) -> None:
+    """Raises IndexError naming the first id outside its table (ids < 0 or >= its table's rows);
+    `rows_of_table` [N] holds each id's table size. On a GPU a device-side assertion (no host sync)."""
+    out_of_range = (sparse.indices < 0) | (sparse.indices >= rows_of_table)
+    if sparse.indices.device.type != "cpu":
+        torch._assert_async(~out_of_range.any(), "embedding index out of range of its table")
+    elif bool(out_of_range.any()):
+        position = int(out_of_range.nonzero()[0])
+        table = bisect.bisect_right(sparse.table_bounds().tolist(), position) - 1
+        raise IndexError(f"embedding index {int(sparse.indices[position])} out of range for table {table} "
+                         f"({table_sizes[table]} rows)")
+
+
 class EmbeddingCollection(nn.Module):
     """The interface of every embedding collection (see the module docstring).
 
@@ -196,19 +209,23 @@ class EmbeddingBagList(EmbeddingCollection, nn.ModuleList):
             with table_rng(seed, t):
                 bags.append(make_bag(table_sizes[t], dim))
         nn.ModuleList.__init__(self, bags)
-        self.table_sizes = [int(table_sizes[t]) for t in tables]
-        self.embedding_dim = int(out_dim if out_dim is not None else dim)
+        self._set_tables([table_sizes[t] for t in tables], out_dim if out_dim is not None else dim)
 
     @classmethod
     def of(cls, modules, table_sizes, embedding_dim) -> "EmbeddingBagList":
         """A list of ready-made table modules (no new tables are initialised)."""
         bags = cls.__new__(cls)
         nn.ModuleList.__init__(bags, modules)
-        bags.table_sizes = [int(n) for n in table_sizes]
-        bags.embedding_dim = int(embedding_dim)
+        bags._set_tables(table_sizes, embedding_dim)
         return bags
 
+    def _set_tables(self, table_sizes, embedding_dim):
+        self.table_sizes = [int(n) for n in table_sizes]
+        self.embedding_dim = int(embedding_dim)
+        self.register_buffer("num_rows", torch.tensor(self.table_sizes, dtype=torch.int64), persistent=False)
+
     def pool(self, sparse: SparseFeatures) -> torch.Tensor:
+        check_ids_in_range(sparse, sparse.per_index(self.num_rows), self.table_sizes)
         return torch.stack([bag(indices, offsets, per_sample_weights=weights)
                             for bag, (indices, offsets, weights) in zip(self, sparse.tables())], dim=1)
 
@@ -288,7 +305,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
 
     def pool(self, sparse: SparseFeatures) -> torch.Tensor:
         first_row, table_rows = sparse.per_index(self.row_ranges)  # of each id's table
-        self._check_in_range(sparse, table_rows)
+        check_ids_in_range(sparse, table_rows, self.table_sizes)
         pooled = F.embedding_bag(sparse.indices + first_row, self.weight, sparse.offsets, mode="sum", sparse=True,
                                  per_sample_weights=sparse.weights, include_last_offset=True)
         return pooled.view(len(self), sparse.batch_size, self.embedding_dim).transpose(0, 1)
@@ -305,18 +322,6 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         return EmbeddingBagList.of(
             [nn.EmbeddingBag(n, self.embedding_dim, mode="sum", sparse=True, _weight=self[t].weight.detach().clone())
              for t, n in enumerate(self.table_sizes)], self.table_sizes, self.embedding_dim)
-
-    def _check_in_range(self, sparse: SparseFeatures, table_rows: torch.Tensor):
-        """Each id inside its own table (of table_rows[k] rows), as one nn.EmbeddingBag per table would check."""
-        out_of_range = (sparse.indices < 0) | (sparse.indices >= table_rows)
-        if sparse.indices.device.type != "cpu":
-            # a device-side assertion: no host sync on the hot path
-            torch._assert_async(~out_of_range.any(), "embedding index out of range of its table")
-        elif bool(out_of_range.any()):
-            position = int(out_of_range.nonzero()[0])
-            table = bisect.bisect_right(sparse.table_bounds().tolist(), position) - 1
-            raise IndexError(f"embedding index {int(sparse.indices[position])} out of range for table {table} "
-                             f"({self.table_sizes[table]} rows)")
 
     # -- checkpoints: the original's keys, one `<k>.weight` per table (views of the one weight)
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -109,3 +109,40 @@ def test_arch_mismatch_errors_state_both_numbers():
         DLRM_Net(4, [5, 7, 3], [3, 5], [11, 1])
     with pytest.raises(DLRMError, match="# of feature interactions 10 does not match first dim of top mlp 12"):
         DLRM_Net(4, [5, 7, 3], [3, 4], [12, 1])
+
+
+def test_the_originals_model_code_runs_unchanged():
+    """How the original's script builds and calls DLRM_Net: list-valued m_spa for mixed dimensions
+    (from md_solver), its keywords, sequential_forward, apply_mlp, a list of pooled embeddings."""
+    from dlrmkit.tricks import md_solver
+
+    ln_emb = np.array([500, 40, 3])
+    m_spa = md_solver(ln_emb, 0.3, 4)  # as the original's main does with --md-flag
+    assert m_spa[0] < 4
+    width = interaction_width("dot", False, 3, 4, 4)
+    torch.manual_seed(0)
+    net = DLRM_Net(m_spa, ln_emb, np.array([3, 6, 4]), np.array([width, 1]), arch_interaction_op="dot",
+                   arch_interaction_itself=False, sigmoid_bot=-1, sigmoid_top=0, sync_dense_params=True,
+                   loss_threshold=0.0, ndevices=-1, qr_flag=False, md_flag=True, md_threshold=30,
+                   loss_function="bce")
+    assert net.emb_l[0].embs.weight.shape == (500, m_spa[0]) and net.emb_l[2].weight.shape == (3, 4)
+    batch = dlrm_data.RandomDataset(3, list(ln_emb), 5, 5, seed=2)[0]
+    z = net.sequential_forward(batch.dense_x, batch.lS_o, batch.lS_i)
+    torch.testing.assert_close(z, net(batch.dense_x, batch.sparse))
+    x = net.apply_mlp(batch.dense_x, net.bot_l)
+    ly = net.apply_emb(batch.sparse)
+    torch.testing.assert_close(net.interact_features(x, [ly[:, t] for t in range(3)]), net.interact_features(x, ly))
+    with pytest.raises(DLRMError, match="needs md_flag=True and one dimension per table"):
+        DLRM_Net([2, 4], ln_emb, [3, 6, 4], [width, 1])
+
+
+def test_a_given_collection_sets_the_width_and_excludes_the_table_keywords():
+    from dlrmkit.embeddings import BatchedEmbeddingBags
+
+    width = interaction_width("dot", False, 3, 4, 4)
+    net = DLRM_Net(ln_bot=[3, 4], ln_top=[width, 1], embeddings=BatchedEmbeddingBags([5, 7, 3], 4))
+    assert net.embedding_dim == 4 and net.table_sizes == [5, 7, 3]
+    with pytest.raises(DLRMError, match="arch-sparse-feature-size 8 does not match last dim of bottom mlp 4"):
+        DLRM_Net(8, None, [3, 4], [width, 1], embeddings=BatchedEmbeddingBags([5, 7, 3], 8))
+    with pytest.raises(DLRMError, match="either as `embeddings` or through the QR / MD keywords"):
+        DLRM_Net(4, None, [3, 4], [width, 1], embeddings=BatchedEmbeddingBags([5, 7, 3], 4), qr_flag=True)

@@ -112,6 +112,15 @@ def test_every_collection_pools_as_its_rows_say(name):
             assert collection.table_parameters(0)
 
 
+@pytest.mark.parametrize("name", ["batched", "per-table", "qr", "md", "quantized"])
+def test_an_id_outside_its_table_is_an_index_error_naming_the_table(name):
+    collection = collections()[name]
+    for bad in (TABLES[2], -1):  # one past the last row of table 2 (a QR table still has a row for it), -1
+        ids = [[0, 0, 0, 0], [1, 0, bad, 2]]
+        with pytest.raises(IndexError, match=f"embedding index {bad} out of range for table 2 \\(9 rows\\)"):
+            collection(SparseFeatures.one_hot(torch.tensor(ids)))
+
+
 def test_dlrm_net_receives_a_collection_and_accepts_the_originals_keywords():
     width = interactions.interaction_width("dot", False, len(TABLES), 4, 4)
     torch.manual_seed(0)

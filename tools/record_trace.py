@@ -1,7 +1,7 @@
 """Record per-table reuse-distance distributions for --data-generation=synthetic.
 
 Reads the categorical ids of a data set in row order, one access trace per table, and
-writes each table's distribution file (the format of --data-trace-file, see trace_data.py).
+writes each table's distribution file (the format of --data-trace-file, see dlrmkit/trace_data.py).
 
 Usage:
     # from the original's processed Criteo file (arrays X_cat [rows, 26], ...)

@@ -27,19 +27,20 @@ def embedding_output_dim(dim: int, qr_flag: bool = False, qr_operation: str = "m
 
 
 def table_factory(table_sizes, dim, qr_flag=False, qr_operation="mult", qr_collisions=4, qr_threshold=200,
-                  md_flag=False, md_threshold=200, md_temperature=0.3, md_round_dims=False):
+                  md_flag=False, md_threshold=200, md_temperature=0.3, md_round_dims=False, md_dims=None):
     """make_bag(num_rows, dim) for EmbeddingBagList.
 
     Per table, as the original: QR when qr_flag and rows > qr_threshold, else MD when
     md_flag and rows > md_threshold, else a plain EmbeddingBag. All tables pool to
     `embedding_output_dim(dim, ...)` columns (with QR concat the small plain tables are
-    2*dim wide too, so the dot interaction sees one width).
+    2*dim wide too, so the dot interaction sees one width). The MD dimension of each table comes
+    from `md_solver`, or from `md_dims` (one per table, as the original's list-valued m_spa).
     """
     out_dim = embedding_output_dim(dim, qr_flag, qr_operation)
-    md_dims = {}
-    if md_flag:
-        sizes = [int(n) for n in table_sizes]
-        md_dims = dict(zip(sizes, md_solver(sizes, md_temperature, out_dim, round_dim=md_round_dims)))
+    sizes = [int(n) for n in table_sizes]
+    if md_flag and md_dims is None:
+        md_dims = md_solver(sizes, md_temperature, out_dim, round_dim=md_round_dims)
+    md_dims = dict(zip(sizes, md_dims)) if md_flag else {}
 
     def make_bag(num_rows, _dim):
         num_rows = int(num_rows)
