@@ -69,7 +69,7 @@ rm -f "$metrics"
 say "Training the Criteo Kaggle model (preprocessing first when the data is new)"
 args=(--arch-sparse-feature-size=16 --arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1
       --data-generation=dataset --data-set=kaggle --raw-data-file="$raw" --processed-data-file="$processed"
-      --loss-function=bce --round-targets=True --learning-rate=0.1 --mini-batch-size=128
+      --loss-function=bce --learning-rate=0.1 --mini-batch-size=128
       --print-freq=1024 --print-time --test-freq="$test_freq" --test-mini-batch-size=16384
       --metrics-log-file="$metrics" --save-model="$model")
 echo "$python_bin dlrm_s_pytorch.py ${args[*]} ${extra[*]}"
