@@ -458,12 +458,20 @@ class ProcessedData:
         return os.path.join(self.out_dir, f"day_{day}_{kind}.npy")
 
 
+STANDARD_RAW_NAMES = {"kaggle": ("train.txt",), "terabyte": ("day",)}
+
+
 def processed_dir(processed_data_file: str, raw_data_file: str, data_set: str) -> str:
-    """Our output directory: --processed-data-file without .npz, or the original's default name."""
+    """Our output directory: --processed-data-file without .npz; without it, next to the raw data, the
+    original's default name for Criteo's own file names (train.txt, day_N), else <raw name>_processed,
+    so that two raw files in one folder never share (and rebuild back and forth) one processed set."""
     if processed_data_file:
         stem = processed_data_file[:-4] if processed_data_file.endswith(".npz") else processed_data_file
         return stem.rstrip("/") or "."
-    return os.path.join(os.path.dirname(raw_data_file) or ".", DEFAULT_NAMES[data_set])
+    folder, name = os.path.split(raw_data_file.rstrip("/"))
+    if name in STANDARD_RAW_NAMES[data_set]:
+        return os.path.join(folder or ".", DEFAULT_NAMES[data_set])
+    return os.path.join(folder or ".", f"{os.path.splitext(name)[0] if data_set == 'kaggle' else name}_processed")
 
 
 def raw_day_files(raw_data_file: str, data_set: str) -> list[str]:

@@ -329,3 +329,18 @@ def test_hashed_ids_property(max_ind_range, values, missing_every):
     for a in id_of:
         for b in id_of:
             assert (id_of[a] == id_of[b]) == (a % max_ind_range == b % max_ind_range)
+
+
+def test_two_raw_files_in_one_folder_keep_their_own_processed_sets(tmp_path):
+    """Without --processed-data-file, each raw file's processed set sits next to it under its own name."""
+    first, second = str(tmp_path / "clicks_a.txt"), str(tmp_path / "clicks_b.txt")
+    data_utils.make_fake(first, 300, seed=1, log=lambda *a: None)
+    data_utils.make_fake(second, 300, seed=2, log=lambda *a: None)
+    messages = []
+    for raw in (first, second, first, second):
+        _, said = preprocess_quietly(raw, data_utils.processed_dir("", raw, "kaggle"))
+        messages.append(" ".join(said))
+    assert all("Reading pre-processed" in m for m in messages[2:]) and not any("Rebuilding" in m for m in messages)
+    assert data_utils.processed_dir("", str(tmp_path / "clicks_a.txt"), "kaggle") == str(tmp_path / "clicks_a_processed")
+    assert data_utils.processed_dir("", "input/train.txt", "kaggle") == "input/kaggleAdDisplayChallenge_processed"
+    assert data_utils.processed_dir("", "input/day", "terabyte") == "input/terabyte_processed"
