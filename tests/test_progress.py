@@ -12,7 +12,7 @@ from conftest import ROOT, run_cli
 SMALL_RUN = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4", "--arch-mlp-top=8-1",
              "--arch-embedding-size=100-100-100", "--data-size=25600", "--mini-batch-size=32",
              "--loss-function=bce", "--round-targets=True", "--print-freq=400", "--test-freq=400",
-             "--num-workers=0"]
+             "--test-mini-batch-size=3200", "--num-workers=0"]
 
 
 def run_with_terminal_stderr(*args, timeout=120):
