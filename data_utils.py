@@ -69,7 +69,7 @@ import zlib
 
 import numpy as np
 
-from dlrmkit import flags
+from dlrmkit import flags, outputs
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -1183,18 +1183,24 @@ def make_fake(out, rows, days=1, seed=0, compress=False, log=print, progress=Fal
     """Writes `rows` fake rows to `out` (days == 1) or split over <out>_0 .. <out>_<days-1>."""
     paths = [out] if days == 1 else [f"{out}_{d}" + (".gz" if compress else "") for d in range(days)]
     per_day = day_sizes(rows, days)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    for path in paths:  # before any work: each file can be created
+        problem = outputs.output_problem(path)
+        if problem:
+            raise DataError(f"--out {path}: {problem}")
     first = 0
     from tqdm import tqdm
 
     with tqdm(desc="make-fake", total=rows, unit=" rows", unit_scale=True, disable=not progress) as bar:
         for path, n in zip(paths, per_day):
-            tmp = path + ".tmp"
-            with (gzip.open(tmp, "wb", compresslevel=1) if compress else open(tmp, "wb")) as f:
-                for lo in range(0, n, FAKE_CHUNK_ROWS):
-                    f.write(format_rows(*fake_rows(min(FAKE_CHUNK_ROWS, n - lo), seed, first + lo)))
-                    bar.update(min(FAKE_CHUNK_ROWS, n - lo))
-            os.replace(tmp, path)
+            def write(tmp):
+                with (gzip.open(tmp, "wb", compresslevel=1) if compress else open(tmp, "wb")) as f:
+                    for lo in range(0, n, FAKE_CHUNK_ROWS):
+                        f.write(format_rows(*fake_rows(min(FAKE_CHUNK_ROWS, n - lo), seed, first + lo)))
+                        bar.update(min(FAKE_CHUNK_ROWS, n - lo))
+            try:
+                outputs.write_atomically("--out", path, write)
+            except outputs.OutputError as e:
+                raise DataError(str(e))
             first += n
     log(f"Wrote {rows} rows to {paths[0]}{' .. ' + paths[-1] if days > 1 else ''}")
     return paths

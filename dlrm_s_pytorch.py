@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
-from dlrmkit import compute_graph, flags, memory, onnx_export, profiling, quantization, trace_data
+from dlrmkit import compute_graph, flags, memory, onnx_export, outputs, profiling, quantization, trace_data
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
 from dlrmkit.interactions import INTERACTIONS, interaction_class, interaction_width, make_interaction
 from dlrmkit.optim import OPTIMIZERS, make_optimizer
@@ -595,17 +595,13 @@ REFUSED_WITHOUT_EFFECT = ("--raw-data-file", "--processed-data-file")  # data fi
 
 
 def check_writable(flag: str, path: str, example: str = "model.pt"):
-    """Stops before any work when an output file cannot be written (its folder is created if missing);
-    `example`: a file name to suggest when `path` is a directory."""
-    if os.path.isdir(path):
-        raise DLRMError(f"{flag} {path}: is a directory; give a file name (e.g. {os.path.join(path, example)})")
-    directory = os.path.dirname(os.path.abspath(path))
+    """Stops before any work when an output file cannot be written: tried by creating (and removing) a
+    file in its folder, which is created if missing; `example`: a file name to suggest when `path` is a
+    directory."""
     try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise DLRMError(f"{flag} {path}: cannot create folder {directory} ({e.strerror})")
-    if not os.access(directory, os.W_OK):
-        raise DLRMError(f"{flag} {path}: cannot write there")
+        outputs.check_output(flag, path, example)
+    except outputs.OutputError as e:
+        raise DLRMError(str(e))
 
 
 def check_readable(flag: str, path: str, expected: str):
@@ -642,8 +638,8 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
     for flag, path, wanted, example in (
             ("--save-model", args.save_model, bool(args.save_model), "model.pt"),
             ("--onnx-file", args.onnx_file, args.save_onnx, "model.onnx"),
-            ("--profiling-trace-file", args.profiling_trace_file or "dlrm_s_pytorch.json", args.enable_profiling,
-             "trace.json"),
+            *[("--profiling-trace-file", file, args.enable_profiling, "trace.json")
+              for file in profiling.output_paths(args.profiling_trace_file).values()],
             ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph, "graph.dot"),
             ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file), "metrics.jsonl")):
         if wanted:
@@ -651,6 +647,10 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
     if args.tensor_board_filename and os.path.isfile(args.tensor_board_filename):
         raise DLRMError(f"--tensor-board-filename {args.tensor_board_filename}: is a file; TensorBoard writes a "
                         "directory of event files there (give a directory name)")
+    if args.tensor_board_filename:
+        problem = outputs.output_problem(os.path.join(args.tensor_board_filename, "events.out.tfevents"))
+        if problem:
+            raise DLRMError(f"--tensor-board-filename {args.tensor_board_filename}: {problem}")
     launch = ext_dist.launch_info()
     if args.load_model and (launch is None or launch.rank == 0):  # rank 0 reads it for all
         check_readable("--load-model", args.load_model, "a checkpoint file written by --save-model")
@@ -862,16 +862,10 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
         "test_acc": state.last_test.accuracy if state.last_test else 0.0,
         "test_auc": state.last_test.auc if state.last_test else float("nan"),
     }
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise DLRMError(f"--save-model {path}: cannot write the checkpoint ({e.strerror or e})")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        outputs.write_atomically("--save-model", path, lambda tmp: torch.save(checkpoint, tmp))
+    except outputs.OutputError as e:
+        raise DLRMError(str(e))
 
 
 def model_arch(model: DLRM_Net) -> dict:
@@ -1371,7 +1365,7 @@ def main(argv=None) -> int:
     try:
         with ext_dist.session(args.dist_timeout):  # tears down a process group, names a lost peer
             return run(args)
-    except (DLRMError, ext_dist.DistributedError) as e:
+    except (DLRMError, ext_dist.DistributedError, outputs.OutputError) as e:
         print(f"{flags.program_name('dlrm_s_pytorch.py')}: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
         if isinstance(e, ext_dist.DistributedError) and ext_dist.is_initialized():
             # a process group whose peer is gone can abort in its destructor at interpreter exit

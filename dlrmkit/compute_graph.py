@@ -13,6 +13,8 @@ import subprocess
 
 import torch
 
+from dlrmkit import outputs
+
 
 def autograd_dot(output: torch.Tensor, params: dict) -> str:
     """Graphviz source of the autograd graph that produced `output`."""
@@ -52,11 +54,12 @@ def graph_source(output: torch.Tensor, params: dict) -> str:
 
 def write_compute_graph(output: torch.Tensor, params: dict, path: str, log=print) -> str | None:
     """Writes the .dot source to `path`; renders `path` with .pdf when `dot` exists. Returns the PDF path or None."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(graph_source(output, params))
-    os.replace(tmp, path)
+    source = graph_source(output, params)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(source)
+    outputs.write_atomically("--compute-graph-file", path, write)  # an OutputError when it cannot
     log(f"Wrote the compute graph's Graphviz source to {path}")
     dot = shutil.which("dot")
     pdf = os.path.splitext(path)[0] + ".pdf"

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from dlrmkit import outputs
+
 
 def output_paths(trace_path: str = "", now: datetime.datetime | None = None) -> dict:
     """{"trace", "shape", "total"}: the files written for --profiling-trace-file=trace_path
@@ -32,15 +34,8 @@ def output_paths(trace_path: str = "", now: datetime.datetime | None = None) -> 
 
 
 def _write_atomically(path, write):
-    """write(tmp_path), then rename to `path`: never a half-written file under its name."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """write(tmp_path), then rename to `path` (an OutputError naming the flag when it cannot)."""
+    outputs.write_atomically("--profiling-trace-file", path, write)
 
 
 @contextlib.contextmanager

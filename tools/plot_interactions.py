@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from dlrmkit import outputs  # noqa: E402
 
 class PlotError(ValueError):
     pass
@@ -79,15 +80,12 @@ def draw(matrix, names, output, title):
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="mean |dot product|", shrink=0.8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, output)
+        outputs.write_atomically("-o/--output", output, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    except outputs.OutputError as e:
+        raise PlotError(str(e))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None) -> int:
@@ -108,6 +106,9 @@ def main(argv=None) -> int:
             raise PlotError("--load-model is needed: the checkpoint to draw")
         if opts.batches < 1:
             raise PlotError("--batches must be at least 1")
+        problem = outputs.output_problem(opts.output)
+        if problem:
+            raise PlotError(f"-o/--output {opts.output}: {problem}")
         dlrm.validate_args(args)
         torch.manual_seed(args.numpy_rand_seed)
         _, test_set, dense_dim, table_sizes = dlrm.make_datasets(args)

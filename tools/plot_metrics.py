@@ -18,6 +18,11 @@ import json
 import os
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from dlrmkit import outputs  # noqa: E402
+
 
 class PlotError(ValueError):
     pass
@@ -86,15 +91,12 @@ def plot(runs, output):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, output)
+        outputs.write_atomically("-o/--output", output, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    except outputs.OutputError as e:
+        raise PlotError(str(e))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None):
@@ -107,6 +109,9 @@ def main(argv=None):
     try:
         if len(labels) != len(args.logs):
             raise PlotError(f"--labels has {len(labels)} labels for {len(args.logs)} logs")
+        problem = outputs.output_problem(args.output)
+        if problem:
+            raise PlotError(f"-o/--output {args.output}: {problem}")
         plot([(label, read_metrics(path)) for label, path in zip(labels, args.logs)], args.output)
     except PlotError as e:
         print(f"plot_metrics.py: error: {e}", file=sys.stderr)

@@ -1,0 +1,65 @@
+"""Output files: checked before any work, written under a temporary name and then renamed.
+
+Permission bits cannot tell whether a file can be created (root passes every `os.access`
+check, and /proc or a read-only mount refuse writes anyway), so `output_problem` tries it:
+it creates a temporary file in the folder and removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+class OutputError(ValueError):
+    """An output file that cannot be written; the message is one line naming it."""
+
+
+def output_problem(path: str) -> str | None:
+    """Why a file cannot be written at `path`, or None when it can (its missing folder is created)."""
+    if not path:
+        return "empty file name"
+    if os.path.isdir(path):
+        return "is a directory"
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return f"{directory} is not a folder"
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        return f"cannot create folder {directory} ({e.strerror or e})"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check", dir=directory)
+    except OSError as e:
+        return f"cannot create a file in {directory} ({e.strerror or e})"
+    os.close(fd)
+    os.remove(probe)
+    return None
+
+
+def check_output(what: str, path: str, example: str | None = None):
+    """Raises OutputError("<what> <path>: ...") when a file cannot be written at `path`; `example`:
+    a file name to suggest when `path` is a directory."""
+    problem = output_problem(path)
+    if problem is None:
+        return
+    if problem == "is a directory" and example:
+        problem += f"; give a file name (e.g. {os.path.join(path, example)})"
+    raise OutputError(f"{what} {path}: {problem}")
+
+
+def write_atomically(what: str, path: str, write):
+    """write(tmp_path), then rename to `path`: never a half-written file under its name; a failure is
+    an OutputError naming `what` and `path` (the temporary file removed)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OutputError(f"{what} {path}: cannot write ({reason})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

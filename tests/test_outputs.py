@@ -1,0 +1,86 @@
+"""Output paths that cannot be written: one line naming the flag, exit non-zero, before any work,
+nothing left behind; a write that fails late is one line too."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SMALL = ["--num-batches=3", "--mini-batch-size=8"]
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--enable-profiling", "--profiling-trace-file=/proc/p.json"], "--profiling-trace-file /proc/p.json"),
+    (["--plot-compute-graph", "--compute-graph-file=/proc/g.dot"], "--compute-graph-file /proc/g.dot"),
+    (["--save-model=/proc/m.pt"], "--save-model /proc/m.pt"),
+    (["--save-onnx", "--onnx-file=/proc/x.onnx"], "--onnx-file /proc/x.onnx"),
+    (["--metrics-log-file=/proc/m.jsonl"], "--metrics-log-file /proc/m.jsonl"),
+    (["--tensor-board-filename=/proc/tb"], "--tensor-board-filename /proc/tb"),
+])
+def test_unwritable_trainer_outputs_are_refused_before_training(run_main, argv, flag):
+    code, out, err = run_main(*SMALL, *argv)
+    assert code == 1
+    assert err.startswith(f"dlrm_s_pytorch.py: error: {flag}: ") and err.count("\n") == 1
+    assert "time/loss/accuracy" not in out
+
+
+def test_profiling_tables_next_to_the_trace_are_checked_too(run_main, tmp_path):
+    (tmp_path / "trace_total.prof").mkdir()
+    code, out, err = run_main(*SMALL, "--enable-profiling", f"--profiling-trace-file={tmp_path / 'trace.json'}")
+    assert code == 1 and f"{tmp_path / 'trace_total.prof'}: is a directory" in err and err.count("\n") == 1
+    assert "time/loss/accuracy" not in out
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--save-model=/proc/m.pt"], "--save-model /proc/m.pt"),
+    (["--plot-compute-graph", "--compute-graph-file=/proc/g.dot"], "--compute-graph-file /proc/g.dot"),
+    (["--enable-profiling", "--profiling-trace-file=/proc/p.json"], "--profiling-trace-file /proc/"),
+])
+def test_a_write_that_fails_after_training_is_one_line(run_main, monkeypatch, argv, flag):
+    from dlrmkit import outputs
+
+    monkeypatch.setattr(outputs, "output_problem", lambda path: None)  # as if the folder broke after the checks
+    code, out, err = run_main(*SMALL, *argv)
+    assert code == 1
+    assert err.startswith(f"dlrm_s_pytorch.py: error: {flag}") and err.count("\n") == 1
+    assert "cannot write" in err and "time/loss/accuracy" in out
+
+
+def run_tool(*args, cwd=None):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("out,problem", [("/proc/x.txt", "cannot create a file in /proc"), ("{d}", "is a directory")])
+def test_make_fake_refuses_an_unwritable_out(tmp_path, out, problem):
+    target = tmp_path / "target"
+    target.mkdir()
+    out = out.format(d=target)
+    result = run_tool("data_utils.py", "make-fake", "--rows", "10", "--out", out)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"data_utils.py: error: --out {out}: {problem}")
+    assert result.stderr.count("\n") == 1
+    assert not os.path.exists(out + ".tmp") and os.listdir(target) == []
+
+
+@pytest.mark.parametrize("out,problem", [("/proc/a.png", "cannot create a file in /proc"), ("{d}", "is a directory")])
+def test_plot_metrics_refuses_an_unwritable_output(tmp_path, out, problem):
+    log = tmp_path / "run.jsonl"
+    log.write_text('{"event": "train", "global_iteration": 1, "loss": 0.5}\n')
+    target = tmp_path / "target"
+    target.mkdir()
+    out = out.format(d=target)
+    result = run_tool("tools/plot_metrics.py", str(log), "-o", out)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"plot_metrics.py: error: -o/--output {out}: {problem}")
+    assert result.stderr.count("\n") == 1
+    assert os.listdir(target) == []
+
+
+def test_plot_interactions_refuses_an_unwritable_output_before_loading(tmp_path):
+    result = run_tool("tools/plot_interactions.py", "-o", "/proc/i.png", f"--load-model={tmp_path / 'none.pt'}")
+    assert result.returncode == 1
+    assert result.stderr == "plot_interactions.py: error: -o/--output /proc/i.png: cannot create a file in /proc " \
+                            "(No such file or directory)\n"
