@@ -36,8 +36,13 @@ def parse_bool(value) -> bool:
 def dash_separated(kind):
     """A parser of `4-3-2`-style lists of `kind` (int or float)."""
     def parse(text):
+        parts = str(text).split("-")
+        if "" in parts and str(text).strip():
+            raise argparse.ArgumentTypeError(
+                f"empty part in {text!r} (a leading, trailing or doubled dash); values are separated by single "
+                "dashes, so negative values cannot be written in a dash-separated list")
         try:
-            values = [kind(v) for v in str(text).split("-") if v != ""]
+            values = [kind(v) for v in parts]
         except ValueError:
             values = []
         if not values:

@@ -383,6 +383,25 @@ def test_paths_that_are_directories_say_so_before_any_work(tmp_path, run_main, a
 
 
 # ============================================================================ the command line
+DASH_LIST_FLAGS = [a.option_strings[0] for a in dlrm.build_parser()._actions
+                   if getattr(a.type, "element_type", None) is not None]
+
+
+@pytest.mark.parametrize("flag", DASH_LIST_FLAGS)
+@pytest.mark.parametrize("text", ["-5", "5--5", "4-3-", "-0.5-1", "-"])
+def test_dash_lists_refuse_empty_parts_instead_of_dropping_a_sign(capsys, flag, text):
+    with pytest.raises(SystemExit) as stop:
+        dlrm.main([f"{flag}={text}"])
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and captured.out == "" and captured.err.count("\n") == 1
+    assert f"argument {flag}: empty part in {text!r}" in captured.err
+    assert "negative values cannot be written in a dash-separated list" in captured.err
+
+
+def test_every_dash_list_flag_is_covered():
+    assert set(DASH_LIST_FLAGS) >= {"--arch-embedding-size", "--arch-mlp-bot", "--arch-mlp-top", "--loss-weights"}
+
+
 def test_unknown_flag_suggests_the_closest(capsys):
     with pytest.raises(SystemExit) as stop:
         dlrm.main(["--mini-bach-size=2"])
