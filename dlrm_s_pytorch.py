@@ -415,7 +415,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument("--data-generation", type=str, default="random", choices=["random", "synthetic", "dataset"],
                    help="random data, synthetic trace-driven data, or a Criteo data set")
-    number(g, "--data-size", int, 1, at_least(1), "random data: number of training samples")
+    number(g, "--data-size", int, 1, at_least(1),
+           "random or synthetic data: samples of the test set, and of the training set without --num-batches")
     number(g, "--num-batches", int, 0, at_least(0), "training batches per epoch (0: all)")
     number(g, "--num-indices-per-lookup", int, 10, at_least(1), "random data: (max) ids per bag")
     flag(g, "--num-indices-per-lookup-fixed", False, "random data: every bag has exactly that many ids")
@@ -526,13 +527,34 @@ def flag_is(name: str, value=True) -> flags.Condition:
     return flags.Condition(needs, lambda args, distributed: getattr(args, dest) == value, needs, lambda args: unless)
 
 
+def testing(args) -> bool:
+    """A test runs: --test-freq, or --inference-only (one test at the end)."""
+    return args.inference_only or args.test_freq > 0
+
+
 TRAINING = flags.Condition("training", lambda args, distributed: not args.inference_only,
                            "training (no --inference-only)", lambda args: "with --inference-only")
-TESTING = flags.Condition("testing", lambda args, distributed: args.inference_only or args.test_freq > 0,
+TESTING = flags.Condition("testing", lambda args, distributed: testing(args),
                           "--test-freq or --inference-only", lambda args: "without --test-freq (no test runs)")
+
+
+def data_size_sizes_something(args, distributed) -> bool:
+    """--data-size sizes the test set, and the training set without --num-batches; with it, the test
+    set has as many samples as the training set when that is larger."""
+    return args.num_batches <= 0 or args.data_size > args.num_batches * args.mini_batch_size
+
+
+def data_size_unless(args) -> str:
+    samples = args.num_batches * args.mini_batch_size
+    return (f"with --num-batches={args.num_batches}: the training and test sets have --num-batches x "
+            f"--mini-batch-size = {samples} samples, at least --data-size")
+
+
 SIZED_BY_DATA_SIZE = flags.Condition(
-    "sized by --data-size", lambda args, distributed: args.num_batches <= 0, "no --num-batches",
-    lambda args: "with --num-batches (the data has --num-batches x --mini-batch-size samples)")
+    "sized by --data-size", data_size_sizes_something, "no --num-batches, or more samples than it gives",
+    data_size_unless)
+DECAYING = flags.Condition("decaying", lambda args, distributed: args.lr_num_decay_steps > 0, "--lr-num-decay-steps",
+                           lambda args: "without --lr-num-decay-steps (no decay)")
 DISTRIBUTED = flags.Condition("distributed", lambda args, distributed: distributed, "a launcher",
                               lambda args: "in a single process (launch with torchrun or mpirun)")
 DATASET = data_from("dataset")
@@ -569,7 +591,7 @@ APPLIES_WHEN = {
     "--optimizer": (TRAINING,),
     "--mlperf-grad-accum-iter": (TRAINING,),
     "--lr-num-warmup-steps": (TRAINING,),
-    "--lr-decay-start-step": (TRAINING,),
+    "--lr-decay-start-step": (TRAINING, DECAYING),
     "--lr-num-decay-steps": (TRAINING,),
     "--test-freq": (TRAINING,),  # --inference-only tests once, at the end
     "--test-mini-batch-size": (TESTING,),
@@ -716,11 +738,16 @@ def usable_cpus() -> int:
 
 
 def fit_workers_to_cpus(args, cpus: int | None = None) -> list[str]:
-    """Lowers --num-workers / --test-num-workers above the CPU count to it; returns the note saying so.
-    More workers than CPUs only compete for them (and make PyTorch warn mid-output)."""
+    """Lowers --num-workers / --test-num-workers above the CPU count to it; returns the note saying so,
+    naming the flags given (test workers only when a test runs). More workers than CPUs only compete
+    for them (and make PyTorch warn mid-output)."""
     cpus = cpus or usable_cpus()
-    lowered = [f"--{dest.replace('_', '-')}={getattr(args, dest)}" for dest in ("num_workers", "test_num_workers")
-               if getattr(args, dest) > cpus]
+    named = ["num_workers"]
+    if testing(args) and "test_num_workers" not in getattr(args, "_derived", ()):
+        named.append("test_num_workers")  # when derived it follows --num-workers, named already
+    lowered = [f"--{dest.replace('_', '-')}={getattr(args, dest)}" for dest in named if getattr(args, dest) > cpus]
+    args.num_workers = min(args.num_workers, cpus)
+    args.test_num_workers = min(args.test_num_workers, cpus)
     if not lowered:
         return []
     args.num_workers = min(args.num_workers, cpus)
@@ -730,9 +757,11 @@ def fit_workers_to_cpus(args, cpus: int | None = None) -> list[str]:
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    args._derived = set()  # flags not given that took their value from another flag
     for dest, source in DERIVED_DEFAULTS.items():
         if getattr(args, dest) == -1:
             setattr(args, dest, getattr(args, source))
+            args._derived.add(dest)
     return args
 
 
@@ -1431,7 +1460,8 @@ def run_config(args, train_set, test_set, table_sizes) -> dict:
         # MLPerf's names of the initialized tensors: all tables together, then each MLP layer
         "initialized_tensors": ["embeddings"] + [f"bottom_mlp_dense{k}" for k in range(1, len(args.arch_mlp_bot))]
         + [f"top_mlp_dense{k}" for k in range(1, len(args.arch_mlp_top) + 1)],
-        "args": {**vars(args), "arch_embedding_size": [int(n) for n in table_sizes]},
+        "args": {**{k: v for k, v in vars(args).items() if not k.startswith("_")},
+                 "arch_embedding_size": [int(n) for n in table_sizes]},
     }
 
 

@@ -134,6 +134,7 @@ CONDITION_CASES = {
     "training": ([], ["--inference-only"]),
     "testing": (["--test-freq=3"], []),
     "sized by --data-size": ([], ["--num-batches=2"]),
+    "decaying": (["--lr-num-decay-steps=3"], []),
     "distributed": ("distributed", "single process"),
     "--md-flag": (["--md-flag"], []),
     "--qr-flag": (["--qr-flag"], []),
@@ -210,7 +211,10 @@ def test_flags_given_their_default_value_get_no_note():
     (["--data-set=terabyte", "--data-randomize=day"],
      ["--data-set has no effect without --data-generation=dataset",
       "--data-randomize has no effect without --data-generation=dataset"]),
-    (["--num-batches=2", "--data-size=100"], ["--data-size has no effect with --num-batches"]),
+    (["--num-batches=2", "--mini-batch-size=4", "--data-size=8"],
+     ["--data-size has no effect with --num-batches=2: the training and test sets have --num-batches x "
+      "--mini-batch-size = 8 samples"]),
+    (["--lr-decay-start-step=5"], ["--lr-decay-start-step has no effect without --lr-num-decay-steps"]),
     (["--mini-batch-size=2", "--test-mini-batch-size=4"], ["--test-mini-batch-size has no effect without --test-freq"]),
 ])
 def test_notes_go_to_stderr_and_the_run_goes_on(run_main, argv, notes):
@@ -218,6 +222,23 @@ def test_notes_go_to_stderr_and_the_run_goes_on(run_main, argv, notes):
     assert code == 0 and "Finished training it" in out
     for note in notes:
         assert f"note: {note}" in err and note not in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--data-size=6000", "--num-batches=4", "--mini-batch-size=8"],  # the test set has 6000 samples
+    ["--lr-num-warmup-steps=3"],
+    ["--lr-num-decay-steps=3"],
+    ["--lr-num-decay-steps=3", "--lr-decay-start-step=2"],
+])
+def test_flags_that_have_an_effect_get_no_note(run_main, argv):
+    code, out, err = run_main(*argv)
+    assert code == 0 and "has no effect" not in err
+
+
+def test_data_size_sizes_the_test_set_under_num_batches(run_main):
+    args = dlrm.parse_args(["--data-size=6000", "--num-batches=4", "--mini-batch-size=8"])
+    train, test, _, _ = dlrm.make_datasets(args)
+    assert len(train) == 4 and dlrm.dataset_samples(test, 8) == 6000
 
 
 def test_dataset_run_notes_random_data_flags(tmp_path, run_main):
@@ -450,6 +471,21 @@ def test_help_examples_run(tmp_path):
     assert first[:2] == ["python", "dlrm_s_pytorch.py"]
     args = dlrm.parse_args(first[2:])
     assert dlrm.validate_args(args, distributed=False) == []
+
+
+@pytest.mark.parametrize("argv,lowered", [
+    (["--num-workers=4"], "--num-workers=4"),  # test workers follow it, and no test runs
+    (["--num-workers=4", "--test-freq=1"], "--num-workers=4"),  # test workers follow it: not given
+    (["--num-workers=4", "--test-num-workers=3"], "--num-workers=4"),  # no test runs
+    (["--test-num-workers=3", "--test-freq=1"], "--test-num-workers=3"),
+    (["--num-workers=4", "--test-num-workers=3", "--inference-only"], "--num-workers=4 and --test-num-workers=3"),
+])
+def test_worker_note_names_only_given_flags_that_matter(run_main, monkeypatch, argv, lowered):
+    monkeypatch.setattr(dlrm, "usable_cpus", lambda: 1)
+    code, out, err = run_main(*argv, "--mini-batch-size=2", "--data-size=4")
+    assert code == 0
+    notes = [line for line in err.splitlines() if "lowered to" in line]
+    assert notes == [f"note: {lowered} lowered to 1, the number of CPUs this process may use"]
 
 
 def test_workers_above_the_cpu_count_are_lowered_with_one_note(run_main):
