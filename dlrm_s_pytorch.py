@@ -935,13 +935,22 @@ def load_checkpoint(path, model, optimizer, check=None) -> TrainState:
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as e:
-        raise DLRMError(f"--load-model {path}: does not fit this model: {str(e).splitlines()[0]}")
+        raise DLRMError(f"--load-model {path}: does not fit this model: {state_dict_problem(e)}")
     if optimizer is not None and checkpoint.get("opt_state_dict"):
         try:
             optimizer.load_state_dict(checkpoint["opt_state_dict"])
         except (ValueError, KeyError) as e:
             raise DLRMError(f"--load-model {path}: optimizer state does not fit --optimizer ({e})")
     return state
+
+
+def state_dict_problem(error: Exception, limit: int = 200) -> str:
+    """The first detail of a load_state_dict error (missing or unexpected keys, a size mismatch), one line
+    shortened to `limit` characters; PyTorch puts it under a heading line that names only the class."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines[1:]), lines[0] if lines else type(error).__name__)
+    detail = detail.rstrip(". ")
+    return detail if len(detail) <= limit else detail[:limit - 3] + "..."
 
 
 def original_train_state(checkpoint: dict) -> TrainState:

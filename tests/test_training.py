@@ -204,6 +204,30 @@ def test_checkpoint_from_other_architecture_is_refused(run_main, tmp_path):
     assert code == 1 and "table_sizes: saved [4, 3, 2], flags give [5, 3, 2]" in err
 
 
+@pytest.mark.parametrize("change,detail", [
+    ("missing", 'Missing key(s) in state_dict: "bot_l.0.bias"'),
+    ("unexpected", 'Unexpected key(s) in state_dict: "extra.weight"'),
+    ("size", "size mismatch for bot_l.0.bias: copying a param with shape torch.Size([5])"),
+])
+def test_checkpoint_that_does_not_fit_says_which_keys(run_main, tmp_path, change, detail):
+    path = tmp_path / "m.pt"
+    assert run_main("--mini-batch-size=2", "--data-size=4", f"--save-model={path}")[0] == 0
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint.pop("arch")  # as a checkpoint without the architecture record
+    state = checkpoint["state_dict"]
+    if change == "missing":
+        del state["bot_l.0.bias"]
+    elif change == "unexpected":
+        state["extra.weight"] = torch.zeros(1)
+    else:
+        state["bot_l.0.bias"] = torch.zeros(5)
+    torch.save(checkpoint, path)
+    code, _, err = run_main("--mini-batch-size=2", "--data-size=4", f"--load-model={path}")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"--load-model {path}: does not fit this model: {detail}" in err
+    assert len(err) < 400
+
+
 def test_workers_give_the_same_losses(run_main):
     argv = ["--mini-batch-size=4", "--data-size=24", "--num-indices-per-lookup=4"]
     assert run_main(*argv)[1] == run_main(*argv, "--num-workers=2")[1]
