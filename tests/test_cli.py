@@ -1,9 +1,14 @@
 """The command line: the original's flags and scripts, errors, output formats."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 
+from conftest import ROOT
 from dlrm_s_pytorch import build_parser, parse_args
 
 ORIGINAL_FLAGS = """--arch-sparse-feature-size --arch-embedding-size --arch-mlp-bot --arch-mlp-top
@@ -160,3 +165,21 @@ def test_readme_documents_every_flag_and_the_ci_test_command():
     assert [f for f in sorted(flags) if f"`{f}" not in readme and f" {f}`" not in readme and f"/ {f}`" not in readme] == []
     ci = open(os.path.join(root, ".ci", "run")).read()
     assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
+
+
+def test_ctrl_c_during_training_is_one_line_and_exit_130():
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), "--data-size=1000000",
+                            "--mini-batch-size=4", "--print-freq=1"], cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    try:
+        for line in run.stdout:
+            if line.startswith("Finished training it"):
+                break
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130
+    assert re.fullmatch(r"dlrm_s_pytorch\.py: interrupted in epoch 0, iteration \d+/250000\n", err), err
