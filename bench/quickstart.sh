@@ -31,6 +31,15 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
+# the generated file is cut into 7 "days" (6 train, 1 test): fewer rows leave a day empty
+if ! [[ $rows =~ ^[1-9][0-9]{0,11}$ ]] || (( rows < 7 )); then
+  echo "quickstart.sh: error: --rows (or QUICKSTART_ROWS) must be a whole number of rows from 7 to 999999999999, got '$rows'" >&2
+  exit 2
+fi
+if [[ -z $out ]]; then
+  echo "quickstart.sh: error: --out is empty; give the folder for the outputs" >&2
+  exit 2
+fi
 if [[ -z $raw && -f input/train.txt ]]; then
   raw=input/train.txt
 fi

@@ -34,3 +34,18 @@ def test_quickstart_generates_data_trains_tests_and_draws_the_curves(tmp_path):
     assert "strongest interactions: " in out
     log = (tmp_path / "quickstart" / "train.log").read_text()
     assert "Finished training it" in log and "\r" not in log
+
+
+@pytest.mark.parametrize("option,message", [
+    ("--rows=abc", "--rows (or QUICKSTART_ROWS) must be a whole number of rows from 7"),
+    ("--rows=0", "--rows (or QUICKSTART_ROWS) must be a whole number of rows from 7"),
+    ("--rows=-5", "--rows (or QUICKSTART_ROWS) must be a whole number of rows from 7"),
+    ("--rows=6", "--rows (or QUICKSTART_ROWS) must be a whole number of rows from 7"),
+    ("--out=", "--out is empty"),
+])
+def test_quickstart_refuses_bad_options_before_any_work(tmp_path, option, message):
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "quickstart.sh"), option], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"quickstart.sh: error: {message}") and result.stderr.count("\n") == 1
+    assert os.listdir(tmp_path) == []
