@@ -789,6 +789,10 @@ def _day_tasks(sources, data_set, settings, work_dir, progress) -> list[DayTask]
             raise DataError(f"{path}: gzip-compressed; the kaggle train.txt must be decompressed first (gunzip)")
     cached = load_json(os.path.join(work_dir, "days.json"))
     if cached is None:
+        # a malformed file (commas for tabs, missing fields) is named by file:line before it is counted
+        first_block = next(read_line_blocks(path, block_bytes=1 << 16), b"")
+        if first_block.strip():
+            parse_block(first_block, path, 1)
         with tqdm(desc="count lines", total=os.path.getsize(path), unit="B", unit_scale=True,
                   disable=not progress) as bar:
             total, block_lines, block_sizes = count_lines(path, bar)

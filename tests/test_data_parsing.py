@@ -152,3 +152,17 @@ def test_binary_garbage_is_rejected(tmp_path):
     path = write_kaggle(tmp_path, bytes(range(256)) * 4000)
     with pytest.raises(data_utils.DataError, match="train.txt:1: unexpected control character 0x00"):
         data_utils.preprocess(str(path), str(tmp_path / "out"), log=lambda m: None, progress=False)
+
+
+@pytest.mark.parametrize("lines", [
+    [b"0,1,2\n", b"1,2,3\n", b"0,3,4\n"],  # commas for tabs
+    [b"0\t1\n", b"1\t2\n", b"0\t3\n"],  # two fields per line
+    [row_text(), b"0\t1\n"] + [row_text()] * 10,  # a bad second line in a file of enough rows
+])
+def test_malformed_lines_are_named_before_the_row_count_is_judged(tmp_path, run_main, lines):
+    raw = tmp_path / "train.txt"
+    raw.write_bytes(b"".join(lines))
+    bad = next(n for n, line in enumerate(lines, 1) if line.count(b"\t") != 39)
+    code, out, err = run_main("--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2")
+    assert code == 1 and err.count("\n") == 1
+    assert f"{raw}:{bad}: expected 40 tab-separated fields" in err and "too few" not in err
