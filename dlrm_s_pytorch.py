@@ -832,6 +832,9 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
     scores, targets = torch.cat(scores), torch.cat(targets)
     # in a distributed run each process scored its share of every test batch
     scores, targets = ext_dist.all_gather_rows(scores), ext_dist.all_gather_rows(targets)
+    if not bool(torch.isfinite(scores).all()):
+        raise DLRMError(f"the model's predictions on the test set are not finite ({int((~torch.isfinite(scores)).sum())} "
+                        f"of {scores.numel()}): its weights hold NaN or inf")
     loss = per_sample_loss(loss_kind, scores, targets, loss_weights).mean().item()
     accuracy = (torch.round(scores) == targets).double().mean().item()
     return TestMetrics(loss, accuracy, roc_auc(scores, targets), targets.shape[0])
@@ -858,7 +861,7 @@ class TrainState:
     updates: int = 0  # optimizer steps taken
     best_acc: float = 0.0
     best_auc: float = float("nan")  # until a test set with both classes gives one
-    tested: bool = False
+    saved: bool = False  # whether this run has written --save-model (not carried over by a resume)
     last_test: TestMetrics | None = None
     train_loss: float = float("nan")
     skip_samples: int = 0  # samples of batch `next_batch` already trained (resumed with another batch size)
@@ -923,7 +926,8 @@ def load_checkpoint(path, model, optimizer, check=None) -> TrainState:
     saved = dict(checkpoint.get("train_state") or {})
     if saved:
         last_test = saved.pop("last_test", None)
-        state = TrainState(**saved)
+        known = {field.name for field in dataclasses.fields(TrainState)}
+        state = TrainState(**{k: v for k, v in saved.items() if k in known})  # fields of other versions dropped
         state.last_test = TestMetrics(**last_test) if last_test else None
     else:
         state = original_train_state(checkpoint)
@@ -977,7 +981,8 @@ def data_order(args, train_set) -> dict:
     bin_shuffle = bool(args.mlperf_bin_loader and args.mlperf_bin_shuffle)
     order.update({"--data-set": args.data_set,
                   "--data-sub-sample-rate": args.data_sub_sample_rate,
-                  "--raw-data-file / --processed-data-file (training rows)": dataset_samples(train_set, 1),
+                  "--raw-data-file / --processed-data-file (training rows)":
+                      f"{dataset_samples(train_set, 1)} rows, digest {getattr(train_set, 'dataset', train_set).fingerprint()}",
                   "--data-randomize": args.data_randomize,
                   "--mlperf-bin-shuffle": bin_shuffle})
     if args.data_randomize != "none" or bin_shuffle:
@@ -1140,7 +1145,8 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, len(table_sizes),
                               args.arch_mlp_bot[-1], sparse_dim)
     tests = args.inference_only or args.test_freq > 0
-    batch_size = max(args.mini_batch_size, args.test_mini_batch_size if tests else 0)
+    # a test runs while the last training batch, its activations and gradients are still held
+    batch_size = args.mini_batch_size + (args.test_mini_batch_size if tests else 0)
     workers = max(args.num_workers, args.test_num_workers if tests else 0)
     needed = memory.estimate_memory(held, sparse_dim, [[dense_dim] + list(args.arch_mlp_bot[1:]),
                                                        [width] + list(args.arch_mlp_top)],
@@ -1289,7 +1295,12 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 with autocast(args.precision, device):
                     z = model(batch.dense_x, batch.sparse)
                 # this process's samples; the sums of all processes make the global batch's
-                loss_sum = per_sample_loss(args.loss_function, z.float(), batch.target, loss_weights).sum()
+                try:
+                    loss_sum = per_sample_loss(args.loss_function, z.float(), batch.target, loss_weights).sum()
+                except RuntimeError as e:  # binary_cross_entropy refuses NaN predictions (CPU)
+                    if "between 0 and 1" not in str(e):
+                        raise
+                    raise DLRMError(guard.nan_predictions(j + 1, epoch)) from None
 
             if training:
                 if accum_samples == 0:
@@ -1376,7 +1387,6 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     state.best_acc = max(state.best_acc, metrics.accuracy)
     if not math.isnan(metrics.auc):
         state.best_auc = metrics.auc if math.isnan(state.best_auc) else max(state.best_auc, metrics.auc)
-    state.tested = True
     state.last_test = metrics
     one_class = " (the test set has one class)" if math.isnan(metrics.auc) else ""
     log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %, "
@@ -1389,6 +1399,7 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     if improved and args.save_model:
         log(f"Saving model to {args.save_model}")
         save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
+        state.saved = True
     if args.mlperf_acc_threshold > 0 and state.best_acc >= args.mlperf_acc_threshold:
         log(f"MLPerf testing accuracy threshold {args.mlperf_acc_threshold} reached, stop training")
         return True
@@ -1554,7 +1565,7 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         print(f"Loading saved model {args.load_model}")
         check = None if args.inference_only else lambda saved: check_data_order(saved, order, args.load_model)
         state = load_checkpoint(args.load_model, model, optimizer, check)
-        state.tested = False  # whether *this* run tested: without tests the final model is saved
+        state.saved = False  # whether *this* run saved: if it does not, the final model is saved
         if not args.inference_only:
             state = resume_position(state, args, order, args.load_model)
         last = state.last_test
@@ -1584,7 +1595,7 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         else:
             print("time/loss/accuracy (if enabled):")
             state = train(args, model, optimizer, train_set, test_set, device, state, nbatches, run_log=run_log)
-            if args.save_model and not state.tested:
+            if args.save_model and not state.saved:  # no test ran, or none improved on the best so far
                 print(f"Saving model to {args.save_model}")
                 save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
     if args.debug_mode and not args.inference_only:

@@ -102,13 +102,16 @@ class ProgressBar:
             self.bar = None
 
 
-# a model predicting the click rate everywhere scores at most ln 2 with BCE and 0.25 with MSE; several
-# times that means the predictions sit at 0 or 1 on the wrong side: the step size threw the model off
-SATURATED_LOSS = {"bce": 4 * math.log(2), "wbce": 4 * math.log(2), "mse": 0.35}
+# a model predicting the click rate everywhere scores at most ln 2 with BCE and 0.25 with MSE; well above
+# that means the predictions sit at 0 or 1 on the wrong side: the step size threw the model off. An
+# untrained model can start above these (inputs that saturate its sigmoid), so a loss must stay above
+# the limit on two printed windows in a row.
+SATURATED_LOSS = {"bce": 4 * math.log(2), "wbce": 4 * math.log(2), "mse": 0.6}
+WINDOWS_ABOVE_LIMIT = 2
 
 
 class DivergenceGuard:
-    """Names the likely cause, once, when the training loss becomes NaN/inf or saturates."""
+    """Names the likely cause, once, when the training loss becomes NaN/inf or stays saturated."""
 
     def __init__(self, loss_function: str, optimizer: str, learning_rate: float, loss_weights=(1.0, 1.0)):
         self.loss_function, self.optimizer, self.learning_rate = loss_function, optimizer, learning_rate
@@ -116,6 +119,7 @@ class DivergenceGuard:
         if limit is not None and loss_function == "wbce":
             limit *= max(loss_weights)
         self.limit = limit
+        self.windows_above = 0
         self.warned = False
 
     def check(self, loss: float, iteration: int, epoch: int) -> str | None:
@@ -124,6 +128,10 @@ class DivergenceGuard:
             return None
         if math.isfinite(loss):
             if self.limit is None or loss <= self.limit:
+                self.windows_above = 0
+                return None
+            self.windows_above += 1
+            if self.windows_above < WINDOWS_ABOVE_LIMIT:
                 return None
             what = (f"the loss is {loss:.4g} at iteration {iteration} of epoch {epoch}, far above the "
                     f"{'ln 2 = 0.693' if self.loss_function != 'mse' else '0.25'} of a constant prediction: "
@@ -131,9 +139,18 @@ class DivergenceGuard:
         else:
             what = f"the loss is {loss} at iteration {iteration} of epoch {epoch}"
         self.warned = True
-        smaller = f"{self.learning_rate / 10:g}"
+        return f"warning: training diverged: {what}; {self.likely_cause()}"
+
+    def nan_predictions(self, iteration: int, epoch: int) -> str:
+        """The error when the model's predictions became NaN (a loss cannot be computed any more)."""
+        return (f"training diverged: the model's predictions are NaN at iteration {iteration} of epoch {epoch}; "
+                f"{self.likely_cause()}")
+
+    def likely_cause(self) -> str:
+        typical = 0.1 if self.optimizer == "sgd" else 0.01
+        smaller = min(self.learning_rate / 10, typical) if self.learning_rate > typical else self.learning_rate / 10
         hint = (f"the likely cause is --learning-rate={self.learning_rate:g}, too high for "
-                f"--optimizer={self.optimizer}; try --learning-rate={smaller}")
+                f"--optimizer={self.optimizer}; try --learning-rate={smaller:g}")
         if self.optimizer != "sgd":
             hint += " or --optimizer=sgd"
-        return f"warning: training diverged: {what}; {hint}"
+        return hint

@@ -496,3 +496,12 @@ def test_workers_above_the_cpu_count_are_lowered_with_one_note(run_main):
     assert dlrm.fit_workers_to_cpus(args, cpus=2) == []
     code, out, err = run_main(f"--num-workers={dlrm.usable_cpus() + 50}", "--mini-batch-size=2", "--data-size=4")
     assert code == 0 and err.count("lowered to") == 1 and "Finished training it 2/2" in out
+
+
+def test_a_test_pass_counts_on_top_of_the_training_batch_it_follows():
+    """Evaluation runs while the last training batch is still held: both batches count."""
+    flags = ["--mini-batch-size=400000", "--data-size=400000", "--num-indices-per-lookup=50",
+             "--arch-embedding-size=1000-1000-1000"]
+    without_tests = dlrm.estimate_memory(dlrm.parse_args(flags), 4, [1000, 1000, 1000])
+    with_tests = dlrm.estimate_memory(dlrm.parse_args(flags + ["--test-freq=1"]), 4, [1000, 1000, 1000])
+    assert with_tests.total > 1.8 * without_tests.total

@@ -90,3 +90,20 @@ def test_nan_loss_is_reported_as_divergence():
     assert line.startswith("warning: training diverged: the loss is nan at iteration 20 of epoch 0")
     assert "--learning-rate=1" in line and "--learning-rate=0.1" in line
     assert guard.check(float("nan"), 30, 0) is None  # once
+
+
+def test_nan_predictions_under_bce_stop_with_one_line_naming_the_cause(run_main):
+    code, out, err = run_main(*DIVERGING, "--optimizer=sgd", "--learning-rate=1e30")
+    assert code == 1 and "Traceback" not in err
+    assert err.count("\n") == 1 and "training diverged: the model's predictions are NaN at iteration" in err
+    assert "--learning-rate=1e+30" in err and "try --learning-rate=0.1" in err
+
+
+def test_an_untrained_model_above_the_limit_once_is_no_divergence(run_main):
+    """The first printed loss of a model whose sigmoid starts saturated may sit above the MSE limit."""
+    from dlrmkit.progress import DivergenceGuard
+
+    guard = DivergenceGuard("mse", "sgd", 0.01)
+    assert guard.check(0.7, 1, 0) is None and guard.check(0.3, 2, 0) is None and guard.check(0.7, 3, 0) is None
+    assert "diverged" in guard.check(0.8, 4, 0)
+    assert guard.check(float("nan"), 5, 0) is None  # once

@@ -94,7 +94,20 @@ def test_a_changed_data_order_flag_inside_an_epoch_is_refused(kaggle_file, check
 def test_other_data_files_are_refused(checkpoint, run_main, tmp_path):
     other = fake_kaggle(tmp_path, 7700, seed=4)
     code, _, err = run_main(*flags(other, f"--load-model={checkpoint}"))
-    assert code == 1 and ("--raw-data-file / --processed-data-file (training rows) was 6000, now 6600" in err)
+    assert code == 1 and "--raw-data-file / --processed-data-file (training rows) was 6000 rows, digest " in err
+    assert ", now 6600 rows, digest " in err
+
+
+def test_the_same_rows_in_another_order_are_other_data(kaggle_file, checkpoint, run_main, tmp_path):
+    """A file of the same size (same rows, shuffled) gives other rows at each position: refused too."""
+    lines = open(kaggle_file, "rb").read().splitlines(keepends=True)
+    np.random.default_rng(0).shuffle(lines)
+    shuffled = tmp_path / "shuffled" / "train.txt"
+    shuffled.parent.mkdir()
+    shuffled.write_bytes(b"".join(lines))
+    code, out, err = run_main(*flags(str(shuffled), f"--load-model={checkpoint}"))
+    assert code == 1 and "Finished training" not in out
+    assert "(training rows) was 6000 rows, digest " in err and ", now 6000 rows, digest " in err
 
 
 def test_a_batch_size_change_with_shuffled_batches_is_refused(kaggle_file, run_main, tmp_path):

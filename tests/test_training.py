@@ -231,3 +231,11 @@ def test_checkpoint_that_does_not_fit_says_which_keys(run_main, tmp_path, change
 def test_workers_give_the_same_losses(run_main):
     argv = ["--mini-batch-size=4", "--data-size=24", "--num-indices-per-lookup=4"]
     assert run_main(*argv)[1] == run_main(*argv, "--num-workers=2")[1]
+
+
+def test_save_model_saves_the_final_model_when_no_test_improved(run_main, tmp_path):
+    """A one-class test set at 0 % accuracy never improves: the run still leaves its model."""
+    path = tmp_path / "m.pt"
+    code, out, err = run_main("--num-batches=3", "--test-freq=2", f"--save-model={path}")
+    assert code == 0 and "auc undefined" in out
+    assert path.exists() and out.count("Saving model") == 1
