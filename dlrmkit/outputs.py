@@ -58,7 +58,8 @@ def write_atomically(what: str, path: str, write):
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else text
         raise OutputError(f"{what} {path}: cannot write ({reason})") from None
     finally:
         if os.path.exists(tmp):
