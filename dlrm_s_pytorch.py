@@ -1414,9 +1414,8 @@ def main(argv=None) -> int:
     try:
         with ext_dist.session(args.dist_timeout):  # tears down a process group, names a lost peer
             return run(args)
-    except KeyboardInterrupt as e:
-        where = interrupted_at(e.__traceback__)
-        print(f"{flags.program_name('dlrm_s_pytorch.py')}: interrupted{where}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        print(f"{flags.program_name('dlrm_s_pytorch.py')}: interrupted", file=sys.stderr)
         return 130
     except (DLRMError, ext_dist.DistributedError, outputs.OutputError) as e:
         print(f"{flags.program_name('dlrm_s_pytorch.py')}: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
@@ -1426,21 +1425,6 @@ def main(argv=None) -> int:
             sys.stderr.flush()
             os._exit(1)
         return 1
-
-
-def interrupted_at(traceback) -> str:
-    """Where training was when interrupted, read from the innermost train() frame of `traceback`:
-    " in epoch E, iteration I" (as far as known), or "" outside training."""
-    where = ""
-    while traceback is not None:
-        frame = traceback.tb_frame
-        if frame.f_code is train.__code__:
-            local = frame.f_locals
-            epoch, batch, nbatches = local.get("epoch"), local.get("j"), local.get("nbatches")
-            if epoch is not None:  # iterations counted from 1, as the progress lines
-                where = f" in epoch {epoch}" + (f", iteration {batch + 1}/{nbatches}" if batch is not None else "")
-        traceback = traceback.tb_next
-    return where
 
 
 def run(args) -> int:

@@ -182,4 +182,4 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130():
         if run.poll() is None:
             run.kill()
     assert run.returncode == 130
-    assert re.fullmatch(r"dlrm_s_pytorch\.py: interrupted in epoch 0, iteration \d+/250000\n", err), err
+    assert err == "dlrm_s_pytorch.py: interrupted\n", err
