@@ -1337,6 +1337,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 wall = f" ({time.strftime('%H:%M')})" if args.print_wall_time else ""
                 say(f"Finished {run_type} it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
                     f"loss {state.train_loss:.6f}{wall}")
+                if training and not math.isfinite(state.train_loss):  # nothing more to learn: stop
+                    raise DLRMError(guard.non_finite_loss(state.train_loss, j + 1, epoch))
                 warning = guard.check(state.train_loss, j + 1, epoch) if training else None
                 if warning and ext_dist.is_rank0():
                     with progress.write_mode():
@@ -1417,7 +1419,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
         print(f"{flags.program_name('dlrm_s_pytorch.py')}: interrupted", file=sys.stderr)
         return 130
-    except (DLRMError, ext_dist.DistributedError, outputs.OutputError) as e:
+    except (DLRMError, ext_dist.DistributedError, outputs.OutputError, RunLogError) as e:
         print(f"{flags.program_name('dlrm_s_pytorch.py')}: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
         if isinstance(e, ext_dist.DistributedError) and ext_dist.is_initialized():
             # a process group whose peer is gone can abort in its destructor at interpreter exit

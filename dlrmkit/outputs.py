@@ -21,6 +21,8 @@ def output_problem(path: str) -> str | None:
         return "empty file name"
     if os.path.isdir(path):
         return "is a directory"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "is not a regular file (a device, pipe or socket would be replaced by the output)"
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.exists(directory) and not os.path.isdir(directory):
         return f"{directory} is not a folder"
@@ -51,12 +53,16 @@ def check_output(what: str, path: str, example: str | None = None):
 def write_atomically(what: str, path: str, write):
     """write(tmp_path), then rename to `path`: never a half-written file under its name; a failure is
     an OutputError naming `what` and `path` (the temporary file removed)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    problem = output_problem(path)
+    if problem is not None:  # checked again: the path may have changed since the run started
+        raise OutputError(f"{what} {path}: {problem}")
+    target = os.path.realpath(path)  # through a symbolic link to its target, not over the link
+    directory = os.path.dirname(target)
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.tmp{os.getpid()}")
     try:
         os.makedirs(directory, exist_ok=True)
         write(tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = e.strerror if isinstance(e, OSError) and e.strerror else text

@@ -111,7 +111,8 @@ WINDOWS_ABOVE_LIMIT = 2
 
 
 class DivergenceGuard:
-    """Names the likely cause, once, when the training loss becomes NaN/inf or stays saturated."""
+    """Names the likely cause: once, as a warning, when the training loss stays saturated; as the error
+    that stops the run when the loss or the predictions become NaN/inf."""
 
     def __init__(self, loss_function: str, optimizer: str, learning_rate: float, loss_weights=(1.0, 1.0)):
         self.loss_function, self.optimizer, self.learning_rate = loss_function, optimizer, learning_rate
@@ -140,6 +141,11 @@ class DivergenceGuard:
             what = f"the loss is {loss} at iteration {iteration} of epoch {epoch}"
         self.warned = True
         return f"warning: training diverged: {what}; {self.likely_cause()}"
+
+    def non_finite_loss(self, loss: float, iteration: int, epoch: int) -> str:
+        """The error when the training loss became NaN or inf (the weights are lost: the run stops)."""
+        return (f"training diverged: the loss is {loss} at iteration {iteration} of epoch {epoch}; "
+                f"{self.likely_cause()}")
 
     def nan_predictions(self, iteration: int, epoch: int) -> str:
         """The error when the model's predictions became NaN (a loss cannot be computed any more)."""

@@ -87,6 +87,7 @@ class MetricsLog(RunLog):
     """One JSON object per line: {"event": "start" | "train" | "inference" | "test" | "end", "time": ..., ...}."""
 
     def __init__(self, path: str, append: bool = False):
+        self.path = path
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.file = open(path, "a" if append else "w")
@@ -96,8 +97,11 @@ class MetricsLog(RunLog):
     def _write(self, event, record):
         line = {"event": event, "time": round(time.time(), 3)}
         line.update({k: _clean(v) for k, v in record.items()})
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(line) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk, say
+            raise RunLogError(f"--metrics-log-file {self.path}: cannot write ({e.strerror or e})") from None
 
     def run_start(self, config):
         self._write("start", {"config": config})
@@ -113,7 +117,10 @@ class MetricsLog(RunLog):
         self._write("end", {"status": status})
 
     def close(self):
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as e:
+            raise RunLogError(f"--metrics-log-file {self.path}: cannot write ({e.strerror or e})") from None
 
 
 class TensorBoardLog(RunLog):

@@ -2,6 +2,7 @@
 nothing left behind; a write that fails late is one line too."""
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -84,3 +85,20 @@ def test_plot_interactions_refuses_an_unwritable_output_before_loading(tmp_path)
     assert result.returncode == 1
     assert result.stderr == "plot_interactions.py: error: -o/--output /proc/i.png: cannot create a file in /proc " \
                             "(No such file or directory)\n"
+
+
+def test_a_device_or_pipe_is_never_replaced_by_an_output(run_main, tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    code, out, err = run_main("--mini-batch-size=2", "--data-size=4", f"--save-model={pipe}")
+    assert code == 1 and "is not a regular file" in err and "Finished" not in out
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
+def test_an_output_through_a_symbolic_link_is_written_to_its_target(run_main, tmp_path):
+    target, link = tmp_path / "real.pt", tmp_path / "link.pt"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    code, out, err = run_main("--mini-batch-size=2", "--data-size=4", f"--save-model={link}")
+    assert code == 0, err
+    assert link.is_symlink() and target.stat().st_size > 3

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from conftest import ROOT, run_cli
 
 SMALL_RUN = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4", "--arch-mlp-top=8-1",
@@ -90,6 +92,16 @@ def test_nan_loss_is_reported_as_divergence():
     assert line.startswith("warning: training diverged: the loss is nan at iteration 20 of epoch 0")
     assert "--learning-rate=1" in line and "--learning-rate=0.1" in line
     assert guard.check(float("nan"), 30, 0) is None  # once
+
+
+@pytest.mark.parametrize("loss", ["mse", "wbce"])
+def test_a_nan_loss_stops_the_run_with_one_line_naming_the_cause(run_main, tmp_path, loss):
+    model = tmp_path / "m.pt"
+    code, out, err = run_main(*DIVERGING, f"--loss-function={loss}", "--optimizer=sgd", "--learning-rate=1e30",
+                              f"--save-model={model}")
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "training diverged:" in err and "try --learning-rate=0.1" in err
+    assert not model.exists()  # no checkpoint of NaN weights
 
 
 def test_nan_predictions_under_bce_stop_with_one_line_naming_the_cause(run_main):
