@@ -242,14 +242,8 @@ def make_loader(dataset, first_batch=0, num_workers=0, pin_memory=False):
 
 def batch_tail(batch: Batch, keep: int) -> Batch:
     """The last `keep` samples of a whole (not distributed) batch: their dense rows, bags and targets."""
-    sparse = batch.sparse
-    size, first = sparse.batch_size, sparse.batch_size - keep
-    lengths = sparse.lengths().view(sparse.num_tables, size)
-    sample_of_index = torch.arange(size).repeat(sparse.num_tables).repeat_interleave(lengths.reshape(-1))
-    kept = sample_of_index >= first
-    weights = sparse.weights[kept] if sparse.weights is not None else None
-    tail = SparseFeatures.from_lengths(lengths[:, first:], sparse.indices[kept], keep, weights)
-    return Batch(batch.dense_x[first:], tail, batch.target[first:])
+    first = batch.batch_size - keep
+    return Batch(batch.dense_x[first:], batch.sparse.last_samples(keep), batch.target[first:])
 
 
 class _SkipWithinBatch(Dataset):

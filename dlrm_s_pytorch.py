@@ -349,7 +349,7 @@ EXAMPLES = """examples:
   # Criteo Kaggle (train.txt from the Display Advertising Challenge), the original's model
   {command} --data-generation=dataset --data-set=kaggle --raw-data-file=./input/train.txt \\
       --processed-data-file=./input/kaggleAdDisplayChallenge_processed.npz --arch-sparse-feature-size=16 \\
-      --arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1 --loss-function=bce --round-targets=True \\
+      --arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1 --loss-function=bce \\
       --learning-rate=0.1 --mini-batch-size=128 --print-freq=1024 --test-freq=102400 --test-mini-batch-size=16384
 """
 
@@ -750,8 +750,6 @@ def fit_workers_to_cpus(args, cpus: int | None = None) -> list[str]:
     args.test_num_workers = min(args.test_num_workers, cpus)
     if not lowered:
         return []
-    args.num_workers = min(args.num_workers, cpus)
-    args.test_num_workers = min(args.test_num_workers, cpus)
     return [f"note: {' and '.join(lowered)} lowered to {cpus}, the number of CPUs this process may use"]
 
 
@@ -894,10 +892,7 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
         "test_acc": state.last_test.accuracy if state.last_test else 0.0,
         "test_auc": state.last_test.auc if state.last_test else float("nan"),
     }
-    try:
-        outputs.write_atomically("--save-model", path, lambda tmp: torch.save(checkpoint, tmp))
-    except outputs.OutputError as e:
-        raise DLRMError(str(e))
+    outputs.write_atomically("--save-model", path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def model_arch(model: DLRM_Net) -> dict:
@@ -1044,6 +1039,14 @@ def select_device(use_gpu: bool, index: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def generated_set_sizes(args) -> tuple[int, int]:
+    """Samples of the training and test sets of random or synthetic data. --num-batches caps training
+    only: the test set keeps --data-size samples (more when the cap asks for more training samples than
+    that: then, as in the original, it sets the data size)."""
+    train = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
+    return train, max(args.data_size, train)
+
+
 def make_datasets(args):
     """Training and test datasets plus (dense width, table sizes) of the data."""
     if args.data_generation == "dataset":
@@ -1065,10 +1068,7 @@ def make_datasets(args):
         rand_sigma=args.rand_data_sigma,
         round_targets=args.round_targets,
     )
-    num_samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
-    # --num-batches caps training only: the test set keeps --data-size samples (more when the cap
-    # asks for more training samples than that: then, as in the original, it sets the data size)
-    test_samples = max(args.data_size, num_samples)
+    num_samples, test_samples = generated_set_sizes(args)
     if args.data_generation == "synthetic":
         # sparse ids drawn from the trace distributions; a held-out set from its own streams
         def synthetic(split, batch_size, notes, samples=num_samples):
@@ -1084,10 +1084,18 @@ def make_datasets(args):
         return train, test, dense_dim, table_sizes
     train = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.mini_batch_size,
                                     args.numpy_rand_seed, config, split=0)
-    # a held-out set of the same size, from its own random stream
+    # a held-out set from its own random stream
     test = dlrm_data.RandomDataset(dense_dim, table_sizes, test_samples, args.test_mini_batch_size,
                                    args.numpy_rand_seed, config, split=1)
     return train, test, dense_dim, table_sizes
+
+
+def top_mlp_widths(args, num_tables: int) -> list[int]:
+    """The top MLP's layer widths: the interaction's output width, then --arch-mlp-top."""
+    sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
+    width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, num_tables,
+                              args.arch_mlp_bot[-1], sparse_dim)
+    return [width] + list(args.arch_mlp_top)
 
 
 def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | None = None) -> DLRM_Net:
@@ -1096,10 +1104,7 @@ def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | 
     ln_bot = list(args.arch_mlp_bot)
     if ln_bot[0] != dense_dim:
         raise DLRMError(f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {ln_bot[0]}")
-    sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
-    width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, len(table_sizes),
-                              ln_bot[-1], sparse_dim)
-    ln_top = [width] + list(args.arch_mlp_top)
+    ln_top = top_mlp_widths(args, len(table_sizes))
     if embeddings is None:
         tables = dict(qr_flag=args.qr_flag, qr_operation=args.qr_operation, qr_collisions=args.qr_collisions,
                       qr_threshold=args.qr_threshold, md_flag=args.md_flag, md_threshold=args.md_threshold,
@@ -1142,19 +1147,17 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
         ids = sum(memory.mean_bag_size(n, args.num_indices_per_lookup, args.num_indices_per_lookup_fixed)
                   for n in table_sizes)
     sparse_dim = embedding_output_dim(dim, args.qr_flag, args.qr_operation)
-    width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, len(table_sizes),
-                              args.arch_mlp_bot[-1], sparse_dim)
-    tests = args.inference_only or args.test_freq > 0
+    tests = testing(args)
     # a test runs while the last training batch, its activations and gradients are still held
     batch_size = args.mini_batch_size + (args.test_mini_batch_size if tests else 0)
     workers = max(args.num_workers, args.test_num_workers if tests else 0)
     needed = memory.estimate_memory(held, sparse_dim, [[dense_dim] + list(args.arch_mlp_bot[1:]),
-                                                       [width] + list(args.arch_mlp_top)],
+                                                       top_mlp_widths(args, len(table_sizes))],
                                     batch_size, ids, None if args.inference_only else args.optimizer, workers)
     if args.data_generation == "synthetic":  # per table: an id stream, and where each batch starts in it
-        samples = args.num_batches * args.mini_batch_size if args.num_batches > 0 else args.data_size
-        batches = math.ceil(samples / args.mini_batch_size) + math.ceil(samples / args.test_mini_batch_size)
-        stream = min(samples * ids / len(table_sizes), trace_data.MAX_STREAM_LENGTH)
+        samples, test_samples = generated_set_sizes(args)
+        batches = math.ceil(samples / args.mini_batch_size) + math.ceil(test_samples / args.test_mini_batch_size)
+        stream = min(max(samples, test_samples) * ids / len(table_sizes), trace_data.MAX_STREAM_LENGTH)
         needed.data = int(len(table_sizes) * (2 * 8 * batches + 2 * 8 * stream))
     if args.load_model and os.path.isfile(args.load_model) and ext_dist.rank() == 0:  # rank 0 reads it for all
         needed.checkpoint = os.path.getsize(args.load_model)

@@ -147,6 +147,16 @@ class SparseFeatures:
             weights=(torch.cat(weights) if weights else self.weights[:0]) if self.weights is not None else None,
         )
 
+    def last_samples(self, keep: int) -> "SparseFeatures":
+        """The bags of the last `keep` samples in every table (batch size `keep`), weights included."""
+        first = self.batch_size - keep
+        lengths = self.lengths().view(self.num_tables, self.batch_size)
+        sample = torch.arange(self.batch_size, device=self.offsets.device).repeat(self.num_tables)
+        sample_of_index = torch.repeat_interleave(sample, lengths.reshape(-1), output_size=self.indices.numel())
+        kept = sample_of_index >= first
+        weights = self.weights[kept] if self.weights is not None else None
+        return SparseFeatures.from_lengths(lengths[:, first:], self.indices[kept], keep, weights)
+
     def with_weights(self, weights: torch.Tensor | None) -> "SparseFeatures":
         """The same ids with per-index weights ([N])."""
         return dataclasses.replace(self, weights=weights)
