@@ -1144,12 +1144,12 @@ def _multi_hot_day_damage(processed: ProcessedData, day: int):
 
 
 def write_multi_hot(processed: ProcessedData, out_dir: str, multi_hot, log=print, progress=False,
-                    chunk_rows: int = MULTI_HOT_CHUNK_ROWS) -> ProcessedData:
+                    chunk_rows: int | None = None) -> ProcessedData:
     """Writes the multi-hot expansion (`dlrmkit.multihot.MultiHot`) of a processed one-hot set to `out_dir`.
 
     Per day: day_<d>_label.npy, day_<d>_dense.npy (copies) and day_<d>_multihot.npy int32
     [rows, sum(sizes)] (each row's bags side by side, table after table), written `chunk_rows` rows
-    at a time under temporary names and renamed when complete; metadata.json (the multi-hot settings,
+    at a time (default MULTI_HOT_CHUNK_ROWS) under temporary names and renamed when complete; metadata.json (the multi-hot settings,
     the source set's settings, table sizes, day sizes) last. A rerun with the same settings reuses the
     result, an interrupted one resumes with its finished days (work.json records what they are for).
     Raises DataError for an output directory that holds other files."""
@@ -1173,7 +1173,7 @@ def write_multi_hot(processed: ProcessedData, out_dir: str, multi_hot, log=print
     if existing is not None or load_json(work) != metadata:  # nothing of other settings survives
         _remove_multi_hot(out_dir)
     save_json(work, metadata)
-    sizes = multi_hot.sizes
+    sizes, chunk_rows = multi_hot.sizes, chunk_rows or MULTI_HOT_CHUNK_ROWS
     log(f"Writing multi-hot data ({multi_hot.distribution}, {sum(sizes)} ids per sample) from {processed.out_dir} "
         f"-> {out_dir}")
     from tqdm import tqdm
@@ -1194,12 +1194,12 @@ def write_multi_hot(processed: ProcessedData, out_dir: str, multi_hot, log=print
                     for writer, rows in zip(writers, (label, dense, multi_hot.rows(ids))):
                         writer.append(rows)
                     bar.update(len(label))
+                for writer in writers:
+                    writer.close()
             except BaseException:
                 for writer in writers:
                     writer.discard()
                 raise
-            for writer in writers:
-                writer.close()
     save_json(os.path.join(out_dir, "metadata.json"), metadata)
     os.remove(work)
     return result
