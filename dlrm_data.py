@@ -449,11 +449,13 @@ class CriteoDataset(Dataset):
     def fingerprint(self, samples: int = 256) -> str:
         """A short digest of the split's size and of `samples` rows spread evenly over it (label, dense,
         sparse): tells two data sets apart (other files, reordered rows) without reading them whole, the
-        same whichever loader holds the rows."""
+        same whichever loader holds the rows. Of multi-hot bags it takes the first id, the one-hot id, so
+        a materialized set has the digest of the one-hot set it expands."""
         positions = np.unique(np.linspace(0, max(self.num_rows - 1, 0), samples).astype(np.int64))
         batch = self.batch_of_rows(positions) if self.num_rows else None
         digest = hashlib.sha1(str(self.num_rows).encode())
-        for tensor in ((batch.dense_x, batch.sparse.indices, batch.target) if batch is not None else ()):
+        first_ids = batch.sparse.indices[batch.sparse.offsets[:-1]] if batch is not None else None  # one-hot ids
+        for tensor in ((batch.dense_x, first_ids, batch.target) if batch is not None else ()):
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()[:12]
 

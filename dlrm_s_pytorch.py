@@ -1196,7 +1196,8 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     if args.data_generation == "synthetic":  # per table: an id stream, and where each batch starts in it
         samples, test_samples = generated_set_sizes(args)
         batches = math.ceil(samples / args.mini_batch_size) + math.ceil(test_samples / args.test_mini_batch_size)
-        stream = min(max(samples, test_samples) * ids / len(table_sizes), trace_data.MAX_STREAM_LENGTH)
+        drawn = 1.0 if args.multi_hot_sizes else ids / len(table_sizes)  # multi-hot: one id, expanded later
+        stream = min(max(samples, test_samples) * drawn, trace_data.MAX_STREAM_LENGTH)
         needed.data = int(len(table_sizes) * (2 * 8 * batches + 2 * 8 * stream))
     if args.load_model and os.path.isfile(args.load_model) and ext_dist.rank() == 0:  # rank 0 reads it for all
         needed.checkpoint = os.path.getsize(args.load_model)

@@ -181,6 +181,7 @@ def test_materialized_set_gives_the_batches_of_on_the_fly_expansion(materialized
         assert read[2] == on_the_fly[2]  # table sizes
         for split in (0, 1):  # train (shuffled, epoch 1) and test
             assert_same_batches(all_batches(read[split]), all_batches(on_the_fly[split]))
+    assert read[0].fingerprint() == on_the_fly[0].fingerprint()  # a resume may switch between them
     batch = all_batches(read[0])[0]
     assert batch.sparse.lengths().view(26, -1)[:, 0].tolist() == multihot.MLPERF_SIZES
 
@@ -301,6 +302,17 @@ def test_qr_md_and_weighted_tables_train_on_multi_hot_bags(run_main):
         assert code == 0 and "loss" in out, err
 
 
+def test_trace_driven_ids_expand_too():
+    args = dlrm.parse_args([*RANDOM, "--data-generation=synthetic",
+                            f"--data-trace-file={os.path.join(ROOT, 'bench', 'traces', 'dist_emb_j.log')}",
+                            "--multi-hot-sizes=2-1-3"])
+    train = dlrm.make_datasets(args)[0]
+    batch = train[1]
+    one_hot = train.dataset[1]  # the trace's ids, one per table and sample
+    assert batch.sparse.lengths().tolist() == [2] * 8 + [1] * 8 + [3] * 8
+    assert torch.equal(batch.indices[batch.offsets[:-1]], one_hot.indices)
+
+
 def test_the_memory_estimate_counts_every_id_of_the_bags():
     one_hot = dlrm.parse_args([*RANDOM, "--num-indices-per-lookup=1", "--num-indices-per-lookup-fixed"])
     multi = dlrm.parse_args([*RANDOM, "--multi-hot-sizes=3-1-5"])
@@ -362,3 +374,18 @@ def test_quantized_inference_pools_multi_hot_bags():
         quantization.quantize_for_inference(model, 32, 8)
         for batch, expected in zip(batches, reference):
             assert float((model(batch.dense_x, batch.sparse) - expected).abs().max()) < 0.01
+
+
+def test_a_batch_resumed_inside_is_the_same_on_the_fly_and_materialized(materialized):
+    """A resume under another batch size starts inside a batch: its remaining rows, expanded alike."""
+    processed, out = materialized
+    on_the_fly = datasets(dataset_args(f"--processed-data-file={processed}", f"--multi-hot-sizes={MLPERF}",
+                                       "--multi-hot-distribution-type=pareto"))[0]
+    read = datasets(dataset_args(f"--processed-data-file={out}"))[0]
+    rests = []
+    for dataset in (on_the_fly, read):
+        dataset.set_epoch(1)
+        rests.append(dlrm_data.skip_within_batch(dataset, 3, 10)[3])
+        assert rests[-1].batch_size == dataset[3].batch_size - 10
+        assert rests[-1].sparse.lengths().view(26, -1)[:, 0].tolist() == multihot.MLPERF_SIZES
+    assert_same_batches([rests[0]], [rests[1]])
