@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import data_utils
 from dlrmkit.hashing import splitmix64
-from dlrmkit import multihot
+from dlrmkit import memory, multihot
 from dlrmkit.multihot import MultiHot
 from dlrmkit.sparse import SparseFeatures
 
@@ -602,6 +602,14 @@ def _open_multi_hot(args, out_dir, splits, log, progress) -> CriteoData:
     multi_hot = MultiHot(recorded["sizes"], processed.counts, recorded["distribution"], recorded["seed"])
     log(f"Reading multi-hot data={out_dir} ({recorded['distribution']}, {multi_hot.ids_per_sample} ids per sample)")
     splits = {name: ranges for name, ranges in data_utils.split_days(processed.day_rows).items() if name in splits}
+    if not args.memory_map:  # a multi-hot set is ~15x its one-hot set: loaded whole only when it fits
+        rows = sum(stop - start for ranges in splits.values() for _, start, stop in ranges)
+        needed = rows * (1 + 4 * (data_utils.NUM_DENSE + multi_hot.ids_per_sample))
+        usable, limited_by = memory.usable_memory()
+        if needed > usable // 2:
+            raise data_utils.DataError(
+                f"{where}: loading its {rows} rows takes {memory.gib(needed)} but this process may use "
+                f"{memory.gib(usable)} ({limited_by}); add --memory-map to read them from the files")
     if args.memory_map:
         parts = {name: [MappedPart("npy", [processed.day_file(d, k) for k in ("label", "dense", "multihot")],
                                    start, stop) for d, start, stop in ranges] for name, ranges in splits.items()}

@@ -389,3 +389,11 @@ def test_a_batch_resumed_inside_is_the_same_on_the_fly_and_materialized(material
         assert rests[-1].batch_size == dataset[3].batch_size - 10
         assert rests[-1].sparse.lengths().view(26, -1)[:, 0].tolist() == multihot.MLPERF_SIZES
     assert_same_batches([rests[0]], [rests[1]])
+
+
+def test_a_materialized_set_too_big_for_memory_asks_for_memory_map(materialized, monkeypatch):
+    _, out = materialized
+    monkeypatch.setattr(dlrm_data.memory, "usable_memory", lambda: (1 << 20, "a test limit"))
+    with pytest.raises(data_utils.DataError, match="takes .* GiB but this process may use .*add --memory-map"):
+        datasets(dataset_args(f"--processed-data-file={out}"))
+    assert len(datasets(dataset_args(f"--processed-data-file={out}", "--memory-map"))[0]) > 0
