@@ -1157,14 +1157,8 @@ def write_multi_hot(processed: ProcessedData, out_dir: str, multi_hot, log=print
                 "counts": list(processed.counts), "days": [{"rows": int(r)} for r in processed.day_rows],
                 "dense_features": NUM_DENSE, "sparse_features": NUM_SPARSE}
     result = ProcessedData(out_dir, metadata)
-    if os.path.abspath(out_dir) == os.path.abspath(processed.out_dir):
-        raise DataError(f"--out {out_dir}: is the processed one-hot set itself; give a directory of its own")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(f"--out {out_dir}: is a file; give a directory")
+    check_multi_hot_out(out_dir, processed.out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    others = sorted(name for name in os.listdir(out_dir) if not MULTI_HOT_FILE.match(name))
-    if others:
-        raise DataError(f"--out {out_dir}: holds other files ({', '.join(others[:3])}); give an empty or new directory")
     existing = load_json(os.path.join(out_dir, "metadata.json"))
     if existing == metadata and multi_hot_damage(result) is None:
         log(f"Multi-hot data in {out_dir} is already written with these settings")
@@ -1205,6 +1199,19 @@ def write_multi_hot(processed: ProcessedData, out_dir: str, multi_hot, log=print
     return result
 
 
+def check_multi_hot_out(out_dir: str, processed_out_dir: str):
+    """Raises DataError when `out_dir` cannot take a multi-hot set: the one-hot set itself, a file, or a
+    directory holding files that are not a multi-hot set's."""
+    if os.path.abspath(out_dir) == os.path.abspath(processed_out_dir):
+        raise DataError(f"--out {out_dir}: is the processed one-hot set itself; give a directory of its own")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir}: is a file; give a directory")
+    others = sorted(name for name in os.listdir(out_dir) if not MULTI_HOT_FILE.match(name)) \
+        if os.path.isdir(out_dir) else []
+    if others:
+        raise DataError(f"--out {out_dir}: holds other files ({', '.join(others[:3])}); give an empty or new directory")
+
+
 def _remove_multi_hot(out_dir):
     metadata = os.path.join(out_dir, "metadata.json")
     if os.path.exists(metadata):
@@ -1232,6 +1239,8 @@ def materialize_multi_hot(args, log=print, progress=False) -> ProcessedData:
         multi_hot = MultiHot(args.multi_hot_sizes, [1] * NUM_SPARSE, args.multi_hot_distribution_type)
     except ValueError as e:
         raise DataError(str(e))
+    check_multi_hot_out(args.out, os.path.join(base, settings_key(args.data_set, args.max_ind_range,
+                                                                   args.data_sub_sample_rate)))
     processed = preprocess(args.raw_data_file, base, args.data_set, args.max_ind_range, args.data_sub_sample_rate,
                            os.cpu_count() if args.dataset_multiprocessing else 1, log=log, progress=progress)
     multi_hot = MultiHot(args.multi_hot_sizes, processed.counts, args.multi_hot_distribution_type)

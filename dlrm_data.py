@@ -39,8 +39,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import data_utils
-from dlrmkit.hashing import splitmix64
 from dlrmkit import memory, multihot
+from dlrmkit.hashing import splitmix64
 from dlrmkit.multihot import MultiHot
 from dlrmkit.sparse import SparseFeatures
 

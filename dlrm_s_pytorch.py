@@ -1082,6 +1082,7 @@ def make_datasets(args):
 
 
 def make_one_or_multi_hot_datasets(args):
+    """make_datasets's datasets, before the multi-hot settings are read back from them."""
     if args.data_generation == "dataset":
         try:
             # progress bars on a terminal only: a log gets no carriage returns

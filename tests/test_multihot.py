@@ -268,11 +268,13 @@ def test_bad_materializing_flags_are_one_line_errors(capsys, tmp_path, argv, mes
 def test_materializing_into_the_processed_set_or_a_foreign_directory_is_refused(materialized, tmp_path, capsys):
     processed, out = materialized
     (tmp_path / "notes.txt").write_text("mine")
-    for target, message in ((tmp_path, "holds other files (notes.txt)"),):
+    for target, message in ((tmp_path, "holds other files (notes.txt)"),
+                            (os.path.join(processed, "kaggle-dictionary"), "is the processed one-hot set itself"),
+                            (tmp_path / "notes.txt", "is a file")):
         code = data_utils.main(["multi-hot", f"--processed-data-file={processed}", "--multi-hot-sizes=2",
                                 f"--out={target}"])
         err = capsys.readouterr().err
-        assert code == 1 and message in err and err.count("\n") == 1
+        assert code == 1 and message in err and err.count("\n") == 1 and "Reading" not in err
     code = data_utils.main(["multi-hot", f"--processed-data-file={out}", "--multi-hot-sizes=2", f"--out={tmp_path}/b"])
     assert code == 1 and "is multi-hot already" in capsys.readouterr().err
 
