@@ -28,7 +28,8 @@ Where it differs from the reference, which draws a [R, s - 1] table per table on
   stream, so nothing of size R x (s - 1) is stored (the reference's tables of 40M-row Criteo
   tables hold billions of ids) and any id expands on its own, on any worker;
 - the reference converts the Pareto draw to int32 before the modulo, which maps the draws above
-  2^31 - 1 (0.46% of them) to one id, (-2^31) mod R; here they are reduced modulo R exactly, so
+  2^31 - 1 (0.46% of them) to one id, (-2^31) mod R (on x86, where an out-of-range conversion gives
+  -2^31); here they are reduced modulo R exactly, so
   every id keeps the Lomax-modulo-R probability.
 Bags are identical whatever the batch, the table sizes of other tables, --numpy-rand-seed, the
 number of processes or workers: the seed is fixed, as the reference's.
