@@ -9,6 +9,11 @@ Usage:
     python data_utils.py preprocess --data-set=kaggle --raw-data-file=input/train.txt \
         --processed-data-file=input/kaggleAdDisplayChallenge_processed.npz
 
+    # the MLPerf DLRMv2 multi-hot expansion of it, written once (bounded memory, resumable);
+    # the trainer reads it with --processed-data-file=input/kaggle_multihot
+    python data_utils.py multi-hot --data-set=kaggle --processed-data-file=input/kaggleAdDisplayChallenge_processed \
+        --multi-hot-sizes=3,2,1,2,6,1,1,1,1,7,3,8,1,6,9,5,1,1,1,12,100,27,10,3,1,1 --out input/kaggle_multihot
+
 Raw format: one row per line, TAB-separated: label (0/1), 13 integers, 26 categoricals of
 8 hex digits; an empty field is missing. Integers: missing or negative -> 0 (the model
 sees log(x + 1)). Categoricals: hex -> integer, missing -> a value of its own (MISSING);
@@ -51,6 +56,11 @@ How it works, in bounded memory (a 2 MiB block of text at a time, plus the dicti
        table fits in cache) -> dictionary_<t>.npy and the global id of every chunk's values;
     3. remap, per day: chunk-local ids -> global ids (a gather).
 Days (phases 1 and 3) and features (phase 2) run in parallel with --dataset-multiprocessing.
+
+Multi-hot (`multi-hot`, write_multi_hot): a processed set's ids expanded into the bags of
+`dlrmkit.multihot` (one directory of its own: day_<d>_{label,dense,multihot}.npy, the last int32
+[rows, sum(sizes)], and metadata.json with the sizes and distribution); the trainer reads the
+batches of on-the-fly expansion from it.
 """
 
 from __future__ import annotations
@@ -70,6 +80,7 @@ import zlib
 import numpy as np
 
 from dlrmkit import flags, outputs
+from dlrmkit.hashing import splitmix64, unit_interval
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -830,16 +841,8 @@ def _day_remapped(work_dir, day) -> bool:
 def _keep_after_sub_sampling(label, day, first_line, rate):
     """Keeps positives and a (1 - rate) share of negatives; a fixed pseudo-random draw per (day, line)."""
     lines = np.arange(first_line, first_line + len(label), dtype=np.uint64)
-    u = (splitmix64(lines ^ _u64((day + 1) << 40)) >> _u64(11)).astype(np.float64) / float(1 << 53)
+    u = unit_interval(splitmix64(lines ^ _u64((day + 1) << 40)))
     return (label == 1) | (u >= rate)
-
-
-def splitmix64(x):
-    """A well-mixed 64-bit hash of each uint64 (SplitMix64 finaliser); vectorised."""
-    z = x + _u64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _u64(30))) * _u64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _u64(27))) * _u64(0x94D049BB133111EB)
-    return z ^ (z >> _u64(31))
 
 
 def _parse_day(task: DayTask, report):
@@ -1106,6 +1109,147 @@ def write_bin_files(processed: ProcessedData, log=print) -> dict:
     return paths
 
 
+# ============================================================================ multi-hot data
+MULTI_HOT_FORMAT = "dlrm-criteo-multihot-v1"
+MULTI_HOT_FILE = re.compile(r"^(day_\d+_(label|dense|multihot)\.npy|metadata\.json|work\.json)(\.tmp)?$")
+MULTI_HOT_CHUNK_ROWS = 1 << 16  # rows expanded per step: bounded memory (~ 64k x sum(sizes) x 8 bytes)
+
+
+def read_multi_hot_metadata(path: str):
+    """metadata.json of a materialized multi-hot set in directory `path`, or None (none, or not one)."""
+    metadata = load_json(os.path.join(path, "metadata.json")) if os.path.isdir(path) else None
+    return metadata if isinstance(metadata, dict) and metadata.get("format") == MULTI_HOT_FORMAT else None
+
+
+def multi_hot_damage(processed: ProcessedData):
+    """What is wrong with the day files of a multi-hot set, or None."""
+    for day in range(len(processed.day_rows)):
+        problem = _multi_hot_day_damage(processed, day)
+        if problem:
+            return problem
+    return None
+
+
+def _multi_hot_day_damage(processed: ProcessedData, day: int):
+    rows, width = processed.day_rows[day], sum(processed.metadata["multi_hot"]["sizes"])
+    for kind, row_shape in (("label", ()), ("dense", (NUM_DENSE,)), ("multihot", (width,))):
+        path = processed.day_file(day, kind)
+        try:
+            shape = np.load(path, mmap_mode="r").shape
+        except (OSError, ValueError) as e:
+            return f"{os.path.basename(path)}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+        if shape != (rows,) + row_shape:
+            return f"{os.path.basename(path)} has shape {shape}, not {(rows,) + row_shape}"
+    return None
+
+
+def write_multi_hot(processed: ProcessedData, out_dir: str, multi_hot, log=print, progress=False,
+                    chunk_rows: int | None = None) -> ProcessedData:
+    """Writes the multi-hot expansion (`dlrmkit.multihot.MultiHot`) of a processed one-hot set to `out_dir`.
+
+    Per day: day_<d>_label.npy, day_<d>_dense.npy (copies) and day_<d>_multihot.npy int32
+    [rows, sum(sizes)] (each row's bags side by side, table after table), written `chunk_rows` rows
+    at a time (default MULTI_HOT_CHUNK_ROWS) under temporary names and renamed when complete; metadata.json (the multi-hot settings,
+    the source set's settings, table sizes, day sizes) last. A rerun with the same settings reuses the
+    result, an interrupted one resumes with its finished days (work.json records what they are for).
+    Raises DataError for an output directory that holds other files."""
+    metadata = {"format": MULTI_HOT_FORMAT, "multi_hot": multi_hot.settings(), "source": processed.metadata["settings"],
+                "counts": list(processed.counts), "days": [{"rows": int(r)} for r in processed.day_rows],
+                "dense_features": NUM_DENSE, "sparse_features": NUM_SPARSE}
+    result = ProcessedData(out_dir, metadata)
+    check_multi_hot_out(out_dir, processed.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    existing = load_json(os.path.join(out_dir, "metadata.json"))
+    if existing == metadata and multi_hot_damage(result) is None:
+        log(f"Multi-hot data in {out_dir} is already written with these settings")
+        return result
+    work = os.path.join(out_dir, "work.json")
+    if existing is not None or load_json(work) != metadata:  # nothing of other settings survives
+        _remove_multi_hot(out_dir)
+    save_json(work, metadata)
+    sizes, chunk_rows = multi_hot.sizes, chunk_rows or MULTI_HOT_CHUNK_ROWS
+    log(f"Writing multi-hot data ({multi_hot.distribution}, {sum(sizes)} ids per sample) from {processed.out_dir} "
+        f"-> {out_dir}")
+    from tqdm import tqdm
+
+    todo = [d for d in range(len(processed.day_rows)) if _multi_hot_day_damage(result, d) is not None]
+    if len(todo) < len(processed.day_rows):
+        log(f"Resuming: {len(processed.day_rows) - len(todo)} of {len(processed.day_rows)} days already written")
+    with tqdm(desc="multi-hot", total=sum(processed.day_rows[d] for d in todo), unit=" rows", unit_scale=True,
+              disable=not progress, mininterval=0.5) as bar:
+        for day in todo:
+            sources = [np.load(processed.day_file(day, kind), mmap_mode="r") for kind in ("label", "dense", "sparse")]
+            writers = [NpyWriter(result.day_file(day, "label"), np.uint8),
+                       NpyWriter(result.day_file(day, "dense"), np.int32, (NUM_DENSE,)),
+                       NpyWriter(result.day_file(day, "multihot"), np.int32, (sum(sizes),))]
+            try:
+                for lo in range(0, processed.day_rows[day], chunk_rows):
+                    label, dense, ids = (np.asarray(a[lo : lo + chunk_rows]) for a in sources)
+                    for writer, rows in zip(writers, (label, dense, multi_hot.rows(ids))):
+                        writer.append(rows)
+                    bar.update(len(label))
+                for writer in writers:
+                    writer.close()
+            except BaseException:
+                for writer in writers:
+                    writer.discard()
+                raise
+    save_json(os.path.join(out_dir, "metadata.json"), metadata)
+    os.remove(work)
+    return result
+
+
+def check_multi_hot_out(out_dir: str, processed_out_dir: str):
+    """Raises DataError when `out_dir` cannot take a multi-hot set: the one-hot set itself, a file, or a
+    directory holding files that are not a multi-hot set's."""
+    if os.path.abspath(out_dir) == os.path.abspath(processed_out_dir):
+        raise DataError(f"--out {out_dir}: is the processed one-hot set itself; give a directory of its own")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir}: is a file; give a directory")
+    others = sorted(name for name in os.listdir(out_dir) if not MULTI_HOT_FILE.match(name)) \
+        if os.path.isdir(out_dir) else []
+    if others:
+        raise DataError(f"--out {out_dir}: holds other files ({', '.join(others[:3])}); give an empty or new directory")
+
+
+def _remove_multi_hot(out_dir):
+    metadata = os.path.join(out_dir, "metadata.json")
+    if os.path.exists(metadata):
+        os.remove(metadata)  # first: an interrupted removal never leaves outputs that look complete
+    for name in os.listdir(out_dir):
+        if MULTI_HOT_FILE.match(name):
+            os.remove(os.path.join(out_dir, name))
+
+
+def materialize_multi_hot(args, log=print, progress=False) -> ProcessedData:
+    """`data_utils.py multi-hot`: the processed set the data flags name (built from the raw data if
+    needed), expanded by --multi-hot-sizes / --multi-hot-distribution-type into --out."""
+    from dlrmkit.multihot import MultiHot
+
+    if args.processed_data_file.endswith(".npz") and os.path.isfile(args.processed_data_file):
+        raise DataError(f"--processed-data-file {args.processed_data_file}: the original's .npz is expanded on the "
+                        "fly by the trainer; materializing needs a processed directory (python data_utils.py "
+                        "preprocess)")
+    if not (args.raw_data_file or args.processed_data_file):
+        raise DataError("give the processed one-hot set (--processed-data-file) or its raw data (--raw-data-file)")
+    base = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
+    if read_multi_hot_metadata(base) is not None:
+        raise DataError(f"--processed-data-file {base}: is multi-hot already; give the one-hot processed set")
+    try:
+        multi_hot = MultiHot(args.multi_hot_sizes, [1] * NUM_SPARSE, args.multi_hot_distribution_type)
+    except ValueError as e:
+        raise DataError(str(e))
+    check_multi_hot_out(args.out, os.path.join(base, settings_key(args.data_set, args.max_ind_range,
+                                                                   args.data_sub_sample_rate)))
+    processed = preprocess(args.raw_data_file, base, args.data_set, args.max_ind_range, args.data_sub_sample_rate,
+                           os.cpu_count() if args.dataset_multiprocessing else 1, log=log, progress=progress)
+    multi_hot = MultiHot(args.multi_hot_sizes, processed.counts, args.multi_hot_distribution_type)
+    try:
+        return write_multi_hot(processed, args.out, multi_hot, log, progress)
+    except OSError as e:  # disk full, permissions, ...
+        raise DataError(f"writing multi-hot data into {args.out} failed: {e.filename or ''}: {e.strerror or e}")
+
+
 # ============================================================================ fake raw data
 KAGGLE_COUNTS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
                  5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
@@ -1223,6 +1367,11 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--gzip", action="store_true", help="gzip the day files (with --days > 1)")
     prep = commands.add_parser("preprocess", help="raw Criteo data -> processed arrays (as the trainer on first use)")
     flags.add_data_flags(prep, list(DAYS), raw_required=True)
+    hot = commands.add_parser("multi-hot", help="write the multi-hot expansion of a processed set once "
+                                                 "(the trainer reads it with --processed-data-file=OUT)")
+    flags.add_data_flags(hot, list(DAYS), bin_loader=False)
+    flags.add_multi_hot_flags(hot, required=True)
+    hot.add_argument("--out", required=True, help="output directory of the multi-hot set")
     return parser
 
 
@@ -1235,6 +1384,9 @@ def main(argv=None) -> int:
             raise DataError(problem)
         if args.command == "make-fake":
             make_fake(args.out, args.rows, args.days, args.seed, args.gzip, progress=sys.stderr.isatty())
+            return 0
+        if args.command == "multi-hot":
+            materialize_multi_hot(args, progress=sys.stderr.isatty())
             return 0
         out_dir = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
         processed = preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,

@@ -39,6 +39,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import data_utils
+from dlrmkit import memory, multihot
+from dlrmkit.hashing import splitmix64
+from dlrmkit.multihot import MultiHot
 from dlrmkit.sparse import SparseFeatures
 
 
@@ -228,6 +231,37 @@ class OneHotDataset(Dataset):
         return batch_from_ids(self.dense[rows], self.ids[rows], self.labels[rows])
 
 
+class MultiHotDataset(Dataset):
+    """`dataset` (one id per table and sample) with each id expanded into its multi-hot bag
+    (`dlrmkit.multihot.MultiHot`) in `__getitem__`, so that DataLoader workers expand in parallel.
+
+    Batch j is the expansion of dataset[j]: the same dense features, targets and first id of every
+    bag. Every other attribute (set_epoch, samples_in_batch, fingerprint, num_samples, ...) is the
+    wrapped dataset's; `dataset` is the wrapped dataset (so a batch's first samples are skipped in it,
+    see skip_within_batch).
+    """
+
+    def __init__(self, dataset, multi_hot: MultiHot):
+        self.dataset, self.multi_hot = dataset, multi_hot
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, j) -> Batch:
+        batch = self.dataset[j]
+        return dataclasses.replace(batch, sparse=self.multi_hot.expand_sparse(batch.sparse))
+
+    def __getattr__(self, name):
+        if name in ("dataset", "multi_hot") or name.startswith("__"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def with_multi_hot(dataset, multi_hot: MultiHot | None):
+    """`dataset` expanded by `multi_hot` (MultiHotDataset), or itself when multi_hot is None (one-hot)."""
+    return dataset if multi_hot is None else MultiHotDataset(dataset, multi_hot)
+
+
 def make_loader(dataset, first_batch=0, num_workers=0, pin_memory=False):
     """Iterates dataset[first_batch:] (each item is a whole Batch) with optional workers."""
     return DataLoader(
@@ -300,7 +334,7 @@ class FeistelPermutation:
         shift = np.uint64(self.half_bits)
         left, right = x >> shift, x & self.mask
         for key in self.keys:
-            left, right = right, left ^ (data_utils.splitmix64(right ^ key) & self.mask)
+            left, right = right, left ^ (splitmix64(right ^ key) & self.mask)
         return (left << shift) | right
 
     def __call__(self, positions) -> np.ndarray:
@@ -350,11 +384,12 @@ class MappedPart:
         return {**self.__dict__, "_arrays": None}
 
 
-def criteo_batch(label, dense, sparse) -> Batch:
-    """A Batch from gathered rows: dense features log(x + 1) in float32 as the original, one id per bag."""
+def criteo_batch(label, dense, sparse, multi_hot: MultiHot | None = None) -> Batch:
+    """A Batch from gathered rows: dense features log(x + 1) in float32 as the original; `sparse` one id
+    per bag [n, 26], or with `multi_hot` materialized bags [n, sum(sizes)] (`MultiHot.from_rows`)."""
     return Batch(
         dense_x=torch.log(torch.from_numpy(np.asarray(dense, dtype=np.float32)) + 1.0),
-        sparse=SparseFeatures.one_hot(sparse),
+        sparse=multi_hot.from_rows(sparse) if multi_hot is not None else SparseFeatures.one_hot(sparse),
         target=_targets(label),
     )
 
@@ -367,10 +402,12 @@ class CriteoDataset(Dataset):
     the rows within each day, "total" permutes all rows; permutations are drawn from
     (seed, epoch), so each epoch is shuffled anew and reproducibly. With `shuffle_batches`
     (the original's --mlperf-bin-shuffle) the batches also come in an order drawn from
-    (seed, epoch). ds[j] is a pure function of (j, epoch).
+    (seed, epoch). ds[j] is a pure function of (j, epoch). With `multi_hot` the parts' sparse arrays
+    hold materialized multi-hot bags ([rows, sum(sizes)], data_utils.write_multi_hot).
     """
 
-    def __init__(self, parts, batch_size, randomize="none", seed=123, day_rows=None, shuffle_batches=False):
+    def __init__(self, parts, batch_size, randomize="none", seed=123, day_rows=None, shuffle_batches=False,
+                 multi_hot: MultiHot | None = None):
         if randomize not in ("none", "day", "total"):
             raise ValueError(f"--data-randomize={randomize} is not one of none, day, total")
         self.parts = list(parts)
@@ -378,6 +415,7 @@ class CriteoDataset(Dataset):
         self.num_rows = int(self.part_starts[-1])
         self.batch_size = int(batch_size)
         self.randomize, self.seed, self.shuffle_batches = randomize, int(seed), bool(shuffle_batches)
+        self.multi_hot = multi_hot
         day_rows = list(day_rows) if day_rows is not None else [self.num_rows]
         if sum(day_rows) != self.num_rows:
             raise ValueError(f"day sizes {day_rows} do not add up to the {self.num_rows} rows of the split")
@@ -411,11 +449,13 @@ class CriteoDataset(Dataset):
     def fingerprint(self, samples: int = 256) -> str:
         """A short digest of the split's size and of `samples` rows spread evenly over it (label, dense,
         sparse): tells two data sets apart (other files, reordered rows) without reading them whole, the
-        same whichever loader holds the rows."""
+        same whichever loader holds the rows. Of multi-hot bags it takes the first id, the one-hot id, so
+        a materialized set has the digest of the one-hot set it expands."""
         positions = np.unique(np.linspace(0, max(self.num_rows - 1, 0), samples).astype(np.int64))
         batch = self.batch_of_rows(positions) if self.num_rows else None
         digest = hashlib.sha1(str(self.num_rows).encode())
-        for tensor in ((batch.dense_x, batch.sparse.indices, batch.target) if batch is not None else ()):
+        first_ids = batch.sparse.indices[batch.sparse.offsets[:-1]] if batch is not None else None  # one-hot ids
+        for tensor in ((batch.dense_x, first_ids, batch.target) if batch is not None else ()):
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()[:12]
 
@@ -454,16 +494,18 @@ class CriteoDataset(Dataset):
                 local = slice(int(local[0]), int(local[-1]) + 1)
             pieces.append([a[local] for a in part.arrays()])
         label, dense, sparse = (np.concatenate(p) if len(pieces) > 1 else p[0] for p in zip(*pieces))
-        return criteo_batch(label, dense, sparse)
+        return criteo_batch(label, dense, sparse, self.multi_hot)
 
 
 @dataclasses.dataclass
 class CriteoData:
-    """Parts and day sizes of each split (train, test, val) and the embedding table sizes."""
+    """Parts and day sizes of each split (train, test, val) and the embedding table sizes; `multi_hot`:
+    the expansion that the parts' sparse arrays hold already (a materialized set), else None."""
 
     parts: dict
     day_rows: dict
     table_sizes: list
+    multi_hot: MultiHot | None = None
 
 
 def _split_day_rows(ranges):
@@ -480,6 +522,8 @@ def open_criteo(args, splits=("train", "test", "val"), log=print, progress=True)
     if processed_file.endswith(".npz") and os.path.isfile(processed_file):
         return _open_original_npz(args, splits, log)
     out_dir = data_utils.processed_dir(processed_file, args.raw_data_file, args.data_set)
+    if processed_file and data_utils.read_multi_hot_metadata(out_dir) is not None:
+        return _open_multi_hot(args, out_dir, splits, log, progress)
     workers = os.cpu_count() if args.dataset_multiprocessing else 1
     processed = data_utils.preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
                                       args.data_sub_sample_rate, workers, log=log, progress=progress)
@@ -495,22 +539,85 @@ def open_criteo(args, splits=("train", "test", "val"), log=print, progress=True)
     return CriteoData(parts, {name: _split_day_rows(r) for name, r in splits.items()}, list(processed.counts))
 
 
-def _load_in_memory(processed, ranges, split, progress) -> ArrayPart:
+def _load_in_memory(processed, ranges, split, progress, sparse_kind="sparse", sparse_width=data_utils.NUM_SPARSE):
     from tqdm import tqdm
 
     rows = sum(stop - start for _, start, stop in ranges)
     label = np.empty(rows, dtype=np.uint8)
     dense = np.empty((rows, data_utils.NUM_DENSE), dtype=np.int32)
-    sparse = np.empty((rows, data_utils.NUM_SPARSE), dtype=np.int32)
+    sparse = np.empty((rows, sparse_width), dtype=np.int32)
     first = 0
     quiet = not progress or rows < 1 << 22
     with tqdm(desc=f"load {split}", total=rows, unit=" rows", unit_scale=True, disable=quiet) as bar:
         for day, start, stop in ranges:
-            for target, kind in ((label, "label"), (dense, "dense"), (sparse, "sparse")):
+            for target, kind in ((label, "label"), (dense, "dense"), (sparse, sparse_kind)):
                 target[first : first + stop - start] = np.load(processed.day_file(day, kind), mmap_mode="r")[start:stop]
             first += stop - start
             bar.update(stop - start)
     return ArrayPart(label, dense, sparse)
+
+
+def check_multi_hot_flags(args, out_dir: str, metadata: dict):
+    """Raises DataError (one line) when the data or multi-hot flags disagree with the materialized
+    multi-hot set in `out_dir` (its metadata.json `metadata`); flags left at their default agree."""
+    source, recorded = metadata["source"], metadata["multi_hot"]
+    where = f"--processed-data-file {out_dir}"
+    if recorded.get("scheme") != multihot.SCHEME:
+        raise data_utils.DataError(f"{where}: multi-hot data written by another version of this program "
+                                   "(rerun python data_utils.py multi-hot)")
+    given = {"--data-set": (args.data_set, source["data_set"]),  # flags left at their default are not compared
+             "--max-ind-range": (args.max_ind_range if args.max_ind_range > 0 else None, source["max_ind_range"]),
+             "--data-sub-sample-rate": (args.data_sub_sample_rate or None, source["sub_sample_rate"])}
+    for flag, (value, saved) in given.items():
+        if value is not None and value != saved:
+            raise data_utils.DataError(f"{where}: multi-hot data of {flag}={saved}, but {flag}={value} was given")
+    if args.multi_hot_sizes:
+        try:
+            sizes = multihot.sizes_per_table(args.multi_hot_sizes, data_utils.NUM_SPARSE)
+        except ValueError as e:
+            raise data_utils.DataError(str(e))
+        if sizes != recorded["sizes"] or args.multi_hot_distribution_type != recorded["distribution"]:
+            raise data_utils.DataError(
+                f"{where}: holds multi-hot data of sizes {'-'.join(map(str, recorded['sizes']))} "
+                f"({recorded['distribution']}), but --multi-hot-sizes={'-'.join(map(str, sizes))} "
+                f"--multi-hot-distribution-type={args.multi_hot_distribution_type} were given")
+    elif args.multi_hot_distribution_type not in ("uniform", recorded["distribution"]):
+        raise data_utils.DataError(f"{where}: holds {recorded['distribution']} multi-hot data, but "
+                                   f"--multi-hot-distribution-type={args.multi_hot_distribution_type} was given")
+    if args.mlperf_bin_loader:
+        raise data_utils.DataError(f"--mlperf-bin-loader: not available for multi-hot data ({where}); "
+                                   "its .npy files are memory-mapped with --memory-map")
+
+
+def _open_multi_hot(args, out_dir, splits, log, progress) -> CriteoData:
+    """A materialized multi-hot set (data_utils.write_multi_hot), its settings checked against the flags."""
+    metadata = data_utils.read_multi_hot_metadata(out_dir)
+    check_multi_hot_flags(args, out_dir, metadata)
+    recorded = metadata["multi_hot"]
+    where = f"--processed-data-file {out_dir}"
+    processed = data_utils.ProcessedData(out_dir, metadata)
+    damage = data_utils.multi_hot_damage(processed)
+    if damage:
+        raise data_utils.DataError(f"{where}: damaged multi-hot data ({damage}); rerun python data_utils.py multi-hot")
+    multi_hot = MultiHot(recorded["sizes"], processed.counts, recorded["distribution"], recorded["seed"])
+    log(f"Reading multi-hot data={out_dir} ({recorded['distribution']}, {multi_hot.ids_per_sample} ids per sample)")
+    splits = {name: ranges for name, ranges in data_utils.split_days(processed.day_rows).items() if name in splits}
+    if not args.memory_map:  # a multi-hot set is ~15x its one-hot set: loaded whole only when it fits
+        rows = sum(stop - start for ranges in splits.values() for _, start, stop in ranges)
+        needed = rows * (1 + 4 * (data_utils.NUM_DENSE + multi_hot.ids_per_sample))
+        usable, limited_by = memory.usable_memory()
+        if needed > usable // 2:
+            raise data_utils.DataError(
+                f"{where}: loading its {rows} rows takes {memory.gib(needed)} but this process may use "
+                f"{memory.gib(usable)} ({limited_by}); add --memory-map to read them from the files")
+    if args.memory_map:
+        parts = {name: [MappedPart("npy", [processed.day_file(d, k) for k in ("label", "dense", "multihot")],
+                                   start, stop) for d, start, stop in ranges] for name, ranges in splits.items()}
+    else:
+        parts = {name: [_load_in_memory(processed, ranges, name, progress, "multihot", multi_hot.ids_per_sample)]
+                 for name, ranges in splits.items()}
+    return CriteoData(parts, {name: _split_day_rows(r) for name, r in splits.items()}, list(processed.counts),
+                      multi_hot)
 
 
 def _open_original_npz(args, splits, log) -> CriteoData:
@@ -537,13 +644,20 @@ def _open_original_npz(args, splits, log) -> CriteoData:
 
 
 def make_criteo_datasets(args, log=print, progress=True):
-    """(train, test, table sizes) for --data-generation=dataset; raises data_utils.DataError."""
+    """(train, test, table sizes) for --data-generation=dataset, multi-hot with --multi-hot-sizes (expanded
+    on the fly) or when --processed-data-file is a materialized multi-hot set; raises data_utils.DataError."""
     data = open_criteo(args, ("train", "test"), log, progress)
     if sum(data.day_rows["train"]) == 0:
         raise data_utils.DataError("the training split is empty (all rows sub-sampled away?)")
     shuffle_batches = args.mlperf_bin_loader and args.mlperf_bin_shuffle
     train = CriteoDataset(data.parts["train"], args.mini_batch_size, args.data_randomize, args.numpy_rand_seed,
-                          data.day_rows["train"], shuffle_batches=shuffle_batches)
+                          data.day_rows["train"], shuffle_batches=shuffle_batches, multi_hot=data.multi_hot)
     test = CriteoDataset(data.parts["test"], args.test_mini_batch_size, "none", args.numpy_rand_seed,
-                         data.day_rows["test"])
+                         data.day_rows["test"], multi_hot=data.multi_hot)
+    if data.multi_hot is None and args.multi_hot_sizes:  # one-hot data: expanded on the fly
+        try:
+            multi_hot = MultiHot(args.multi_hot_sizes, data.table_sizes, args.multi_hot_distribution_type)
+        except ValueError as e:
+            raise data_utils.DataError(str(e))
+        train, test = with_multi_hot(train, multi_hot), with_multi_hot(test, multi_hot)
     return train, test, data.table_sizes

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
-from dlrmkit import compute_graph, flags, memory, onnx_export, outputs, profiling, quantization, trace_data
+from dlrmkit import compute_graph, flags, memory, multihot, onnx_export, outputs, profiling, quantization, trace_data
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
 from dlrmkit.interactions import INTERACTIONS, interaction_class, interaction_width, make_interaction
 from dlrmkit.optim import OPTIMIZERS, make_optimizer
@@ -430,6 +430,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="synthetic data: trace file, j replaced by the table number")
     flag(g, "--data-trace-enable-padding", False, "synthetic data: pad short traces")
     flags.add_data_flags(g, list(data_utils.DAYS))
+    flags.add_multi_hot_flags(g)
     g.add_argument("--data-randomize", type=str, default="total", choices=["total", "day", "none"],
                    help="shuffling of the training rows, redrawn each epoch")
     number(g, "--num-workers", int, 0, at_least(0),
@@ -560,6 +561,11 @@ DISTRIBUTED = flags.Condition("distributed", lambda args, distributed: distribut
 DATASET = data_from("dataset")
 RANDOM_OR_SYNTHETIC = data_from("random", "synthetic")
 GAUSSIAN_IDS = (data_from("random"), flag_is("--rand-data-dist", "gaussian"))
+MULTI_HOT = flags.Condition("multi-hot", lambda args, distributed: bool(args.multi_hot_sizes), "--multi-hot-sizes",
+                            lambda args: "without --multi-hot-sizes")
+ONE_HOT_OR_BAGS = flags.Condition(
+    "generated bags", lambda args, distributed: not args.multi_hot_sizes, "no --multi-hot-sizes",
+    lambda args: "with --multi-hot-sizes (one id per table and sample, expanded into its multi-hot bag)")
 
 # Which flags have an effect, by data source, mode and other flags: each flag, and the conditions
 # that must all hold for it to change anything. A flag set otherwise gets a note (or an error,
@@ -567,8 +573,9 @@ GAUSSIAN_IDS = (data_from("random"), flag_is("--rand-data-dist", "gaussian"))
 APPLIES_WHEN = {
     "--arch-embedding-size": (RANDOM_OR_SYNTHETIC,),  # a data set's sizes come from its data
     "--data-size": (RANDOM_OR_SYNTHETIC, SIZED_BY_DATA_SIZE),
-    "--num-indices-per-lookup": (RANDOM_OR_SYNTHETIC,),
-    "--num-indices-per-lookup-fixed": (RANDOM_OR_SYNTHETIC,),
+    "--num-indices-per-lookup": (RANDOM_OR_SYNTHETIC, ONE_HOT_OR_BAGS),
+    "--num-indices-per-lookup-fixed": (RANDOM_OR_SYNTHETIC, ONE_HOT_OR_BAGS),
+    "--multi-hot-distribution-type": (MULTI_HOT,),
     "--round-targets": (RANDOM_OR_SYNTHETIC,),
     "--rand-data-dist": (data_from("random"),),
     "--rand-data-min": GAUSSIAN_IDS,
@@ -655,6 +662,20 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         raise DLRMError(f"--activation-function={args.activation_function} is not supported (relu)")
     if args.arch_mlp_top[-1] != 1:
         raise DLRMError(f"--arch-mlp-top must end in 1 (the click probability), got {args.arch_mlp_top[-1]}")
+    if args.multi_hot_sizes:  # the data's table count: the flags' for generated data, Criteo's 26
+        try:
+            multihot.sizes_per_table(args.multi_hot_sizes, data_utils.NUM_SPARSE if dataset else
+                                     len(args.arch_embedding_size))
+        except ValueError as e:
+            raise DLRMError(str(e))
+    if dataset and args.processed_data_file:  # a materialized multi-hot set: the flags must agree with it
+        out_dir = data_utils.processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
+        metadata = data_utils.read_multi_hot_metadata(out_dir)
+        if metadata is not None:
+            try:
+                dlrm_data.check_multi_hot_flags(args, out_dir, metadata)
+            except data_utils.DataError as e:
+                raise DLRMError(str(e))
     if args.rand_data_min > args.rand_data_max:
         raise DLRMError(f"--rand-data-min {args.rand_data_min:g} is above --rand-data-max {args.rand_data_max:g}")
     for flag, path, wanted, example in (
@@ -968,6 +989,9 @@ def original_train_state(checkpoint: dict) -> TrainState:
 def data_order(args, train_set) -> dict:
     """{flag: value} of what decides which training rows come in which order (for this data source)."""
     order = {"--data-generation": args.data_generation}
+    if args.multi_hot_sizes:  # the ids of every bag
+        order["--multi-hot-sizes"] = "-".join(str(n) for n in args.multi_hot_sizes)
+        order["--multi-hot-distribution-type"] = args.multi_hot_distribution_type
     if args.data_generation != "dataset":
         order["--numpy-rand-seed"] = args.numpy_rand_seed  # batch j is drawn from (seed, j)
         if args.data_generation == "synthetic":
@@ -1048,7 +1072,17 @@ def generated_set_sizes(args) -> tuple[int, int]:
 
 
 def make_datasets(args):
-    """Training and test datasets plus (dense width, table sizes) of the data."""
+    """Training and test datasets plus (dense width, table sizes) of the data. Multi-hot data (expanded on
+    the fly, or materialized) sets args.multi_hot_sizes (one per table) and the distribution as used."""
+    train, test, dense_dim, table_sizes = make_one_or_multi_hot_datasets(args)
+    multi_hot = getattr(train, "multi_hot", None)
+    if multi_hot is not None:  # what the run logs, the memory estimate and checkpoints record
+        args.multi_hot_sizes, args.multi_hot_distribution_type = list(multi_hot.sizes), multi_hot.distribution
+    return train, test, dense_dim, table_sizes
+
+
+def make_one_or_multi_hot_datasets(args):
+    """make_datasets's datasets, before the multi-hot settings are read back from them."""
     if args.data_generation == "dataset":
         try:
             # progress bars on a terminal only: a log gets no carriage returns
@@ -1058,9 +1092,12 @@ def make_datasets(args):
         return train, test, data_utils.NUM_DENSE, table_sizes
     table_sizes = args.arch_embedding_size
     dense_dim = args.arch_mlp_bot[0]
+    # multi-hot: one id per table and sample, drawn as the flags say, then expanded into its bag
+    multi_hot = multihot.MultiHot(args.multi_hot_sizes, table_sizes, args.multi_hot_distribution_type) \
+        if args.multi_hot_sizes else None
     config = dlrm_data.RandomDataConfig(
-        num_indices_per_lookup=args.num_indices_per_lookup,
-        num_indices_per_lookup_fixed=args.num_indices_per_lookup_fixed,
+        num_indices_per_lookup=1 if multi_hot else args.num_indices_per_lookup,
+        num_indices_per_lookup_fixed=True if multi_hot else args.num_indices_per_lookup_fixed,
         distribution=args.rand_data_dist,
         rand_min=args.rand_data_min,
         rand_max=args.rand_data_max,
@@ -1081,13 +1118,14 @@ def make_datasets(args):
             test = synthetic(1, args.test_mini_batch_size, lambda text: None, test_samples)
         except trace_data.TraceFileError as e:
             raise DLRMError(f"--data-trace-file: {e}")
-        return train, test, dense_dim, table_sizes
+        return dlrm_data.with_multi_hot(train, multi_hot), dlrm_data.with_multi_hot(test, multi_hot), dense_dim, \
+            table_sizes
     train = dlrm_data.RandomDataset(dense_dim, table_sizes, num_samples, args.mini_batch_size,
                                     args.numpy_rand_seed, config, split=0)
     # a held-out set from its own random stream
     test = dlrm_data.RandomDataset(dense_dim, table_sizes, test_samples, args.test_mini_batch_size,
                                    args.numpy_rand_seed, config, split=1)
-    return train, test, dense_dim, table_sizes
+    return dlrm_data.with_multi_hot(train, multi_hot), dlrm_data.with_multi_hot(test, multi_hot), dense_dim, table_sizes
 
 
 def top_mlp_widths(args, num_tables: int) -> list[int]:
@@ -1141,7 +1179,9 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     held = [table_sizes[t] for t in local_tables] if local_tables is not None else list(table_sizes)
     if args.qr_flag:  # a quotient and a remainder table for each big table
         held = [math.ceil(n / args.qr_collisions) + args.qr_collisions if n > args.qr_threshold else n for n in held]
-    if args.data_generation == "dataset":
+    if args.multi_hot_sizes:  # one bag of its table's size per table
+        ids = float(sum(multihot.sizes_per_table(args.multi_hot_sizes, len(table_sizes))))
+    elif args.data_generation == "dataset":
         ids = float(len(table_sizes))
     else:
         ids = sum(memory.mean_bag_size(n, args.num_indices_per_lookup, args.num_indices_per_lookup_fixed)
@@ -1157,7 +1197,8 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     if args.data_generation == "synthetic":  # per table: an id stream, and where each batch starts in it
         samples, test_samples = generated_set_sizes(args)
         batches = math.ceil(samples / args.mini_batch_size) + math.ceil(test_samples / args.test_mini_batch_size)
-        stream = min(max(samples, test_samples) * ids / len(table_sizes), trace_data.MAX_STREAM_LENGTH)
+        drawn = 1.0 if args.multi_hot_sizes else ids / len(table_sizes)  # multi-hot: one id, expanded later
+        stream = min(max(samples, test_samples) * drawn, trace_data.MAX_STREAM_LENGTH)
         needed.data = int(len(table_sizes) * (2 * 8 * batches + 2 * 8 * stream))
     if args.load_model and os.path.isfile(args.load_model) and ext_dist.rank() == 0:  # rank 0 reads it for all
         needed.checkpoint = os.path.getsize(args.load_model)

@@ -4,7 +4,8 @@
 - `CommandLineParser`: one-line errors, and a suggestion for a misspelt flag;
 - `add_bool_flag`, `add_number`: flag definitions; a number carries its valid `Range`,
   which `check_ranges` checks for every flag of a parser;
-- `add_data_flags`: the Criteo data flags, defined once for both command lines;
+- `add_data_flags`, `add_multi_hot_flags`: the Criteo data and multi-hot flags, defined once for both
+  command lines;
 - `Condition`, `ineffective_flags`: which flags have an effect in a run (the notes).
 """
 
@@ -15,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 from typing import Callable
 
@@ -33,20 +35,25 @@ def parse_bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False/1/0), got {value!r}")
 
 
-def dash_separated(kind):
-    """A parser of `4-3-2`-style lists of `kind` (int or float)."""
+def dash_separated(kind, commas: bool = False):
+    """A parser of `4-3-2`-style lists of `kind` (int or float); with `commas` also `4,3,2`, and an
+    empty text is the empty list."""
     def parse(text):
-        parts = str(text).split("-")
+        if commas and not str(text).strip():
+            return []
+        parts = re.split("[-,]" if commas else "-", str(text))
         if "" in parts and str(text).strip():
             raise argparse.ArgumentTypeError(
-                f"empty part in {text!r} (a leading, trailing or doubled dash); values are separated by single "
-                "dashes, so negative values cannot be written in a dash-separated list")
+                f"empty part in {text!r} (a leading, trailing or doubled {'separator' if commas else 'dash'}); values "
+                f"are separated by single {'dashes or commas' if commas else 'dashes'}, so negative values cannot be "
+                "written in a dash-separated list")
         try:
             values = [kind(v) for v in parts]
         except ValueError:
             values = []
         if not values:
-            raise argparse.ArgumentTypeError(f"expected dash-separated {kind.__name__}s like 4-3-2, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {'dash- or comma-' if commas else 'dash-'}separated "
+                                             f"{kind.__name__}s like 4-3-2, got {text!r}")
         return values
 
     parse.__name__ = f"dash-separated {kind.__name__}s"
@@ -213,8 +220,9 @@ def add_number(group, name: str, kind, default, valid: Range, help: str, aliases
     return action
 
 
-def add_data_flags(group, data_sets, raw_required: bool = False):
-    """The Criteo data flags that both the trainer and `data_utils.py preprocess` take."""
+def add_data_flags(group, data_sets, raw_required: bool = False, bin_loader: bool = True):
+    """The Criteo data flags that both the trainer and `data_utils.py preprocess` take (`bin_loader`:
+    with --mlperf-bin-loader)."""
     group.add_argument("--data-set", type=str, default=data_sets[0], choices=list(data_sets), help="Criteo data set")
     group.add_argument("--raw-data-file", type=str, default="", required=raw_required,
                        help="raw Criteo data: the Kaggle train.txt, or the prefix of the Terabyte day files "
@@ -226,8 +234,22 @@ def add_data_flags(group, data_sets, raw_required: bool = False):
     add_number(group, "--data-sub-sample-rate", float, 0.0, between(0.0, 1.0),
                "drop this fraction of negatives from the training days")
     add_bool_flag(group, "--dataset-multiprocessing", False, "preprocess with all cores")
-    add_bool_flag(group, "--mlperf-bin-loader", False,
-                  "the binary one-file-per-split format (train/test/val.bin next to the processed data)")
+    if bin_loader:
+        add_bool_flag(group, "--mlperf-bin-loader", False,
+                      "the binary one-file-per-split format (train/test/val.bin next to the processed data)")
+
+
+def add_multi_hot_flags(group, required: bool = False):
+    """--multi-hot-sizes and --multi-hot-distribution-type (dlrmkit.multihot), for both command lines."""
+    from dlrmkit import multihot
+
+    add_number(group, "--multi-hot-sizes", dash_separated(int, commas=True), "" if not required else None, at_least(1),
+               "multi-hot bag size of each table, dash- or comma-separated (one value: all tables); each id "
+               "becomes itself plus size-1 synthetic ids (MLPerf DLRMv2)" + ("" if required else ". Empty: one-hot"),
+               required=required)
+    group.add_argument("--multi-hot-distribution-type", type=str, default="uniform", choices=list(multihot.DISTRIBUTIONS),
+                       help="distribution of the synthetic ids: uniform over the table, or Pareto (a=0.25) "
+                            "modulo its rows")
 
 
 # ============================================================================ which flags have an effect

@@ -140,6 +140,19 @@ def test_three_processes_train_and_test_exactly_as_one(run_main, tmp_path, optim
 
 
 @pytest.mark.slow
+def test_two_processes_with_multi_hot_bags_train_exactly_as_one(run_main, tmp_path):
+    """Bags of eight sizes (1 to 7 ids) in Pareto draws: each rank's tables keep their bags whole."""
+    args = [*MODEL, "--data-size=62", "--mini-batch-size=6", "--test-mini-batch-size=8", "--test-freq=4",
+            "--optimizer=adagrad", "--learning-rate=0.1", "--multi-hot-sizes=3-1-2-5-1-4-2-7",
+            "--multi-hot-distribution-type=pareto"]
+    (_, out0, _), _ = launch(2, [*args, f"--save-model={tmp_path / 'distributed.pt'}"], tmp_path)
+    code, single, _ = run_main(*args, f"--save-model={tmp_path / 'single.pt'}")
+    assert code == 0
+    assert_same_run(out0, single)
+    assert_same_checkpoint(tmp_path / "distributed.pt", tmp_path / "single.pt")
+
+
+@pytest.mark.slow
 def test_a_process_without_tables_still_trains_as_one(run_main, tmp_path):
     """Two tables over three processes: the third holds none but takes part in every exchange."""
     args = ["--arch-embedding-size=10-20", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",

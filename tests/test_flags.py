@@ -60,7 +60,8 @@ def test_every_numeric_flag_refuses_a_value_outside_its_range(run_main, flag, va
     assert out == ""  # before any work
 
 
-DATA_UTILS_REQUIRED = {"make-fake": ["--rows=5", "--out=x"], "preprocess": ["--raw-data-file=x"]}
+DATA_UTILS_REQUIRED = {"make-fake": ["--rows=5", "--out=x"], "preprocess": ["--raw-data-file=x"],
+                       "multi-hot": ["--raw-data-file=x", "--multi-hot-sizes=2", "--out=x"]}
 DATA_UTILS_NUMBERS = [(command, a.option_strings[0], text)
                       for command, sub in data_utils.build_parser()._subparsers._group_actions[0].choices.items()
                       for a in numeric_actions(sub) for text in out_of_range_values(a)]
@@ -143,6 +144,8 @@ CONDITION_CASES = {
     "--save-onnx": (["--save-onnx"], []),
     "--enable-profiling": (["--enable-profiling"], []),
     "--plot-compute-graph": (["--plot-compute-graph"], []),
+    "multi-hot": (["--multi-hot-sizes=2"], []),
+    "generated bags": ([], ["--multi-hot-sizes=2"]),
 }
 
 
