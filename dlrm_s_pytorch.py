@@ -68,7 +68,7 @@ from dlrmkit import compute_graph, flags, memory, onnx_export, outputs, profilin
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
 from dlrmkit import interactions
 from dlrmkit.interactions import INTERACTIONS, InteractionConfig, interaction_class
-from dlrmkit.optim import OPTIMIZERS, make_optimizer
+from dlrmkit.optim import ADAGRAD_EPS, OPTIMIZERS, make_optimizer
 from dlrmkit.progress import DivergenceGuard, ProgressBar, stderr_is_terminal
 from dlrmkit.run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
 from dlrmkit.sparse import SparseFeatures
@@ -471,6 +471,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     number(g, "--nepochs", int, 1, at_least(1), "training epochs")
     number(g, "--learning-rate", float, 0.01, at_least(0), "learning rate")
     g.add_argument("--optimizer", type=str, default="sgd", choices=list(OPTIMIZERS), help="optimizer")
+    number(g, "--adagrad-eps", float, ADAGRAD_EPS, flags.positive(),
+           "Adagrad's epsilon, added to the root of the squared-gradient sums (the MLPerf DLRMv2 reference: 1e-8)")
     number(g, "--numpy-rand-seed", int, 123, between(0, 2**32 - 1), "seed of all random numbers")  # NumPy's range
     number(g, "--mlperf-grad-accum-iter", int, 1, at_least(1), "micro-batches accumulated per optimizer step")
     number(g, "--lr-num-warmup-steps", int, 0, at_least(0), "linear LR warmup steps")
@@ -534,6 +536,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+ADAGRADS = ("adagrad", "rwsadagrad")  # the optimizers with an epsilon (--adagrad-eps)
+
 # flags whose default (-1) means "the value of this other flag"
 DERIVED_DEFAULTS = {"test_mini_batch_size": "mini_batch_size", "test_num_workers": "num_workers"}
 
@@ -562,6 +566,8 @@ def testing(args) -> bool:
     return args.inference_only or args.test_freq > 0
 
 
+ADAGRAD = flags.Condition("adagrad", lambda args, distributed: args.optimizer in ADAGRADS,
+                          "--optimizer=adagrad or rwsadagrad", lambda args: f"with --optimizer={args.optimizer}")
 TRAINING = flags.Condition("training", lambda args, distributed: not args.inference_only,
                            "training (no --inference-only)", lambda args: "with --inference-only")
 TESTING = flags.Condition("testing", lambda args, distributed: testing(args),
@@ -619,6 +625,7 @@ APPLIES_WHEN = {
     "--mlperf-bin-shuffle": (DATASET, flag_is("--mlperf-bin-loader")),
     "--learning-rate": (TRAINING,),
     "--optimizer": (TRAINING,),
+    "--adagrad-eps": (TRAINING, ADAGRAD),
     "--mlperf-grad-accum-iter": (TRAINING,),
     "--lr-num-warmup-steps": (TRAINING,),
     "--lr-decay-start-step": (TRAINING, DECAYING),
@@ -1248,7 +1255,8 @@ def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: t
 
 def build_optimizer(args, model: nn.Module):
     """The --optimizer for `model`; `train` zeroes the gradients after every step, so steps may reuse them."""
-    return make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True)
+    eps = args.adagrad_eps if args.optimizer in ADAGRADS else None
+    return make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True, eps=eps)
 
 
 def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
@@ -1259,7 +1267,8 @@ def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
     print(ln_top[0])
     options = model.interaction_config.options()
     if options:
-        print(f"{model.arch_interaction_op} interaction: " + ", ".join(f"{k}={flag_text(v)}" for k, v in options.items()))
+        settings = ", ".join(f"{k}={flag_text(v)}" for k, v in options.items())
+        print(f"{model.arch_interaction_op} interaction: {settings}")
     print(f"mlp bot arch {len(ln_bot) - 1} layers, with input to output dimensions:")
     print(np.array(ln_bot))
     print("# of features (sparse and dense)")
@@ -1533,11 +1542,14 @@ def open_run_logs(args) -> RunLog:
 def run_config(args, train_set, test_set, table_sizes) -> dict:
     """What the run logs record at the start; `args` as used, with the table sizes of the data."""
     return {
+        # the MLPerf benchmark of this model: DLRM-DCNv2 with the cross network, DLRM otherwise
+        "benchmark": "dlrm_dcnv2" if args.arch_interaction_op == "dcn" else "dlrm",
         "seed": args.numpy_rand_seed,
         "global_batch_size": args.mini_batch_size * args.mlperf_grad_accum_iter,
         "gradient_accumulation_steps": args.mlperf_grad_accum_iter,
         "optimizer": args.optimizer,
         "learning_rate": args.learning_rate,
+        **({"adagrad_eps": args.adagrad_eps} if args.optimizer in ADAGRADS else {}),
         "warmup_steps": args.lr_num_warmup_steps,
         "decay_start_step": args.lr_decay_start_step,
         "decay_steps": args.lr_num_decay_steps,
@@ -1560,8 +1572,8 @@ def interaction_tensors(config: InteractionConfig) -> list[str]:
     if config.name == "dcn":
         return [f"dcn_cross{layer}" for layer in range(1, config.dcn_num_layers + 1)]
     if config.name == "projection":
-        return [f"projection_branch{b}_dense{k}" for b, sizes in ((1, config.branch1_layer_sizes),
-                                                                 (2, config.branch2_layer_sizes))
+        branches = (config.interaction_branch1_layer_sizes, config.interaction_branch2_layer_sizes)
+        return [f"projection_branch{b}_dense{k}" for b, sizes in enumerate(branches, 1)
                 for k in range(1, len(sizes) + 1)]
     return []
 

@@ -42,12 +42,13 @@ BRANCH_LAYER_SIZES = (2048, 2048)
 
 @dataclasses.dataclass(frozen=True)
 class InteractionConfig:
-    """Which interaction (`name`, a key of INTERACTIONS) and its options.
+    """Which interaction (`name`, a key of INTERACTIONS) and its options; the options' names are
+    those of the trainer's flags and of DLRM_Net's keywords.
 
-    itself: the dot interaction also pairs each feature with itself;
+    itself: the dot interaction also pairs each feature with itself (--arch-interaction-itself);
     dcn_num_layers, dcn_low_rank_dim: the cross network's layers L (>= 1) and rank r (>= 1);
-    branch1_layer_sizes, branch2_layer_sizes: the projection's branch MLP widths after their input,
-    each ending in a multiple of the embedding dimension.
+    interaction_branch1_layer_sizes, interaction_branch2_layer_sizes: the projection's branch MLP
+    widths after their input, each ending in a multiple of the embedding dimension.
     Options of other interactions are kept but have no effect.
     """
 
@@ -55,21 +56,20 @@ class InteractionConfig:
     itself: bool = False
     dcn_num_layers: int = DCN_NUM_LAYERS
     dcn_low_rank_dim: int = DCN_LOW_RANK_DIM
-    branch1_layer_sizes: tuple = BRANCH_LAYER_SIZES
-    branch2_layer_sizes: tuple = BRANCH_LAYER_SIZES
+    interaction_branch1_layer_sizes: tuple = BRANCH_LAYER_SIZES
+    interaction_branch2_layer_sizes: tuple = BRANCH_LAYER_SIZES
 
-    def __post_init__(self):
-        object.__setattr__(self, "itself", bool(self.itself))
-        object.__setattr__(self, "dcn_num_layers", int(self.dcn_num_layers))
-        object.__setattr__(self, "dcn_low_rank_dim", int(self.dcn_low_rank_dim))
-        object.__setattr__(self, "branch1_layer_sizes", tuple(int(n) for n in self.branch1_layer_sizes))
-        object.__setattr__(self, "branch2_layer_sizes", tuple(int(n) for n in self.branch2_layer_sizes))
+    def __post_init__(self):  # plain values, whatever came in (NumPy numbers, lists)
+        for field, kind in (("itself", bool), ("dcn_num_layers", int), ("dcn_low_rank_dim", int)):
+            object.__setattr__(self, field, kind(getattr(self, field)))
+        for field in ("interaction_branch1_layer_sizes", "interaction_branch2_layer_sizes"):
+            object.__setattr__(self, field, tuple(int(n) for n in getattr(self, field)))
 
     @classmethod
     def from_args(cls, args) -> "InteractionConfig":
         """The interaction the trainer's flags describe (--arch-interaction-op and its options)."""
-        return cls(args.arch_interaction_op, args.arch_interaction_itself, args.dcn_num_layers,
-                   args.dcn_low_rank_dim, args.interaction_branch1_layer_sizes, args.interaction_branch2_layer_sizes)
+        options = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)[2:]}
+        return cls(args.arch_interaction_op, args.arch_interaction_itself, **options)
 
     @property
     def interaction_class(self) -> type["Interaction"]:
@@ -312,18 +312,18 @@ class ProjectionInteraction(Interaction):
     def __init__(self, num_tables, dense_dim, emb_dim, config):
         super().__init__(num_tables, dense_dim, emb_dim, config)
         width = self.dense_dim + self.num_tables * self.emb_dim
-        self.branch1 = branch_mlp([width, *config.branch1_layer_sizes])
-        self.branch2 = branch_mlp([width, *config.branch2_layer_sizes])
+        self.branch1 = branch_mlp([width, *config.interaction_branch1_layer_sizes])
+        self.branch2 = branch_mlp([width, *config.interaction_branch2_layer_sizes])
 
     @staticmethod
     def output_width(num_tables, dense_dim, emb_dim, config):
-        f1 = config.branch1_layer_sizes[-1] // emb_dim
-        f2 = config.branch2_layer_sizes[-1] // emb_dim
+        f1 = config.interaction_branch1_layer_sizes[-1] // emb_dim
+        f2 = config.interaction_branch2_layer_sizes[-1] // emb_dim
         return dense_dim + f1 * f2
 
     @staticmethod
     def check_options(emb_dim, config):
-        for k, sizes in ((1, config.branch1_layer_sizes), (2, config.branch2_layer_sizes)):
+        for k, sizes in enumerate((config.interaction_branch1_layer_sizes, config.interaction_branch2_layer_sizes), 1):
             if not sizes or min(sizes) < 1:
                 return f"--interaction-branch{k}-layer-sizes must list widths of at least 1"
             if sizes[-1] % emb_dim:
@@ -333,13 +333,14 @@ class ProjectionInteraction(Interaction):
 
     @staticmethod
     def options(config):
-        return {"--interaction-branch1-layer-sizes": list(config.branch1_layer_sizes),
-                "--interaction-branch2-layer-sizes": list(config.branch2_layer_sizes)}
+        return {"--interaction-branch1-layer-sizes": list(config.interaction_branch1_layer_sizes),
+                "--interaction-branch2-layer-sizes": list(config.interaction_branch2_layer_sizes)}
 
     @staticmethod
     def dense_layers(num_tables, dense_dim, emb_dim, config):
         width = dense_dim + num_tables * emb_dim
-        return [[width, *config.branch1_layer_sizes], [width, *config.branch2_layer_sizes]]
+        return [[width, *config.interaction_branch1_layer_sizes],
+                [width, *config.interaction_branch2_layer_sizes]]
 
     def forward(self, x, ly):
         x0 = flat_features(x, ly)
@@ -364,5 +365,5 @@ def interaction_class(name: str) -> type[Interaction]:
 
 def interaction_width(name: str, itself: bool, num_tables: int, dense_dim: int, emb_dim: int, **options) -> int:
     """Width of the interaction's output, i.e. the input width the top MLP must have;
-    `options`: InteractionConfig's fields (dcn_num_layers, branch1_layer_sizes, ...)."""
+    `options`: InteractionConfig's fields (dcn_num_layers, interaction_branch1_layer_sizes, ...)."""
     return InteractionConfig(name, itself, **options).output_width(num_tables, dense_dim, emb_dim)

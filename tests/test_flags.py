@@ -141,6 +141,7 @@ CONDITION_CASES = {
     "--loss-function=wbce": (["--loss-function=wbce"], []),
     "--arch-interaction-op=dot": ([], ["--arch-interaction-op=cat"]),
     "--arch-interaction-op=dcn": (["--arch-interaction-op=dcn"], []),
+    "adagrad": (["--optimizer=rwsadagrad"], ["--optimizer=sgd"]),
     "--arch-interaction-op=projection": (["--arch-interaction-op=projection"], []),
     "--save-onnx": (["--save-onnx"], []),
     "--enable-profiling": (["--enable-profiling"], []),
