@@ -140,6 +140,19 @@ def test_three_processes_train_and_test_exactly_as_one(run_main, tmp_path, optim
 
 
 @pytest.mark.slow
+def test_two_processes_train_the_dcn_model_exactly_as_one(run_main, tmp_path):
+    """The cross network is dense: replicated, its gradients averaged like the MLPs'."""
+    args = [*MODEL, "--data-size=62", "--mini-batch-size=6", "--test-mini-batch-size=10", "--test-freq=4",
+            "--arch-interaction-op=dcn", "--dcn-num-layers=2", "--dcn-low-rank-dim=5",
+            "--optimizer=adagrad", "--learning-rate=0.1"]
+    (_, out0, _), (code1, out1, _) = launch(2, [*args, f"--save-model={tmp_path / 'distributed.pt'}"], tmp_path)
+    code, single, _ = run_main(*args, f"--save-model={tmp_path / 'single.pt'}")
+    assert code == code1 == 0 and out1 == ""
+    assert_same_run(out0, single)
+    assert_same_checkpoint(tmp_path / "distributed.pt", tmp_path / "single.pt")
+
+
+@pytest.mark.slow
 def test_a_process_without_tables_still_trains_as_one(run_main, tmp_path):
     """Two tables over three processes: the third holds none but takes part in every exchange."""
     args = ["--arch-embedding-size=10-20", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",
