@@ -251,3 +251,22 @@ def test_dcn_and_projection_learn_a_planted_signal_like_dot():
     assert auc("dcn", "--dcn-low-rank-dim=16") >= dot - 0.01
     assert auc("projection", "--interaction-branch1-layer-sizes=32-16",
                "--interaction-branch2-layer-sizes=32-16") >= dot - 0.01
+
+
+@pytest.mark.parametrize("op,options", [("dcn", ["--dcn-num-layers=2", "--dcn-low-rank-dim=30"]),
+                                        ("projection", ["--interaction-branch1-layer-sizes=64-32",
+                                                        "--interaction-branch2-layer-sizes=48"])])
+def test_memory_estimate_counts_the_interactions_parameters(op, options):
+    def estimate(*argv):
+        args = dlrm.parse_args([*RUN, *argv])
+        return dlrm.estimate_memory(args, 4, args.arch_embedding_size)
+
+    args = dlrm.parse_args([*RUN, f"--arch-interaction-op={op}", *options])
+    model = dlrm.build_model(args, 4, args.arch_embedding_size)
+    own = sum(p.numel() for p in model.interaction.parameters())
+    top_difference = sum(p.numel() for p in model.top_l.parameters()) - sum(
+        p.numel() for p in dlrm.build_model(dlrm.parse_args([*RUN, "--arch-interaction-op=cat"]), 4,
+                                            args.arch_embedding_size).top_l.parameters())
+    counted = (estimate(f"--arch-interaction-op={op}", *options).parameters
+               - estimate("--arch-interaction-op=cat").parameters) / 8  # float32 weights and their gradients
+    assert own + top_difference <= counted <= own + top_difference + 2 * 30  # dcn: V's missing bias counted
