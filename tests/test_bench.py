@@ -41,7 +41,8 @@ def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
 
 @pytest.mark.parametrize("interaction", [
     [], ["--arch-interaction-op=dcn", "--dcn-low-rank-dim=8"],
-    ["--arch-interaction-op=projection", "--interaction-branch1-layer-sizes=32", "--interaction-branch2-layer-sizes=32"],
+    ["--arch-interaction-op=projection", "--interaction-branch1-layer-sizes=32",
+     "--interaction-branch2-layer-sizes=32"],
 ], ids=["dot", "dcn", "projection"])
 def test_harness_plain_pytorch_reference_trains(interaction):
     import torch

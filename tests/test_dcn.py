@@ -34,11 +34,16 @@ def randomized(module, seed=1):
     return module
 
 
+def sample_features(x, ly, b):
+    """x0 of sample b as a list of scalars: its dense values, then table by table its pooled embedding."""
+    return [x[b, i] for i in range(x.shape[1])] + [ly[b, t, d] for t in range(ly.shape[1]) for d in range(ly.shape[2])]
+
+
 def naive_dcn(x, ly, layers):
-    """Per sample, per layer, per output element: x_{l+1}[i] = x0[i] * (sum_k U[i,k] (sum_j V[k,j] x_l[j]) + b[i]) + x_l[i]."""
+    """Per sample, per layer, per element: x_{l+1}[i] = x0[i] (sum_k U[i,k] sum_j V[k,j] x_l[j] + b[i]) + x_l[i]."""
     rows = []
     for b in range(x.shape[0]):
-        x0 = [x[b, i] for i in range(x.shape[1])] + [ly[b, t, d] for t in range(ly.shape[1]) for d in range(ly.shape[2])]
+        x0 = sample_features(x, ly, b)
         xl = list(x0)
         for U, V, bias in layers:
             low = [sum(V[k, j] * xl[j] for j in range(len(xl))) for k in range(V.shape[0])]
@@ -57,7 +62,7 @@ def naive_projection(x, ly, branch1, branch2, dim):
 
     rows = []
     for b in range(x.shape[0]):
-        x0 = [x[b, i] for i in range(x.shape[1])] + [ly[b, t, d] for t in range(ly.shape[1]) for d in range(ly.shape[2])]
+        x0 = sample_features(x, ly, b)
         h1, h2 = mlp(x0, branch1), mlp(x0, branch2)
         f1, f2 = len(h1) // dim, len(h2) // dim
         products = [sum(h1[i * dim + d] * h2[d * f2 + j] for d in range(dim)) for i in range(f1) for j in range(f2)]
