@@ -275,3 +275,20 @@ def test_memory_estimate_counts_the_interactions_parameters(op, options):
     counted = (estimate(f"--arch-interaction-op={op}", *options).parameters
                - estimate("--arch-interaction-op=cat").parameters) / 8  # float32 weights and their gradients
     assert own + top_difference <= counted <= own + top_difference + 2 * 30  # dcn: V's missing bias counted
+
+
+@pytest.mark.slow  # importing dynamo takes seconds
+@pytest.mark.parametrize("op", list(MODELS))
+def test_compiled_dense_part_computes_as_eager(op):
+    """--compile's plumbing (dynamo's eager backend) through the interaction: outputs and gradients."""
+    batch = dlrm_data.RandomDataset(3, [50, 7, 300], 16, 16, seed=2)[0]
+    results = []
+    for backend in (None, "eager"):
+        model = small_model(op, **MODELS[op]).train()
+        if backend:
+            dlrm.compile_dense(model, torch.device("cpu"), backend=backend)
+        z = model(batch.dense_x, batch.sparse)
+        z.sum().backward()
+        results.append([z.detach()] + [p.grad.to_dense() for p in model.interaction.parameters()])
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
