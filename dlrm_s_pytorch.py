@@ -64,9 +64,9 @@ import torch.nn.functional as F
 import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
-from dlrmkit import compute_graph, flags, memory, onnx_export, outputs, profiling, quantization, trace_data
+from dlrmkit import (compute_graph, flags, interactions, memory, onnx_export, outputs, profiling, quantization,
+                     trace_data)
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
-from dlrmkit import interactions
 from dlrmkit.interactions import INTERACTIONS, InteractionConfig, interaction_class
 from dlrmkit.optim import ADAGRAD_EPS, OPTIMIZERS, make_optimizer
 from dlrmkit.progress import DivergenceGuard, ProgressBar, stderr_is_terminal

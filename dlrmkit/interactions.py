@@ -103,7 +103,7 @@ class InteractionConfig:
 
 class Interaction(nn.Module):
     """Base of the interactions; see the module docstring. Built as cls(num_tables, dense_dim,
-    emb_dim, config) after `check_dims` found no problem."""
+    emb_dim, config) after `check_dims` and `check_options` found no problem."""
 
     def __init__(self, num_tables: int, dense_dim: int, emb_dim: int, config: InteractionConfig):
         super().__init__()
