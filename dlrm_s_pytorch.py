@@ -30,7 +30,7 @@ Usage:
 
 Model (`DLRM_Net`, importable without side effects):
     dense x -> bottom MLP ---------------------------\
-    sparse ids -> embedding tables (sum pooling) ----> interaction (dot | cat) -> top MLP -> sigmoid
+    sparse ids -> embedding tables (sum pooling) ----> interaction (dot | cat | dcn | projection) -> top MLP -> sigmoid
     Sparse ids travel as one `dlrmkit.sparse.SparseFeatures` (flat indices + offsets); the tables are an
     embedding collection (`dlrmkit.embeddings`: by default all in one weight, one lookup; `model.emb_l[k]`
     is table k); the interactions are registered by name in `dlrmkit.interactions`.
@@ -64,14 +64,18 @@ import torch.nn.functional as F
 import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
-from dlrmkit import compute_graph, flags, memory, multihot, onnx_export, outputs, profiling, quantization, trace_data
+from dlrmkit import (compute_graph, flags, interactions, memory, multihot, onnx_export, outputs, profiling,
+                     quantization, trace_data)
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
-from dlrmkit.interactions import INTERACTIONS, interaction_class, interaction_width, make_interaction
-from dlrmkit.optim import OPTIMIZERS, make_optimizer
+from dlrmkit.interactions import INTERACTIONS, InteractionConfig, interaction_class
+from dlrmkit.optim import ADAGRAD_EPS, OPTIMIZERS, make_optimizer
 from dlrmkit.progress import DivergenceGuard, ProgressBar, stderr_is_terminal
 from dlrmkit.run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
 from dlrmkit.sparse import SparseFeatures
 from dlrmkit.tricks import PoolingWeights, embedding_output_dim, table_factory
+
+
+interaction_width = interactions.interaction_width  # importable from here too, with DLRM_Net
 
 
 class DLRMError(Exception):
@@ -134,7 +138,9 @@ class DLRM_Net(nn.Module):
     QR / MD keywords, or passed ready-made as `embeddings` (any `EmbeddingCollection`, e.g. a
     model-parallel one; m_spa and ln_emb then default to its dimension and table sizes, and the QR /
     MD keywords must be left out). The original's `ndevices`, `loss_function` and `sync_dense_params`
-    keywords are accepted and have no effect on the model.
+    keywords are accepted and have no effect on the model. The interaction's options: `dcn_num_layers`,
+    `dcn_low_rank_dim` (arch_interaction_op="dcn") and `interaction_branch1_layer_sizes`,
+    `interaction_branch2_layer_sizes` (="projection"), as `dlrmkit.interactions.InteractionConfig`.
 
     forward(dense_x, lS_o, lS_i=None): dense_x [B, dense features] float32 and the sparse ids as a
     `SparseFeatures` (lS_o alone), the flat layout (lS_o: [T*B+1] offsets, lS_i: [N] indices) or the
@@ -163,6 +169,10 @@ class DLRM_Net(nn.Module):
         md_temperature=0.3,
         md_round_dims=False,
         embeddings: EmbeddingCollection | None = None,
+        dcn_num_layers=interactions.DCN_NUM_LAYERS,
+        dcn_low_rank_dim=interactions.DCN_LOW_RANK_DIM,
+        interaction_branch1_layer_sizes=interactions.BRANCH_LAYER_SIZES,
+        interaction_branch2_layer_sizes=interactions.BRANCH_LAYER_SIZES,
         **original_only,
     ):
         super().__init__()
@@ -192,6 +202,9 @@ class DLRM_Net(nn.Module):
         self.table_sizes = ln_emb
         self.arch_interaction_op = arch_interaction_op
         self.arch_interaction_itself = bool(arch_interaction_itself)
+        self.interaction_config = InteractionConfig(
+            arch_interaction_op, self.arch_interaction_itself, dcn_num_layers, dcn_low_rank_dim,
+            interaction_branch1_layer_sizes, interaction_branch2_layer_sizes)
         self.loss_threshold = float(loss_threshold)
         self._check_arch(ln_bot, ln_top, bool(qr_flag) and qr_operation == "concat")
 
@@ -201,8 +214,8 @@ class DLRM_Net(nn.Module):
         # the original's v_W_l: per-row pooling weights, "fixed" (ones) or "learned"
         self.pooling_weights = PoolingWeights(ln_emb, learned=weighted_pooling == "learned") if weighted_pooling else None
         self.bot_l = create_mlp(ln_bot, sigmoid_bot)
+        self.interaction = self.interaction_config.build(len(ln_emb), ln_bot[-1], self.sparse_dim)
         self.top_l = create_mlp(ln_top, sigmoid_top)
-        self.interaction = make_interaction(arch_interaction_op, len(ln_emb), self.arch_interaction_itself)
 
     def _check_arch(self, ln_bot, ln_top, qr_concat: bool):
         """The one check that the bottom MLP, the tables, the interaction and the top MLP fit together."""
@@ -219,7 +232,10 @@ class DLRM_Net(nn.Module):
                                 "the embedding dim)")
             raise DLRMError(f"arch-sparse-feature-size {self.embedding_dim} does not match last dim of bottom mlp "
                             f"{dense_out} ({problem})")
-        width = interaction.output_width(len(self.table_sizes), dense_out, self.sparse_dim, self.arch_interaction_itself)
+        problem = self.interaction_config.check_options(self.sparse_dim)
+        if problem:
+            raise DLRMError(problem)
+        width = self.interaction_config.output_width(len(self.table_sizes), dense_out, self.sparse_dim)
         if ln_top[0] != width:
             raise DLRMError(f"# of feature interactions {width} does not match first dim of top mlp {ln_top[0]}")
 
@@ -386,8 +402,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     number(g, "--arch-mlp-top", flags.dash_separated(int), "4-2-1", at_least(1),
            "top MLP widths after its input; the interaction width is prepended")
     g.add_argument("--arch-interaction-op", type=str, default="dot", choices=list(INTERACTIONS),
-                   help="feature interaction")
+                   help="feature interaction: dot products (DLRM), concatenation, the DCN V2 cross network "
+                        "(DLRM-DCNv2, the MLPerf model) or the projection of TorchRec's DLRM_Projection")
     flag(g, "--arch-interaction-itself", False, "dot interaction includes each feature with itself")
+    number(g, "--dcn-num-layers", int, interactions.DCN_NUM_LAYERS, at_least(1),
+           "dcn: cross layers (at least 1; without any the interaction is --arch-interaction-op=cat)")
+    number(g, "--dcn-low-rank-dim", int, interactions.DCN_LOW_RANK_DIM, at_least(1),
+           "dcn: rank r of each cross layer's matrix U V (U: N x r, V: r x N)")
+    number(g, "--interaction-branch1-layer-sizes", flags.dash_separated(int),
+           "-".join(map(str, interactions.BRANCH_LAYER_SIZES)), at_least(1),
+           "projection: widths of the first branch MLP after its input; the last a multiple F1 x "
+           "--arch-sparse-feature-size")
+    number(g, "--interaction-branch2-layer-sizes", flags.dash_separated(int),
+           "-".join(map(str, interactions.BRANCH_LAYER_SIZES)), at_least(1),
+           "projection: widths of the second branch MLP after its input; the last a multiple F2 x "
+           "--arch-sparse-feature-size (the top MLP reads the bottom MLP's output and F1 x F2 products)")
     g.add_argument("--weighted-pooling", type=str, default=None, choices=["fixed", "learned"],
                    help="per-index weights in the embedding pooling")
     g.add_argument("--activation-function", type=str, default="relu", help="MLP activation (relu)")
@@ -443,6 +472,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     number(g, "--nepochs", int, 1, at_least(1), "training epochs")
     number(g, "--learning-rate", float, 0.01, at_least(0), "learning rate")
     g.add_argument("--optimizer", type=str, default="sgd", choices=list(OPTIMIZERS), help="optimizer")
+    number(g, "--adagrad-eps", float, ADAGRAD_EPS, flags.positive(),
+           "Adagrad's epsilon, added to the root of the squared-gradient sums (the MLPerf DLRMv2 reference: 1e-8)")
     number(g, "--numpy-rand-seed", int, 123, between(0, 2**32 - 1), "seed of all random numbers")  # NumPy's range
     number(g, "--mlperf-grad-accum-iter", int, 1, at_least(1), "micro-batches accumulated per optimizer step")
     number(g, "--lr-num-warmup-steps", int, 0, at_least(0), "linear LR warmup steps")
@@ -451,8 +482,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     flag(g, "--sync-dense-params", True, "keep dense parameters in sync across devices")
     flag(g, "--inference-only", False, "no training: forward passes and evaluation only")
     g.add_argument("--precision", type=str, default="fp32", choices=list(PRECISIONS),
-                   help="MLP arithmetic through autocast: bf16 (CPU, CUDA) or fp16 (CUDA, with loss scaling); "
-                        "embeddings, the interaction, optimizer state and the loss stay float32")
+                   help="MLP arithmetic through autocast: bf16 (CPU, CUDA) or fp16 (CUDA, with loss scaling), also "
+                        "the matrix products of the dcn and projection interactions; embeddings, the dot products, "
+                        "optimizer state and the loss stay float32")
     flag(g, "--compile", False, "torch.compile the dense part (bottom MLP, interaction, top MLP)")
 
     g = parser.add_argument_group("evaluation")
@@ -505,6 +537,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+ADAGRADS = ("adagrad", "rwsadagrad")  # the optimizers with an epsilon (--adagrad-eps)
+
 # flags whose default (-1) means "the value of this other flag"
 DERIVED_DEFAULTS = {"test_mini_batch_size": "mini_batch_size", "test_num_workers": "num_workers"}
 
@@ -533,6 +567,8 @@ def testing(args) -> bool:
     return args.inference_only or args.test_freq > 0
 
 
+ADAGRAD = flags.Condition("adagrad", lambda args, distributed: args.optimizer in ADAGRADS,
+                          "--optimizer=adagrad or rwsadagrad", lambda args: f"with --optimizer={args.optimizer}")
 TRAINING = flags.Condition("training", lambda args, distributed: not args.inference_only,
                            "training (no --inference-only)", lambda args: "with --inference-only")
 TESTING = flags.Condition("testing", lambda args, distributed: testing(args),
@@ -596,6 +632,7 @@ APPLIES_WHEN = {
     "--mlperf-bin-shuffle": (DATASET, flag_is("--mlperf-bin-loader")),
     "--learning-rate": (TRAINING,),
     "--optimizer": (TRAINING,),
+    "--adagrad-eps": (TRAINING, ADAGRAD),
     "--mlperf-grad-accum-iter": (TRAINING,),
     "--lr-num-warmup-steps": (TRAINING,),
     "--lr-decay-start-step": (TRAINING, DECAYING),
@@ -616,6 +653,10 @@ APPLIES_WHEN = {
     "--qr-collisions": (flag_is("--qr-flag"),),
     "--loss-weights": (flag_is("--loss-function", "wbce"),),
     "--arch-interaction-itself": (flag_is("--arch-interaction-op", "dot"),),
+    "--dcn-num-layers": (flag_is("--arch-interaction-op", "dcn"),),
+    "--dcn-low-rank-dim": (flag_is("--arch-interaction-op", "dcn"),),
+    "--interaction-branch1-layer-sizes": (flag_is("--arch-interaction-op", "projection"),),
+    "--interaction-branch2-layer-sizes": (flag_is("--arch-interaction-op", "projection"),),
     "--onnx-file": (flag_is("--save-onnx"),),
     "--profiling-trace-file": (flag_is("--enable-profiling"),),
     "--compute-graph-file": (flag_is("--plot-compute-graph"),),
@@ -676,6 +717,10 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
                 dlrm_data.check_multi_hot_flags(args, out_dir, metadata)
             except data_utils.DataError as e:
                 raise DLRMError(str(e))
+    problem = InteractionConfig.from_args(args).check_options(
+        embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation))
+    if problem:
+        raise DLRMError(problem)
     if args.rand_data_min > args.rand_data_max:
         raise DLRMError(f"--rand-data-min {args.rand_data_min:g} is above --rand-data-max {args.rand_data_max:g}")
     for flag, path, wanted, example in (
@@ -917,13 +962,18 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
 
 
 def model_arch(model: DLRM_Net) -> dict:
-    return {
+    """What a checkpoint must match to be loaded (see describe_arch_diff)."""
+    arch = {
         "table_sizes": list(model.table_sizes),
         "embedding_dim": model.embedding_dim,
         "interaction": model.arch_interaction_op,
         "interaction_itself": model.arch_interaction_itself,
         "layers": {k: list(v.shape) for k, v in model.state_dict().items()},
     }
+    options = model.interaction_config.options()
+    if options:  # dcn's layers and rank, projection's branch widths, by flag (dot and cat have none)
+        arch["interaction_options"] = options
+    return arch
 
 
 def load_checkpoint(path, model, optimizer, check=None) -> TrainState:
@@ -1042,11 +1092,20 @@ def resume_position(state: TrainState, args, order: dict, path: str, log=print) 
     return state
 
 
+def flag_text(value) -> str:
+    """A flag's value as written on the command line (lists dash-separated)."""
+    return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def describe_arch_diff(saved: dict, current: dict) -> str:
-    for key in ("table_sizes", "embedding_dim", "interaction", "interaction_itself", "layers"):
+    for key in ("table_sizes", "embedding_dim", "interaction", "interaction_itself", "interaction_options", "layers"):
         if saved.get(key) != current.get(key):
             if key == "layers":
                 return "MLP layer shapes differ"
+            if key == "interaction_options":
+                old, new = saved.get(key) or {}, current.get(key) or {}
+                flag = next(name for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name))
+                return f"{flag}: saved {flag_text(old.get(flag))}, flags give {flag_text(new.get(flag))}"
             return f"{key}: saved {saved.get(key)}, flags give {current.get(key)}"
     return "unknown difference"
 
@@ -1131,8 +1190,7 @@ def make_one_or_multi_hot_datasets(args):
 def top_mlp_widths(args, num_tables: int) -> list[int]:
     """The top MLP's layer widths: the interaction's output width, then --arch-mlp-top."""
     sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
-    width = interaction_width(args.arch_interaction_op, args.arch_interaction_itself, num_tables,
-                              args.arch_mlp_bot[-1], sparse_dim)
+    width = InteractionConfig.from_args(args).output_width(num_tables, args.arch_mlp_bot[-1], sparse_dim)
     return [width] + list(args.arch_mlp_top)
 
 
@@ -1156,6 +1214,10 @@ def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | 
         ln_top,
         arch_interaction_op=args.arch_interaction_op,
         arch_interaction_itself=args.arch_interaction_itself,
+        dcn_num_layers=args.dcn_num_layers,
+        dcn_low_rank_dim=args.dcn_low_rank_dim,
+        interaction_branch1_layer_sizes=args.interaction_branch1_layer_sizes,
+        interaction_branch2_layer_sizes=args.interaction_branch2_layer_sizes,
         sigmoid_bot=-1,
         sigmoid_top=len(ln_top) - 2,
         loss_threshold=args.loss_threshold,
@@ -1191,8 +1253,9 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     # a test runs while the last training batch, its activations and gradients are still held
     batch_size = args.mini_batch_size + (args.test_mini_batch_size if tests else 0)
     workers = max(args.num_workers, args.test_num_workers if tests else 0)
+    interaction = InteractionConfig.from_args(args).dense_layers(len(table_sizes), args.arch_mlp_bot[-1], sparse_dim)
     needed = memory.estimate_memory(held, sparse_dim, [[dense_dim] + list(args.arch_mlp_bot[1:]),
-                                                       top_mlp_widths(args, len(table_sizes))],
+                                                       *interaction, top_mlp_widths(args, len(table_sizes))],
                                     batch_size, ids, None if args.inference_only else args.optimizer, workers)
     if args.data_generation == "synthetic":  # per table: an id stream, and where each batch starts in it
         samples, test_samples = generated_set_sizes(args)
@@ -1233,7 +1296,8 @@ def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: t
 
 def build_optimizer(args, model: nn.Module):
     """The --optimizer for `model`; `train` zeroes the gradients after every step, so steps may reuse them."""
-    return make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True)
+    eps = args.adagrad_eps if args.optimizer in ADAGRADS else None
+    return make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True, eps=eps)
 
 
 def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
@@ -1242,6 +1306,10 @@ def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
     print(np.array(ln_top))
     print("# of interactions")
     print(ln_top[0])
+    options = model.interaction_config.options()
+    if options:
+        settings = ", ".join(f"{k}={flag_text(v)}" for k, v in options.items())
+        print(f"{model.arch_interaction_op} interaction: {settings}")
     print(f"mlp bot arch {len(ln_bot) - 1} layers, with input to output dimensions:")
     print(np.array(ln_bot))
     print("# of features (sparse and dense)")
@@ -1515,23 +1583,40 @@ def open_run_logs(args) -> RunLog:
 def run_config(args, train_set, test_set, table_sizes) -> dict:
     """What the run logs record at the start; `args` as used, with the table sizes of the data."""
     return {
+        # the MLPerf benchmark of this model: DLRM-DCNv2 with the cross network, DLRM otherwise
+        "benchmark": "dlrm_dcnv2" if args.arch_interaction_op == "dcn" else "dlrm",
         "seed": args.numpy_rand_seed,
         "global_batch_size": args.mini_batch_size * args.mlperf_grad_accum_iter,
         "gradient_accumulation_steps": args.mlperf_grad_accum_iter,
         "optimizer": args.optimizer,
         "learning_rate": args.learning_rate,
+        **({"adagrad_eps": args.adagrad_eps} if args.optimizer in ADAGRADS else {}),
         "warmup_steps": args.lr_num_warmup_steps,
         "decay_start_step": args.lr_decay_start_step,
         "decay_steps": args.lr_num_decay_steps,
         "train_samples": dataset_samples(train_set, args.mini_batch_size),  # an epoch, as the reference
         "eval_samples": dataset_samples(test_set, args.test_mini_batch_size),
         "batches_per_epoch": len(train_set),
-        # MLPerf's names of the initialized tensors: all tables together, then each MLP layer
+        # MLPerf's names of the initialized tensors: all tables together, then each MLP layer (and the
+        # interaction's layers: dcn's, projection's)
         "initialized_tensors": ["embeddings"] + [f"bottom_mlp_dense{k}" for k in range(1, len(args.arch_mlp_bot))]
+        + interaction_tensors(InteractionConfig.from_args(args))
         + [f"top_mlp_dense{k}" for k in range(1, len(args.arch_mlp_top) + 1)],
         "args": {**{k: v for k, v in vars(args).items() if not k.startswith("_")},
                  "arch_embedding_size": [int(n) for n in table_sizes]},
     }
+
+
+def interaction_tensors(config: InteractionConfig) -> list[str]:
+    """MLPerf-style names of the interaction's initialized layers: dcn_cross{l} (U_l, V_l, b_l), or
+    projection_branch{1,2}_dense{k}; none for dot and cat."""
+    if config.name == "dcn":
+        return [f"dcn_cross{layer}" for layer in range(1, config.dcn_num_layers + 1)]
+    if config.name == "projection":
+        branches = (config.interaction_branch1_layer_sizes, config.interaction_branch2_layer_sizes)
+        return [f"projection_branch{b}_dense{k}" for b, sizes in enumerate(branches, 1)
+                for k in range(1, len(sizes) + 1)]
+    return []
 
 
 def dataset_samples(dataset, batch_size: int) -> int:

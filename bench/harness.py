@@ -19,7 +19,8 @@ Every run is a new Python process that builds and trains exactly as `dlrm_s_pyto
 
 Every ratio comes from runs of the same invocation on the same machine, alternating round-robin:
 - "reference": a plain-PyTorch DLRM of the same configuration, as the original builds it: one
-  `nn.EmbeddingBag` (sum, sparse gradients) per table, the bottom and top MLPs, the dot (or cat)
+  `nn.EmbeddingBag` (sum, sparse gradients) per table, the bottom and top MLPs, the dot (or cat, or
+  the DCN V2 cross network as TorchRec's LowRankCrossNet, or the projection as its DLRM_Projection)
   interaction, and `torch.optim.SGD` / `torch.optim.Adagrad`, on the same batches and precision.
   "× reference" is its ms/it over ours (above 1: we are faster).
 - "dense floor": the bottom and top MLPs alone, forward, backward and a `torch.optim.SGD` step at
@@ -66,6 +67,9 @@ TERABYTE_SMALL = ["--arch-sparse-feature-size=128", "--arch-mlp-bot=13-512-256-1
                   f"--arch-embedding-size={dashed(min(n, TERABYTE_SMALL_ROWS) for n in TERABYTE_TABLES)}",
                   "--loss-function=bce", "--round-targets=True", "--learning-rate=1.0",
                   "--num-indices-per-lookup=1", "--num-indices-per-lookup-fixed=True", "--mini-batch-size=2048"]
+# MLPerf DLRMv2 (DLRM-DCNv2): the Terabyte model's MLPs and dimension with the cross network, Adagrad
+DCNV2_SMALL = TERABYTE_SMALL + ["--arch-interaction-op=dcn", "--dcn-num-layers=3", "--dcn-low-rank-dim=512",
+                                "--optimizer=adagrad", "--learning-rate=0.005", "--adagrad-eps=1e-8"]
 BENCHMARK = ["--mini-batch-size=2048", "--arch-mlp-bot=512-512-64", "--arch-mlp-top=1024-1024-1024-1",
              "--arch-sparse-feature-size=64", f"--arch-embedding-size={dashed([1000000] * 8)}",
              "--num-indices-per-lookup=100", "--arch-interaction-op=dot", "--numpy-rand-seed=727"]
@@ -77,6 +81,8 @@ CONFIGS = {
     "benchmark": (BENCHMARK, "bench/dlrm_s_benchmark.sh: 8 x 1M x 64, 100 lookups, mini-batch 2048"),
     "terabyte-small": (TERABYTE_SMALL, f"MLPerf Terabyte model, tables capped at {TERABYTE_SMALL_ROWS:,} rows, "
                                        "mini-batch 2048"),
+    "dcnv2-small": (DCNV2_SMALL, f"MLPerf DLRMv2 (DCN V2 interaction, Adagrad), one id per table, tables capped at "
+                                 f"{TERABYTE_SMALL_ROWS:,} rows, mini-batch 2048"),
     "kaggle-16384": (KAGGLE + ["--mini-batch-size=16384"], "Criteo Kaggle model, mini-batch 16384 (GPU)"),
     "smoke": (["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-64-16", "--arch-mlp-top=64-1",
                "--arch-embedding-size=1000-1000-1000-1000", "--mini-batch-size=128", "--loss-function=bce",
@@ -220,12 +226,27 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
     num_tables, dim = len(table_sizes), args.arch_sparse_feature_size
     num_features = num_tables + 1
     itself = args.arch_interaction_itself
-    if args.arch_interaction_op == "dot":
+    op, flat_width = args.arch_interaction_op, bottom_widths[-1] + num_tables * dim
+    if op == "dot":
         pairs = num_features * (num_features + 1) // 2 if itself else num_features * (num_features - 1) // 2
         top_in = bottom_widths[-1] + pairs
-    else:
-        top_in = bottom_widths[-1] + num_tables * dim
+    elif op == "projection":
+        branch_sizes = (args.interaction_branch1_layer_sizes, args.interaction_branch2_layer_sizes)
+        top_in = bottom_widths[-1] + (branch_sizes[0][-1] // dim) * (branch_sizes[1][-1] // dim)
+    else:  # cat, dcn: the flattened features (dcn: crossed)
+        top_in = flat_width
     bottom, top = mlp(bottom_widths, False), mlp([top_in] + list(args.arch_mlp_top), True)
+    interaction_layers = []  # dcn: (V, U with b) per cross layer; projection: the two branches
+    if op == "dcn":
+        interaction_layers = [(nn.Linear(flat_width, args.dcn_low_rank_dim, bias=False).to(device),
+                               nn.Linear(args.dcn_low_rank_dim, flat_width).to(device))
+                              for _ in range(args.dcn_num_layers)]
+    elif op == "projection":
+        interaction_layers = [nn.Sequential(*[layer for a, b in zip([flat_width, *sizes], sizes)
+                                              for layer in (nn.Linear(a, b), nn.ReLU())]).to(device)
+                              for sizes in branch_sizes]
+    interaction_params = [p for item in interaction_layers
+                          for module in (item if isinstance(item, tuple) else (item,)) for p in module.parameters()]
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     batches = [train_set[j] for j in range(min(len(train_set), args.num_batches))]
     weights = torch.tensor(args.loss_weights, device=device)
@@ -276,7 +297,7 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
 
     data = [per_table(b) for b in batches]
     rows, cols = torch.tril_indices(num_features, num_features, offset=0 if itself else -1)
-    params = list(bottom.parameters()) + list(top.parameters()) + list(tables.parameters())
+    params = list(bottom.parameters()) + list(top.parameters()) + interaction_params + list(tables.parameters())
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=args.learning_rate)
     else:  # adagrad; rwsadagrad has no torch.optim counterpart: plain Adagrad stands in
@@ -288,10 +309,22 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
         ly = [table(idx, off) for table, (off, idx) in zip(tables, lookups)]
         with autocast():
             x = bottom(dense_x)
-        if args.arch_interaction_op == "dot":
+        if op == "dot":
             features = torch.cat([x.float()] + ly, dim=1).view(x.shape[0], -1, dim)
             gram = torch.bmm(features, features.transpose(1, 2))
             interaction = torch.cat([x.float(), gram[:, rows, cols]], dim=1)
+        elif op == "dcn":
+            x0 = interaction = torch.cat([x.float()] + ly, dim=1)
+            for down, up in interaction_layers:
+                with autocast():
+                    crossed = up(down(interaction))
+                interaction = x0 * crossed.float() + interaction
+        elif op == "projection":
+            x0 = torch.cat([x.float()] + ly, dim=1)
+            with autocast():
+                y, z = (branch(x0) for branch in interaction_layers)
+            products = torch.bmm(y.float().view(x.shape[0], -1, dim), z.float().view(x.shape[0], dim, -1))
+            interaction = torch.cat([x.float(), products.flatten(1)], dim=1)
         else:
             interaction = torch.cat([x.float()] + ly, dim=1)
         with autocast():

@@ -2,7 +2,7 @@
 
 - `sparse`: `SparseFeatures`, the one sparse batch type (flat indices + offsets, per-table views);
 - `embeddings`: the embedding-collection interface and its batched and per-table collections;
-- `interactions`: the feature interactions (dot, cat), chosen by name;
+- `interactions`: the feature interactions (dot, cat, dcn, projection), chosen by name;
 - `optim`: SGD, Adagrad and row-wise Adagrad with fused sparse updates;
 - `tricks`: quotient-remainder and mixed-dimension tables, weighted pooling;
 - `onnx_export`, `quantization`: deployment; `run_logs`, `mlperf_logger`, `profiling`,

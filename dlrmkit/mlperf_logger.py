@@ -1,6 +1,6 @@
 """--mlperf-logging: MLPerf-format log lines, `:::MLLOG {json}`, on stdout.
 
-The keys and events are those of the MLPerf Training DLRM benchmark (the names of
+The keys and events are those of the MLPerf Training DLRM benchmarks (the names of
 mlperf_logging.mllog.constants), written without that package:
 
     :::MLLOG {"namespace": "", "time_ms": 1700000000000, "event_type": "POINT_IN_TIME",
@@ -12,7 +12,9 @@ epoch_start, (eval_start, eval_accuracy = test AUC, eval_stop) per test, epoch_s
 block_stop; run_stop with status success/aborted. Epochs count from 1; a test's epoch_num
 is epoch + 1 + (batches done) / (batches per epoch). The log passes the `mlperf-logging`
 package's compliance checker (training rules 2.1.0) for the benchmark's model
-(3 bottom and 5 top MLP layers), apart from the accuracy target.
+(3 bottom and 5 top MLP layers), apart from the accuracy target; for DLRM-DCNv2 (the dcn
+interaction, benchmark `dlrm_dcnv2`, rules 4.1.0) apart from the accuracy target and the size of
+the evaluation set (see run_logs.MLPerfLog).
 """
 
 from __future__ import annotations

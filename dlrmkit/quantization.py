@@ -1,7 +1,8 @@
 """Quantized CPU inference: --quantize-mlp-with-bit and --quantize-emb-with-bit.
 
 - MLPs (8 or 16 bit): PyTorch dynamic quantization of every nn.Linear of the bottom and
-  top MLPs, int8 weights with per-batch int8 activations (8) or fp16 weights (16);
+  top MLPs and of the interaction (the dcn cross layers' U and V, the projection's branches),
+  int8 weights with per-batch int8 activations (8) or fp16 weights (16);
 - embedding tables (4 or 8 bit): row-wise quantization, each row stored as 4/8-bit codes
   with its own scale and offset, looked up and pooled by the fused FBGEMM kernels
   `quantized::embedding_bag_{4bit,byte}_rowwise_offsets` (per-sample weights included).
@@ -86,6 +87,8 @@ def quantize_for_inference(model: nn.Module, mlp_bits: int = 32, emb_bits: int =
     if mlp_bits != 32:
         model.bot_l = quantize_mlp(model.bot_l, mlp_bits)
         model.top_l = quantize_mlp(model.top_l, mlp_bits)
+        if any(isinstance(m, nn.Linear) for m in model.interaction.modules()):
+            model.interaction = quantize_mlp(model.interaction, mlp_bits)
     if emb_bits != 32:  # row-wise quantized, one table module at a time
         model.emb_l = model.emb_l.to_per_table()
         quantize_embeddings(model.emb_l, emb_bits)

@@ -160,7 +160,9 @@ class TensorBoardLog(RunLog):
 
 
 class MLPerfLog(RunLog):
-    """The MLPerf DLRM benchmark's events, as `:::MLLOG` lines (see mlperf_logger.py)."""
+    """The MLPerf DLRM benchmarks' events, as `:::MLLOG` lines (see mlperf_logger.py): config["benchmark"]
+    `dlrm` (DLRM, dot interaction; training rules 2.1.0) or `dlrm_dcnv2` (DLRM-DCNv2; rules 4.1.0), each
+    with its rules' hyperparameter keys."""
 
     def __init__(self, logger: MLPerfLogger | None = None):
         self.mllog = logger or MLPerfLogger()
@@ -169,7 +171,8 @@ class MLPerfLog(RunLog):
         self.mllog.start("init_start")
 
     def run_start(self, config):
-        for key, value in (("submission_benchmark", "dlrm"), ("submission_org", "reference_implementation"),
+        benchmark = config.get("benchmark", "dlrm")
+        for key, value in (("submission_benchmark", benchmark), ("submission_org", "reference_implementation"),
                            ("submission_division", "closed"), ("submission_status", "onprem"),
                            ("submission_platform", config.get("platform", "reference_implementation"))):
             self.mllog.event(key, value)
@@ -179,11 +182,19 @@ class MLPerfLog(RunLog):
         self.mllog.event("opt_name", config["optimizer"])
         self.mllog.event("opt_base_learning_rate", config["learning_rate"])
         self.mllog.event("opt_learning_rate_warmup_steps", config["warmup_steps"])
-        # the DLRM hyperparameter names of the MLPerf rules
-        self.mllog.event("sgd_opt_base_learning_rate", config["learning_rate"])
-        self.mllog.event("lr_decay_start_steps", config["decay_start_step"])
-        self.mllog.event("sgd_opt_learning_rate_decay_steps", config["decay_steps"])
-        self.mllog.event("sgd_opt_learning_rate_decay_poly_power", 2)
+        if benchmark == "dlrm_dcnv2":  # the DLRM-DCNv2 hyperparameter names of the MLPerf rules
+            self.mllog.event("opt_learning_rate_decay_start_step", config["decay_start_step"])
+            self.mllog.event("opt_learning_rate_decay_steps", config["decay_steps"])
+            if "adagrad_eps" in config:  # the Adagrads: no learning-rate decay, weight decay or initial sums
+                self.mllog.event("opt_adagrad_learning_rate_decay", 0)
+                self.mllog.event("opt_weight_decay", 0)
+                self.mllog.event("opt_adagrad_initial_accumulator_value", 0)
+                self.mllog.event("opt_adagrad_epsilon", config["adagrad_eps"])
+        else:  # the DLRM hyperparameter names of the MLPerf rules
+            self.mllog.event("sgd_opt_base_learning_rate", config["learning_rate"])
+            self.mllog.event("lr_decay_start_steps", config["decay_start_step"])
+            self.mllog.event("sgd_opt_learning_rate_decay_steps", config["decay_steps"])
+            self.mllog.event("sgd_opt_learning_rate_decay_poly_power", 2)
         self.mllog.event("train_samples", config["train_samples"])
         self.mllog.event("eval_samples", config["eval_samples"])
         for tensor in config.get("initialized_tensors", ()):

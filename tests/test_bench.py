@@ -39,14 +39,19 @@ def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
     assert "original" not in result.stdout
 
 
-def test_harness_plain_pytorch_reference_trains():
+@pytest.mark.parametrize("interaction", [
+    [], ["--arch-interaction-op=dcn", "--dcn-low-rank-dim=8"],
+    ["--arch-interaction-op=projection", "--interaction-branch1-layer-sizes=32",
+     "--interaction-branch2-layer-sizes=32"],
+], ids=["dot", "dcn", "projection"])
+def test_harness_plain_pytorch_reference_trains(interaction):
     import torch
 
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import dlrm_s_pytorch as dlrm
     import harness
 
-    args = dlrm.parse_args(harness.CONFIGS["smoke"][0] + ["--num-batches=4", "--learning-rate=0.1"])
+    args = dlrm.parse_args(harness.CONFIGS["smoke"][0] + ["--num-batches=4", "--learning-rate=0.1", *interaction])
     train_set, _, dense_dim, tables = dlrm.make_datasets(args)
     for kind in (harness.REFERENCE, harness.FLOOR):
         torch.manual_seed(0)

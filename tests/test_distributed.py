@@ -140,14 +140,16 @@ def test_three_processes_train_and_test_exactly_as_one(run_main, tmp_path, optim
 
 
 @pytest.mark.slow
-def test_two_processes_with_multi_hot_bags_train_exactly_as_one(run_main, tmp_path):
-    """Bags of eight sizes (1 to 7 ids) in Pareto draws: each rank's tables keep their bags whole."""
+def test_two_processes_train_the_dcn_model_on_multi_hot_bags_exactly_as_one(run_main, tmp_path):
+    """The cross network is dense: replicated, its gradients averaged like the MLPs'. Bags of eight sizes
+    (1 to 7 ids) in Pareto draws: each rank's tables keep their bags whole."""
     args = [*MODEL, "--data-size=62", "--mini-batch-size=6", "--test-mini-batch-size=8", "--test-freq=4",
+            "--arch-interaction-op=dcn", "--dcn-num-layers=2", "--dcn-low-rank-dim=5",
             "--optimizer=adagrad", "--learning-rate=0.1", "--multi-hot-sizes=3-1-2-5-1-4-2-7",
             "--multi-hot-distribution-type=pareto"]
-    (_, out0, _), _ = launch(2, [*args, f"--save-model={tmp_path / 'distributed.pt'}"], tmp_path)
+    (_, out0, _), (code1, out1, _) = launch(2, [*args, f"--save-model={tmp_path / 'distributed.pt'}"], tmp_path)
     code, single, _ = run_main(*args, f"--save-model={tmp_path / 'single.pt'}")
-    assert code == 0
+    assert code == code1 == 0 and out1 == ""
     assert_same_run(out0, single)
     assert_same_checkpoint(tmp_path / "distributed.pt", tmp_path / "single.pt")
 

@@ -141,6 +141,9 @@ CONDITION_CASES = {
     "--qr-flag": (["--qr-flag"], []),
     "--loss-function=wbce": (["--loss-function=wbce"], []),
     "--arch-interaction-op=dot": ([], ["--arch-interaction-op=cat"]),
+    "--arch-interaction-op=dcn": (["--arch-interaction-op=dcn"], []),
+    "adagrad": (["--optimizer=rwsadagrad"], ["--optimizer=sgd"]),
+    "--arch-interaction-op=projection": (["--arch-interaction-op=projection"], []),
     "--save-onnx": (["--save-onnx"], []),
     "--enable-profiling": (["--enable-profiling"], []),
     "--plot-compute-graph": (["--plot-compute-graph"], []),
@@ -152,7 +155,9 @@ CONDITION_CASES = {
 def another_value(action) -> str:
     """A valid value of the flag other than its default."""
     special = {"--rand-data-min": "-3", "--dist-backend": "gloo",
-               "--test-num-workers": "1", "--test-mini-batch-size": "3"}  # defaults: -1, the training value
+               "--test-num-workers": "1", "--test-mini-batch-size": "3",  # defaults: -1, the training value
+               # ending in a multiple of the embedding dimension
+               "--interaction-branch1-layer-sizes": "6-4", "--interaction-branch2-layer-sizes": "6-4"}
     if action.option_strings[0] in special:
         return special[action.option_strings[0]]
     if action.type is flags.parse_bool:

@@ -74,3 +74,15 @@ def test_interaction_plot_needs_a_checkpoint(capsys):
 
     assert plot_interactions.main(["-o", "x.png", *RUN]) == 1
     assert "--load-model is needed" in capsys.readouterr().err
+
+
+def test_interaction_plot_needs_vectors_of_one_width(tmp_path, capsys):
+    from tools import plot_interactions
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"")  # not read: the widths are refused first
+    argv = ["-o", str(tmp_path / "x.png"), "--arch-interaction-op=dcn", "--arch-sparse-feature-size=4",
+            "--arch-mlp-bot=4-3", f"--load-model={checkpoint}"]
+    assert plot_interactions.main(argv) == 1
+    assert capsys.readouterr().err == ("plot_interactions.py: error: the bottom MLP's output (3 wide) and the "
+                                       "embeddings (4 wide) have no dot products to draw\n")

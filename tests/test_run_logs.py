@@ -169,6 +169,45 @@ def test_mlperf_log_passes_the_compliance_checker_apart_from_the_accuracy_target
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_mlperf_log_of_dlrm_dcnv2_passes_the_4_1_0_checker_apart_from_the_target_and_the_eval_set(
+        run_main, tmp_path):
+    pytest.importorskip("mlperf_logging")
+    # the MLPerf DLRMv2 settings in small: dcn interaction, Adagrad with the reference's epsilon
+    code, out, err = run_main("--arch-interaction-op=dcn", "--dcn-low-rank-dim=8", "--arch-sparse-feature-size=16",
+                              "--arch-mlp-bot=13-32-16", "--arch-mlp-top=32-16-1", "--arch-embedding-size=50-40-30",
+                              "--optimizer=adagrad", "--adagrad-eps=1e-8", "--mini-batch-size=8", "--num-batches=4",
+                              "--nepochs=2", "--test-freq=2", "--mlperf-logging")
+    assert code == 0, err
+    records = parse_mllog(out.splitlines())
+    by_key = {r["key"]: r["value"] for r in records}
+    assert by_key["submission_benchmark"] == "dlrm_dcnv2" and by_key["opt_name"] == "adagrad"
+    assert by_key["opt_adagrad_epsilon"] == 1e-8 and by_key["opt_learning_rate_decay_steps"] == 0
+    assert "sgd_opt_base_learning_rate" not in by_key  # the 2.1.0 DLRM names are not the 4.1.0 benchmark's
+    lines = [line for line in out.splitlines() if line.startswith(":::MLLOG")]
+    log = tmp_path / "mlperf.log"
+
+    def check(lines):
+        log.write_text("\n".join(lines) + "\n")
+        return subprocess.run([sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
+                               "--ruleset", "4.1.0", str(log)], capture_output=True, text=True, cwd=tmp_path)
+
+    result = check(lines)
+    assert result.returncode != 0 and "Failed checks for eval_accuracy : v['value'] >= 0.80275" in result.stderr
+    assert "failed test:  v['value'] == 89137319" in result.stdout + result.stderr
+    # the same log with the target AUC reached on the benchmark's evaluation set (its 89137319 samples):
+    # nothing else fails
+    patched = []
+    for line in lines:
+        record = json.loads(line.split(" ", 1)[1])
+        if record["key"] == "eval_accuracy":
+            record["value"] = 0.81
+        if record["key"] == "eval_samples":
+            record["value"] = 89137319
+        patched.append(":::MLLOG " + json.dumps(record))
+    result = check(patched)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mlperf_run_stop_is_aborted_when_the_target_is_missed(run_main):
     code, out, _ = run_main(*RUN, "--mlperf-logging", "--mlperf-auc-threshold=0.999")
     assert code == 0

@@ -139,7 +139,7 @@ class SumInteraction(interactions.Interaction):
     """x followed by the sum of the pooled embeddings (a toy interaction for the registry test)."""
 
     @staticmethod
-    def output_width(num_tables, dense_dim, emb_dim, itself=False):
+    def output_width(num_tables, dense_dim, emb_dim, config):
         return dense_dim + emb_dim
 
     def forward(self, x, ly):
@@ -154,4 +154,4 @@ def test_a_new_interaction_is_one_class_and_one_registry_entry(monkeypatch, run_
     assert code == 0 and out.count("Finished training it") == 2, err
     with pytest.raises(SystemExit) as stop:
         dlrm.main(["--arch-interaction-op=cubic", *flags])
-    assert stop.value.code == 2 and "'cubic' (choose from 'dot', 'cat', 'sum')" in capsys.readouterr().err
+    assert stop.value.code == 2 and "'cubic' (choose from 'dot', 'cat', 'dcn', 'projection', 'sum')" in capsys.readouterr().err

@@ -110,6 +110,10 @@ def main(argv=None) -> int:
         if problem:
             raise PlotError(f"-o/--output {opts.output}: {problem}")
         dlrm.validate_args(args)
+        emb_dim = dlrm.embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
+        if args.arch_mlp_bot[-1] != emb_dim:  # allowed by cat, dcn and projection
+            raise PlotError(f"the bottom MLP's output ({args.arch_mlp_bot[-1]} wide) and the embeddings "
+                            f"({emb_dim} wide) have no dot products to draw")
         torch.manual_seed(args.numpy_rand_seed)
         _, test_set, dense_dim, table_sizes = dlrm.make_datasets(args)
         model = dlrm.build_model(args, dense_dim, table_sizes)

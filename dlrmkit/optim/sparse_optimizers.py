@@ -228,10 +228,13 @@ class SGD(_FusedSparseOptimizer):
         add_rows_(p, rows, values.mul_(-group["lr"]) if self.consume_grads else values * -group["lr"])
 
 
+ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's, the original's
+
+
 class _Adagrad(_FusedSparseOptimizer):
     row_wise_sparse = False
 
-    def __init__(self, params, lr=0.01, eps=1e-10, initial_accumulator_value=0.0, consume_grads=False):
+    def __init__(self, params, lr=0.01, eps=ADAGRAD_EPS, initial_accumulator_value=0.0, consume_grads=False):
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value),
@@ -281,12 +284,18 @@ OPTIMIZERS = {
 }
 
 
-def make_optimizer(name: str, params, lr: float, consume_grads: bool = False) -> "_FusedSparseOptimizer":
-    """The optimizer `name` (sgd, adagrad, rwsadagrad) over `params` at learning rate `lr`.
+def make_optimizer(name: str, params, lr: float, consume_grads: bool = False,
+                   eps: float | None = None) -> "_FusedSparseOptimizer":
+    """The optimizer `name` (sgd, adagrad, rwsadagrad) over `params` at learning rate `lr`; `eps`: the
+    Adagrads' epsilon added to the root of the squared-gradient sums (default ADAGRAD_EPS).
 
     It offers what the trainer uses of `torch.optim.Optimizer` (see `_FusedSparseOptimizer`);
     `consume_grads`: the caller never reads gradients after a step (the training loop), so the
     step may overwrite them instead of copying. Raises ValueError for another name."""
     if name not in OPTIMIZERS:
         raise ValueError(f"--optimizer={name} is not one of {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, lr=lr, consume_grads=consume_grads)
+    if eps is None:
+        return OPTIMIZERS[name](params, lr=lr, consume_grads=consume_grads)
+    if not issubclass(OPTIMIZERS[name], _Adagrad):
+        raise ValueError(f"an epsilon applies to the Adagrad optimizers, not --optimizer={name}")
+    return OPTIMIZERS[name](params, lr=lr, eps=eps, consume_grads=consume_grads)
