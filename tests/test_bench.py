@@ -15,7 +15,7 @@ def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--configs", "smoke", "--precisions", "fp32",
-         "bf16", "--iters", "3", "--warmup", "1", "--pool", "2", "--json", str(out)],
+         "bf16", "--iters", "3", "--warmup", "1", "--pool", "2", "--repeat", "3", "--json", str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     # the machine: CPU model and the instruction sets bf16 depends on
@@ -31,11 +31,14 @@ def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
         assert row["ms_per_it"] > 0 and row["samples_per_s"] > 0 and row["mini_batch_size"] == 128
         assert row["samples_per_s"] == pytest.approx(128 * 1000 / row["ms_per_it"], rel=1e-6)
         assert 0 < row["build_s"] < row["startup_s"] and row["peak_mem_gib"] > 0
-    # ratios only from figures measured in this run
+        # the median of three alternating rounds
+        assert len(row["round_ms"]) == 3 and row["ms_per_it"] == sorted(row["round_ms"])[1]
+    # ratios only from figures measured in this run: the median of the ratios within each round
     for i in (2, 5):
         ours, reference, floor = rows[i], rows[i - 2], rows[i - 1]
-        assert ours["x_reference"] == pytest.approx(reference["ms_per_it"] / ours["ms_per_it"])
-        assert ours["x_floor"] == pytest.approx(ours["ms_per_it"] / floor["ms_per_it"])
+        assert ours["x_reference"] == pytest.approx(
+            sorted(r / o for r, o in zip(reference["round_ms"], ours["round_ms"]))[1])
+        assert ours["x_floor"] == pytest.approx(sorted(o / f for o, f in zip(ours["round_ms"], floor["round_ms"]))[1])
     assert "original" not in result.stdout
 
 
