@@ -141,6 +141,9 @@ def run_child(spec: dict):
 
     import dlrm_s_pytorch as dlrm
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+
     argv = list(spec["flags"])
     if spec["precision"] != "fp32":
         argv.append(f"--precision={spec['precision']}")
@@ -203,11 +206,11 @@ def run_child(spec: dict):
         if command.strip() != "run":
             break
         stamps.clear()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         train(iters, 1 if per_iteration else iters)
-        total_s = stamps[-1] - t0
+        total_s, cpu_s = stamps[-1] - t0, time.process_time() - cpu0
         step_ms = sorted(1000 * (b - a) for a, b in zip([t0] + stamps[:-1], stamps)) if per_iteration else []
-        emit({"ms_per_it": 1000 * total_s / iters,
+        emit({"ms_per_it": 1000 * total_s / iters, "cpu_ms_per_it": 1000 * cpu_s / iters,
               "median_step_ms": step_ms[len(step_ms) // 2] if step_ms else 1000 * total_s / iters})
     emit({
         "peak_mem_gib": peak_memory_gib(device),
@@ -339,7 +342,8 @@ class Child:
                         device=opts.device, load_before=os.getloadavg()[0])  # other work skews the figures
         self.timeout, self.rounds = opts.timeout, []
         spec = dict(flags=flags, precision=precision, compile=compile_run, device=opts.device, iters=opts.iters,
-                    warmup=opts.warmup, pool=opts.pool, code=code, code_dir=code_dir, spawned_at=time.time())
+                    warmup=opts.warmup, pool=opts.pool, code=code, code_dir=code_dir, threads=opts.threads,
+                    spawned_at=time.time())
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         env.pop("WORLD_SIZE", None)
         self.stderr = tempfile.TemporaryFile(mode="w+")
@@ -389,7 +393,9 @@ class Child:
         if rounds and "error" not in self.row:
             self.row.update(ms_per_it=median(r["ms_per_it"] for r in rounds),
                             median_ms_per_it=median(r["median_step_ms"] for r in rounds),
-                            round_ms=[r["ms_per_it"] for r in rounds], runs=len(rounds))
+                            round_ms=[r["ms_per_it"] for r in rounds], runs=len(rounds),
+                            cpu_ms_per_it=median(r["cpu_ms_per_it"] for r in rounds),
+                            round_cpu_ms=[r["cpu_ms_per_it"] for r in rounds])
             self.row["samples_per_s"] = self.row["mini_batch_size"] * 1000 / self.row["ms_per_it"]
         self.stderr.close()
         return self.row
@@ -401,7 +407,7 @@ def median(values):
     return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
-def add_ratios(rows):
+def add_ratios(rows, cpu_time=False):
     """Ratios of our rows to the plain-PyTorch runs and the baseline of the same configuration and precision:
     the median over the rounds of the ratio within each round (runs of one round measured back to back)."""
     good = [r for r in rows if "error" not in r and "round_ms" in r]
@@ -410,6 +416,7 @@ def add_ratios(rows):
     def paired(numerators, denominators):
         return median(a / b for a, b in zip(numerators, denominators))
 
+    measure = "round_cpu_ms" if cpu_time else "round_ms"
     for row in good:
         if row["code"] != "this":
             continue
@@ -418,12 +425,12 @@ def add_ratios(rows):
         baseline = next((r for r in good if r["code"] not in ("this", REFERENCE, FLOOR)
                          and (r["config"], r["precision"]) == key), None)
         if reference is not None:
-            row["x_reference"] = paired(reference["round_ms"], row["round_ms"])
+            row["x_reference"] = paired(reference[measure], row[measure])
             row["x_reference_startup"] = reference["startup_s"] / row["startup_s"]
         if floor is not None:
-            row["x_floor"] = paired(row["round_ms"], floor["round_ms"])
+            row["x_floor"] = paired(row[measure], floor[measure])
         if baseline is not None:
-            row["x_baseline"] = paired(baseline["round_ms"], row["round_ms"])
+            row["x_baseline"] = paired(baseline[measure], row[measure])
             row["x_baseline_startup"] = baseline["startup_s"] / row["startup_s"]
 
 
@@ -532,7 +539,7 @@ def machine_description(device: str) -> str:
 
 
 def format_table(rows) -> str:
-    header = ["config", "code", "precision", "device", "ms/it", "median ms/it", "samples/s", "start-up s",
+    header = ["config", "code", "precision", "device", "ms/it", "median ms/it", "CPU ms/it", "samples/s", "start-up s",
               "peak GiB", "× reference", "× floor", "× baseline", "start-up × reference"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -545,7 +552,8 @@ def format_table(rows) -> str:
             cells += [""] * (len(header) - len(cells))
         else:
             cells = [row["config"], row["code"], row["precision"], row["device"], f"{row['ms_per_it']:.1f}",
-                     f"{row['median_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}",
+                     f"{row['median_ms_per_it']:.1f}", f"{row['cpu_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}",
+                     f"{row['startup_s']:.1f}",
                      f"{row['peak_mem_gib']:.1f}",
                      ratio(row, "x_reference"), ratio(row, "x_floor"), ratio(row, "x_baseline"),
                      ratio(row, "x_reference_startup")]
@@ -575,6 +583,11 @@ def parse_args(argv=None):
     parser.add_argument("--original", default=None, metavar="PATH",
                         help="also run the original facebookresearch/dlrm dlrm_s_pytorch.py at PATH and ours as whole "
                              "programs on each configuration (CPU), and report wall ms/it and × original")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every run (default: torch's, one per core)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="ratios from CPU time (user + system) per iteration instead of wall time: steadier "
+                             "on a machine shared with other work (best with --threads 1)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here as JSON")
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
@@ -625,10 +638,11 @@ def main(argv=None) -> int:
             rows += [child.finish() for child in children]
         if opts.original and opts.device == "cpu":
             original += original_rows(name, opts.precisions, opts)
-    add_ratios(rows)
+    add_ratios(rows, opts.cpu_time)
     print(header + "\n")
     print(format_table(rows))
-    print(f"\nMedians of {opts.repeat} alternating rounds of {opts.iters} iterations. × reference: the plain-PyTorch "
+    basis = "CPU time (user + system)" if opts.cpu_time else "wall time"
+    print(f"\nMedians of {opts.repeat} alternating rounds of {opts.iters} iterations; ratios from {basis}. × reference: the plain-PyTorch "
           "DLRM's ms/it over ours (one nn.EmbeddingBag per table, torch.optim); × floor: our ms/it over the dense "
           "floor's (the MLPs alone); × baseline: --baseline's ms/it over ours; each the median of the ratios within "
           "a round. All measured in this run.")
