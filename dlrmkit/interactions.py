@@ -89,15 +89,18 @@ class DotInteraction(Interaction):
         num_features = self.num_tables + 1
         rows, cols = torch.tril_indices(num_features, num_features, offset=0 if self.itself else -1)
         self.register_buffer("pair_index", rows * num_features + cols, persistent=False)
-        # the backward's gather: Gram position -> its pair's column of [g, 0, 2 g_self] (P: the zero)
-        num_pairs = rows.numel()
-        self_pairs = (rows == cols).nonzero().squeeze(1)
-        gather_index = torch.full((num_features * num_features,), num_pairs, dtype=torch.int64)
-        gather_index[rows * num_features + cols] = torch.arange(num_pairs)
-        gather_index[cols * num_features + rows] = torch.arange(num_pairs)
-        gather_index[rows[self_pairs] * num_features + rows[self_pairs]] = num_pairs + 1 + torch.arange(self_pairs.numel())
-        self.register_buffer("gather_index", gather_index, persistent=False)
-        self.register_buffer("self_pairs", self_pairs, persistent=False)
+        # the backward's gather: Gram position -> its pair's column of [g, 0, 2 g_self] (P: the zero);
+        # from Python integers (the same row-major pairs), so that a model built on the meta device gets them too
+        pairs = [(i, j) for i in range(num_features) for j in range(i + 1 if self.itself else i)]
+        gather = [len(pairs)] * (num_features * num_features)
+        for p, (i, j) in enumerate(pairs):
+            gather[i * num_features + j] = gather[j * num_features + i] = p
+        self_pairs = [p for p, (i, j) in enumerate(pairs) if i == j]
+        for k, p in enumerate(self_pairs):
+            i = pairs[p][0]
+            gather[i * num_features + i] = len(pairs) + 1 + k
+        self.register_buffer("gather_index", torch.tensor(gather, dtype=torch.int64), persistent=False)
+        self.register_buffer("self_pairs", torch.tensor(self_pairs, dtype=torch.int64), persistent=False)
 
     @staticmethod
     def output_width(num_tables, dense_dim, emb_dim, itself=False):
