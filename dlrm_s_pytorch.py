@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -299,9 +300,11 @@ def check_precision(precision: str, device: torch.device):
 
 
 def autocast(precision: str, device: torch.device):
-    """The forward's autocast context: a no-op for fp32."""
+    """The forward's autocast context: none for fp32."""
     dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def compile_dense(model: DLRM_Net, device: torch.device, backend: str = "inductor"):
@@ -335,6 +338,9 @@ def keep_freed_memory() -> bool:
 def device_batches(loader, device: torch.device):
     """The loader's batches on `device`. On CUDA the (pinned) next batch is copied on a side
     stream while the current one computes, so no iteration waits for its inputs."""
+    if device.type == "cpu":  # the loaders' batches are there already
+        yield from loader
+        return
     if device.type != "cuda":
         yield from (batch.to(device) for batch in loader)
         return

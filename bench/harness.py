@@ -1,23 +1,26 @@
-"""Benchmark harness: named DLRM configurations on random data, each in a fresh process.
+"""Benchmark harness: named DLRM configurations on random data, each in its own process.
 
 Usage:
     python bench/harness.py --list
     python bench/harness.py                                        # CPU table: every CPU config, fp32 and bf16
     python bench/harness.py --configs kaggle-128 benchmark --precisions fp32 bf16 --baseline main
+    python bench/harness.py --configs benchmark --original /tmp/dlrm/dlrm_s_pytorch.py   # × the original
     python bench/harness.py --configs kaggle-16384 --device cuda --precisions bf16 --compile
-    python bench/harness.py --configs benchmark --iters 10 --json out/bench.json
 
-Every run is a new Python process that builds and trains exactly as `dlrm_s_pytorch.py` does
-(parse_args, make_datasets, build_model, make_optimizer, train) with the configuration's flags:
+For each configuration and precision the harness starts one process per run, one after the other,
+each building and training exactly as `dlrm_s_pytorch.py` does (parse_args, make_datasets,
+build_model, build_optimizer, train) with the configuration's flags, then measures them in
+`--repeat` alternating rounds of `--iters` iterations (other work on a shared machine hits all
+runs of a round alike); figures are medians over the rounds:
 - start-up: from the parent starting the process to the end of the first training iteration
   (interpreter and torch import, model initialisation, first batch, first step);
-- ms/it and samples/s: the mean over `--iters` iterations after `--warmup` ones (and on the CPU the
-  median iteration, less sensitive to other work on the machine); the data are the
-  configuration's random batches, a pool of `--pool` distinct batches generated once and cycled,
-  so the figure is the trainer's step (the original's ms/it excludes data loading too);
+- ms/it and samples/s: the round's wall time over its iterations (after `--warmup` ones); the data
+  are a pool of `--pool` distinct random batches generated once and cycled, so the figure is the
+  trainer's step (the original's ms/it excludes data loading too); "median ms/it" is the median
+  single iteration (CPU);
 - peak memory: the process's maximum resident set (CPU), or the peak of torch.cuda allocations.
 
-Every ratio comes from runs of the same invocation on the same machine, alternating round-robin:
+Runs measured next to ours, and their ratios (the median over the rounds of each round's ratio):
 - "reference": a plain-PyTorch DLRM of the same configuration, as the original builds it: one
   `nn.EmbeddingBag` (sum, sparse gradients) per table, the bottom and top MLPs, the dot (or cat, or
   the DCN V2 cross network as TorchRec's LowRankCrossNet, or the projection as its DLRM_Projection)
@@ -28,8 +31,11 @@ Every ratio comes from runs of the same invocation on the same machine, alternat
   values): the least any DLRM step can cost. "× floor" is our ms/it over it (1: nothing but MLPs).
 - `--baseline REV`: the same runs with the code of git revision REV of this repository (e.g. the
   commit before a change); "× baseline" is its ms/it over ours.
+- `--original PATH`: facebookresearch/dlrm's `dlrm_s_pytorch.py` and ours as whole programs with the
+  configuration's flags, printing every iteration: wall ms/it between progress lines (data
+  generation included, as a user sees it); "× original" is the original's over ours.
 The header names the CPU and its matrix/vector instruction sets (AVX-512, AVX512-BF16, AMX), which
-decide what bf16 can gain.
+decide what bf16 can gain. A new configuration is one entry in CONFIGS.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ import copy
 import json
 import os
 import platform
+import re
+import select
 import subprocess
 import sys
 import tempfile
@@ -94,11 +102,12 @@ REFERENCE, FLOOR = "reference", "dense floor"  # the plain-PyTorch runs measured
 
 # ============================================================================ one run (child process)
 class BatchPool:
-    """`length` batches cycling through the first `size` batches of `dataset`, each generated once."""
+    """`length` batches cycling through the first `size` batches of `dataset`, each generated once
+    (`cache` shared between pools of one dataset, so measured iterations never generate data)."""
 
-    def __init__(self, dataset, size, length):
+    def __init__(self, dataset, size, length, cache=None):
         self.dataset, self.size, self.length = dataset, min(size, len(dataset)), length
-        self.cache = {}
+        self.cache = {} if cache is None else cache
 
     def __len__(self):
         return self.length
@@ -122,12 +131,24 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_one(spec: dict) -> dict:
-    """Builds and trains one configuration (ours as dlrm_s_pytorch.run() does, or a plain-PyTorch one)."""
+MESSAGE = "harness-child: "  # prefix of a child's JSON lines on stdout (the trainer may print other lines)
+
+
+def emit(message: dict):
+    print(MESSAGE + json.dumps(message), flush=True)
+
+
+def run_child(spec: dict):
+    """Builds one configuration (ours as dlrm_s_pytorch.run() does, or a plain-PyTorch one), trains its
+    first iteration and a warm-up, says "ready" with its start-up, then measures `iters` iterations per
+    "run" line read from stdin until "quit" (peak memory and versions)."""
     sys.path.insert(0, spec["code_dir"])
     import torch
 
     import dlrm_s_pytorch as dlrm
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
 
     argv = list(spec["flags"])
     if spec["precision"] != "fp32":
@@ -150,9 +171,9 @@ def run_one(spec: dict) -> dict:
 
     t_build = time.perf_counter()
     train_set, test_set, dense_dim, table_sizes = dlrm.make_datasets(args)
+    stamps = []
     if spec["code"] in (REFERENCE, FLOOR):
         steps, build_s = plain_pytorch_steps(spec["code"], args, train_set, dense_dim, table_sizes, device, t_build)
-        stamps = []
 
         def train(nbatches, print_freq):
             for j in range(nbatches):
@@ -170,8 +191,7 @@ def run_one(spec: dict) -> dict:
         else:  # a --baseline revision from before build_optimizer
             optimizer = dlrm.make_optimizer(args.optimizer, model.parameters(), args.learning_rate)
         build_s = time.perf_counter() - t_build
-
-        stamps = []
+        cache = {}
 
         def log(_line):  # called at print time, right after the loss is read back (a sync)
             stamps.append(time.perf_counter())
@@ -179,34 +199,32 @@ def run_one(spec: dict) -> dict:
         def train(nbatches, print_freq):
             run_args = copy.copy(args)
             run_args.print_freq = print_freq
-            pool = BatchPool(train_set, spec["pool"], nbatches)
+            pool = BatchPool(train_set, spec["pool"], nbatches, cache)
             dlrm.train(run_args, model, optimizer, pool, pool, device, dlrm.TrainState(), nbatches, log=log)
 
     train(1, 1)
     startup_s = time.time() - spec["spawned_at"]
     train(spec["warmup"], spec["warmup"])
-    stamps.clear()
-    t0 = time.perf_counter()
-    iters = spec["iters"]
+    emit({"ready": True, "startup_s": startup_s, "build_s": build_s})
     per_iteration = device.type == "cpu"  # reading the loss every iteration costs nothing on the CPU
-    train(iters, 1 if per_iteration else iters)
-    total_s = stamps[-1] - t0
-    step_ms = [1000 * (b - a) for a, b in zip([t0] + stamps[:-1], stamps)] if per_iteration else []
-    ms_per_it = 1000 * total_s / iters
-    return {
-        "ms_per_it": ms_per_it,
-        "median_ms_per_it": sorted(step_ms)[len(step_ms) // 2] if step_ms else ms_per_it,
-        "samples_per_s": args.mini_batch_size * iters / total_s,
-        "startup_s": startup_s,
-        "build_s": build_s,
+    iters = spec["iters"]
+    for command in sys.stdin:
+        if command.strip() != "run":
+            break
+        stamps.clear()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        train(iters, 1 if per_iteration else iters)
+        total_s, cpu_s = stamps[-1] - t0, time.process_time() - cpu0
+        step_ms = sorted(1000 * (b - a) for a, b in zip([t0] + stamps[:-1], stamps)) if per_iteration else []
+        emit({"ms_per_it": 1000 * total_s / iters, "cpu_ms_per_it": 1000 * cpu_s / iters,
+              "median_step_ms": step_ms[len(step_ms) // 2] if step_ms else 1000 * total_s / iters})
+    emit({
         "peak_mem_gib": peak_memory_gib(device),
         "mini_batch_size": args.mini_batch_size,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-    }
-
-
+    })
 
 
 def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t_build):
@@ -348,41 +366,90 @@ def checkout(rev: str) -> str:
     return target
 
 
-def spawn(name, code, code_dir, precision, opts, compile_run=False) -> dict:
-    flags, _ = CONFIGS[name]
-    spec = dict(flags=flags, precision=precision, compile=compile_run, device=opts.device, iters=opts.iters,
-                warmup=opts.warmup, pool=opts.pool, code=code, code_dir=code_dir, spawned_at=time.time())
-    row = dict(config=name, code=code, precision=precision + ("+compile" if compile_run else ""),
-               device=opts.device, load_before=os.getloadavg()[0])  # other work on the machine skews the figures
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    env.pop("WORLD_SIZE", None)
-    try:
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                               capture_output=True, text=True, timeout=opts.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(row, error=f"timed out after {opts.timeout} s")
-    result = next((line for line in reversed(child.stdout.splitlines()) if line.startswith("{")), None)
-    if child.returncode != 0 or result is None:
-        tail = (child.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(row, error=f"exit {child.returncode}: {tail}")
-    return dict(row, **json.loads(result))
+class Child:
+    """One configuration's run in its own process (`run_child`), kept alive between measuring rounds."""
+
+    def __init__(self, name, code, code_dir, precision, opts, compile_run=False):
+        flags, _ = CONFIGS[name]
+        self.row = dict(config=name, code=code, precision=precision + ("+compile" if compile_run else ""),
+                        device=opts.device, load_before=os.getloadavg()[0])  # other work skews the figures
+        self.timeout, self.rounds = opts.timeout, []
+        spec = dict(flags=flags, precision=precision, compile=compile_run, device=opts.device, iters=opts.iters,
+                    warmup=opts.warmup, pool=opts.pool, code=code, code_dir=code_dir, threads=opts.threads,
+                    spawned_at=time.time())
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        env.pop("WORLD_SIZE", None)
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.row.update(self.receive() or {})
+
+    def receive(self):
+        """The child's next message, or None after recording why there is none (exit, timeout)."""
+        if "error" in self.row:
+            return None
+        deadline = time.time() + self.timeout
+        while True:
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.time()))
+            line = self.process.stdout.readline() if ready else None
+            if line is None or line == "":
+                self.fail("timed out after {} s".format(self.timeout) if line is None else None)
+                return None
+            if line.startswith(MESSAGE):
+                return json.loads(line[len(MESSAGE):])
+
+    def fail(self, reason=None):
+        self.process.kill()
+        code = self.process.wait()
+        self.stderr.seek(0)
+        tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+        self.row["error"] = reason or f"exit {code}: {tail}"
+
+    def measure(self):
+        """One round: `--iters` iterations; their ms/it, or None."""
+        if "error" in self.row:
+            return None
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        result = self.receive()
+        self.rounds.append(result)
+        return result
+
+    def finish(self) -> dict:
+        """The row: medians over the rounds, and what the child reports when it quits."""
+        if "error" not in self.row:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            self.row.update(self.receive() or {})
+            self.process.wait()
+        rounds = [r for r in self.rounds if r is not None]
+        if rounds and "error" not in self.row:
+            self.row.update(ms_per_it=median(r["ms_per_it"] for r in rounds),
+                            median_ms_per_it=median(r["median_step_ms"] for r in rounds),
+                            round_ms=[r["ms_per_it"] for r in rounds], runs=len(rounds),
+                            cpu_ms_per_it=median(r["cpu_ms_per_it"] for r in rounds),
+                            round_cpu_ms=[r["cpu_ms_per_it"] for r in rounds])
+            self.row["samples_per_s"] = self.row["mini_batch_size"] * 1000 / self.row["ms_per_it"]
+        self.stderr.close()
+        return self.row
 
 
-def best_of(tries):
-    """The fastest of repeated runs (as the original's script reports the minimum), with the shortest start-up."""
-    good = [t for t in tries if "error" not in t]
-    if not good:
-        return tries[-1]
-    best = dict(min(good, key=lambda t: t["ms_per_it"]))
-    best["startup_s"] = min(t["startup_s"] for t in good)
-    best["runs"] = len(good)
-    return best
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
-def add_ratios(rows):
-    """Ratios of our rows to the plain-PyTorch runs and the baseline of the same configuration and precision."""
-    good = [r for r in rows if "error" not in r]
+def add_ratios(rows, cpu_time=False):
+    """Ratios of our rows to the plain-PyTorch runs and the baseline of the same configuration and precision:
+    the median over the rounds of the ratio within each round (runs of one round measured back to back)."""
+    good = [r for r in rows if "error" not in r and "round_ms" in r]
     by_code = {(r["code"], r["config"], r["precision"]): r for r in good}
+
+    def paired(numerators, denominators):
+        return median(a / b for a, b in zip(numerators, denominators))
+
+    measure = "round_cpu_ms" if cpu_time else "round_ms"
     for row in good:
         if row["code"] != "this":
             continue
@@ -391,13 +458,90 @@ def add_ratios(rows):
         baseline = next((r for r in good if r["code"] not in ("this", REFERENCE, FLOOR)
                          and (r["config"], r["precision"]) == key), None)
         if reference is not None:
-            row["x_reference"] = reference["ms_per_it"] / row["ms_per_it"]
+            row["x_reference"] = paired(reference[measure], row[measure])
             row["x_reference_startup"] = reference["startup_s"] / row["startup_s"]
         if floor is not None:
-            row["x_floor"] = row["ms_per_it"] / floor["ms_per_it"]
+            row["x_floor"] = paired(row[measure], floor[measure])
         if baseline is not None:
-            row["x_baseline"] = baseline["ms_per_it"] / row["ms_per_it"]
+            row["x_baseline"] = paired(baseline[measure], row[measure])
             row["x_baseline_startup"] = baseline["startup_s"] / row["startup_s"]
+
+
+# ---------------------------------------------------------------------------- whole programs, wall time
+PROGRESS = re.compile(r"Finished training it (\d+)/")
+
+
+def wall_ms_per_it(script, flags, warmup, iters, timeout, cwd):
+    """(wall ms/it, start-up s) of `python script flags` printing every iteration: the time between its
+    progress lines after `warmup` iterations, data loading included, and from start to the first line."""
+    argv = [sys.executable, "-u", script] + list(flags) + [f"--num-batches={warmup + iters}", "--print-freq=1"]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.pop("WORLD_SIZE", None)
+    started, stamps = time.time(), {}
+    with tempfile.TemporaryFile(mode="w+") as err:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd, env=env)
+        try:
+            for line in process.stdout:
+                match = PROGRESS.search(line)
+                if match:
+                    stamps[int(match.group(1))] = time.time()
+                if time.time() - started > timeout:
+                    break
+        finally:
+            process.kill()
+            code = process.wait()
+        if warmup + iters not in stamps or warmup not in stamps:
+            err.seek(0)
+            tail = (err.read().strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{os.path.basename(script)} exit {code}: {tail}")
+    return 1000 * (stamps[warmup + iters] - stamps[warmup]) / iters, stamps[1] - started
+
+
+def original_rows(name, precisions, opts) -> list:
+    """The original's dlrm_s_pytorch.py (fp32 only: it has no --precision) and ours as a program, alternating
+    `--repeat` times; "× original" is the original's wall ms/it over ours (its throughput ratio)."""
+    flags, _ = CONFIGS[name]
+    script = os.path.abspath(opts.original)
+    runs = [("original", "fp32", script, list(flags))]
+    runs += [("this (program)", p, os.path.join(ROOT, "dlrm_s_pytorch.py"),
+              list(flags) + ([f"--precision={p}"] if p != "fp32" else [])) for p in precisions]
+    measured = {run[:2]: [] for run in runs}
+    errors = {}
+    for attempt in range(opts.repeat):
+        for code, precision, path, argv in runs:
+            try:
+                measured[(code, precision)].append(
+                    wall_ms_per_it(path, argv, opts.warmup, opts.iters, opts.timeout, os.path.dirname(path)))
+            except RuntimeError as e:
+                errors[(code, precision)] = str(e)
+            print(f"{name} [{code}, {precision}] try {attempt + 1}: "
+                  + (errors.get((code, precision)) or f"{measured[(code, precision)][-1][0]:.1f} wall ms/it"),
+                  file=sys.stderr, flush=True)
+    rows, original = [], measured[("original", "fp32")]
+    for code, precision, _, _ in runs:
+        row = dict(config=name, code=code, precision=precision, device="cpu")
+        tries = measured[(code, precision)]
+        if (code, precision) in errors or not tries:
+            rows.append(dict(row, error=errors.get((code, precision), "no run")))
+            continue
+        ms = [t[0] for t in tries]
+        row.update(wall_ms_per_it=median(ms), startup_s=min(t[1] for t in tries), round_ms=ms)
+        if code != "original" and len(original) == len(ms):
+            row["x_original"] = median(o[0] / m for o, m in zip(original, ms))
+        rows.append(row)
+    return rows
+
+
+def format_original_table(rows) -> str:
+    lines = ["| config | code | precision | wall ms/it | start-up s | × original |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['config']} | {row['code']} | {row['precision']} | error: {row['error']} | | |")
+        else:
+            ratio = f"{row['x_original']:.2f}" if "x_original" in row else "—"
+            lines.append(f"| {row['config']} | {row['code']} | {row['precision']} | {row['wall_ms_per_it']:.1f} | "
+                         f"{row['startup_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
 
 
 def machine_description(device: str) -> str:
@@ -416,8 +560,8 @@ def machine_description(device: str) -> str:
                     break
     except OSError:
         pass
-    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-           if name in flags]
+    isa = [name for name in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                             "amx_int8") if name in flags]
     text = (f"CPU: {model}, {os.cpu_count()} cores; ISA: {' '.join(isa) or 'unknown'} "
             f"(AVX-512: {'yes' if 'avx512f' in flags else 'no'}, AVX512-BF16: "
             f"{'yes' if 'avx512_bf16' in flags else 'no'}, AMX: {'yes' if 'amx_tile' in flags else 'no'}); "
@@ -428,7 +572,7 @@ def machine_description(device: str) -> str:
 
 
 def format_table(rows) -> str:
-    header = ["config", "code", "precision", "device", "ms/it", "median ms/it", "samples/s", "start-up s",
+    header = ["config", "code", "precision", "device", "ms/it", "median ms/it", "CPU ms/it", "samples/s", "start-up s",
               "peak GiB", "× reference", "× floor", "× baseline", "start-up × reference"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -441,7 +585,8 @@ def format_table(rows) -> str:
             cells += [""] * (len(header) - len(cells))
         else:
             cells = [row["config"], row["code"], row["precision"], row["device"], f"{row['ms_per_it']:.1f}",
-                     f"{row['median_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}", f"{row['startup_s']:.1f}",
+                     f"{row['median_ms_per_it']:.1f}", f"{row['cpu_ms_per_it']:.1f}", f"{row['samples_per_s']:,.0f}",
+                     f"{row['startup_s']:.1f}",
                      f"{row['peak_mem_gib']:.1f}",
                      ratio(row, "x_reference"), ratio(row, "x_floor"), ratio(row, "x_baseline"),
                      ratio(row, "x_reference_startup")]
@@ -466,8 +611,16 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=20, help="measured iterations per run")
     parser.add_argument("--warmup", type=int, default=5, help="iterations before measuring (at least --pool)")
     parser.add_argument("--pool", type=int, default=4, help="distinct random batches cycled through")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs of each configuration; the fastest is reported (machines shared with other work)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="alternating measuring rounds of each configuration and precision; medians reported")
+    parser.add_argument("--original", default=None, metavar="PATH",
+                        help="also run the original facebookresearch/dlrm dlrm_s_pytorch.py at PATH and ours as whole "
+                             "programs on each configuration (CPU), and report wall ms/it and × original")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every run (default: torch's, one per core)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="ratios from CPU time (user + system) per iteration instead of wall time: steadier "
+                             "on a machine shared with other work (best with --threads 1)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here as JSON")
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
@@ -485,54 +638,60 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     opts = parse_args(argv)
     if opts.child is not None:
-        print(json.dumps(run_one(json.loads(opts.child))), flush=True)
+        run_child(json.loads(opts.child))
         return 0
     if opts.list:
         for name, (flags, description) in CONFIGS.items():
             print(f"{name:15s} {description}\n{'':15s} {' '.join(flags)}")
         return 0
-    from tqdm import tqdm
-
     baseline_dir = checkout(opts.baseline) if opts.baseline else None
-    runs = []
-    for name in opts.configs:
-        for p in opts.precisions:
-            runs += [(name, plain, ROOT, p) for plain in opts.plain]
-            if baseline_dir:
-                runs.append((name, opts.baseline[:12], baseline_dir, p))
-            runs.append((name, "this", ROOT, p))
     header = machine_description(opts.device)
     print(header, file=sys.stderr, flush=True)
-    # repeats go round all runs, so a burst of other work on the machine spoils one try of several runs
-    tries = {run: [] for run in runs}
-    with tqdm(total=opts.repeat * len(runs), desc="runs", unit=" runs", file=sys.stderr, leave=False,
-              disable=not sys.stderr.isatty()) as progress:
-        for attempt in range(opts.repeat):
-            for run in runs:
-                name, code, code_dir, precision = run
-                progress.set_postfix_str(f"{name} [{code}, {precision}]")
-                row = spawn(name, code, code_dir, precision, opts, compile_run=opts.compile and code == "this")
-                tries[run].append(row)
-                done = row.get("error") or (f"{row['ms_per_it']:.1f} ms/it, start-up {row['startup_s']:.1f} s, "
-                                            f"load average before {row['load_before']:.1f}")
-                progress.write(f"{name} [{code}, {row['precision']}, {opts.device}] try {attempt + 1}: {done}",
-                               file=sys.stderr)
-                progress.update(1)
-    rows = [best_of(tries[run]) for run in runs]
-    add_ratios(rows)
+    rows, original = [], []
+    for name in opts.configs:
+        for precision in opts.precisions:
+            # the runs of one configuration and precision: started one after the other (start-up alone on
+            # the machine), then measured in alternating rounds, so other work on the machine hits them alike
+            runs = [(plain, ROOT) for plain in opts.plain]
+            if baseline_dir:
+                runs.append((opts.baseline[:12], baseline_dir))
+            runs.append(("this", ROOT))
+            children = []
+            for code, code_dir in runs:
+                child = Child(name, code, code_dir, precision, opts, compile_run=opts.compile and code == "this")
+                children.append(child)
+                state = child.row.get("error") or f"start-up {child.row['startup_s']:.1f} s"
+                print(f"{name} [{code}, {child.row['precision']}, {opts.device}]: {state}", file=sys.stderr, flush=True)
+            for attempt in range(opts.repeat):
+                for child in children:
+                    result = child.measure()
+                    done = child.row.get("error") or f"{result['ms_per_it']:.1f} ms/it"
+                    print(f"{name} [{child.row['code']}, {child.row['precision']}] round {attempt + 1}: {done}, "
+                          f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+            rows += [child.finish() for child in children]
+        if opts.original and opts.device == "cpu":
+            original += original_rows(name, opts.precisions, opts)
+    add_ratios(rows, opts.cpu_time)
     print(header + "\n")
     print(format_table(rows))
-    print("\n× reference: the plain-PyTorch DLRM's ms/it over ours (one nn.EmbeddingBag per table, torch.optim); "
-          "× floor: our ms/it over the dense floor's (the MLPs alone); × baseline: --baseline's ms/it over ours. "
-          "All measured in this run.")
+    basis = "CPU time (user + system)" if opts.cpu_time else "wall time"
+    print(f"\nMedians of {opts.repeat} alternating rounds of {opts.iters} iterations; ratios from {basis}. × reference: the plain-PyTorch "
+          "DLRM's ms/it over ours (one nn.EmbeddingBag per table, torch.optim); × floor: our ms/it over the dense "
+          "floor's (the MLPs alone); × baseline: --baseline's ms/it over ours; each the median of the ratios within "
+          "a round. All measured in this run.")
+    if original:
+        print("\n" + format_original_table(original))
+        print("\nWhole programs on the configuration's random data, printing every iteration: wall time between "
+              "progress lines (data generation included), medians of alternating runs; × original: the original's "
+              "wall ms/it (fp32: it has no --precision) over ours.")
     if opts.json:
         tmp = f"{opts.json}.tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
         with open(tmp, "w") as f:
             json.dump({"argv": sys.argv[1:], "host": platform.node(), "cpus": os.cpu_count(), "machine": header,
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "original": original}, f, indent=1)
         os.replace(tmp, opts.json)
-    return 0 if all("error" not in r for r in rows) else 1
+    return 0 if all("error" not in r for r in rows + original) else 1
 
 
 if __name__ == "__main__":

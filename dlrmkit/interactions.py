@@ -140,33 +140,38 @@ class Interaction(nn.Module):
 def gram_pairs(features: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
     """The dot products of the feature vectors [B, F, D] at `pair_index` (positions in the flattened
     [F, F] Gram matrix), [B, P], in float32 also under autocast."""
-    with torch.autocast(features.device.type, enabled=False):
-        features = features.float()
-        return torch.bmm(features, features.transpose(1, 2)).flatten(1).index_select(1, pair_index)
+    if torch.is_autocast_enabled(features.device.type):
+        with torch.autocast(features.device.type, enabled=False):
+            return gram_pairs(features, pair_index)
+    features = features.float()
+    return torch.bmm(features, features.transpose(1, 2)).flatten(1).index_select(1, pair_index)
 
 
 class GramPairs(torch.autograd.Function):
     """`gram_pairs` with a backward that uses the Gram matrix's symmetry.
 
-    With S the pairs' gradient scattered into [F, F] at (i, j) and (j, i), the features' gradient
-    is S @ features: one bmm, where autograd through bmm(f, f^T) runs two and adds them.
+    The pairs' gradient g [B, P] is gathered into the symmetric [F, F] matrix S with g at (i, j)
+    and (j, i) (2g at a self-pair (i, i): d(f.f)/df = 2f) by one column gather of [g, 0, 2g_self]
+    at `gather_index` (no scatter), and the features' gradient is S @ features: one bmm, where
+    autograd through bmm(f, f^T) runs two and adds them.
     """
 
     @staticmethod
-    def forward(ctx, features, pair_index, mirror_index):
-        ctx.save_for_backward(features, pair_index, mirror_index)
+    def forward(ctx, features, pair_index, gather_index, self_pairs):
+        ctx.save_for_backward(features, gather_index, self_pairs)
         return gram_pairs(features, pair_index)
 
     @staticmethod
     def backward(ctx, grad_pairs):
-        features, pair_index, mirror_index = ctx.saved_tensors
+        features, gather_index, self_pairs = ctx.saved_tensors
         batch, num_features, _ = features.shape
         grad_pairs = grad_pairs.float()
-        sym = grad_pairs.new_zeros(batch, num_features * num_features)
-        sym.index_add_(1, pair_index, grad_pairs)
-        sym.index_add_(1, mirror_index, grad_pairs)  # a self-pair (i, i) gets both: d(f.f)/df = 2f
+        parts = [grad_pairs, grad_pairs.new_zeros(batch, 1)]
+        if self_pairs.numel():
+            parts.append(grad_pairs.index_select(1, self_pairs) * 2)
+        sym = torch.cat(parts, dim=1).index_select(1, gather_index)
         grad = torch.bmm(sym.view(batch, num_features, num_features), features.float())
-        return grad.to(features.dtype), None, None
+        return grad.to(features.dtype), None, None, None
 
 
 class DotInteraction(Interaction):
@@ -179,7 +184,18 @@ class DotInteraction(Interaction):
         num_features = self.num_tables + 1
         rows, cols = torch.tril_indices(num_features, num_features, offset=0 if self.itself else -1)
         self.register_buffer("pair_index", rows * num_features + cols, persistent=False)
-        self.register_buffer("mirror_index", cols * num_features + rows, persistent=False)
+        # the backward's gather: Gram position -> its pair's column of [g, 0, 2 g_self] (P: the zero);
+        # from Python integers (the same row-major pairs), so that a model built on the meta device gets them too
+        pairs = [(i, j) for i in range(num_features) for j in range(i + 1 if self.itself else i)]
+        gather = [len(pairs)] * (num_features * num_features)
+        for p, (i, j) in enumerate(pairs):
+            gather[i * num_features + j] = gather[j * num_features + i] = p
+        self_pairs = [p for p, (i, j) in enumerate(pairs) if i == j]
+        for k, p in enumerate(self_pairs):
+            i = pairs[p][0]
+            gather[i * num_features + i] = len(pairs) + 1 + k
+        self.register_buffer("gather_index", torch.tensor(gather, dtype=torch.int64), persistent=False)
+        self.register_buffer("self_pairs", torch.tensor(self_pairs, dtype=torch.int64), persistent=False)
 
     @staticmethod
     def output_width(num_tables, dense_dim, emb_dim, config):
@@ -198,7 +214,7 @@ class DotInteraction(Interaction):
         x = x.float()
         features = torch.cat([x.unsqueeze(1), ly.float()], dim=1)  # [B, T+1, D]
         if torch.is_grad_enabled() and features.requires_grad:
-            pairs = GramPairs.apply(features, self.pair_index, self.mirror_index)
+            pairs = GramPairs.apply(features, self.pair_index, self.gather_index, self.self_pairs)
         else:  # the same arithmetic as plain operators (ONNX export, tracing, inference)
             pairs = gram_pairs(features, self.pair_index)
         return torch.cat([x, pairs], dim=1)

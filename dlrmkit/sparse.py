@@ -116,7 +116,12 @@ class SparseFeatures:
             starts = self.offsets[torch.arange(self.num_tables, device=self.offsets.device) * self.batch_size]
             return table_values[..., bag_of_each_index(starts, self.indices)]
         per_table = torch.diff(self.table_bounds())
-        return torch.repeat_interleave(table_values, per_table, dim=-1, output_size=self.indices.numel())
+        if table_values.dim() == 1:
+            return torch.repeat_interleave(table_values, per_table, output_size=self.indices.numel())
+        # whole rows gathered (tables first), not single elements along the last dimension
+        rows = torch.repeat_interleave(table_values.movedim(-1, 0).contiguous(), per_table, dim=0,
+                                       output_size=self.indices.numel())
+        return rows.movedim(0, -1)
 
     def index_rows(self, first_row: torch.Tensor) -> torch.Tensor:
         """[N] row of each index in a stack of all tables whose table t starts at row first_row[t] ([T])."""
