@@ -84,8 +84,43 @@ class DLRMError(Exception):
 
 
 # ============================================================================ model
+BCE_EPSILON = 1e-12  # PyTorch's binary_cross_entropy divides its gradient by max(p (1 - p), this)
+
+
+class _SaturationSafeSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        p = torch.sigmoid(z)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        slope = (1.0 - p) * p
+        return torch.where(slope < BCE_EPSILON, grad * BCE_EPSILON, torch.ops.aten.sigmoid_backward(grad, p))
+
+
+class ClickProbability(nn.Sigmoid):
+    """The top MLP's sigmoid, [B, 1] logits -> probabilities; the same values as `nn.Sigmoid`.
+
+    Its gradient never vanishes where the sigmoid saturates in float32: where p (1 - p) falls below
+    PyTorch's BCE epsilon (1e-12; |z| above about 27, and p rounds to exactly 1 from z = 17) it uses
+    that epsilon as the slope, so that with the BCE loss on the probabilities the logits' gradient is
+    p - y, as with `BCEWithLogitsLoss` (the MLPerf DLRMv2 reference's), instead of 0. Elsewhere the
+    gradient is `nn.Sigmoid`'s, bit for bit. Without it one large step (Adagrad's first moves every
+    weight by the learning rate) can push every prediction into saturation for good.
+    """
+
+    def forward(self, z):
+        if torch.is_grad_enabled() and z.requires_grad and not torch.jit.is_tracing():
+            return _SaturationSafeSigmoid.apply(z)
+        return torch.sigmoid(z)
+
+
 def create_mlp(dims, sigmoid_layer: int) -> nn.Sequential:
-    """Linear layers dims[0] -> dims[1] -> ...; ReLU after each, Sigmoid after layer `sigmoid_layer`.
+    """Linear layers dims[0] -> dims[1] -> ...; ReLU after each, `ClickProbability` (a sigmoid) after
+    layer `sigmoid_layer`.
 
     Weights ~ N(0, sqrt(2 / (fan_in + fan_out))), biases ~ N(0, sqrt(1 / fan_out)), as the original.
     """
@@ -97,7 +132,7 @@ def create_mlp(dims, sigmoid_layer: int) -> nn.Sequential:
             linear.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)))
             linear.bias.normal_(0.0, math.sqrt(1.0 / fan_out))
         layers.append(linear)
-        layers.append(nn.Sigmoid() if i == sigmoid_layer else nn.ReLU())
+        layers.append(ClickProbability() if i == sigmoid_layer else nn.ReLU())
     return nn.Sequential(*layers)
 
 

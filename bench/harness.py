@@ -26,9 +26,11 @@ Runs measured next to ours, and their ratios (the median over the rounds of each
   the DCN V2 cross network as TorchRec's LowRankCrossNet, or the projection as its DLRM_Projection)
   interaction, and `torch.optim.SGD` / `torch.optim.Adagrad`, on the same batches and precision.
   "× reference" is its ms/it over ours (above 1: we are faster).
-- "dense floor": the bottom and top MLPs alone, forward, backward and a `torch.optim.SGD` step at
-  the same batch size and precision (the top MLP's input is the interaction's width of constant
-  values): the least any DLRM step can cost. "× floor" is our ms/it over it (1: nothing but MLPs).
+- "dense floor": the dense layers alone, forward, backward and a `torch.optim.SGD` step at the same
+  batch size and precision: the bottom and top MLPs, and the interaction's own layers where it has
+  them (dcn's cross layers, projection's branches), with constants in place of the pooled embeddings
+  (and of the dot products): the least any DLRM step can cost. "× floor" is our ms/it over it
+  (1: nothing but the dense layers).
 - `--baseline REV`: the same runs with the code of git revision REV of this repository (e.g. the
   commit before a change); "× baseline" is its ms/it over ours.
 - `--original PATH`: facebookresearch/dlrm's `dlrm_s_pytorch.py` and ours as whole programs with the
@@ -75,9 +77,12 @@ TERABYTE_SMALL = ["--arch-sparse-feature-size=128", "--arch-mlp-bot=13-512-256-1
                   f"--arch-embedding-size={dashed(min(n, TERABYTE_SMALL_ROWS) for n in TERABYTE_TABLES)}",
                   "--loss-function=bce", "--round-targets=True", "--learning-rate=1.0",
                   "--num-indices-per-lookup=1", "--num-indices-per-lookup-fixed=True", "--mini-batch-size=2048"]
-# MLPerf DLRMv2 (DLRM-DCNv2): the Terabyte model's MLPs and dimension with the cross network, Adagrad
+# MLPerf DLRMv2 (DLRM-DCNv2): the Terabyte model's MLPs and dimension with the cross network, Adagrad, and
+# the benchmark's multi-hot bags (214 ids per sample)
+MLPERF_MULTI_HOT_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
 DCNV2_SMALL = TERABYTE_SMALL + ["--arch-interaction-op=dcn", "--dcn-num-layers=3", "--dcn-low-rank-dim=512",
-                                "--optimizer=adagrad", "--learning-rate=0.005", "--adagrad-eps=1e-8"]
+                                "--optimizer=adagrad", "--learning-rate=0.005", "--adagrad-eps=1e-8",
+                                f"--multi-hot-sizes={dashed(MLPERF_MULTI_HOT_SIZES)}"]
 BENCHMARK = ["--mini-batch-size=2048", "--arch-mlp-bot=512-512-64", "--arch-mlp-top=1024-1024-1024-1",
              "--arch-sparse-feature-size=64", f"--arch-embedding-size={dashed([1000000] * 8)}",
              "--num-indices-per-lookup=100", "--arch-interaction-op=dot", "--numpy-rand-seed=727"]
@@ -89,14 +94,14 @@ CONFIGS = {
     "benchmark": (BENCHMARK, "bench/dlrm_s_benchmark.sh: 8 x 1M x 64, 100 lookups, mini-batch 2048"),
     "terabyte-small": (TERABYTE_SMALL, f"MLPerf Terabyte model, tables capped at {TERABYTE_SMALL_ROWS:,} rows, "
                                        "mini-batch 2048"),
-    "dcnv2-small": (DCNV2_SMALL, f"MLPerf DLRMv2 (DCN V2 interaction, Adagrad), one id per table, tables capped at "
+    "dcnv2-small": (DCNV2_SMALL, f"MLPerf DLRMv2 (DCN V2 interaction, Adagrad, multi-hot bags), tables capped at "
                                  f"{TERABYTE_SMALL_ROWS:,} rows, mini-batch 2048"),
     "kaggle-16384": (KAGGLE + ["--mini-batch-size=16384"], "Criteo Kaggle model, mini-batch 16384 (GPU)"),
     "smoke": (["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-64-16", "--arch-mlp-top=64-1",
                "--arch-embedding-size=1000-1000-1000-1000", "--mini-batch-size=128", "--loss-function=bce",
                "--round-targets=True"], "a tiny model: checks the harness itself in seconds"),
 }
-CPU_DEFAULT = ["kaggle-128", "kaggle-2048", "benchmark", "terabyte-small"]
+CPU_DEFAULT = ["kaggle-128", "kaggle-2048", "benchmark", "terabyte-small", "dcnv2-small"]
 REFERENCE, FLOOR = "reference", "dense floor"  # the plain-PyTorch runs measured next to ours
 
 
@@ -281,22 +286,52 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
+    rows, cols = torch.tril_indices(num_features, num_features, offset=0 if itself else -1)
+
+    def interact(x, ly):  # the bottom MLP's output [B, d] and the pooled embeddings, T x [B, D]
+        if op == "dot":
+            features = torch.cat([x.float()] + ly, dim=1).view(x.shape[0], -1, dim)
+            gram = torch.bmm(features, features.transpose(1, 2))
+            return torch.cat([x.float(), gram[:, rows, cols]], dim=1)
+        if op == "dcn":
+            x0 = interaction = torch.cat([x.float()] + ly, dim=1)
+            for down, up in interaction_layers:
+                with autocast():
+                    crossed = up(down(interaction))
+                interaction = x0 * crossed.float() + interaction
+            return interaction
+        if op == "projection":
+            x0 = torch.cat([x.float()] + ly, dim=1)
+            with autocast():
+                y, z = (branch(x0) for branch in interaction_layers)
+            products = torch.bmm(y.float().view(x.shape[0], -1, dim), z.float().view(x.shape[0], dim, -1))
+            return torch.cat([x.float(), products.flatten(1)], dim=1)
+        return torch.cat([x.float()] + ly, dim=1)
+
     if kind == FLOOR:
         data = [(b.dense_x.to(device), b.target.to(device)) for b in batches]
-        # the interaction's output stands in as constants: the MLPs' work without the lookups and pairs
-        constant = torch.rand(data[0][0].shape[0], top_in - bottom_widths[-1], device=device)
-        optimizer = torch.optim.SGD(list(bottom.parameters()) + list(top.parameters()), lr=args.learning_rate)
+        # constants stand in for the pooled embeddings: the dense work (MLPs and the interaction's own
+        # layers: dcn's cross layers, projection's branches) without lookups or embedding updates
+        constant = [torch.rand(data[0][0].shape[0], dim, device=device) for _ in range(num_tables)]
+        dense_params = list(bottom.parameters()) + list(top.parameters()) + interaction_params
+        optimizer = torch.optim.SGD(dense_params, lr=args.learning_rate)
 
         def step(j):
             dense_x, target = data[j]
             optimizer.zero_grad(set_to_none=True)
             with autocast():
-                z = top(torch.cat([bottom(dense_x).float(), constant], dim=1))
+                x = bottom(dense_x)
+            interaction = interact(x, constant) if interaction_layers else \
+                torch.cat([x.float(), constant_output], dim=1)
+            with autocast():
+                z = top(interaction)
             loss = loss_of(z, target)
             loss.backward()
             optimizer.step()
             return loss.detach()
 
+        # without layers of its own the interaction's output is constant too (dot: the pairs)
+        constant_output = torch.rand(data[0][0].shape[0], top_in - bottom_widths[-1], device=device)
         return step, time.perf_counter() - t_build
 
     # the reference DLRM: one EmbeddingBag per table, looked up table by table, as the original does
@@ -314,7 +349,6 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
         return batch.dense_x.to(device), lookups, batch.target.to(device)
 
     data = [per_table(b) for b in batches]
-    rows, cols = torch.tril_indices(num_features, num_features, offset=0 if itself else -1)
     params = list(bottom.parameters()) + list(top.parameters()) + interaction_params + list(tables.parameters())
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=args.learning_rate)
@@ -327,24 +361,7 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
         ly = [table(idx, off) for table, (off, idx) in zip(tables, lookups)]
         with autocast():
             x = bottom(dense_x)
-        if op == "dot":
-            features = torch.cat([x.float()] + ly, dim=1).view(x.shape[0], -1, dim)
-            gram = torch.bmm(features, features.transpose(1, 2))
-            interaction = torch.cat([x.float(), gram[:, rows, cols]], dim=1)
-        elif op == "dcn":
-            x0 = interaction = torch.cat([x.float()] + ly, dim=1)
-            for down, up in interaction_layers:
-                with autocast():
-                    crossed = up(down(interaction))
-                interaction = x0 * crossed.float() + interaction
-        elif op == "projection":
-            x0 = torch.cat([x.float()] + ly, dim=1)
-            with autocast():
-                y, z = (branch(x0) for branch in interaction_layers)
-            products = torch.bmm(y.float().view(x.shape[0], -1, dim), z.float().view(x.shape[0], dim, -1))
-            interaction = torch.cat([x.float(), products.flatten(1)], dim=1)
-        else:
-            interaction = torch.cat([x.float()] + ly, dim=1)
+        interaction = interact(x, ly)
         with autocast():
             z = top(interaction)
         loss = loss_of(z, target)
@@ -677,7 +694,7 @@ def main(argv=None) -> int:
     basis = "CPU time (user + system)" if opts.cpu_time else "wall time"
     print(f"\nMedians of {opts.repeat} alternating rounds of {opts.iters} iterations; ratios from {basis}. × reference: the plain-PyTorch "
           "DLRM's ms/it over ours (one nn.EmbeddingBag per table, torch.optim); × floor: our ms/it over the dense "
-          "floor's (the MLPs alone); × baseline: --baseline's ms/it over ours; each the median of the ratios within "
+          "floor's (the dense layers alone); × baseline: --baseline's ms/it over ours; each the median of the ratios within "
           "a round. All measured in this run.")
     if original:
         print("\n" + format_original_table(original))

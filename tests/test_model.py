@@ -146,3 +146,26 @@ def test_a_given_collection_sets_the_width_and_excludes_the_table_keywords():
         DLRM_Net(8, None, [3, 4], [width, 1], embeddings=BatchedEmbeddingBags([5, 7, 3], 8))
     with pytest.raises(DLRMError, match="either as `embeddings` or through the QR / MD keywords"):
         DLRM_Net(4, None, [3, 4], [width, 1], embeddings=BatchedEmbeddingBags([5, 7, 3], 4), qr_flag=True)
+
+
+def test_saturated_predictions_still_get_the_bce_gradient_of_their_logits():
+    """Predictions pushed to exactly 0 or 1 (one large step can do it) must be able to come back: the
+    logits' gradient is p - y, as BCE with logits gives, not the 0 of sigmoid's float32 slope."""
+    from dlrm_s_pytorch import ClickProbability, per_sample_loss
+
+    z = torch.tensor([[40.0], [-40.0], [30.0], [2.0], [-3.0]], requires_grad=True)
+    y = torch.tensor([[0.0], [1.0], [1.0], [1.0], [0.0]])
+    per_sample_loss("bce", ClickProbability()(z), y).sum().backward()
+    p = torch.sigmoid(z.detach())
+    assert torch.allclose(z.grad, p - y, atol=1e-6)
+    assert z.grad[0, 0] == pytest.approx(1.0) and z.grad[1, 0] == pytest.approx(-1.0)
+
+    # elsewhere bit for bit nn.Sigmoid's gradient, for any loss
+    z_ref = torch.linspace(-16, 16, 101).reshape(-1, 1).requires_grad_()
+    z_ours = z_ref.detach().clone().requires_grad_()
+    y = (torch.arange(101) % 2).float().reshape(-1, 1)
+    for kind in ("bce", "mse"):
+        z_ref.grad = z_ours.grad = None
+        per_sample_loss(kind, torch.nn.Sigmoid()(z_ref), y).sum().backward()
+        per_sample_loss(kind, ClickProbability()(z_ours), y).sum().backward()
+        assert torch.equal(z_ref.grad, z_ours.grad)
