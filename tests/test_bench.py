@@ -67,7 +67,7 @@ def test_harness_lists_the_named_configurations():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--list"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for name in ("kaggle-128", "kaggle-2048", "benchmark", "terabyte-small", "kaggle-16384"):
+    for name in ("kaggle-128", "kaggle-2048", "benchmark", "terabyte-small", "dcnv2-small", "kaggle-16384"):
         assert name in result.stdout
     assert "--arch-embedding-size=1000000-1000000-1000000-1000000-1000000-1000000-1000000-1000000" in result.stdout
 
@@ -100,3 +100,38 @@ def test_harness_original_column_times_whole_programs_between_progress_lines(tmp
     assert 45 < original["wall_ms_per_it"] < 500
     assert ours["x_original"] == pytest.approx(original["wall_ms_per_it"] / ours["wall_ms_per_it"])
     assert "× original" in result.stdout
+
+
+def run_script_with_stub_python(script, tmp_path, env):
+    """Runs a bench script with PYTHON set to a stand-in that parses the trainer's flags with the
+    trainer's own parser and writes them as JSON: the script's command line, checked without training."""
+    stub = tmp_path / "stub.py"
+    stub.write_text("import json, sys\n"
+                    f"sys.path.insert(0, {ROOT!r})\n"
+                    "import dlrm_s_pytorch\n"
+                    "args = dlrm_s_pytorch.build_parser().parse_args(sys.argv[2:])\n"
+                    "print(json.dumps(vars(args)))\n")
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", script)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env={**os.environ, **env,
+                                                            "PYTHON": f"{sys.executable} {stub}"})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[0])
+
+
+def test_dcnv2_script_is_the_mlperf_dlrmv2_model_and_sizes_down(tmp_path):
+    assert os.access(os.path.join(ROOT, "bench", "dlrm_dcnv2_terabyte.sh"), os.X_OK)
+    args = run_script_with_stub_python("dlrm_dcnv2_terabyte.sh", tmp_path, {})
+    assert (args["arch_interaction_op"], args["dcn_num_layers"], args["dcn_low_rank_dim"]) == ("dcn", 3, 512)
+    assert (args["arch_sparse_feature_size"], args["arch_mlp_bot"], args["arch_mlp_top"]) == \
+        (128, [13, 512, 256, 128], [1024, 1024, 512, 256, 1])
+    assert args["multi_hot_sizes"] == [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
+    assert (args["optimizer"], args["learning_rate"], args["adagrad_eps"]) == ("adagrad", 0.005, 1e-8)
+    assert (args["mini_batch_size"], args["max_ind_range"], args["data_set"]) == (65536, 40000000, "terabyte")
+    assert args["test_freq"] == 4195197692 // (65536 * 20) and args["mlperf_logging"]
+    assert args["mlperf_auc_threshold"] == 0.80275 and args["multi_hot_distribution_type"] == "uniform"
+
+    small = run_script_with_stub_python("dlrm_dcnv2_terabyte.sh", tmp_path, {
+        "MAX_IND_RANGE": "1000", "BATCH": "512", "TEST_BATCH": "256", "TRAIN_SAMPLES": "100000",
+        "MULTI_HOT_DISTRIBUTION": "pareto"})
+    assert (small["max_ind_range"], small["mini_batch_size"], small["test_mini_batch_size"]) == (1000, 512, 256)
+    assert small["test_freq"] == 100000 // (512 * 20) and small["multi_hot_distribution_type"] == "pareto"
