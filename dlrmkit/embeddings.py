@@ -149,6 +149,19 @@ def check_ids_in_range(sparse: SparseFeatures, rows_of_table: torch.Tensor, tabl
                          f"({table_sizes[table]} rows)")
 
 
+# ids per batch from which a one-pass range check (ids_fit_smallest_table) is tried first on the CPU
+ONE_PASS_CHECK_MIN_IDS = 1 << 16
+
+
+def ids_fit_smallest_table(sparse: SparseFeatures, table_sizes) -> bool:
+    """Whether every id lies in [0, rows of the smallest table): one pass (min and max) over the
+    ids, which then need no per-table check. Reads the result on the host (meant for the CPU)."""
+    if sparse.indices.numel() == 0 or not table_sizes:
+        return True
+    lo, hi = torch.aminmax(sparse.indices)
+    return int(lo) >= 0 and int(hi) < min(table_sizes)
+
+
 class EmbeddingCollection(nn.Module):
     """The interface of every embedding collection (see the module docstring).
 
@@ -304,8 +317,12 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         return f"tables={len(self)}, rows={self.weight.shape[0]}, dim={self.embedding_dim}"
 
     def pool(self, sparse: SparseFeatures) -> torch.Tensor:
-        first_row, table_rows = sparse.per_index(self.row_ranges)  # of each id's table
-        check_ids_in_range(sparse, table_rows, self.table_sizes)
+        if (sparse.indices.device.type == "cpu" and sparse.indices.numel() >= ONE_PASS_CHECK_MIN_IDS
+                and ids_fit_smallest_table(sparse, self.table_sizes)):
+            first_row = sparse.per_index(self.row_ranges[0])  # of each id's table
+        else:
+            first_row, table_rows = sparse.per_index(self.row_ranges)
+            check_ids_in_range(sparse, table_rows, self.table_sizes)
         pooled = F.embedding_bag(sparse.indices + first_row, self.weight, sparse.offsets, mode="sum", sparse=True,
                                  per_sample_weights=sparse.weights, include_last_offset=True)
         return pooled.view(len(self), sparse.batch_size, self.embedding_dim).transpose(0, 1)

@@ -200,3 +200,22 @@ def test_dataset_mode_needs_data_and_other_modes_refuse_data_files(run_main):
     code, _, err = run_main("--data-generation=dataset", "--processed-data-file=/nonexistent/p.npz")
     assert code == 1 and err.strip() == ("dlrm_s_pytorch.py: error: no processed data in /nonexistent/p "
                                          "and no --raw-data-file to build it from")
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_random_bags_hold_each_drawn_id_once_sorted(fixed):
+    """A random bag is the sorted distinct ids of its draws (a per-bag np.unique reference)."""
+    rng = np.random.default_rng(7)
+    for rows in (5, 1, 40):
+        sizes = np.full(32, 6) if fixed else rng.integers(1, 7, 32)
+        ids = rng.integers(0, rows, int(sizes.sum()))
+        lengths, kept = dlrm_data._unique_within_bags(ids.copy(), sizes, rows)
+        expected = [np.unique(bag) for bag in np.split(ids, np.cumsum(sizes)[:-1])]
+        assert lengths.tolist() == [len(bag) for bag in expected]
+        assert kept.tolist() == np.concatenate(expected).tolist()
+    config = dlrm_data.RandomDataConfig(num_indices_per_lookup=6, num_indices_per_lookup_fixed=fixed)
+    batch = dlrm_data.RandomDataset(2, [5, 1, 40], 64, 32, seed=3, config=config)[1]
+    for t in range(3):
+        indices, offsets, _ = batch.sparse.table(t)
+        bags = np.split(indices.numpy(), offsets[1:].numpy())
+        assert len(bags) == 32 and all(bag.tolist() == sorted(set(bag.tolist())) for bag in bags)

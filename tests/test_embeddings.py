@@ -145,6 +145,20 @@ def test_an_index_past_its_table_is_an_error_not_a_row_of_the_next_table():
         batched(SparseFeatures.one_hot(torch.tensor([[0, 0, -1]])))
 
 
+def test_the_one_pass_range_check_of_large_batches_pools_and_refuses_alike(monkeypatch):
+    monkeypatch.setattr(embeddings, "ONE_PASS_CHECK_MIN_IDS", 1)  # every batch takes the one-pass check
+    batched = BatchedEmbeddingBags([4, 3, 5], 2)
+    ids = torch.tensor([[3, 2, 4], [1, 0, 2]])  # 4 and 3 exceed the smallest table: the per-table check
+    for sample_ids in (ids, ids.clamp(max=2)):  # the latter fits every table: the one pass alone
+        pooled = batched(SparseFeatures.one_hot(sample_ids))
+        rows = sample_ids + torch.tensor([0, 4, 7])
+        torch.testing.assert_close(pooled, batched.weight.detach()[rows])
+    with pytest.raises(IndexError, match="embedding index 3 out of range for table 1 \\(3 rows\\)"):
+        batched(SparseFeatures.one_hot(torch.tensor([[0, 3, 0]])))
+    with pytest.raises(IndexError, match="embedding index -1 out of range for table 2"):
+        batched(SparseFeatures.one_hot(torch.tensor([[0, 0, -1]])))
+
+
 def test_initialisation_is_per_table_uniform_and_seeded(monkeypatch):
     monkeypatch.setattr(embeddings, "INIT_CHUNK_ELEMENTS", 64)  # many chunks: exercises the threads
     torch.manual_seed(3)
