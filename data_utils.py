@@ -707,8 +707,8 @@ def _raw_data_present(raw_data_file, data_set) -> bool:
     return any(os.path.exists(f"{raw_data_file}_{d}{ext}") for d in range(DAYS["terabyte"]) for ext in ("", ".gz"))
 
 
-def remove_outputs(out_dir):
-    """Removes what a previous run wrote there (only files named as ours: raw day_N files stay)."""
+def remove_outputs(out_dir, names=OUTPUT_FILE):
+    """Removes what a previous run wrote there (only files whose names match `names`: raw day_N files stay)."""
     if not os.path.isdir(out_dir):
         return
     shutil.rmtree(os.path.join(out_dir, "work"), ignore_errors=True)
@@ -716,7 +716,7 @@ def remove_outputs(out_dir):
     if os.path.exists(metadata):
         os.remove(metadata)  # first: an interrupted removal never leaves outputs that look complete
     for name in os.listdir(out_dir):
-        if OUTPUT_FILE.match(name):
+        if names.match(name):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -1213,12 +1213,7 @@ def check_multi_hot_out(out_dir: str, processed_out_dir: str):
 
 
 def _remove_multi_hot(out_dir):
-    metadata = os.path.join(out_dir, "metadata.json")
-    if os.path.exists(metadata):
-        os.remove(metadata)  # first: an interrupted removal never leaves outputs that look complete
-    for name in os.listdir(out_dir):
-        if MULTI_HOT_FILE.match(name):
-            os.remove(os.path.join(out_dir, name))
+    remove_outputs(out_dir, MULTI_HOT_FILE)
 
 
 def materialize_multi_hot(args, log=print, progress=False) -> ProcessedData:

@@ -37,3 +37,14 @@ def run_main(capsys):
         return code, out.out, out.err
 
     return call
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: more threads only add start-up costs (and stalls on a shared 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

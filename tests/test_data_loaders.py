@@ -17,13 +17,7 @@ from conftest import ROOT
 from helpers import fake_kaggle, fake_terabyte, load_days, preprocess_quietly
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: more threads only add start-up costs (and stalls on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ SIZES = [3, 1, 5, 2]
 MLPERF = ",".join(map(str, multihot.MLPERF_SIZES))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ============================================================================ the expansion

@@ -15,6 +15,14 @@ from dlrmkit.mlperf_logger import parse_mllog
 RUN = ["--mini-batch-size=4", "--data-size=16", "--test-freq=2", "--loss-function=bce", "--round-targets"]
 
 
+def run_compliance_checker(lines, ruleset, tmp_path):
+    """mlperf_logging's training compliance checker on these :::MLLOG lines (a CompletedProcess)."""
+    log = tmp_path / "mlperf.log"
+    log.write_text("\n".join(lines) + "\n")
+    return subprocess.run([sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
+                           "--ruleset", ruleset, str(log)], capture_output=True, text=True, cwd=tmp_path)
+
+
 def test_profiling_writes_the_originals_trace_and_operator_tables(cli, tmp_path):
     result = cli(*RUN, "--enable-profiling", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -152,12 +160,9 @@ def test_mlperf_log_passes_the_compliance_checker_apart_from_the_accuracy_target
         "embeddings", "bottom_mlp_dense1", "bottom_mlp_dense2", "bottom_mlp_dense3",
         "top_mlp_dense1", "top_mlp_dense2", "top_mlp_dense3", "top_mlp_dense4", "top_mlp_dense5"]
     lines = [line for line in out.splitlines() if line.startswith(":::MLLOG")]
-    log = tmp_path / "mlperf.log"
 
     def check(lines):
-        log.write_text("\n".join(lines) + "\n")
-        return subprocess.run([sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
-                               "--ruleset", "2.1.0", str(log)], capture_output=True, text=True, cwd=tmp_path)
+        return run_compliance_checker(lines, "2.1.0", tmp_path)
 
     result = check(lines)
     assert result.returncode != 0 and "Failed checks for eval_accuracy : v['value'] >= 0.8025" in result.stderr
@@ -184,12 +189,9 @@ def test_mlperf_log_of_dlrm_dcnv2_passes_the_4_1_0_checker_apart_from_the_target
     assert by_key["opt_adagrad_epsilon"] == 1e-8 and by_key["opt_learning_rate_decay_steps"] == 0
     assert "sgd_opt_base_learning_rate" not in by_key  # the 2.1.0 DLRM names are not the 4.1.0 benchmark's
     lines = [line for line in out.splitlines() if line.startswith(":::MLLOG")]
-    log = tmp_path / "mlperf.log"
 
     def check(lines):
-        log.write_text("\n".join(lines) + "\n")
-        return subprocess.run([sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
-                               "--ruleset", "4.1.0", str(log)], capture_output=True, text=True, cwd=tmp_path)
+        return run_compliance_checker(lines, "4.1.0", tmp_path)
 
     result = check(lines)
     assert result.returncode != 0 and "Failed checks for eval_accuracy : v['value'] >= 0.80275" in result.stderr
