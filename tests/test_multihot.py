@@ -350,9 +350,10 @@ def small_model(**kwargs):
     return dlrm.build_model(args, 3, [50, 7, 300]).eval()
 
 
-def test_onnx_export_of_multi_hot_bags_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("interaction", [[], ["--arch-interaction-op=dcn", "--dcn-low-rank-dim=3"]], ids=["dot", "dcn"])
+def test_onnx_export_of_multi_hot_bags_matches_pytorch(tmp_path, interaction):
     pytest.importorskip("onnx")
-    model = small_model()
+    model = small_model(argv=interaction)
     batches = list(multi_hot_batches())
     path = str(tmp_path / "m.onnx")
     assert onnx_export.export_onnx(model, batches[0], path) < 1e-5
