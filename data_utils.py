@@ -1121,6 +1121,11 @@ def read_multi_hot_metadata(path: str):
     return metadata if isinstance(metadata, dict) and metadata.get("format") == MULTI_HOT_FORMAT else None
 
 
+def unfinished_multi_hot(path: str) -> bool:
+    """Whether directory `path` holds a multi-hot set whose writing was interrupted (work.json, no metadata.json)."""
+    return os.path.isfile(os.path.join(path, "work.json")) and read_multi_hot_metadata(path) is None
+
+
 def multi_hot_damage(processed: ProcessedData):
     """What is wrong with the day files of a multi-hot set, or None."""
     for day in range(len(processed.day_rows)):
@@ -1210,6 +1215,23 @@ def check_multi_hot_out(out_dir: str, processed_out_dir: str):
         if os.path.isdir(out_dir) else []
     if others:
         raise DataError(f"--out {out_dir}: holds other files ({', '.join(others[:3])}); give an empty or new directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out_dir}: cannot be created ({e.strerror or e})")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out_dir}: is not writable")
+
+
+def check_multi_hot_settings(out_dir: str, multi_hot):
+    """Raises DataError when `out_dir` holds a finished multi-hot set of other bag settings: it is
+    never replaced silently (a set per directory; remove it or give another --out)."""
+    existing = read_multi_hot_metadata(out_dir)
+    if existing is not None and existing.get("multi_hot") != multi_hot.settings():
+        old = existing.get("multi_hot", {})
+        raise DataError(f"--out {out_dir}: holds a finished multi-hot set of other settings (sizes "
+                        f"{'-'.join(map(str, old.get('sizes', [])))}, {old.get('distribution')}); give another "
+                        "--out, or remove that directory to replace it")
 
 
 def _remove_multi_hot(out_dir):
@@ -1230,12 +1252,15 @@ def materialize_multi_hot(args, log=print, progress=False) -> ProcessedData:
     base = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
     if read_multi_hot_metadata(base) is not None:
         raise DataError(f"--processed-data-file {base}: is multi-hot already; give the one-hot processed set")
+    if not args.out:
+        raise DataError("--out is empty; give the directory to write the multi-hot set into")
     try:
         multi_hot = MultiHot(args.multi_hot_sizes, [1] * NUM_SPARSE, args.multi_hot_distribution_type)
     except ValueError as e:
         raise DataError(str(e))
     check_multi_hot_out(args.out, os.path.join(base, settings_key(args.data_set, args.max_ind_range,
                                                                    args.data_sub_sample_rate)))
+    check_multi_hot_settings(args.out, multi_hot)
     processed = preprocess(args.raw_data_file, base, args.data_set, args.max_ind_range, args.data_sub_sample_rate,
                            os.cpu_count() if args.dataset_multiprocessing else 1, log=log, progress=progress)
     multi_hot = MultiHot(args.multi_hot_sizes, processed.counts, args.multi_hot_distribution_type)

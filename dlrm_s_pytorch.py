@@ -752,6 +752,9 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
             raise DLRMError(str(e))
     if dataset and args.processed_data_file:  # a materialized multi-hot set: the flags must agree with it
         out_dir = data_utils.processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
+        if data_utils.unfinished_multi_hot(out_dir):
+            raise DLRMError(f"--processed-data-file {out_dir}: an unfinished multi-hot set (its python data_utils.py "
+                            "multi-hot was interrupted); rerun that command to finish it")
         metadata = data_utils.read_multi_hot_metadata(out_dir)
         if metadata is not None:
             try:

@@ -104,10 +104,13 @@ class ProgressBar:
 
 # a model predicting the click rate everywhere scores at most ln 2 with BCE and 0.25 with MSE; well above
 # that means the predictions sit at 0 or 1 on the wrong side: the step size threw the model off. An
-# untrained model can start above these (inputs that saturate its sigmoid), so a loss must stay above
-# the limit on two printed windows in a row.
+# untrained model can start above these (inputs that saturate its sigmoid), and Adagrad's first steps
+# (each moves every weight by the learning rate) can saturate it for a few iterations before it comes
+# back, so a loss must stay above the limit on two printed windows in a row spanning at least
+# SATURATED_ITERATIONS iterations.
 SATURATED_LOSS = {"bce": 4 * math.log(2), "wbce": 4 * math.log(2), "mse": 0.6}
 WINDOWS_ABOVE_LIMIT = 2
+SATURATED_ITERATIONS = 20
 
 
 class DivergenceGuard:
@@ -121,6 +124,7 @@ class DivergenceGuard:
             limit *= max(loss_weights)
         self.limit = limit
         self.windows_above = 0
+        self.first_above = 0  # the iteration of the first of the windows above the limit in a row
         self.warned = False
 
     def check(self, loss: float, iteration: int, epoch: int) -> str | None:
@@ -131,8 +135,10 @@ class DivergenceGuard:
             if self.limit is None or loss <= self.limit:
                 self.windows_above = 0
                 return None
+            if self.windows_above == 0:
+                self.first_above = iteration
             self.windows_above += 1
-            if self.windows_above < WINDOWS_ABOVE_LIMIT:
+            if self.windows_above < WINDOWS_ABOVE_LIMIT or iteration - self.first_above < SATURATED_ITERATIONS:
                 return None
             what = (f"the loss is {loss:.4g} at iteration {iteration} of epoch {epoch}, far above the "
                     f"{'ln 2 = 0.693' if self.loss_function != 'mse' else '0.25'} of a constant prediction: "

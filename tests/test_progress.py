@@ -68,12 +68,12 @@ DIVERGING = ["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-512-256-64-16",
 
 
 def test_diverging_run_says_so_once_and_names_the_cause(run_main):
-    code, out, err = run_main(*DIVERGING, "--optimizer=adagrad", "--learning-rate=0.1")
+    code, out, err = run_main(*DIVERGING, "--optimizer=adagrad", "--learning-rate=3")
     assert code == 0
     warnings = [line for line in err.splitlines() if "diverged" in line]
     assert len(warnings) == 1, err
     assert warnings[0].startswith("warning: training diverged: the loss is")
-    assert "--learning-rate=0.1" in warnings[0] and "--optimizer=adagrad" in warnings[0]
+    assert "--learning-rate=3" in warnings[0] and "--optimizer=adagrad" in warnings[0]
     assert "diverged" not in out  # the original's stdout lines stay as they were
     assert out.count("Finished training it") == 5
 
@@ -116,6 +116,17 @@ def test_an_untrained_model_above_the_limit_once_is_no_divergence(run_main):
     from dlrmkit.progress import DivergenceGuard
 
     guard = DivergenceGuard("mse", "sgd", 0.01)
-    assert guard.check(0.7, 1, 0) is None and guard.check(0.3, 2, 0) is None and guard.check(0.7, 3, 0) is None
-    assert "diverged" in guard.check(0.8, 4, 0)
-    assert guard.check(float("nan"), 5, 0) is None  # once
+    assert guard.check(0.7, 10, 0) is None and guard.check(0.3, 20, 0) is None and guard.check(0.7, 30, 0) is None
+    assert "diverged" in guard.check(0.8, 50, 0)
+    assert guard.check(float("nan"), 60, 0) is None  # once
+
+
+def test_saturation_for_a_few_iterations_is_no_divergence():
+    """Adagrad's first step can saturate every prediction for a few iterations; the model comes back."""
+    from dlrmkit.progress import DivergenceGuard
+
+    guard = DivergenceGuard("bce", "adagrad", 0.005)
+    assert all(guard.check(loss, k, 0) is None for k, loss in enumerate([0.87, 23.8, 22.6, 76.2, 18.4, 80.1, 21.9,
+                                                                         3.3, 0.66, 0.52], start=1))
+    assert all(guard.check(30.0, k, 0) is None for k in range(11, 31))
+    assert "diverged" in guard.check(30.0, 31, 0)
