@@ -1215,12 +1215,13 @@ def check_multi_hot_out(out_dir: str, processed_out_dir: str):
         if os.path.isdir(out_dir) else []
     if others:
         raise DataError(f"--out {out_dir}: holds other files ({', '.join(others[:3])}); give an empty or new directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out_dir}: cannot be created ({e.strerror or e})")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out_dir}: is not writable")
+    existing = os.path.abspath(out_dir)  # the directory itself, or the nearest folder above it that exists
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f"--out {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out_dir}: {existing} is not writable")
 
 
 def check_multi_hot_settings(out_dir: str, multi_hot):

@@ -29,6 +29,12 @@ batch=${BATCH:-65536}
 test_batch=${TEST_BATCH:-16384}
 train_samples=${TRAIN_SAMPLES:-4195197692}
 distribution=${MULTI_HOT_DISTRIBUTION:-uniform}
+for setting in "MAX_IND_RANGE=$max_ind_range" "BATCH=$batch" "TEST_BATCH=$test_batch" "TRAIN_SAMPLES=$train_samples"; do
+    if ! [[ ${setting#*=} =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: $setting: must be a positive whole number" >&2
+        exit 2
+    fi
+done
 test_freq=$(( train_samples / (batch * 20) ))
 if (( test_freq < 1 )); then test_freq=1; fi
 

@@ -135,3 +135,11 @@ def test_dcnv2_script_is_the_mlperf_dlrmv2_model_and_sizes_down(tmp_path):
         "MULTI_HOT_DISTRIBUTION": "pareto"})
     assert (small["max_ind_range"], small["mini_batch_size"], small["test_mini_batch_size"]) == (1000, 512, 256)
     assert small["test_freq"] == 100000 // (512 * 20) and small["multi_hot_distribution_type"] == "pareto"
+
+
+def test_dcnv2_script_refuses_a_bad_size_in_one_line(tmp_path):
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "dlrm_dcnv2_terabyte.sh")], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path, env={**os.environ, "BATCH": "0"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: BATCH=0: must be a positive whole number\n"
+    assert not (tmp_path / "run_dcnv2_terabyte_pt.log").exists()

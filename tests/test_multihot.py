@@ -181,7 +181,8 @@ def test_materialized_set_gives_the_batches_of_on_the_fly_expansion(materialized
     assert batch.sparse.lengths().view(26, -1)[:, 0].tolist() == multihot.MLPERF_SIZES
 
 
-def test_materializing_resumes_after_an_interruption_and_reuses_a_finished_set(materialized, tmp_path, monkeypatch):
+def test_materializing_resumes_after_an_interruption_and_reuses_a_finished_set(materialized, tmp_path, monkeypatch,
+                                                                              run_main):
     processed, reference = materialized
     argv = [f"--processed-data-file={processed}", f"--multi-hot-sizes={MLPERF}", "--multi-hot-distribution-type=pareto",
             f"--out={tmp_path / 'mh'}"]
@@ -200,15 +201,18 @@ def test_materializing_resumes_after_an_interruption_and_reuses_a_finished_set(m
     assert "metadata.json" not in names and "work.json" in names and "day_3_label.npy" in names
     assert not any(name.endswith(".tmp") for name in names) and "day_3_multihot.npy" not in names
     monkeypatch.setattr(data_utils.NpyWriter, "close", real_close)
+    # the trainer does not mistake the unfinished set for anything else
+    code, out, err = run_main(*TRAIN, f"--processed-data-file={tmp_path / 'mh'}", f"--raw-data-file={tmp_path / 'r'}")
+    assert code == 1 and err.count("\n") == 1 and "an unfinished multi-hot set" in err, err
+    assert sorted(os.listdir(tmp_path / "mh")) == sorted(names)
     assert "Resuming: 3 of 7 days already written" in materialize(*argv)
     for name in os.listdir(reference):
         assert (tmp_path / "mh" / name).read_bytes() == open(os.path.join(reference, name), "rb").read(), name
     assert materialize(*argv)[-1].endswith("is already written with these settings")
-    # other settings into the same directory: rewritten for them
-    materialize(*argv[:1], "--multi-hot-sizes=2", f"--out={tmp_path / 'mh'}")
-    metadata = json.load(open(tmp_path / "mh" / "metadata.json"))
-    assert metadata["multi_hot"]["sizes"] == [2] * 26 and metadata["multi_hot"]["distribution"] == "uniform"
-    assert np.load(tmp_path / "mh" / "day_0_multihot.npy").shape[1] == 52
+    # other settings into the same directory: a finished set is never replaced silently
+    with pytest.raises(data_utils.DataError, match="holds a finished multi-hot set of other settings"):
+        materialize(*argv[:1], "--multi-hot-sizes=2", f"--out={tmp_path / 'mh'}")
+    assert json.load(open(tmp_path / "mh" / "metadata.json"))["multi_hot"]["distribution"] == "pareto"
 
 
 TRAIN = ["--data-generation=dataset", "--arch-sparse-feature-size=4", "--arch-mlp-bot=13-4", "--arch-mlp-top=4-1",
@@ -265,7 +269,9 @@ def test_materializing_into_the_processed_set_or_a_foreign_directory_is_refused(
     (tmp_path / "notes.txt").write_text("mine")
     for target, message in ((tmp_path, "holds other files (notes.txt)"),
                             (os.path.join(processed, "kaggle-dictionary"), "is the processed one-hot set itself"),
-                            (tmp_path / "notes.txt", "is a file")):
+                            (tmp_path / "notes.txt", "is a file"),
+                            (tmp_path / "notes.txt" / "sub", "notes.txt is a file, not a folder"),
+                            ("", "--out is empty")):
         code = data_utils.main(["multi-hot", f"--processed-data-file={processed}", "--multi-hot-sizes=2",
                                 f"--out={target}"])
         err = capsys.readouterr().err
