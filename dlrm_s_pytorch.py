@@ -1113,8 +1113,10 @@ def check_data_order(state: TrainState, order: dict, path: str, log=print):
         if old == new:
             continue
         if inside_epoch:
+            what = "train other bags of ids than its first part did" if key.startswith("--multi-hot") else \
+                "skip or repeat rows"
             raise DLRMError(f"--load-model {path}: {key} was {old}, now {new}: the rest of epoch {state.epoch} "
-                            f"would skip or repeat rows; resume with the checkpoint's value")
+                            f"would {what}; resume with the checkpoint's value")
         log(f"note: {key} was {old} in the checkpoint, now {new} (it is at the start of epoch {state.epoch})")
 
 
