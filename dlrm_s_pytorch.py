@@ -694,6 +694,9 @@ APPLIES_WHEN = {
     "--qr-collisions": (flag_is("--qr-flag"),),
     "--loss-weights": (flag_is("--loss-function", "wbce"),),
     "--arch-interaction-itself": (flag_is("--arch-interaction-op", "dot"),),
+    "--precision": (flags.Condition("--quantize-mlp-with-bit=32", lambda args, distributed: args.quantize_mlp_with_bit
+                                    == 32, "--quantize-mlp-with-bit=32", lambda args: "with --quantize-mlp-with-bit="
+                                    f"{args.quantize_mlp_with_bit} (the quantized MLPs compute as quantized)"),),
     "--dcn-num-layers": (flag_is("--arch-interaction-op", "dcn"),),
     "--dcn-low-rank-dim": (flag_is("--arch-interaction-op", "dcn"),),
     "--interaction-branch1-layer-sizes": (flag_is("--arch-interaction-op", "projection"),),

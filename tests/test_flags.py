@@ -149,6 +149,7 @@ CONDITION_CASES = {
     "--plot-compute-graph": (["--plot-compute-graph"], []),
     "multi-hot": (["--multi-hot-sizes=2"], []),
     "generated bags": ([], ["--multi-hot-sizes=2"]),
+    "--quantize-mlp-with-bit=32": ([], ["--quantize-mlp-with-bit=8", "--inference-only"]),
 }
 
 
