@@ -74,6 +74,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 
@@ -1220,8 +1221,10 @@ def check_multi_hot_out(out_dir: str, processed_out_dir: str):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise DataError(f"--out {out_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out_dir}: {existing} is not writable")
+    try:  # a real folder made and removed: os.access says yes for root where mkdir fails (/proc, read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".multi-hot-write-test-", dir=existing))
+    except OSError as e:
+        raise DataError(f"--out {out_dir}: nothing can be written in {existing} ({e.strerror or e})")
 
 
 def check_multi_hot_settings(out_dir: str, multi_hot):

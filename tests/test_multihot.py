@@ -271,7 +271,8 @@ def test_materializing_into_the_processed_set_or_a_foreign_directory_is_refused(
                             (os.path.join(processed, "kaggle-dictionary"), "is the processed one-hot set itself"),
                             (tmp_path / "notes.txt", "is a file"),
                             (tmp_path / "notes.txt" / "sub", "notes.txt is a file, not a folder"),
-                            ("", "--out is empty")):
+                            ("", "--out is empty"),
+                            *((("/proc/multi-hot", "nothing can be written in /proc"),) if os.path.isdir("/proc") else ())):
         code = data_utils.main(["multi-hot", f"--processed-data-file={processed}", "--multi-hot-sizes=2",
                                 f"--out={target}"])
         err = capsys.readouterr().err
