@@ -1171,7 +1171,7 @@ def write_multi_hot(processed: ProcessedData, out_dir: str, multi_hot, log=print
         return result
     work = os.path.join(out_dir, "work.json")
     if existing is not None or load_json(work) != metadata:  # nothing of other settings survives
-        _remove_multi_hot(out_dir)
+        remove_outputs(out_dir, MULTI_HOT_FILE)
     save_json(work, metadata)
     sizes, chunk_rows = multi_hot.sizes, chunk_rows or MULTI_HOT_CHUNK_ROWS
     log(f"Writing multi-hot data ({multi_hot.distribution}, {sum(sizes)} ids per sample) from {processed.out_dir} "
@@ -1236,10 +1236,6 @@ def check_multi_hot_settings(out_dir: str, multi_hot):
         raise DataError(f"--out {out_dir}: holds a finished multi-hot set of other settings (sizes "
                         f"{'-'.join(map(str, old.get('sizes', [])))}, {old.get('distribution')}); give another "
                         "--out, or remove that directory to replace it")
-
-
-def _remove_multi_hot(out_dir):
-    remove_outputs(out_dir, MULTI_HOT_FILE)
 
 
 def materialize_multi_hot(args, log=print, progress=False) -> ProcessedData:

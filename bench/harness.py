@@ -308,6 +308,19 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
             return torch.cat([x.float(), products.flatten(1)], dim=1)
         return torch.cat([x.float()] + ly, dim=1)
 
+    def train_step(optimizer, dense_x, target, interaction_of):
+        """One step: bottom MLP, interaction_of(its output) (lookups included), top MLP, loss, update."""
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            x = bottom(dense_x)
+        interaction = interaction_of(x)
+        with autocast():
+            z = top(interaction)
+        loss = loss_of(z, target)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
     if kind == FLOOR:
         data = [(b.dense_x.to(device), b.target.to(device)) for b in batches]
         # constants stand in for the pooled embeddings: the dense work (MLPs and the interaction's own
@@ -316,22 +329,14 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
         dense_params = list(bottom.parameters()) + list(top.parameters()) + interaction_params
         optimizer = torch.optim.SGD(dense_params, lr=args.learning_rate)
 
-        def step(j):
-            dense_x, target = data[j]
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                x = bottom(dense_x)
-            interaction = interact(x, constant) if interaction_layers else \
-                torch.cat([x.float(), constant_output], dim=1)
-            with autocast():
-                z = top(interaction)
-            loss = loss_of(z, target)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-
         # without layers of its own the interaction's output is constant too (dot: the pairs)
         constant_output = torch.rand(data[0][0].shape[0], top_in - bottom_widths[-1], device=device)
+
+        def step(j):
+            dense_x, target = data[j]
+            return train_step(optimizer, dense_x, target, lambda x: interact(x, constant) if interaction_layers
+                              else torch.cat([x.float(), constant_output], dim=1))
+
         return step, time.perf_counter() - t_build
 
     # the reference DLRM: one EmbeddingBag per table, looked up table by table, as the original does
@@ -357,17 +362,8 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
 
     def step(j):
         dense_x, lookups, target = data[j]
-        optimizer.zero_grad(set_to_none=True)
-        ly = [table(idx, off) for table, (off, idx) in zip(tables, lookups)]
-        with autocast():
-            x = bottom(dense_x)
-        interaction = interact(x, ly)
-        with autocast():
-            z = top(interaction)
-        loss = loss_of(z, target)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        return train_step(optimizer, dense_x, target, lambda x: interact(
+            x, [table(idx, off) for table, (off, idx) in zip(tables, lookups)]))
 
     return step, time.perf_counter() - t_build
 

@@ -70,3 +70,14 @@ def write_atomically(what: str, path: str, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_figure(what: str, path: str, figure) -> None:
+    """A matplotlib figure as a PNG at `path`, written atomically (`write_atomically`), and closed
+    whatever happens; OutputError naming `what` and `path` when it cannot be written."""
+    import matplotlib.pyplot as plt
+
+    try:
+        write_atomically(what, path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(figure)

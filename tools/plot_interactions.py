@@ -81,11 +81,9 @@ def draw(matrix, names, output, title):
     fig.colorbar(image, ax=ax, label="mean |dot product|", shrink=0.8)
     fig.tight_layout()
     try:
-        outputs.write_atomically("-o/--output", output, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        outputs.save_figure("-o/--output", output, fig)
     except outputs.OutputError as e:
         raise PlotError(str(e))
-    finally:
-        plt.close(fig)
 
 
 def main(argv=None) -> int:

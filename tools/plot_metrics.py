@@ -92,11 +92,9 @@ def plot(runs, output):
         ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        outputs.write_atomically("-o/--output", output, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        outputs.save_figure("-o/--output", output, fig)
     except outputs.OutputError as e:
         raise PlotError(str(e))
-    finally:
-        plt.close(fig)
 
 
 def main(argv=None):
