@@ -1344,9 +1344,18 @@ def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: t
 
 
 def build_optimizer(args, model: nn.Module):
-    """The --optimizer for `model`; `train` zeroes the gradients after every step, so steps may reuse them."""
+    """The --optimizer for `model`; `train` zeroes the gradients after every step, so steps may reuse them.
+
+    With SGD, a step after every backward (no --mlperf-grad-accum-iter, no fp16 loss scaling) and the
+    tables on the CPU, the backward applies the tables' update itself (`BatchedEmbeddingBags.fuse_sgd`):
+    the same numbers as the step would compute, without the sparse gradient in between."""
     eps = args.adagrad_eps if args.optimizer in ADAGRADS else None
-    return make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True, eps=eps)
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True, eps=eps)
+    if args.optimizer == "sgd" and args.mlperf_grad_accum_iter == 1 and args.precision != "fp16":
+        for module in model.modules():
+            if isinstance(module, BatchedEmbeddingBags) and module.weight.device.type == "cpu":
+                module.fuse_sgd(optimizer)
+    return optimizer
 
 
 def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
@@ -1466,6 +1475,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             if training:
                 if accum_samples == 0:
                     optimizer.zero_grad(set_to_none=True)
+                    set_lr(state.updates + 1)  # before the backward: a fused table update happens there
                 # the batch mean, or with accumulation the sum, divided by the window's samples at the step,
                 # so N micro-batches update exactly as one batch of all their samples. Times the world size:
                 # DDP averages MLP gradients over the processes and the embedding exchange divides by it,
@@ -1475,7 +1485,6 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 if last_in_window:
                     if accum > 1:
                         scale_gradients(model, 1.0 / accum_samples)
-                    set_lr(state.updates + 1)
                     scaler.step(optimizer)
                     scaler.update()
                     state.updates += 1

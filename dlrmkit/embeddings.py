@@ -277,6 +277,27 @@ class EmbeddingTableView:
         return f"EmbeddingTableView(table={self.table}, rows={self.num_embeddings}, dim={self.embedding_dim})"
 
 
+class EmbeddingBagFusedSGD(torch.autograd.Function):
+    """Sum-pooled bags of `weight` rows whose backward applies the optimizer's SGD step to those rows.
+
+    forward: as `F.embedding_bag(rows, weight, offsets, mode="sum", per_sample_weights=weights,
+    include_last_offset=True)`, [K, D]; backward: `optimizer.update_bags_(weight, rows, offsets, grad,
+    weights)` and no gradient for `weight` (nor for the ids or constant weights)."""
+
+    @staticmethod
+    def forward(ctx, weight, rows, offsets, weights, optimizer):
+        ctx.save_for_backward(rows, offsets, *([] if weights is None else [weights]))
+        ctx.weight, ctx.optimizer = weight, optimizer
+        return F.embedding_bag(rows, weight, offsets, mode="sum", per_sample_weights=weights,
+                               include_last_offset=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, offsets, *weights = ctx.saved_tensors
+        ctx.optimizer.update_bags_(ctx.weight, rows, offsets, grad, weights[0] if weights else None)
+        return None, None, None, None, None
+
+
 class BatchedEmbeddingBags(EmbeddingCollection):
     """All tables in one weight, looked up by one `F.embedding_bag` with a sparse gradient.
 
@@ -301,6 +322,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         # [first row, rows] of each table: looked up for every id in one repeat_interleave
         self.register_buffer("row_ranges", torch.tensor([self.row_starts, self.table_sizes], dtype=torch.int64)
                              .view(2, len(self.table_sizes)), persistent=False)
+        self.fused_sgd = None  # see fuse_sgd
 
     def __len__(self):
         return len(self.table_sizes)
@@ -323,9 +345,26 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         else:
             first_row, table_rows = sparse.per_index(self.row_ranges)
             check_ids_in_range(sparse, table_rows, self.table_sizes)
-        pooled = F.embedding_bag(sparse.indices + first_row, self.weight, sparse.offsets, mode="sum", sparse=True,
-                                 per_sample_weights=sparse.weights, include_last_offset=True)
+        rows = sparse.indices + first_row
+        if (self.fused_sgd is not None and torch.is_grad_enabled() and self.weight.requires_grad
+                and (sparse.weights is None or not sparse.weights.requires_grad)):
+            pooled = EmbeddingBagFusedSGD.apply(self.weight, rows, sparse.offsets, sparse.weights, self.fused_sgd)
+        else:
+            pooled = F.embedding_bag(rows, self.weight, sparse.offsets, mode="sum", sparse=True,
+                                     per_sample_weights=sparse.weights, include_last_offset=True)
         return pooled.view(len(self), sparse.batch_size, self.embedding_dim).transpose(0, 1)
+
+    def fuse_sgd(self, optimizer) -> None:
+        """Makes every backward through this collection apply `optimizer`'s SGD step to the looked-up
+        rows at once (`optimizer.update_bags_`, TorchRec's fused embedding optimizer), instead of leaving
+        a sparse gradient for `optimizer.step()`: the same numbers, without the [ids, D] gradient.
+
+        After this a backward changes the weight, and `weight.grad` stays None: for training loops
+        that step after every backward (no gradient accumulation, scaling or clipping). None undoes it.
+        """
+        if optimizer is not None and not hasattr(optimizer, "update_bags_"):
+            raise TypeError(f"{type(optimizer).__name__} cannot update embedding bags in the backward")
+        self.fused_sgd = optimizer
 
     def table_parameters(self, t: int) -> dict[str, torch.Tensor]:
         """A row view of the one weight."""

@@ -98,6 +98,42 @@ def test_batched_updates_equal_torch_optimizers_on_per_table_bags(name, torch_op
         torch.testing.assert_close(batched.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_sgd_training_equals_the_optimizer_step_bit_for_bit():
+    fused, _ = twin_nets()
+    unfused, _ = twin_nets()
+    batches = [random_batch(seed=s) for s in range(5)]
+    optimizer = make_optimizer("sgd", fused.parameters(), 0.1)
+    fused.emb_l.fuse_sgd(optimizer)
+    losses_fused = train_steps(fused, optimizer, batches)
+    losses = train_steps(unfused, make_optimizer("sgd", unfused.parameters(), 0.1), batches)
+    assert fused.emb_l.weight.grad is None  # the update happened in the backward
+    assert losses_fused == losses
+    for key, value in unfused.state_dict().items():
+        assert torch.equal(fused.state_dict()[key], value), key
+
+
+def test_only_optimizers_that_update_bags_can_be_fused():
+    bags_ = BatchedEmbeddingBags([4, 3], 2)
+    with pytest.raises(TypeError, match="Adagrad cannot update embedding bags"):
+        bags_.fuse_sgd(make_optimizer("adagrad", bags_.parameters(), 0.1))
+    other = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="not one of this optimizer's parameters"):
+        make_optimizer("sgd", [other], 0.1).update_bags_(bags_.weight, torch.tensor([0]), torch.tensor([0, 1]),
+                                                         torch.ones(1, 2))
+
+
+def test_the_trainer_fuses_sgd_only_where_every_step_follows_one_backward():
+    import dlrm_s_pytorch as dlrm
+
+    base = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=3-4", "--arch-mlp-top=8-1",
+            "--arch-embedding-size=5-6", "--data-size=64", "--mini-batch-size=8"]
+    for extra, fused in [([], True), (["--optimizer=adagrad"], False), (["--mlperf-grad-accum-iter=2"], False)]:
+        args = dlrm.parse_args(base + extra)
+        model = dlrm.build_model(args, 3, [5, 6])
+        optimizer = dlrm.build_optimizer(args, model)
+        assert (model.emb_l.fused_sgd is optimizer) == fused, extra
+
+
 def test_state_dict_has_the_original_keys_and_moves_between_layouts(tmp_path):
     batched, per_table = twin_nets()
     assert [k for k in batched.state_dict() if k.startswith("emb_l")] == [f"emb_l.{t}.weight" for t in range(4)]

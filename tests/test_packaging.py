@@ -23,5 +23,6 @@ def test_the_wheel_adds_no_generic_top_level_names(tmp_path):
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"dlrm_s_pytorch.py", "dlrm_data.py", "data_utils.py", "extend_distributed.py", "dlrmkit"}
     assert "dlrmkit/optim/sparse_optimizers.py" in names and "dlrmkit/tricks/qr_embedding_bag.py" in names
+    assert "dlrmkit/kernels.c" in names  # the native kernels' source, built on first use
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "dlrm = dlrm_s_pytorch:main" in entry_points

@@ -28,6 +28,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from dlrmkit import kernels
+
 
 def coalesce_rows(grad: torch.Tensor, sync_free: bool | None = None):
     """(rows, values) of a sparse row gradient [R, ...]: each touched row once, rows sorted, values summed.
@@ -226,6 +228,20 @@ class SGD(_FusedSparseOptimizer):
     def _sparse_update(self, p, rows, values, group):
         values = values.to(p.dtype)
         add_rows_(p, rows, values.mul_(-group["lr"]) if self.consume_grads else values * -group["lr"])
+
+    def update_bags_(self, p, indices, offsets, bag_grads, index_weights=None):
+        """p -= lr * (the gradient of sum-pooled bags of p's rows), at once: what `step()` does with
+        the sparse gradient `F.embedding_bag(indices, p, offsets, mode="sum", per_sample_weights=
+        index_weights, include_last_offset=True, sparse=True)` gets from `bag_grads` [K, D], bit for
+        bit, without that [N, D] gradient (`kernels.bag_sgd_`). Called in the backward of a collection
+        fused with this optimizer (`BatchedEmbeddingBags.fuse_sgd`); uses p's group's current lr."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError("update_bags_ got a tensor that is not one of this optimizer's parameters")
+        grad_factor = self._amp_grad_factor()
+        if grad_factor is not None:
+            raise RuntimeError("a fused embedding update cannot unscale gradients (GradScaler): unfuse it")
+        kernels.bag_sgd_(p, indices, offsets, bag_grads.to(p.dtype), -group["lr"], index_weights)
 
 
 ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's, the original's

@@ -1,0 +1,65 @@
+/* CPU kernels for the trainer's hot paths, built on first use by dlrmkit/kernels.py.
+ *
+ * Plain C (no torch headers, so it builds in a fraction of a second), called through ctypes with
+ * the tensors' data pointers; kernels.py splits the work across threads and checks every argument.
+ * Built with -ffp-contract=off: each product is rounded before it is added, so the results equal
+ * PyTorch's unfused operators bit for bit.
+ */
+#include <stdint.h>
+
+#define PREFETCH_DISTANCE 16   /* ids ahead: enough to cover a DRAM access on the machines measured */
+#define ROWS_PER_BLOCK_SHIFT 6 /* rows are dealt to the threads in blocks of 64 (no shared cache lines) */
+
+static inline int owns_row(int64_t row, int64_t part, int64_t num_parts)
+{
+    return ((row >> ROWS_PER_BLOCK_SHIFT) % num_parts) == part;
+}
+
+/* SGD on the rows a sum-pooled embedding bag looked up, straight from the gradient of its bags:
+ *
+ *     weight[indices[j]] += (grad[b] * index_weights[j]) * scale    for every id j of every bag b
+ *
+ * (without index_weights: grad[b] * scale), which is what embedding_bag's sparse backward, the
+ * gradient times -lr, and a scatter-add into the weight compute, in the same order for a row
+ * updated more than once (j ascending), without the [ids, dim] gradient in between.
+ *
+ * weight [rows, dim], grad [num_bags, dim] float32 contiguous; indices int64 (rows of weight, checked
+ * by the caller); offsets [num_bags + 1] int64 (bag b holds indices[offsets[b] .. offsets[b + 1]]);
+ * index_weights float32 per id or NULL. Only rows r with ((r >> 6) % num_parts) == part are written,
+ * so num_parts threads with parts 0 .. num_parts - 1 never write the same row (or cache line).
+ */
+void bag_sgd_f32(float *restrict weight, int64_t dim, const int64_t *restrict indices,
+                 const int64_t *restrict offsets, int64_t num_bags, const float *restrict grad,
+                 const float *restrict index_weights, float scale, int64_t part, int64_t num_parts)
+{
+    const int64_t end = offsets[num_bags];
+    for (int64_t b = 0; b < num_bags; b++) {
+        const float *restrict g = grad + b * dim;
+        for (int64_t j = offsets[b]; j < offsets[b + 1]; j++) {
+            if (j + PREFETCH_DISTANCE < end) {
+                const int64_t ahead = indices[j + PREFETCH_DISTANCE];
+                if (owns_row(ahead, part, num_parts)) {
+                    const char *row = (const char *)(weight + ahead * dim);
+                    for (int64_t byte = 0; byte < dim * (int64_t)sizeof(float); byte += 64)
+                        __builtin_prefetch(row + byte, 1);
+                }
+            }
+            const int64_t r = indices[j];
+            if (!owns_row(r, part, num_parts))
+                continue;
+            float *restrict w = weight + r * dim;
+            if (index_weights) {
+                const float iw = index_weights[j];
+                for (int64_t d = 0; d < dim; d++) {
+                    const float step = (g[d] * iw) * scale;
+                    w[d] = w[d] + step;
+                }
+            } else {
+                for (int64_t d = 0; d < dim; d++) {
+                    const float step = g[d] * scale;
+                    w[d] = w[d] + step;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+"""Native CPU kernels for the trainer's hot paths, with PyTorch operators as the fallback.
+
+`kernels.c` is plain C: on first use it is compiled with the machine's C compiler (`$CC`, else
+`cc` or `gcc`; about 0.1 s) for this CPU (`-march=native`) into a cache folder (`$DLRM_CACHE_DIR`,
+else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler and the CPU, and
+loaded with ctypes. Without a compiler, off x86/ARM Linux-like systems, on tensors it does not take
+(another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, every function here computes the same
+numbers with PyTorch operators, only slower: results never depend on whether the kernel is used.
+
+    >>> import torch
+    >>> weight = torch.zeros(4, 2)
+    >>> offsets = torch.tensor([0, 2, 3])                    # bag 0: ids 1, 3; bag 1: id 1
+    >>> bag_sgd_(weight, torch.tensor([1, 3, 1]), offsets, torch.ones(2, 2), scale=-0.5)
+    >>> weight.tolist()
+    [[0.0, 0.0], [-1.0, -1.0], [0.0, 0.0], [-0.5, -0.5]]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+CFLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
+# below this many gradient elements one thread does the update (a thread hand-off costs more)
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $DLRM_CACHE_DIR, else $XDG_CACHE_HOME/dlrm or ~/.cache/dlrm."""
+    if os.environ.get("DLRM_CACHE_DIR"):
+        return Path(os.environ["DLRM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dlrm"
+
+
+def _cpu_identity() -> str:
+    """The CPU model and instruction sets (the cache key of a -march=native build)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f.read(1 << 16).splitlines()
+                     if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+        return "\n".join(dict.fromkeys(lines))
+    except OSError:
+        return platform.processor()
+
+
+def _compile(compiler: str, out: Path) -> str | None:
+    """Compiles kernels.c into `out` (written under a temporary name, then renamed); None, or why not."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    errors = ""
+    for arch in (["-march=native"], []):  # some compilers or CPUs have no -march=native
+        try:
+            result = subprocess.run([compiler, *CFLAGS, *arch, "-o", str(tmp), str(SOURCE)],
+                                    capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{compiler} could not run ({e})"
+        if result.returncode == 0:
+            os.replace(tmp, out)
+            return None
+        errors = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
+    tmp.unlink(missing_ok=True)
+    return f"{compiler} failed: {errors[0]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """(the loaded library or None, why not)."""
+    if os.environ.get("DLRM_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "DLRM_NATIVE_KERNELS is off"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None, "no C compiler found (set CC)"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *CFLAGS, _cpu_identity(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(folder)
+    except OSError:  # a read-only home: a folder of this user's in the temporary directory
+        folder = Path(tempfile.gettempdir()) / f"dlrm-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"kernels-{key}.so"
+    if not path.exists():
+        problem = _compile(compiler, path)
+        if problem:
+            return None, problem
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"{path} could not be loaded ({e})"
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.bag_sgd_f32.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64, i64]
+    library.bag_sgd_f32.restype = None
+    return library, None
+
+
+def status() -> str:
+    """"native" when the kernels are in use, else why not (one line)."""
+    library, problem = _library()
+    return "native" if library is not None else f"PyTorch fallback: {problem}"
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dlrm-kernel")
+
+
+def _run_parts(fn, num_parts: int):
+    """fn(part) for part in range(num_parts), on as many threads (ctypes releases the GIL)."""
+    if num_parts == 1:
+        fn(0)
+    else:
+        list(_pool(num_parts).map(fn, range(num_parts)))
+
+
+def _native_ok(weight, indices, offsets, grad, index_weights) -> bool:
+    tensors = [weight, indices, offsets, grad] + ([index_weights] if index_weights is not None else [])
+    return (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and weight.dtype == grad.dtype == torch.float32 and weight.dim() == grad.dim() == 2
+            and indices.dtype == offsets.dtype == torch.int64
+            and (index_weights is None or index_weights.dtype == torch.float32))
+
+
+@torch.no_grad()
+def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor,
+             scale: float, index_weights: torch.Tensor | None = None) -> None:
+    """SGD on the rows of `weight` that sum-pooled bags looked up, from the gradient of the bags:
+    weight[indices[j]] += (grad[b] * index_weights[j]) * scale for every id j of every bag b (scale = -lr).
+
+    weight [R, D] float; indices [N] int64 rows of weight (in range: checked by the lookup);
+    offsets [K + 1] int64, bag b = indices[offsets[b]:offsets[b + 1]]; grad [K, D] of the pooled bags;
+    index_weights [N] or None. Equal bit for bit to what `F.embedding_bag(..., sparse=True)`'s backward,
+    then `optim.SGD`'s `grad * -lr` and a scatter-add compute, without their [N, D] gradient. In place.
+    """
+    num_bags = offsets.numel() - 1
+    if num_bags < 1 or indices.numel() == 0:
+        return
+    grad = grad.contiguous()
+    library, _ = _library()
+    if library is None or not _native_ok(weight, indices, offsets, grad, index_weights):
+        return _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights)
+    dim = weight.shape[1]
+    parts = torch.get_num_threads() if indices.numel() * dim >= PARALLEL_MIN_ELEMENTS else 1
+    pointers = (weight.data_ptr(), dim, indices.data_ptr(), offsets.data_ptr(), num_bags, grad.data_ptr(),
+                index_weights.data_ptr() if index_weights is not None else None, float(scale))
+    _run_parts(lambda part: library.bag_sgd_f32(*pointers, part, parts), max(1, parts))
+
+
+def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):
+    """bag_sgd_ with PyTorch operators: each id's row of the bag gradient, scaled, scatter-added."""
+    from dlrmkit.optim.sparse_optimizers import add_rows_
+
+    lengths = torch.diff(offsets)
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=grad.device), lengths,
+                                  output_size=indices.numel())
+    values = grad.index_select(0, bag)
+    if index_weights is not None:
+        values.mul_(index_weights.unsqueeze(1).to(values.dtype))
+    add_rows_(weight, indices, values.to(weight.dtype).mul_(scale))

@@ -1,0 +1,123 @@
+"""The native kernels equal PyTorch's operators bit for bit, and fall back to them cleanly."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlrmkit import kernels
+from dlrmkit.optim import make_optimizer
+from conftest import ROOT
+
+needs_native = pytest.mark.skipif(kernels.status() != "native", reason=f"no native kernels: {kernels.status()}")
+
+
+def bags(rows, dim, num_bags, max_bag, seed, weighted=False):
+    """(weight [rows, dim], ids, offsets [num_bags + 1], bag gradient, per-id weights): empty bags,
+    ids repeated within and across bags."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_bag + 1, (num_bags,), generator=g)
+    offsets = torch.zeros(num_bags + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    ids = torch.randint(0, rows, (int(offsets[-1]),), generator=g)
+    weight = torch.randn(rows, dim, generator=g)
+    grad = torch.randn(num_bags, dim, generator=g)
+    index_weights = torch.rand(ids.numel(), generator=g) if weighted else None
+    return weight, ids, offsets, grad, index_weights
+
+
+def reference_sgd(weight, ids, offsets, grad, index_weights, lr):
+    """The unfused step: embedding_bag's sparse backward, then the sparse SGD step."""
+    w = weight.clone().requires_grad_(True)
+    pooled = F.embedding_bag(ids, w, offsets, mode="sum", sparse=True, per_sample_weights=index_weights,
+                             include_last_offset=True)
+    pooled.backward(grad)
+    make_optimizer("sgd", [w], lr=lr).step()
+    return w.detach()
+
+
+@needs_native
+@pytest.mark.parametrize("dim", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("size", ["small", "parallel"])  # one thread, or every thread on its own rows
+def test_native_bag_sgd_equals_the_unfused_step_bit_for_bit(dim, weighted, size):
+    rows, num_bags, max_bag = (50, 40, 5) if size == "small" else (3000, 2000, 60)
+    weight, ids, offsets, grad, index_weights = bags(rows, dim, num_bags, max_bag, seed=dim, weighted=weighted)
+    if size == "parallel":
+        assert ids.numel() * dim >= kernels.PARALLEL_MIN_ELEMENTS or dim < 16
+    expected = reference_sgd(weight, ids, offsets, grad, index_weights, lr=0.3)
+    native = weight.clone()
+    kernels.bag_sgd_(native, ids, offsets, grad, -0.3, index_weights)
+    fallback = weight.clone()
+    kernels._bag_sgd_torch(fallback, ids, offsets, grad, -0.3, index_weights)
+    assert torch.equal(native, expected)
+    assert torch.equal(fallback, expected)
+    assert not torch.equal(native, weight)
+
+
+@needs_native
+def test_native_bag_sgd_does_not_depend_on_the_number_of_threads():
+    weight, ids, offsets, grad, _ = bags(500, 64, 3000, 40, seed=1)  # many repeats of each row
+    results = []
+    for threads in (1, 2, 3):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            w = weight.clone()
+            kernels.bag_sgd_(w, ids, offsets, grad, -0.1)
+            results.append(w)
+        finally:
+            torch.set_num_threads(previous)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def kernel_status_in_a_new_process(tmp_path, **env):
+    code = "from dlrmkit import kernels; print(kernels.status())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env=dict(os.environ, DLRM_CACHE_DIR=str(tmp_path / "cache"), **env))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_without_a_compiler_or_when_switched_off_the_pytorch_fallback_is_used(tmp_path):
+    assert kernel_status_in_a_new_process(tmp_path, CC=str(tmp_path / "no-such-cc")).startswith(
+        "PyTorch fallback: ")
+    assert kernel_status_in_a_new_process(tmp_path, DLRM_NATIVE_KERNELS="0") == \
+        "PyTorch fallback: DLRM_NATIVE_KERNELS is off"
+
+
+@needs_native
+def test_the_kernel_is_built_once_into_the_cache_folder(tmp_path):
+    assert kernel_status_in_a_new_process(tmp_path) == "native"
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    assert kernel_status_in_a_new_process(tmp_path) == "native"
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()] == [stamp]  # reused, not rebuilt
+
+
+def test_a_fused_run_of_the_trainer_follows_the_learning_rate_schedule_as_the_step_does():
+    """Warm-up and decay change the rate every update: the fused backward must use the new one."""
+    import dlrm_s_pytorch as dlrm
+
+    args = dlrm.parse_args(["--arch-sparse-feature-size=4", "--arch-mlp-bot=3-4", "--arch-mlp-top=8-1",
+                            "--arch-embedding-size=50-60-7", "--data-size=256", "--mini-batch-size=16",
+                            "--num-indices-per-lookup=4", "--learning-rate=0.5", "--lr-num-warmup-steps=6",
+                            "--lr-decay-start-step=8", "--lr-num-decay-steps=6", "--print-freq=100"])
+    train_set, test_set, dense_dim, table_sizes = dlrm.make_datasets(args)
+    states = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = dlrm.build_model(args, dense_dim, table_sizes)
+        optimizer = dlrm.build_optimizer(args, model)
+        if not fused:
+            model.emb_l.fuse_sgd(None)
+        assert (model.emb_l.fused_sgd is not None) == fused
+        dlrm.train(args, model, optimizer, train_set, test_set, torch.device("cpu"), dlrm.TrainState(),
+                   len(train_set), log=lambda line: None)
+        states.append(model.state_dict())
+    for key, value in states[1].items():
+        assert torch.equal(states[0][key], value), key
