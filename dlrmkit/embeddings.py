@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dlrmkit import kernels
 from dlrmkit.sparse import SparseFeatures, bag_of_each_index
 
 INIT_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per random-number stream
@@ -339,13 +340,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         return f"tables={len(self)}, rows={self.weight.shape[0]}, dim={self.embedding_dim}"
 
     def pool(self, sparse: SparseFeatures) -> torch.Tensor:
-        if (sparse.indices.device.type == "cpu" and sparse.indices.numel() >= ONE_PASS_CHECK_MIN_IDS
-                and ids_fit_smallest_table(sparse, self.table_sizes)):
-            first_row = sparse.per_index(self.row_ranges[0])  # of each id's table
-        else:
-            first_row, table_rows = sparse.per_index(self.row_ranges)
-            check_ids_in_range(sparse, table_rows, self.table_sizes)
-        rows = sparse.indices + first_row
+        rows = self.stacked_rows(sparse)
         if (self.fused_sgd is not None and torch.is_grad_enabled() and self.weight.requires_grad
                 and (sparse.weights is None or not sparse.weights.requires_grad)):
             pooled = EmbeddingBagFusedSGD.apply(self.weight, rows, sparse.offsets, sparse.weights, self.fused_sgd)
@@ -353,6 +348,25 @@ class BatchedEmbeddingBags(EmbeddingCollection):
             pooled = F.embedding_bag(rows, self.weight, sparse.offsets, mode="sum", sparse=True,
                                      per_sample_weights=sparse.weights, include_last_offset=True)
         return pooled.view(len(self), sparse.batch_size, self.embedding_dim).transpose(0, 1)
+
+    def stacked_rows(self, sparse: SparseFeatures) -> torch.Tensor:
+        """[N] row of each id in the one weight; IndexError (on the CPU) for an id outside its table."""
+        native = kernels.stacked_rows_checked(sparse.indices, sparse.offsets, sparse.batch_size,
+                                              self.row_ranges[0], self.row_ranges[1])
+        if native is not None:
+            rows, bad = native
+            if bad >= 0:
+                table = bisect.bisect_right(sparse.table_bounds().tolist(), bad) - 1
+                raise IndexError(f"embedding index {int(sparse.indices[bad])} out of range for table {table} "
+                                 f"({self.table_sizes[table]} rows)")
+            return rows
+        if (sparse.indices.device.type == "cpu" and sparse.indices.numel() >= ONE_PASS_CHECK_MIN_IDS
+                and ids_fit_smallest_table(sparse, self.table_sizes)):
+            first_row = sparse.per_index(self.row_ranges[0])  # of each id's table
+        else:
+            first_row, table_rows = sparse.per_index(self.row_ranges)
+            check_ids_in_range(sparse, table_rows, self.table_sizes)
+        return sparse.indices + first_row
 
     def fuse_sgd(self, optimizer) -> None:
         """Makes every backward through this collection apply `optimizer`'s SGD step to the looked-up

@@ -63,3 +63,29 @@ void bag_sgd_f32(float *restrict weight, int64_t dim, const int64_t *restrict in
         }
     }
 }
+
+/* Each id's row in a stack of tables, checked: rows[j] = indices[j] + first_row[t] for the ids j of
+ * table t, which are indices[offsets[t * batch] .. offsets[(t + 1) * batch]) (SparseFeatures' layout).
+ * Returns -1 when every id lies in [0, table_rows[t]) of its table, else the position of the first
+ * that does not (rows then incomplete). All int64; one pass over the ids.
+ */
+int64_t stacked_rows_checked(const int64_t *restrict indices, const int64_t *restrict offsets, int64_t batch,
+                             int64_t num_tables, const int64_t *restrict first_row,
+                             const int64_t *restrict table_rows, int64_t *restrict rows)
+{
+    for (int64_t t = 0; t < num_tables; t++) {
+        const int64_t start = offsets[t * batch], end = offsets[(t + 1) * batch];
+        const int64_t shift = first_row[t];
+        const uint64_t limit = (uint64_t)table_rows[t];
+        int outside = 0;
+        for (int64_t j = start; j < end; j++) {
+            outside |= (uint64_t)indices[j] >= limit; /* a negative id wraps past any limit */
+            rows[j] = indices[j] + shift;
+        }
+        if (outside)
+            for (int64_t j = start; j < end; j++)
+                if ((uint64_t)indices[j] >= limit)
+                    return j;
+    }
+    return -1;
+}

@@ -103,6 +103,8 @@ def _library():
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     library.bag_sgd_f32.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64, i64]
     library.bag_sgd_f32.restype = None
+    library.stacked_rows_checked.argtypes = [p, p, i64, i64, p, p, p]
+    library.stacked_rows_checked.restype = i64
     return library, None
 
 
@@ -169,3 +171,21 @@ def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):
     if index_weights is not None:
         values.mul_(index_weights.unsqueeze(1).to(values.dtype))
     add_rows_(weight, indices, values.to(weight.dtype).mul_(scale))
+
+
+def stacked_rows_checked(indices: torch.Tensor, offsets: torch.Tensor, batch_size: int, first_row: torch.Tensor,
+                         table_rows: torch.Tensor):
+    """(rows, bad): each id's row in a stack of tables, rows[j] = indices[j] + first_row[table of j], and
+    the position of the first id outside [0, table_rows[its table]) or -1; None when not run natively.
+
+    indices [N], offsets [T * B + 1] in `SparseFeatures`' layout (table t's ids: indices[offsets[t * B]:
+    offsets[(t + 1) * B]]), first_row and table_rows [T]: int64 CPU tensors. One pass over the ids."""
+    library, _ = _library()
+    tensors = (indices, offsets, first_row, table_rows)
+    if library is None or not all(t.device.type == "cpu" and t.dtype == torch.int64 and t.is_contiguous()
+                                  for t in tensors):
+        return None
+    rows = torch.empty_like(indices)
+    bad = library.stacked_rows_checked(indices.data_ptr(), offsets.data_ptr(), batch_size, first_row.numel(),
+                                       first_row.data_ptr(), table_rows.data_ptr(), rows.data_ptr())
+    return rows, int(bad)

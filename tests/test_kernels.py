@@ -121,3 +121,39 @@ def test_a_fused_run_of_the_trainer_follows_the_learning_rate_schedule_as_the_st
         states.append(model.state_dict())
     for key, value in states[1].items():
         assert torch.equal(states[0][key], value), key
+
+
+@pytest.fixture
+def without_native(monkeypatch):
+    """The PyTorch fallback of every kernel, in this process."""
+    monkeypatch.setattr(kernels, "_library", lambda: (None, "switched off by the test"))
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["in range", "too large", "negative"])
+def test_native_stacked_rows_equal_the_fallback_and_name_the_first_bad_id(case, without_native, monkeypatch):
+    from dlrmkit.embeddings import BatchedEmbeddingBags
+    from dlrmkit.sparse import SparseFeatures
+
+    tables = [5, 1, 7, 3]
+    bags_ = BatchedEmbeddingBags(tables, 2)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 4, (len(tables) * 6,), generator=g)
+    ids = torch.cat([torch.randint(0, n, (int(l.sum()),), generator=g)
+                     for n, l in zip(tables, lengths.view(len(tables), 6))])
+    if case != "in range":
+        position = int(lengths.view(len(tables), 6)[:2].sum()) + 1  # the second id of table 2
+        ids[position] = 7 if case == "too large" else -1
+        ids[position + 1] = 9  # a later bad id is not the one named
+    sparse = SparseFeatures.from_lengths(lengths, ids, batch_size=6)
+    outcomes = []
+    for native in (False, True):
+        if native:
+            monkeypatch.undo()
+        try:
+            outcomes.append(bags_.stacked_rows(sparse).tolist())
+        except IndexError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1]
+    if case != "in range":
+        assert outcomes[1] == f"embedding index {7 if case == 'too large' else -1} out of range for table 2 (7 rows)"
