@@ -32,8 +32,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
-# below this many gradient elements one thread does the update (a thread hand-off costs more)
-PARALLEL_MIN_ELEMENTS = 1 << 16
+# below this many gradient elements one thread does the update: more threads, started from Python, contend
+# with the OpenMP threads PyTorch keeps spinning after its own parallel operators, and lose below about this size
+PARALLEL_MIN_ELEMENTS = 1 << 23
 
 
 def cache_dir() -> Path:
@@ -88,9 +89,15 @@ def _library():
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(folder)
-    except OSError:  # a read-only home: a folder of this user's in the temporary directory
+    except OSError:  # a read-only home: a folder of this user's own in the temporary directory
         folder = Path(tempfile.gettempdir()) / f"dlrm-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            info = folder.stat()
+        except OSError as e:
+            return None, f"no folder to build in ({e})"
+        if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+            return None, f"{folder} belongs to another user or others may write to it"
     path = folder / f"kernels-{key}.so"
     if not path.exists():
         problem = _compile(compiler, path)

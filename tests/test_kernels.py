@@ -43,11 +43,11 @@ def reference_sgd(weight, ids, offsets, grad, index_weights, lr):
 @pytest.mark.parametrize("dim", [1, 3, 16, 17, 64])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("size", ["small", "parallel"])  # one thread, or every thread on its own rows
-def test_native_bag_sgd_equals_the_unfused_step_bit_for_bit(dim, weighted, size):
+def test_native_bag_sgd_equals_the_unfused_step_bit_for_bit(dim, weighted, size, monkeypatch):
     rows, num_bags, max_bag = (50, 40, 5) if size == "small" else (3000, 2000, 60)
     weight, ids, offsets, grad, index_weights = bags(rows, dim, num_bags, max_bag, seed=dim, weighted=weighted)
     if size == "parallel":
-        assert ids.numel() * dim >= kernels.PARALLEL_MIN_ELEMENTS or dim < 16
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 1)
     expected = reference_sgd(weight, ids, offsets, grad, index_weights, lr=0.3)
     native = weight.clone()
     kernels.bag_sgd_(native, ids, offsets, grad, -0.3, index_weights)
@@ -59,7 +59,8 @@ def test_native_bag_sgd_equals_the_unfused_step_bit_for_bit(dim, weighted, size)
 
 
 @needs_native
-def test_native_bag_sgd_does_not_depend_on_the_number_of_threads():
+def test_native_bag_sgd_does_not_depend_on_the_number_of_threads(monkeypatch):
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 1)
     weight, ids, offsets, grad, _ = bags(500, 64, 3000, 40, seed=1)  # many repeats of each row
     results = []
     for threads in (1, 2, 3):
@@ -157,3 +158,21 @@ def test_native_stacked_rows_equal_the_fallback_and_name_the_first_bad_id(case, 
     assert outcomes[0] == outcomes[1]
     if case != "in range":
         assert outcomes[1] == f"embedding index {7 if case == 'too large' else -1} out of range for table 2 (7 rows)"
+
+
+def test_without_a_usable_cache_folder_only_a_private_temporary_folder_is_built_in(tmp_path, monkeypatch):
+    """A cache folder that cannot be made sends the build to <tmp>/dlrm-kernels-<uid>, which is used only
+    when it is this user's own and nobody else may write to it (no library planted by another user)."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("DLRM_CACHE_DIR", str(not_a_folder / "cache"))
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path))
+    private = tmp_path / f"dlrm-kernels-{os.getuid()}"
+    private.mkdir(mode=0o777)
+    private.chmod(0o777)
+    library, problem = kernels._library.__wrapped__()
+    assert library is None and problem == f"{private} belongs to another user or others may write to it"
+    private.chmod(0o700)
+    library, problem = kernels._library.__wrapped__()
+    assert problem is None or problem.startswith("no C compiler")
+    assert problem is not None or [f.suffix for f in private.iterdir()] == [".so"]
