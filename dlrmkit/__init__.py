@@ -4,6 +4,7 @@
 - `embeddings`: the embedding-collection interface and its batched and per-table collections;
 - `interactions`: the feature interactions (dot, cat, dcn, projection), chosen by name;
 - `optim`: SGD, Adagrad and row-wise Adagrad with fused sparse updates;
+- `kernels`: native CPU kernels of the hot path (built on first use; PyTorch operators without a compiler);
 - `tricks`: quotient-remainder and mixed-dimension tables, weighted pooling;
 - `onnx_export`, `quantization`: deployment; `run_logs`, `mlperf_logger`, `profiling`,
   `compute_graph`: what a run writes besides its printed lines; `trace_data`: trace-driven ids;

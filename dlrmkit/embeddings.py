@@ -10,7 +10,8 @@ its tensors, `c.table_rows(t, ids)` the embedding of each id with exportable ops
 - `BatchedEmbeddingBags` (the default): every table's rows in one weight
   [sum of rows, D]; one `F.embedding_bag` call looks up all tables at once and
   its backward yields one sparse gradient, which the optimizers in `dlrmkit.optim`
-  coalesce once and apply in a few fused row operations.
+  coalesce once and apply in a few fused row operations; fused with SGD
+  (`fuse_sgd`), its backward applies the step to the rows itself.
 - `EmbeddingBagList`: one module per table (`emb_l[k]`, as in the original),
   for tables that differ (QR, mixed dimensions, weighted pooling, quantized rows)
   through a per-table factory.

@@ -99,14 +99,19 @@ def _library():
         if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
             return None, f"{folder} belongs to another user or others may write to it"
     path = folder / f"kernels-{key}.so"
-    if not path.exists():
-        problem = _compile(compiler, path)
-        if problem:
-            return None, problem
-    try:
-        library = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"{path} could not be loaded ({e})"
+    library = None
+    for attempt in range(2):  # a cached library that does not load (damaged) is built again, once
+        if attempt or not path.exists():
+            problem = _compile(compiler, path)
+            if problem:
+                return None, problem
+        try:
+            library = ctypes.CDLL(str(path))
+            break
+        except OSError as e:
+            problem = f"{path} could not be loaded ({e})"
+    if library is None:
+        return None, problem
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     library.bag_sgd_f32.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64, i64]
     library.bag_sgd_f32.restype = None

@@ -1,8 +1,6 @@
 """The native kernels equal PyTorch's operators bit for bit, and fall back to them cleanly."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,6 @@ import torch.nn.functional as F
 
 from dlrmkit import kernels
 from dlrmkit.optim import make_optimizer
-from conftest import ROOT
 
 needs_native = pytest.mark.skipif(kernels.status() != "native", reason=f"no native kernels: {kernels.status()}")
 
@@ -75,28 +72,29 @@ def test_native_bag_sgd_does_not_depend_on_the_number_of_threads(monkeypatch):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-def kernel_status_in_a_new_process(tmp_path, **env):
-    code = "from dlrmkit import kernels; print(kernels.status())"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                            env=dict(os.environ, DLRM_CACHE_DIR=str(tmp_path / "cache"), **env))
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+def build_status(tmp_path, monkeypatch, **env):
+    """kernels.status() as a new process would find it (the library built or loaded afresh) with `env`."""
+    monkeypatch.setenv("DLRM_CACHE_DIR", str(tmp_path / "cache"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    library, problem = kernels._library.__wrapped__()
+    return "native" if library is not None else f"PyTorch fallback: {problem}"
 
 
-def test_without_a_compiler_or_when_switched_off_the_pytorch_fallback_is_used(tmp_path):
-    assert kernel_status_in_a_new_process(tmp_path, CC=str(tmp_path / "no-such-cc")).startswith(
-        "PyTorch fallback: ")
-    assert kernel_status_in_a_new_process(tmp_path, DLRM_NATIVE_KERNELS="0") == \
+def test_without_a_compiler_or_when_switched_off_the_pytorch_fallback_is_used(tmp_path, monkeypatch):
+    assert build_status(tmp_path, monkeypatch, CC=str(tmp_path / "no-such-cc")).startswith(
+        f"PyTorch fallback: {tmp_path / 'no-such-cc'} could not run")
+    assert build_status(tmp_path, monkeypatch, DLRM_NATIVE_KERNELS="0") == \
         "PyTorch fallback: DLRM_NATIVE_KERNELS is off"
 
 
 @needs_native
-def test_the_kernel_is_built_once_into_the_cache_folder(tmp_path):
-    assert kernel_status_in_a_new_process(tmp_path) == "native"
+def test_the_kernel_is_built_once_into_the_cache_folder(tmp_path, monkeypatch):
+    assert build_status(tmp_path, monkeypatch) == "native"
     built = list((tmp_path / "cache").iterdir())
     assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    assert kernel_status_in_a_new_process(tmp_path) == "native"
+    assert build_status(tmp_path, monkeypatch) == "native"
     assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()] == [stamp]  # reused, not rebuilt
 
 
@@ -176,3 +174,14 @@ def test_without_a_usable_cache_folder_only_a_private_temporary_folder_is_built_
     library, problem = kernels._library.__wrapped__()
     assert problem is None or problem.startswith("no C compiler")
     assert problem is not None or [f.suffix for f in private.iterdir()] == [".so"]
+
+
+@needs_native
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    assert build_status(tmp_path, monkeypatch) == "native"
+    built, = (tmp_path / "cache").iterdir()
+    damaged = tmp_path / "other" / "cache" / built.name  # a copy: the built one is mapped in this process
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(built.read_bytes()[:100])
+    assert build_status(tmp_path / "other", monkeypatch) == "native"
+    assert damaged.stat().st_size == built.stat().st_size

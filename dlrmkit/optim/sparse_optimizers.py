@@ -8,7 +8,9 @@ per-table Python loop, none of `torch.sparse`'s serial CPU kernels, and on CUDA
 no host synchronisation (no tensor size depends on the data there). Dense
 parameters are updated together with `torch._foreach_*` kernels.
 
-- `SGD`: p -= lr * g.
+- `SGD`: p -= lr * g; `update_bags_` applies it to sum-pooled rows straight from the gradient of
+  their bags (`kernels.bag_sgd_`), for a lookup whose backward does the step itself
+  (`BatchedEmbeddingBags.fuse_sgd`).
 - `Adagrad`: element-wise accumulator, as `torch.optim.Adagrad`.
 - `RWSAdagrad`: element-wise for dense gradients, one accumulator per row for
   sparse ones: the mean of the squared gradient of that row (the original's
