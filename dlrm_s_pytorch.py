@@ -65,7 +65,7 @@ import torch.nn.functional as F
 import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
-from dlrmkit import (compute_graph, flags, interactions, memory, multihot, onnx_export, outputs, profiling,
+from dlrmkit import (compute_graph, flags, interactions, kernels, memory, multihot, onnx_export, outputs, profiling,
                      quantization, trace_data)
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
 from dlrmkit.interactions import INTERACTIONS, InteractionConfig, interaction_class
@@ -923,6 +923,16 @@ class TestMetrics:
     samples: int
 
 
+def model_output(model, batch, where: str) -> torch.Tensor:
+    """model(batch); an id outside its table (data that do not fit the tables) as a DLRMError naming `where`."""
+    try:
+        return model(batch.dense_x, batch.sparse)
+    except IndexError as e:
+        if "out of range for table" not in str(e):
+            raise
+        raise DLRMError(f"{where}: {e}") from None
+
+
 @torch.no_grad()
 def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, precision="fp32",
              show_progress=False) -> TestMetrics:
@@ -934,7 +944,7 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
     progress = ProgressBar("testing", len(dataset), show=show_progress, with_loss=False)
     for batch in device_batches(loader, device):
         with autocast(precision, device):
-            z = model(batch.dense_x, batch.sparse)
+            z = model_output(model, batch, "a test batch")
         scores.append(z.float())
         targets.append(batch.target)
         progress.step(batch.global_batch_size)
@@ -1463,7 +1473,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
 
             with torch.set_grad_enabled(training), ext_dist.no_grad_sync(model, training and not last_in_window):
                 with autocast(args.precision, device):
-                    z = model(batch.dense_x, batch.sparse)
+                    z = model_output(model, batch, f"training batch {j + 1} of epoch {epoch}")
                 # this process's samples; the sums of all processes make the global batch's
                 try:
                     loss_sum = per_sample_loss(args.loss_function, z.float(), batch.target, loss_weights).sum()
@@ -1475,7 +1485,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             if training:
                 if accum_samples == 0:
                     optimizer.zero_grad(set_to_none=True)
-                    set_lr(state.updates + 1)  # before the backward: a fused table update happens there
+                if last_in_window:  # the update's rate, before the backward: a fused table update happens there
+                    set_lr(state.updates + 1)
                 # the batch mean, or with accumulation the sum, divided by the window's samples at the step,
                 # so N micro-batches update exactly as one batch of all their samples. Times the world size:
                 # DDP averages MLP gradients over the processes and the embedding exchange divides by it,
@@ -1731,6 +1742,9 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         model, train_set, test_set = ext_dist.distribute(model, train_set, test_set, device,
                                                          lambda: build_model(args, dense_dim, table_sizes))
     optimizer = None if args.inference_only else build_optimizer(args, model)
+    if device.type == "cpu" and not kernels.native() and ext_dist.is_rank0():
+        print(f"note: {kernels.status()}; the lookups and SGD's table updates run as PyTorch operators, slower",
+              file=sys.stderr)
 
     order = data_order(args, train_set)
     state = TrainState(batch_size=args.mini_batch_size, data_order=order)

@@ -1,7 +1,8 @@
 /* CPU kernels for the trainer's hot paths, built on first use by dlrmkit/kernels.py.
  *
  * Plain C (no torch headers, so it builds in a fraction of a second), called through ctypes with
- * the tensors' data pointers; kernels.py splits the work across threads and checks every argument.
+ * the tensors' data pointers; kernels.py checks the tensors' types and layouts and splits the work across
+ * threads, and each kernel checks the bounds it walks (bags_in_bounds, stacked_rows_checked).
  * Built with -ffp-contract=off: each product is rounded before it is added, so the results equal
  * PyTorch's unfused operators bit for bit.
  */
@@ -15,6 +16,22 @@ static inline int owns_row(int64_t row, int64_t part, int64_t num_parts)
     return ((row >> ROWS_PER_BLOCK_SHIFT) % num_parts) == part;
 }
 
+/* Whether bags and ids can be walked safely: 0 <= offsets[0] <= ... <= offsets[num_bags] <= num_indices
+ * and every id they hold in [0, num_rows). */
+int bags_in_bounds(const int64_t *restrict indices, int64_t num_indices, const int64_t *restrict offsets,
+                   int64_t num_bags, int64_t num_rows)
+{
+    if (offsets[0] < 0 || offsets[num_bags] > num_indices)
+        return 0;
+    for (int64_t b = 0; b < num_bags; b++)
+        if (offsets[b] > offsets[b + 1])
+            return 0;
+    int outside = 0;
+    for (int64_t j = offsets[0]; j < offsets[num_bags]; j++)
+        outside |= (uint64_t)indices[j] >= (uint64_t)num_rows; /* a negative id wraps past any limit */
+    return !outside;
+}
+
 /* SGD on the rows a sum-pooled embedding bag looked up, straight from the gradient of its bags:
  *
  *     weight[indices[j]] += (grad[b] * index_weights[j]) * scale    for every id j of every bag b
@@ -23,8 +40,8 @@ static inline int owns_row(int64_t row, int64_t part, int64_t num_parts)
  * gradient times -lr, and a scatter-add into the weight compute, in the same order for a row
  * updated more than once (j ascending), without the [ids, dim] gradient in between.
  *
- * weight [rows, dim], grad [num_bags, dim] float32 contiguous; indices int64 (rows of weight, checked
- * by the caller); offsets [num_bags + 1] int64 (bag b holds indices[offsets[b] .. offsets[b + 1]]);
+ * weight [rows, dim], grad [num_bags, dim] float32 contiguous; indices int64; offsets [num_bags + 1]
+ * int64 (bag b holds indices[offsets[b] .. offsets[b + 1]]), both checked by bags_in_bounds first;
  * index_weights float32 per id or NULL. Only rows r with ((r >> 6) % num_parts) == part are written,
  * so num_parts threads with parts 0 .. num_parts - 1 never write the same row (or cache line).
  */
@@ -65,14 +82,20 @@ void bag_sgd_f32(float *restrict weight, int64_t dim, const int64_t *restrict in
 }
 
 /* Each id's row in a stack of tables, checked: rows[j] = indices[j] + first_row[t] for the ids j of
- * table t, which are indices[offsets[t * batch] .. offsets[(t + 1) * batch]) (SparseFeatures' layout).
- * Returns -1 when every id lies in [0, table_rows[t]) of its table, else the position of the first
- * that does not (rows then incomplete). All int64; one pass over the ids.
+ * table t, which are indices[offsets[t * batch] .. offsets[(t + 1) * batch]) (SparseFeatures' layout;
+ * offsets has num_tables * batch + 1 entries). Returns -1 when every id lies in [0, table_rows[t]) of
+ * its table, -2 when the tables do not cover indices[0 .. num_indices) in order (malformed offsets), else
+ * the position of the first id outside its table (rows then incomplete). All int64; one pass.
  */
-int64_t stacked_rows_checked(const int64_t *restrict indices, const int64_t *restrict offsets, int64_t batch,
-                             int64_t num_tables, const int64_t *restrict first_row,
+int64_t stacked_rows_checked(const int64_t *restrict indices, int64_t num_indices, const int64_t *restrict offsets,
+                             int64_t batch, int64_t num_tables, const int64_t *restrict first_row,
                              const int64_t *restrict table_rows, int64_t *restrict rows)
 {
+    if (offsets[0] != 0 || offsets[num_tables * batch] != num_indices)
+        return -2;
+    for (int64_t t = 0; t < num_tables; t++)
+        if (offsets[t * batch] > offsets[(t + 1) * batch])
+            return -2;
     for (int64_t t = 0; t < num_tables; t++) {
         const int64_t start = offsets[t * batch], end = offsets[(t + 1) * batch];
         const int64_t shift = first_row[t];

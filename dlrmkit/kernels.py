@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -56,22 +57,62 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _compile(compiler: str, out: Path) -> str | None:
-    """Compiles kernels.c into `out` (written under a temporary name, then renamed); None, or why not."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    errors = ""
-    for arch in (["-march=native"], []):  # some compilers or CPUs have no -march=native
-        try:
-            result = subprocess.run([compiler, *CFLAGS, *arch, "-o", str(tmp), str(SOURCE)],
-                                    capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"{compiler} could not run ({e})"
-        if result.returncode == 0:
-            os.replace(tmp, out)
-            return None
-        errors = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
-    tmp.unlink(missing_ok=True)
-    return f"{compiler} failed: {errors[0]}"
+def _compile(compiler: list, out: Path) -> str | None:
+    """Compiles kernels.c into `out`, and its SHA-256 into `out`.sha256, each written under a name of
+    its own and then renamed (processes building at once never share a file); None, or why not."""
+    def unique_temporary():
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+        return Path(name)
+
+    tmp = unique_temporary()
+    try:
+        problem = None
+        for arch in (["-march=native"], []):  # some compilers or CPUs have no -march=native
+            try:
+                result = subprocess.run([*compiler, *CFLAGS, *arch, "-o", str(tmp), str(SOURCE)],
+                                        capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                return f"{' '.join(compiler)} could not run ({e})"
+            if result.returncode == 0:
+                digest = unique_temporary()
+                digest.write_text(hashlib.sha256(tmp.read_bytes()).hexdigest())
+                os.replace(tmp, out)
+                os.replace(digest, out.with_name(out.name + ".sha256"))
+                return None
+            lines = result.stderr.strip().splitlines()
+            problem = f"{' '.join(compiler)} failed: {lines[-1] if lines else f'exit status {result.returncode}'}"
+        return problem
+    except OSError as e:
+        return f"the build could not be saved in {out.parent} ({e})"
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _intact(path: Path) -> bool:
+    """Whether the library at `path` is the one its build wrote (a damaged library could crash the
+    process when loaded, not fail)."""
+    try:
+        expected = path.with_name(path.name + ".sha256").read_text().strip()
+        return hashlib.sha256(path.read_bytes()).hexdigest() == expected
+    except OSError:
+        return False
+
+
+def _load(path: Path):
+    """The library at `path` with its functions' signatures; OSError when it is not a build of kernels.c."""
+    library = ctypes.CDLL(str(path))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    try:
+        library.bags_in_bounds.argtypes = [p, i64, p, i64, i64]
+        library.bags_in_bounds.restype = ctypes.c_int
+        library.bag_sgd_f32.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64, i64]
+        library.bag_sgd_f32.restype = None
+        library.stacked_rows_checked.argtypes = [p, i64, p, i64, i64, p, p, p]
+        library.stacked_rows_checked.restype = i64
+    except AttributeError as e:
+        raise OSError(f"not a build of {SOURCE.name}: {e}") from None
+    return library
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,10 +120,10 @@ def _library():
     """(the loaded library or None, why not)."""
     if os.environ.get("DLRM_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "DLRM_NATIVE_KERNELS is off"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         return None, "no C compiler found (set CC)"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *CFLAGS, _cpu_identity(),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *compiler, *CFLAGS, _cpu_identity(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     folder = cache_dir()
     try:
@@ -99,25 +140,22 @@ def _library():
         if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
             return None, f"{folder} belongs to another user or others may write to it"
     path = folder / f"kernels-{key}.so"
-    library = None
-    for attempt in range(2):  # a cached library that does not load (damaged) is built again, once
-        if attempt or not path.exists():
+    problem = None
+    for attempt in range(2):  # a library that is damaged or does not load is built again, once
+        if attempt or not _intact(path):
             problem = _compile(compiler, path)
             if problem:
                 return None, problem
         try:
-            library = ctypes.CDLL(str(path))
-            break
+            return _load(path), None
         except OSError as e:
             problem = f"{path} could not be loaded ({e})"
-    if library is None:
-        return None, problem
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.bag_sgd_f32.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64, i64]
-    library.bag_sgd_f32.restype = None
-    library.stacked_rows_checked.argtypes = [p, p, i64, i64, p, p, p]
-    library.stacked_rows_checked.restype = i64
-    return library, None
+    return None, problem
+
+
+def native() -> bool:
+    """Whether the native kernels are in use (built or loaded on the first call)."""
+    return _library()[0] is not None
 
 
 def status() -> str:
@@ -166,6 +204,9 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
     if library is None or not _native_ok(weight, indices, offsets, grad, index_weights):
         return _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights)
     dim = weight.shape[1]
+    if not library.bags_in_bounds(indices.data_ptr(), indices.numel(), offsets.data_ptr(), num_bags, weight.shape[0]):
+        raise ValueError(f"bag_sgd_: offsets that do not walk [0, {indices.numel()}) ids in order, or an id "
+                         f"outside the weight's {weight.shape[0]} rows")
     parts = torch.get_num_threads() if indices.numel() * dim >= PARALLEL_MIN_ELEMENTS else 1
     pointers = (weight.data_ptr(), dim, indices.data_ptr(), offsets.data_ptr(), num_bags, grad.data_ptr(),
                 index_weights.data_ptr() if index_weights is not None else None, float(scale))
@@ -188,16 +229,19 @@ def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):
 def stacked_rows_checked(indices: torch.Tensor, offsets: torch.Tensor, batch_size: int, first_row: torch.Tensor,
                          table_rows: torch.Tensor):
     """(rows, bad): each id's row in a stack of tables, rows[j] = indices[j] + first_row[table of j], and
-    the position of the first id outside [0, table_rows[its table]) or -1; None when not run natively.
+    the position of the first id outside [0, table_rows[its table]) or -1; None when not run natively
+    (also for offsets that do not match the tables and batch size: the caller's fallback names them).
 
     indices [N], offsets [T * B + 1] in `SparseFeatures`' layout (table t's ids: indices[offsets[t * B]:
     offsets[(t + 1) * B]]), first_row and table_rows [T]: int64 CPU tensors. One pass over the ids."""
     library, _ = _library()
     tensors = (indices, offsets, first_row, table_rows)
-    if library is None or not all(t.device.type == "cpu" and t.dtype == torch.int64 and t.is_contiguous()
-                                  for t in tensors):
+    if (library is None or not all(t.device.type == "cpu" and t.dtype == torch.int64 and t.is_contiguous()
+                                   and t.dim() == 1 for t in tensors)
+            or offsets.numel() != first_row.numel() * batch_size + 1 or table_rows.numel() != first_row.numel()):
         return None
     rows = torch.empty_like(indices)
-    bad = library.stacked_rows_checked(indices.data_ptr(), offsets.data_ptr(), batch_size, first_row.numel(),
-                                       first_row.data_ptr(), table_rows.data_ptr(), rows.data_ptr())
-    return rows, int(bad)
+    bad = library.stacked_rows_checked(indices.data_ptr(), indices.numel(), offsets.data_ptr(), batch_size,
+                                       first_row.numel(), first_row.data_ptr(), table_rows.data_ptr(),
+                                       rows.data_ptr())
+    return None if bad == -2 else (rows, int(bad))  # -2: malformed offsets, for PyTorch's own error

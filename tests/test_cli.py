@@ -183,3 +183,20 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130():
             run.kill()
     assert run.returncode == 130
     assert err == "dlrm_s_pytorch.py: interrupted\n", err
+
+
+def test_ids_outside_their_table_stop_the_run_with_one_line_naming_the_batch(run_main, monkeypatch):
+    import dlrm_data
+
+    make_batch = dlrm_data.batch_from_tables
+
+    def too_large_ids_in_table_2(dense_x, lengths, indices, target):
+        indices = list(indices)
+        indices[2] = indices[2] + 1000
+        return make_batch(dense_x, lengths, indices, target)
+
+    monkeypatch.setattr(dlrm_data, "batch_from_tables", too_large_ids_in_table_2)
+    code, out, err = run_main("--arch-embedding-size=100-200-300-50", "--data-size=256", "--mini-batch-size=64")
+    assert code == 1
+    assert re.fullmatch(r"dlrm_s_pytorch\.py: error: training batch 1 of epoch 0: embedding index \d+ out of range "
+                        r"for table 2 \(300 rows\)\n", err), err

@@ -1,6 +1,8 @@
 """The native kernels equal PyTorch's operators bit for bit, and fall back to them cleanly."""
 
 import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -91,11 +93,11 @@ def test_without_a_compiler_or_when_switched_off_the_pytorch_fallback_is_used(tm
 @needs_native
 def test_the_kernel_is_built_once_into_the_cache_folder(tmp_path, monkeypatch):
     assert build_status(tmp_path, monkeypatch) == "native"
-    built = list((tmp_path / "cache").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
-    stamp = built[0].stat().st_mtime_ns
+    built = sorted((tmp_path / "cache").iterdir())  # the library and its digest, no temporary files left
+    assert [p.name[len("kernels-") + 16:] for p in built] == [".so", ".so.sha256"]
+    stamps = [p.stat().st_mtime_ns for p in built]
     assert build_status(tmp_path, monkeypatch) == "native"
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()] == [stamp]  # reused, not rebuilt
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").iterdir())] == stamps  # reused
 
 
 def test_a_fused_run_of_the_trainer_follows_the_learning_rate_schedule_as_the_step_does():
@@ -173,15 +175,86 @@ def test_without_a_usable_cache_folder_only_a_private_temporary_folder_is_built_
     private.chmod(0o700)
     library, problem = kernels._library.__wrapped__()
     assert problem is None or problem.startswith("no C compiler")
-    assert problem is not None or [f.suffix for f in private.iterdir()] == [".so"]
+    assert problem is not None or sorted(f.suffix for f in private.iterdir()) == [".sha256", ".so"]
 
 
 @needs_native
-def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["truncated", "overwritten in the middle", "digest missing"])
+def test_a_damaged_cached_library_is_built_again_not_loaded(damage, tmp_path, monkeypatch):
+    """A library that dlopen would accept but that is not what the build wrote can crash the process
+    (SIGBUS) when loaded: it must be built again."""
     assert build_status(tmp_path, monkeypatch) == "native"
-    built, = (tmp_path / "cache").iterdir()
-    damaged = tmp_path / "other" / "cache" / built.name  # a copy: the built one is mapped in this process
-    damaged.parent.mkdir(parents=True)
-    damaged.write_bytes(built.read_bytes()[:100])
+    built = next(p for p in (tmp_path / "cache").iterdir() if p.suffix == ".so")
+    good = built.read_bytes()
+    other = tmp_path / "other" / "cache"  # a copy: the built one is mapped in this process
+    other.mkdir(parents=True)
+    copy = other / built.name
+    if damage == "truncated":
+        copy.write_bytes(good[:8000])
+    elif damage == "overwritten in the middle":
+        copy.write_bytes(good[:4000] + bytes(1000) + good[5000:])
+    else:
+        copy.write_bytes(good)
+    if damage != "digest missing":
+        (other / (built.name + ".sha256")).write_text((built.parent / (built.name + ".sha256")).read_text())
     assert build_status(tmp_path / "other", monkeypatch) == "native"
-    assert damaged.stat().st_size == built.stat().st_size
+    assert copy.read_bytes() == good
+
+
+def test_a_compiler_given_with_its_options_in_cc_is_used(tmp_path, monkeypatch):
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    assert build_status(tmp_path, monkeypatch, CC=f"{shutil.which('cc') or shutil.which('gcc')} -O2") == "native"
+
+
+@needs_native
+def test_builds_at_once_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """Processes in other PID namespaces (containers sharing a cache folder) may have the same pid."""
+    monkeypatch.setattr(kernels.os, "getpid", lambda: 4242)
+    out = tmp_path / "kernels-x.so"
+    with ThreadPoolExecutor(3) as pool:
+        problems = list(pool.map(lambda _: kernels._compile([shutil.which("cc") or shutil.which("gcc")], out),
+                                 range(3)))
+    assert problems == [None, None, None]
+    assert kernels._intact(out) and sorted(p.name for p in tmp_path.iterdir()) == ["kernels-x.so",
+                                                                                   "kernels-x.so.sha256"]
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["two of four tables", "last offset past the ids", "negative offset",
+                                  "offsets of a larger batch"])
+def test_malformed_bags_give_pytorchs_error_not_a_crash(case):
+    from dlrmkit.embeddings import BatchedEmbeddingBags
+    from dlrmkit.sparse import SparseFeatures
+
+    bags_ = BatchedEmbeddingBags([5, 1, 7, 3], 2)
+    ids = torch.tensor([1, 0, 2, 1, 0, 3, 2, 1])
+    offsets = {"two of four tables": torch.tensor([0, 2, 4, 8]),
+               "last offset past the ids": torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 20]),
+               "negative offset": torch.tensor([0, -5, 2, 3, 4, 5, 6, 7, 8]),
+               "offsets of a larger batch": torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8])}[case]
+    batch_size = 4 if case == "offsets of a larger batch" else 2
+    sparse = SparseFeatures(ids, offsets, batch_size, 4)
+    with pytest.raises((RuntimeError, IndexError, ValueError)):
+        bags_(sparse)
+    with pytest.raises(ValueError, match="offsets that do not walk"):
+        kernels.bag_sgd_(torch.zeros(5, 2), ids, torch.tensor([0, 3, 20]), torch.ones(2, 2), -0.1)
+    with pytest.raises(ValueError, match="outside the weight's 5 rows"):
+        kernels.bag_sgd_(torch.zeros(5, 2), torch.tensor([1, 9]), torch.tensor([0, 1, 2]), torch.ones(2, 2), -0.1)
+
+
+def test_with_accumulation_the_rate_in_force_mid_window_is_the_last_updates():
+    """What a checkpoint or the run logs record inside an accumulation window: the rate of the last update."""
+    import dlrm_s_pytorch as dlrm
+
+    args = dlrm.parse_args(["--arch-sparse-feature-size=4", "--arch-mlp-bot=3-4", "--arch-mlp-top=8-1",
+                            "--arch-embedding-size=50-60", "--data-size=64", "--mini-batch-size=8",
+                            "--learning-rate=0.5", "--lr-num-warmup-steps=4", "--mlperf-grad-accum-iter=3",
+                            "--print-freq=4"])
+    train_set, test_set, dense_dim, table_sizes = dlrm.make_datasets(args)
+    model = dlrm.build_model(args, dense_dim, table_sizes)
+    optimizer = dlrm.build_optimizer(args, model)
+    rates = []  # in force when a line is printed: after batch 4, inside the window of batches 4-6
+    dlrm.train(args, model, optimizer, train_set, test_set, torch.device("cpu"), dlrm.TrainState(), 6,
+               log=lambda line: rates.append(optimizer.param_groups[0]["lr"]))
+    assert rates[0] == dlrm.lr_for_update(1, 0.5, 4, 0, 0) != dlrm.lr_for_update(2, 0.5, 4, 0, 0)
