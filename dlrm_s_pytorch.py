@@ -526,6 +526,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="MLP arithmetic through autocast: bf16 (CPU, CUDA) or fp16 (CUDA, with loss scaling), also "
                         "the matrix products of the dcn and projection interactions; embeddings, the dot products, "
                         "optimizer state and the loss stay float32")
+    g.add_argument("--embedding-precision", type=str, default="fp32", choices=["fp32", "bf16"],
+                   help="how the embedding tables are stored: bf16 halves their memory and memory traffic (CPU, "
+                        "SGD; each update rounded stochastically; needs a C compiler for the native kernels)")
     flag(g, "--compile", False, "torch.compile the dense part (bottom MLP, interaction, top MLP)")
 
     g = parser.add_argument_group("evaluation")
@@ -824,12 +827,32 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         )
     if args.inference_only and args.save_model:
         raise DLRMError("--save-model has nothing to save with --inference-only")
+    if args.embedding_precision == "bf16":
+        check_bf16_tables(args)
     validate_quantization_args(args)
     if distributed:
         ext_dist.choose_backend(args.dist_backend, args.use_gpu)  # one that cannot work fails before joining
     elif args.dist_backend and args.dist_backend not in ext_dist.BACKENDS:
         raise DLRMError(f"--dist-backend={args.dist_backend} is not one of {', '.join(ext_dist.BACKENDS)}")
     return [f"note: {name} has no effect {condition.unless(args)}" for name, condition in ineffective]
+
+
+def check_bf16_tables(args):
+    """--embedding-precision=bf16: what it works with (CPU training fused with SGD), else a DLRMError."""
+    others = {"--optimizer=" + args.optimizer: args.optimizer != "sgd",
+              "--use-gpu": args.use_gpu,
+              "--precision=fp16": args.precision == "fp16",
+              f"--mlperf-grad-accum-iter={args.mlperf_grad_accum_iter}": args.mlperf_grad_accum_iter > 1,
+              "--qr-flag": args.qr_flag, "--md-flag": args.md_flag,
+              "--weighted-pooling": args.weighted_pooling is not None,
+              "--save-onnx": args.save_onnx,
+              "--quantize-emb-with-bit": args.quantize_emb_with_bit != 32}
+    for name, given in others.items():
+        if given:
+            raise DLRMError(f"not supported yet: --embedding-precision=bf16 with {name} (bfloat16 tables are "
+                            "trained on the CPU with SGD, one step per batch)")
+    if not kernels.native():
+        raise DLRMError(f"--embedding-precision=bf16 needs the native kernels: {kernels.status()}")
 
 
 def validate_quantization_args(args):
@@ -1260,6 +1283,8 @@ def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | 
     if ln_bot[0] != dense_dim:
         raise DLRMError(f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {ln_bot[0]}")
     ln_top = top_mlp_widths(args, len(table_sizes))
+    if embeddings is None and args.embedding_precision == "bf16":
+        embeddings = build_embeddings(args, table_sizes)
     if embeddings is None:
         tables = dict(qr_flag=args.qr_flag, qr_operation=args.qr_operation, qr_collisions=args.qr_collisions,
                       qr_threshold=args.qr_threshold, md_flag=args.md_flag, md_threshold=args.md_threshold,
@@ -1287,6 +1312,8 @@ def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | 
 
 def build_embeddings(args, table_sizes, tables=None) -> EmbeddingCollection:
     """The embedding collection the flags describe; `tables` (global ids) builds only those."""
+    if args.embedding_precision == "bf16":  # validate_args: batched tables only
+        return BatchedEmbeddingBags(table_sizes, args.arch_sparse_feature_size, tables=tables, dtype=torch.bfloat16)
     return create_embeddings(table_sizes, args.arch_sparse_feature_size, args.qr_flag, args.qr_operation,
                              args.qr_collisions, args.qr_threshold, args.md_flag, args.md_threshold,
                              args.md_temperature, args.md_round_dims, per_table=args.weighted_pooling is not None,
@@ -1315,7 +1342,8 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     interaction = InteractionConfig.from_args(args).dense_layers(len(table_sizes), args.arch_mlp_bot[-1], sparse_dim)
     needed = memory.estimate_memory(held, sparse_dim, [[dense_dim] + list(args.arch_mlp_bot[1:]),
                                                        *interaction, top_mlp_widths(args, len(table_sizes))],
-                                    batch_size, ids, None if args.inference_only else args.optimizer, workers)
+                                    batch_size, ids, None if args.inference_only else args.optimizer, workers,
+                                    table_element_bytes=2 if args.embedding_precision == "bf16" else 4)
     if args.data_generation == "synthetic":  # per table: an id stream, and where each batch starts in it
         samples, test_samples = generated_set_sizes(args)
         batches = math.ceil(samples / args.mini_batch_size) + math.ceil(test_samples / args.test_mini_batch_size)

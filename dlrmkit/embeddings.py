@@ -283,7 +283,7 @@ class EmbeddingBagFusedSGD(torch.autograd.Function):
     """Sum-pooled bags of `weight` rows whose backward applies the optimizer's SGD step to those rows.
 
     forward: as `F.embedding_bag(rows, weight, offsets, mode="sum", per_sample_weights=weights,
-    include_last_offset=True)`, [K, D]; backward: `optimizer.update_bags_(weight, rows, offsets, grad,
+    include_last_offset=True)`, [K, D] float32 (also from bfloat16 tables); backward: `optimizer.update_bags_(weight, rows, offsets, grad,
     weights)` and no gradient for `weight` (nor for the ids or constant weights)."""
 
     @staticmethod
@@ -291,7 +291,7 @@ class EmbeddingBagFusedSGD(torch.autograd.Function):
         ctx.save_for_backward(rows, offsets, *([] if weights is None else [weights]))
         ctx.weight, ctx.optimizer = weight, optimizer
         return F.embedding_bag(rows, weight, offsets, mode="sum", per_sample_weights=weights,
-                               include_last_offset=True)
+                               include_last_offset=True).float()  # bfloat16 tables: a float32 gradient back
 
     @staticmethod
     def backward(ctx, grad):
@@ -306,10 +306,16 @@ class BatchedEmbeddingBags(EmbeddingCollection):
     Table t owns rows [row_starts[t], row_starts[t] + table_sizes[t]) of `weight`; each index is
     shifted by its table's first row on the device (no host sync), and checked to lie inside its
     table, as one `nn.EmbeddingBag` per table would.
+
+    `dtype=torch.bfloat16` stores the rows in bfloat16 (half the memory and memory traffic; the pooled
+    sums still come out float32): meant for training fused with SGD (`fuse_sgd`), whose update rounds
+    stochastically, so that steps smaller than a bfloat16 step are kept on average.
     """
 
-    def __init__(self, table_sizes, dim, tables=None):
+    def __init__(self, table_sizes, dim, tables=None, dtype=torch.float32):
         super().__init__()
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"embedding tables are float32 or bfloat16, not {dtype}")
         seed = draw_tables_seed()
         tables = list(range(len(table_sizes)) if tables is None else tables)
         self.table_sizes = [int(table_sizes[t]) for t in tables]
@@ -318,7 +324,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
             raise ValueError(f"every embedding table needs at least one row, got {self.table_sizes}")
         self.row_starts = np.cumsum([0] + self.table_sizes[:-1]).tolist() if self.table_sizes else []
         total_rows = sum(self.table_sizes)
-        self.weight = nn.Parameter(torch.empty(total_rows, self.embedding_dim))
+        self.weight = nn.Parameter(torch.empty(total_rows, self.embedding_dim, dtype=dtype))
         uniform_rows_(self.weight.data, [(start, start + n, math.sqrt(1.0 / n), table_init_seed(seed, t))
                                          for start, n, t in zip(self.row_starts, self.table_sizes, tables)])
         # [first row, rows] of each table: looked up for every id in one repeat_interleave
@@ -338,7 +344,8 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         return (self[t] for t in range(len(self)))
 
     def extra_repr(self):
-        return f"tables={len(self)}, rows={self.weight.shape[0]}, dim={self.embedding_dim}"
+        dtype = "" if self.weight.dtype == torch.float32 else f", dtype={self.weight.dtype}"
+        return f"tables={len(self)}, rows={self.weight.shape[0]}, dim={self.embedding_dim}{dtype}"
 
     def pool(self, sparse: SparseFeatures) -> torch.Tensor:
         rows = self.stacked_rows(sparse)
@@ -347,7 +354,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
             pooled = EmbeddingBagFusedSGD.apply(self.weight, rows, sparse.offsets, sparse.weights, self.fused_sgd)
         else:
             pooled = F.embedding_bag(rows, self.weight, sparse.offsets, mode="sum", sparse=True,
-                                     per_sample_weights=sparse.weights, include_last_offset=True)
+                                     per_sample_weights=sparse.weights, include_last_offset=True).float()
         return pooled.view(len(self), sparse.batch_size, self.embedding_dim).transpose(0, 1)
 
     def stacked_rows(self, sparse: SparseFeatures) -> torch.Tensor:

@@ -81,6 +81,87 @@ void bag_sgd_f32(float *restrict weight, int64_t dim, const int64_t *restrict in
     }
 }
 
+/* bfloat16: the upper half of a float32's bits */
+static inline float bf16_to_f32(uint16_t h)
+{
+    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
+    return v.f;
+}
+
+/* float32 -> bfloat16, rounded stochastically: up with probability (the dropped low 16 bits) / 2^16,
+ * so that the rounded value equals x on average; a value bfloat16 holds exactly is kept exactly.
+ * Infinities and NaN are truncated (their low bits never carry into the exponent). Branch-free. */
+static inline uint16_t f32_to_bf16_stochastic(float x, uint32_t random16)
+{
+    union { float f; uint32_t u; } v = { x };
+    const uint32_t finite = (v.u & 0x7f800000u) != 0x7f800000u;
+    return (uint16_t)((v.u + random16 * finite) >> 16);
+}
+
+static inline uint64_t splitmix64(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* 16 random bits for element d of a row whose update drew `base`: a 32-bit integer hash
+ * (lowbias32) of base + d * golden ratio, independent across d, so the loop vectorises */
+static inline uint32_t random16_of(uint32_t base, int64_t d)
+{
+    uint32_t x = base + (uint32_t)d * 0x9e3779b9u;
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x >> 16;
+}
+
+/* bag_sgd_f32 on a bfloat16 weight: each id's update computed in float32 as there, then the row stored
+ * back rounded stochastically (f32_to_bf16_stochastic), with random bits that depend only on (seed, j, d):
+ * the same whatever the number of threads, so a run is reproducible. weight [rows, dim] bfloat16
+ * (uint16_t); the rest as bag_sgd_f32.
+ */
+void bag_sgd_bf16(uint16_t *restrict weight, int64_t dim, const int64_t *restrict indices,
+                  const int64_t *restrict offsets, int64_t num_bags, const float *restrict grad,
+                  const float *restrict index_weights, float scale, uint64_t seed, int64_t part, int64_t num_parts)
+{
+    const int64_t end = offsets[num_bags];
+    const uint64_t mixed_seed = splitmix64(seed);
+    for (int64_t b = 0; b < num_bags; b++) {
+        const float *restrict g = grad + b * dim;
+        for (int64_t j = offsets[b]; j < offsets[b + 1]; j++) {
+            if (j + PREFETCH_DISTANCE < end) {
+                const int64_t ahead = indices[j + PREFETCH_DISTANCE];
+                if (owns_row(ahead, part, num_parts)) {
+                    const char *row = (const char *)(weight + ahead * dim);
+                    for (int64_t byte = 0; byte < dim * (int64_t)sizeof(uint16_t); byte += 64)
+                        __builtin_prefetch(row + byte, 1);
+                }
+            }
+            const int64_t r = indices[j];
+            if (!owns_row(r, part, num_parts))
+                continue;
+            uint16_t *restrict w = weight + r * dim;
+            const uint32_t base = (uint32_t)splitmix64(mixed_seed + (uint64_t)j);
+            if (index_weights) {
+                const float iw = index_weights[j];
+                for (int64_t d = 0; d < dim; d++) {
+                    const float step = (g[d] * iw) * scale;
+                    w[d] = f32_to_bf16_stochastic(bf16_to_f32(w[d]) + step, random16_of(base, d));
+                }
+            } else {
+                for (int64_t d = 0; d < dim; d++) {
+                    const float step = g[d] * scale;
+                    w[d] = f32_to_bf16_stochastic(bf16_to_f32(w[d]) + step, random16_of(base, d));
+                }
+            }
+        }
+    }
+}
+
 /* Each id's row in a stack of tables, checked: rows[j] = indices[j] + first_row[t] for the ids j of
  * table t, which are indices[offsets[t * batch] .. offsets[(t + 1) * batch]) (SparseFeatures' layout;
  * offsets has num_tables * batch + 1 entries). Returns -1 when every id lies in [0, table_rows[t]) of

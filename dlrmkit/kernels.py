@@ -108,6 +108,8 @@ def _load(path: Path):
         library.bags_in_bounds.restype = ctypes.c_int
         library.bag_sgd_f32.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64, i64]
         library.bag_sgd_f32.restype = None
+        library.bag_sgd_bf16.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, ctypes.c_uint64, i64, i64]
+        library.bag_sgd_bf16.restype = None
         library.stacked_rows_checked.argtypes = [p, i64, p, i64, i64, p, p, p]
         library.stacked_rows_checked.restype = i64
     except AttributeError as e:
@@ -177,31 +179,40 @@ def _run_parts(fn, num_parts: int):
         list(_pool(num_parts).map(fn, range(num_parts)))
 
 
-def _native_ok(weight, indices, offsets, grad, index_weights) -> bool:
+def _native_ok(weight, indices, offsets, grad, index_weights, weight_dtype) -> bool:
     tensors = [weight, indices, offsets, grad] + ([index_weights] if index_weights is not None else [])
     return (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-            and weight.dtype == grad.dtype == torch.float32 and weight.dim() == grad.dim() == 2
+            and weight.dtype == weight_dtype and grad.dtype == torch.float32 and weight.dim() == grad.dim() == 2
             and indices.dtype == offsets.dtype == torch.int64
             and (index_weights is None or index_weights.dtype == torch.float32))
 
 
 @torch.no_grad()
 def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor,
-             scale: float, index_weights: torch.Tensor | None = None) -> None:
+             scale: float, index_weights: torch.Tensor | None = None, seed: int = 0) -> None:
     """SGD on the rows of `weight` that sum-pooled bags looked up, from the gradient of the bags:
     weight[indices[j]] += (grad[b] * index_weights[j]) * scale for every id j of every bag b (scale = -lr).
 
-    weight [R, D] float; indices [N] int64 rows of weight (in range: checked by the lookup);
-    offsets [K + 1] int64, bag b = indices[offsets[b]:offsets[b + 1]]; grad [K, D] of the pooled bags;
-    index_weights [N] or None. Equal bit for bit to what `F.embedding_bag(..., sparse=True)`'s backward,
-    then `optim.SGD`'s `grad * -lr` and a scatter-add compute, without their [N, D] gradient. In place.
+    weight [R, D] float32 or bfloat16; indices [N] int64 rows of weight; offsets [K + 1] int64, bag b =
+    indices[offsets[b]:offsets[b + 1]]; grad [K, D] of the pooled bags; index_weights [N] or None.
+    float32: equal bit for bit to what `F.embedding_bag(..., sparse=True)`'s backward, then `optim.SGD`'s
+    `grad * -lr` and a scatter-add compute, without their [N, D] gradient. bfloat16: each sum computed in
+    float32 and rounded stochastically (unbiased; small steps are not lost), with random bits from `seed`
+    and the id's position only: native kernels only (RuntimeError without them). In place. ValueError for
+    offsets outside the ids or ids outside the weight.
     """
     num_bags = offsets.numel() - 1
     if num_bags < 1 or indices.numel() == 0:
         return
-    grad = grad.contiguous()
-    library, _ = _library()
-    if library is None or not _native_ok(weight, indices, offsets, grad, index_weights):
+    grad = grad.float().contiguous()
+    library, problem = _library()
+    if weight.dtype == torch.bfloat16:
+        if library is None:
+            raise RuntimeError(f"bfloat16 embedding tables need the native kernels ({problem})")
+        if not _native_ok(weight, indices, offsets, grad, index_weights, torch.bfloat16):
+            raise ValueError("bag_sgd_ on a bfloat16 weight takes CPU tensors: contiguous int64 ids and offsets, "
+                             "float32 gradient and index weights")
+    elif library is None or not _native_ok(weight, indices, offsets, grad, index_weights, torch.float32):
         return _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights)
     dim = weight.shape[1]
     if not library.bags_in_bounds(indices.data_ptr(), indices.numel(), offsets.data_ptr(), num_bags, weight.shape[0]):
@@ -210,7 +221,10 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
     parts = torch.get_num_threads() if indices.numel() * dim >= PARALLEL_MIN_ELEMENTS else 1
     pointers = (weight.data_ptr(), dim, indices.data_ptr(), offsets.data_ptr(), num_bags, grad.data_ptr(),
                 index_weights.data_ptr() if index_weights is not None else None, float(scale))
-    _run_parts(lambda part: library.bag_sgd_f32(*pointers, part, parts), max(1, parts))
+    if weight.dtype == torch.bfloat16:
+        _run_parts(lambda part: library.bag_sgd_bf16(*pointers, seed & (2**64 - 1), part, parts), max(1, parts))
+    else:
+        _run_parts(lambda part: library.bag_sgd_f32(*pointers, part, parts), max(1, parts))
 
 
 def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):

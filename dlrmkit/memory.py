@@ -45,10 +45,10 @@ class MemoryEstimate:
 
 
 def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample: float, optimizer: str | None,
-                    num_workers: int = 0) -> MemoryEstimate:
-    """Bytes a run needs, by part (all float32):
+                    num_workers: int = 0, table_element_bytes: int = 4) -> MemoryEstimate:
+    """Bytes a run needs, by part (all float32, the tables' rows table_element_bytes each: 2 in bfloat16):
 
-        parameters      = 4 * dim * sum(table_rows) + 2 * 4 * MLP weights (with their gradients)
+        parameters      = E * dim * sum(table_rows) + 2 * 4 * MLP weights (with their gradients)
         optimizer state = adagrad: as much again as tables and MLP weights; rwsadagrad: 4 per table
                           row plus the MLP weights; sgd, or None (no training): 0
         batch inputs    = batch_size * (48 * ids + 4 * (dense features + 1))
@@ -66,7 +66,7 @@ def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample:
     rows = sum(int(n) for n in table_rows)
     weights = sum(a * b + b for widths in mlps for a, b in zip(widths[:-1], widths[1:]))
     units = sum(sum(widths) for widths in mlps) + (len(table_rows) + 1) * dim
-    tables = FLOAT * dim * rows
+    tables = table_element_bytes * dim * rows
     if optimizer == "adagrad":
         state = tables + FLOAT * weights
     elif optimizer == "rwsadagrad":

@@ -84,3 +84,12 @@ def load_days(processed):
     days = range(len(processed.day_rows))
     return tuple(np.concatenate([np.load(processed.day_file(d, kind)) for d in days])
                  for kind in ("label", "dense", "sparse"))
+
+
+def random_batch(batch_size=6, tables=(5, 1, 7, 3), max_bag=4, seed=0):
+    """Bags of 0..max_bag ids (empty bags included), repeated rows across and within bags."""
+    rng = np.random.default_rng(seed)
+    lengths = [rng.integers(0, max_bag + 1, batch_size) for _ in tables]
+    indices = [rng.integers(0, n, int(l.sum())) for n, l in zip(tables, lengths)]
+    target = rng.random(batch_size).round()
+    return dlrm_data.batch_from_tables(rng.random((batch_size, 3)), lengths, indices, target)

@@ -2,28 +2,18 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import dlrm_data
 from dlrmkit import embeddings
 from dlrm_s_pytorch import DLRM_Net, create_embeddings, interaction_width
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList
 from dlrmkit.optim import coalesce_rows, make_optimizer
 from dlrmkit.sparse import SparseFeatures
+from helpers import random_batch
 
 TABLES = [5, 1, 7, 3]
-
-
-def random_batch(batch_size=6, tables=TABLES, max_bag=4, seed=0):
-    """Bags of 0..max_bag ids (empty bags included), repeated rows across and within bags."""
-    rng = np.random.default_rng(seed)
-    lengths = [rng.integers(0, max_bag + 1, batch_size) for _ in tables]
-    indices = [rng.integers(0, n, int(l.sum())) for n, l in zip(tables, lengths)]
-    target = rng.random(batch_size).round()
-    return dlrm_data.batch_from_tables(rng.random((batch_size, 3)), lengths, indices, target)
 
 
 def naive_pool(tables_weights, batch):

@@ -1,5 +1,6 @@
 """The native kernels equal PyTorch's operators bit for bit, and fall back to them cleanly."""
 
+import copy
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from dlrmkit import kernels
 from dlrmkit.optim import make_optimizer
+from helpers import random_batch
 
 needs_native = pytest.mark.skipif(kernels.status() != "native", reason=f"no native kernels: {kernels.status()}")
 
@@ -258,3 +260,90 @@ def test_with_accumulation_the_rate_in_force_mid_window_is_the_last_updates():
     dlrm.train(args, model, optimizer, train_set, test_set, torch.device("cpu"), dlrm.TrainState(), 6,
                log=lambda line: rates.append(optimizer.param_groups[0]["lr"]))
     assert rates[0] == dlrm.lr_for_update(1, 0.5, 4, 0, 0) != dlrm.lr_for_update(2, 0.5, 4, 0, 0)
+
+
+# --------------------------------------------------------------------------- bfloat16 tables
+@needs_native
+def test_bf16_updates_round_stochastically_without_bias():
+    """Steps far below bfloat16's resolution at 1.0 (2^-7) still move the weight, by the right amount on average,
+    and a sum that bfloat16 holds exactly is stored exactly."""
+    weight = torch.ones(4, 64, dtype=torch.bfloat16)
+    ids, offsets, grad = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 4]), torch.ones(1, 64)
+    for step in range(1000):
+        kernels.bag_sgd_(weight, ids, offsets, grad, -1e-4, seed=step)
+    mean = weight.float().mean().item()
+    assert abs(mean - 0.9) < 0.002  # 256 elements, each a sum of 1000 unbiased roundings
+    exact = torch.ones(1, 8, dtype=torch.bfloat16)
+    kernels.bag_sgd_(exact, torch.tensor([0]), torch.tensor([0, 1]), torch.ones(1, 8), 0.5, seed=3)
+    assert torch.equal(exact, torch.full((1, 8), 1.5, dtype=torch.bfloat16))
+    special = torch.tensor([[float("inf"), float("-inf"), float("nan"), 0.0]], dtype=torch.bfloat16)
+    kernels.bag_sgd_(special, torch.tensor([0]), torch.tensor([0, 1]), torch.ones(1, 4), 0.0, seed=1)
+    assert special[0, :2].tolist() == [float("inf"), float("-inf")] and special[0, 2].isnan() and special[0, 3] == 0
+
+
+@needs_native
+def test_bf16_updates_depend_on_the_seed_only_not_on_threads(monkeypatch):
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 1)
+    _, ids, offsets, grad, index_weights = bags(500, 16, 3000, 40, seed=2, weighted=True)
+    start = torch.randn(500, 16).bfloat16()
+    results = {}
+    for threads, seed in [(1, 7), (2, 7), (3, 7), (2, 8)]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            w = start.clone()
+            kernels.bag_sgd_(w, ids, offsets, grad, -1e-3, index_weights, seed=seed)
+            results[threads, seed] = w
+        finally:
+            torch.set_num_threads(previous)
+    assert torch.equal(results[1, 7], results[2, 7]) and torch.equal(results[1, 7], results[3, 7])
+    assert not torch.equal(results[2, 7], results[2, 8])
+    error = results[2, 7].float() - reference_sgd(start.float(), ids, offsets, grad, index_weights, lr=1e-3)
+    assert abs(error.mean().item()) < 2e-3 and error.abs().mean().item() < 0.05  # unbiased roundings
+
+
+def test_bf16_tables_need_sgd_on_the_cpu_one_step_per_batch(run_main):
+    base = ["--arch-embedding-size=100-200", "--data-size=256", "--mini-batch-size=64", "--embedding-precision=bf16"]
+    for extra, name in [(["--optimizer=adagrad"], "--optimizer=adagrad"), (["--qr-flag"], "--qr-flag"),
+                        (["--mlperf-grad-accum-iter=2"], "--mlperf-grad-accum-iter=2")]:
+        code, out, err = run_main(*base, *extra)
+        assert code == 1 and err == (f"dlrm_s_pytorch.py: error: not supported yet: --embedding-precision=bf16 "
+                                     f"with {name} (bfloat16 tables are trained on the CPU with SGD, one step "
+                                     "per batch)\n"), err
+
+
+@needs_native
+def test_bf16_tables_resume_exactly_from_a_checkpoint_of_weights_and_optimizer():
+    """The rounding's random bits follow the optimizer's update count, which its state_dict carries:
+    a model and optimizer restored from a checkpoint continue exactly as the ones never stopped."""
+    import dlrm_s_pytorch as dlrm
+
+    args = dlrm.parse_args(["--arch-sparse-feature-size=4", "--arch-mlp-bot=3-4", "--arch-mlp-top=8-1",
+                            "--arch-embedding-size=50-60", "--embedding-precision=bf16", "--learning-rate=0.2"])
+    batches = [random_batch(tables=[50, 60], seed=s) for s in range(6)]
+
+    def trained(model, optimizer, some):
+        for batch in some:
+            optimizer.zero_grad()
+            F.binary_cross_entropy(model(batch.dense_x, batch.sparse), batch.target).backward()
+            optimizer.step()
+
+    torch.manual_seed(0)
+    model = dlrm.build_model(args, 3, [50, 60])
+    optimizer = dlrm.build_optimizer(args, model)
+    assert model.emb_l.weight.dtype == torch.bfloat16 and model.emb_l.fused_sgd is optimizer
+    trained(model, optimizer, batches[:3])
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    trained(model, optimizer, batches[3:])
+    torch.manual_seed(1)  # other initial weights, all overwritten by the checkpoint
+    restored = dlrm.build_model(args, 3, [50, 60])
+    restored_optimizer = dlrm.build_optimizer(args, restored)
+    restored.load_state_dict(saved[0])
+    restored_optimizer.load_state_dict(saved[1])
+    trained(restored, restored_optimizer, batches[3:])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    fp32 = dlrm.build_model(dlrm.parse_args(["--arch-sparse-feature-size=4", "--arch-mlp-bot=3-4",
+                                             "--arch-mlp-top=8-1", "--arch-embedding-size=50-60"]), 3, [50, 60])
+    fp32.load_state_dict(model.state_dict())  # float32 tables take a bfloat16 checkpoint
+    assert torch.equal(fp32.emb_l.weight, model.emb_l.weight.float())

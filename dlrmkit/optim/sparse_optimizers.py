@@ -243,7 +243,12 @@ class SGD(_FusedSparseOptimizer):
         grad_factor = self._amp_grad_factor()
         if grad_factor is not None:
             raise RuntimeError("a fused embedding update cannot unscale gradients (GradScaler): unfuse it")
-        kernels.bag_sgd_(p, indices, offsets, bag_grads.to(p.dtype), -group["lr"], index_weights)
+        seed = 0
+        if p.dtype == torch.bfloat16:  # stochastic rounding: other random bits at every update, resumable
+            state = self.state[p]
+            seed = state["rounding_seed"] = state.get("rounding_seed", 0) + 1
+        kernels.bag_sgd_(p, indices, offsets, bag_grads.float() if p.dtype == torch.bfloat16 else bag_grads.to(p.dtype),
+                         -group["lr"], index_weights, seed=seed)
 
 
 ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's, the original's
