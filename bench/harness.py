@@ -103,6 +103,10 @@ CONFIGS = {
 }
 CPU_DEFAULT = ["kaggle-128", "kaggle-2048", "benchmark", "terabyte-small", "dcnv2-small"]
 REFERENCE, FLOOR = "reference", "dense floor"  # the plain-PyTorch runs measured next to ours
+# each --precisions value as trainer flags; bf16-tables: bf16 MLPs and bfloat16 embedding tables
+# (the plain-PyTorch runs of that precision keep float32 tables: they run as bf16)
+PRECISION_FLAGS = {"fp32": [], "bf16": ["--precision=bf16"], "fp16": ["--precision=fp16"],
+                   "bf16-tables": ["--precision=bf16", "--embedding-precision=bf16"]}
 
 
 # ============================================================================ one run (child process)
@@ -156,8 +160,8 @@ def run_child(spec: dict):
         torch.set_num_threads(spec["threads"])
 
     argv = list(spec["flags"])
-    if spec["precision"] != "fp32":
-        argv.append(f"--precision={spec['precision']}")
+    argv += PRECISION_FLAGS[spec["precision"]] if spec["code"] not in (REFERENCE, FLOOR) else \
+        PRECISION_FLAGS[spec["precision"]][:1]
     if spec["compile"]:
         argv.append("--compile")
     if spec["device"] == "cuda":
@@ -517,7 +521,7 @@ def original_rows(name, precisions, opts) -> list:
     script = os.path.abspath(opts.original)
     runs = [("original", "fp32", script, list(flags))]
     runs += [("this (program)", p, os.path.join(ROOT, "dlrm_s_pytorch.py"),
-              list(flags) + ([f"--precision={p}"] if p != "fp32" else [])) for p in precisions]
+              list(flags) + PRECISION_FLAGS[p]) for p in precisions]
     measured = {run[:2]: [] for run in runs}
     errors = {}
     for attempt in range(opts.repeat):
@@ -613,8 +617,9 @@ def parse_args(argv=None):
     parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
                         help=f"configurations to run (default: {' '.join(CPU_DEFAULT)} on the CPU, "
                              "kaggle-16384 and benchmark on CUDA)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
-                        help="--precision values to run each configuration with")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISION_FLAGS),
+                        help="--precision values to run each configuration with (bf16-tables: bf16 with "
+                             "--embedding-precision=bf16)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     parser.add_argument("--compile", action="store_true", help="add --compile to every run of this code")
     parser.add_argument("--baseline", default=None, metavar="REV",
