@@ -16,6 +16,19 @@ static inline int owns_row(int64_t row, int64_t part, int64_t num_parts)
     return ((row >> ROWS_PER_BLOCK_SHIFT) % num_parts) == part;
 }
 
+/* Prefetches, for writing, the row of the id PREFETCH_DISTANCE after position j (of the end ids)
+ * when this part owns it: its cache lines arrive while the rows before it are updated. */
+static inline void prefetch_ahead(const char *weight, int64_t row_bytes, const int64_t *indices, int64_t j,
+                                  int64_t end, int64_t part, int64_t num_parts)
+{
+    if (j + PREFETCH_DISTANCE >= end)
+        return;
+    const int64_t ahead = indices[j + PREFETCH_DISTANCE];
+    if (owns_row(ahead, part, num_parts))
+        for (int64_t byte = 0; byte < row_bytes; byte += 64)
+            __builtin_prefetch(weight + ahead * row_bytes + byte, 1);
+}
+
 /* Whether bags and ids can be walked safely: 0 <= offsets[0] <= ... <= offsets[num_bags] <= num_indices
  * and every id they hold in [0, num_rows). */
 int bags_in_bounds(const int64_t *restrict indices, int64_t num_indices, const int64_t *restrict offsets,
@@ -53,14 +66,7 @@ void bag_sgd_f32(float *restrict weight, int64_t dim, const int64_t *restrict in
     for (int64_t b = 0; b < num_bags; b++) {
         const float *restrict g = grad + b * dim;
         for (int64_t j = offsets[b]; j < offsets[b + 1]; j++) {
-            if (j + PREFETCH_DISTANCE < end) {
-                const int64_t ahead = indices[j + PREFETCH_DISTANCE];
-                if (owns_row(ahead, part, num_parts)) {
-                    const char *row = (const char *)(weight + ahead * dim);
-                    for (int64_t byte = 0; byte < dim * (int64_t)sizeof(float); byte += 64)
-                        __builtin_prefetch(row + byte, 1);
-                }
-            }
+            prefetch_ahead((const char *)weight, dim * (int64_t)sizeof(float), indices, j, end, part, num_parts);
             const int64_t r = indices[j];
             if (!owns_row(r, part, num_parts))
                 continue;
@@ -133,14 +139,7 @@ void bag_sgd_bf16(uint16_t *restrict weight, int64_t dim, const int64_t *restric
     for (int64_t b = 0; b < num_bags; b++) {
         const float *restrict g = grad + b * dim;
         for (int64_t j = offsets[b]; j < offsets[b + 1]; j++) {
-            if (j + PREFETCH_DISTANCE < end) {
-                const int64_t ahead = indices[j + PREFETCH_DISTANCE];
-                if (owns_row(ahead, part, num_parts)) {
-                    const char *row = (const char *)(weight + ahead * dim);
-                    for (int64_t byte = 0; byte < dim * (int64_t)sizeof(uint16_t); byte += 64)
-                        __builtin_prefetch(row + byte, 1);
-                }
-            }
+            prefetch_ahead((const char *)weight, dim * (int64_t)sizeof(uint16_t), indices, j, end, part, num_parts);
             const int64_t r = indices[j];
             if (!owns_row(r, part, num_parts))
                 continue;
