@@ -851,8 +851,8 @@ def check_bf16_tables(args):
         if given:
             raise DLRMError(f"not supported yet: --embedding-precision=bf16 with {name} (bfloat16 tables are "
                             "trained on the CPU with SGD, one step per batch)")
-    if not kernels.native():
-        raise DLRMError(f"--embedding-precision=bf16 needs the native kernels: {kernels.status()}")
+    if not args.inference_only and not kernels.native():  # the update; lookups run without them
+        raise DLRMError(f"--embedding-precision=bf16 needs the native kernels to train: {kernels.status()}")
 
 
 def validate_quantization_args(args):
@@ -965,9 +965,9 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
     scores, targets = [], []
     loader = dlrm_data.make_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda")
     progress = ProgressBar("testing", len(dataset), show=show_progress, with_loss=False)
-    for batch in device_batches(loader, device):
+    for k, batch in enumerate(device_batches(loader, device)):
         with autocast(precision, device):
-            z = model_output(model, batch, "a test batch")
+            z = model_output(model, batch, f"test batch {k + 1}")
         scores.append(z.float())
         targets.append(batch.target)
         progress.step(batch.global_batch_size)
@@ -1433,7 +1433,7 @@ def print_parameters(model, title):
     """The original's order and shapes: each table, then each MLP weight and bias."""
     print(title)
     for param in model.state_dict().values():
-        print(param.detach().cpu().numpy())
+        print(param.detach().cpu().numpy() if param.dtype != torch.bfloat16 else param.detach().float().cpu().numpy())
 
 
 # ============================================================================ training loop

@@ -138,17 +138,18 @@ def table_rows(bag: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     return bag(indices, torch.arange(indices.shape[0], device=indices.device))
 
 
-def check_ids_in_range(sparse: SparseFeatures, rows_of_table: torch.Tensor, table_sizes) -> None:
+def check_ids_in_range(sparse: SparseFeatures, rows_of_table: torch.Tensor, table_sizes, table_ids=None) -> None:
     """Raises IndexError naming the first id outside its table (ids < 0 or >= its table's rows);
-    `rows_of_table` [N] holds each id's table size. On a GPU a device-side assertion (no host sync)."""
+    `rows_of_table` [N] holds each id's table size; `table_ids` the model's number of each table (default
+    0, 1, ...). On a GPU a device-side assertion (no host sync)."""
     out_of_range = (sparse.indices < 0) | (sparse.indices >= rows_of_table)
     if sparse.indices.device.type != "cpu":
         torch._assert_async(~out_of_range.any(), "embedding index out of range of its table")
     elif bool(out_of_range.any()):
         position = int(out_of_range.nonzero()[0])
         table = bisect.bisect_right(sparse.table_bounds().tolist(), position) - 1
-        raise IndexError(f"embedding index {int(sparse.indices[position])} out of range for table {table} "
-                         f"({table_sizes[table]} rows)")
+        raise IndexError(f"embedding index {int(sparse.indices[position])} out of range for table "
+                         f"{table_ids[table] if table_ids is not None else table} ({table_sizes[table]} rows)")
 
 
 # ids per batch from which a one-pass range check (ids_fit_smallest_table) is tried first on the CPU
@@ -283,7 +284,8 @@ class EmbeddingBagFusedSGD(torch.autograd.Function):
     """Sum-pooled bags of `weight` rows whose backward applies the optimizer's SGD step to those rows.
 
     forward: as `F.embedding_bag(rows, weight, offsets, mode="sum", per_sample_weights=weights,
-    include_last_offset=True)`, [K, D] float32 (also from bfloat16 tables); backward: `optimizer.update_bags_(weight, rows, offsets, grad,
+    include_last_offset=True)`, [K, D] widened to float32 (bfloat16 tables: their sums rounded to bfloat16
+    first); backward: `optimizer.update_bags_(weight, rows, offsets, grad,
     weights)` and no gradient for `weight` (nor for the ids or constant weights)."""
 
     @staticmethod
@@ -308,8 +310,9 @@ class BatchedEmbeddingBags(EmbeddingCollection):
     table, as one `nn.EmbeddingBag` per table would.
 
     `dtype=torch.bfloat16` stores the rows in bfloat16 (half the memory and memory traffic; the pooled
-    sums still come out float32): meant for training fused with SGD (`fuse_sgd`), whose update rounds
-    stochastically, so that steps smaller than a bfloat16 step are kept on average.
+    sums are added in float32 and come out rounded to bfloat16, then widened to float32): meant for
+    training fused with SGD (`fuse_sgd`), whose update rounds stochastically, so that steps smaller than
+    a bfloat16 step are kept on average.
     """
 
     def __init__(self, table_sizes, dim, tables=None, dtype=torch.float32):
@@ -319,6 +322,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         seed = draw_tables_seed()
         tables = list(range(len(table_sizes)) if tables is None else tables)
         self.table_sizes = [int(table_sizes[t]) for t in tables]
+        self.table_ids = tables  # the model's number of each table held here (errors name those)
         self.embedding_dim = int(dim)
         if any(n < 1 for n in self.table_sizes):
             raise ValueError(f"every embedding table needs at least one row, got {self.table_sizes}")
@@ -365,15 +369,15 @@ class BatchedEmbeddingBags(EmbeddingCollection):
             rows, bad = native
             if bad >= 0:
                 table = bisect.bisect_right(sparse.table_bounds().tolist(), bad) - 1
-                raise IndexError(f"embedding index {int(sparse.indices[bad])} out of range for table {table} "
-                                 f"({self.table_sizes[table]} rows)")
+                raise IndexError(f"embedding index {int(sparse.indices[bad])} out of range for table "
+                                 f"{self.table_ids[table]} ({self.table_sizes[table]} rows)")
             return rows
         if (sparse.indices.device.type == "cpu" and sparse.indices.numel() >= ONE_PASS_CHECK_MIN_IDS
                 and ids_fit_smallest_table(sparse, self.table_sizes)):
             first_row = sparse.per_index(self.row_ranges[0])  # of each id's table
         else:
             first_row, table_rows = sparse.per_index(self.row_ranges)
-            check_ids_in_range(sparse, table_rows, self.table_sizes)
+            check_ids_in_range(sparse, table_rows, self.table_sizes, self.table_ids)
         return sparse.indices + first_row
 
     def fuse_sgd(self, optimizer) -> None:

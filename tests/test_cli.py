@@ -200,3 +200,22 @@ def test_ids_outside_their_table_stop_the_run_with_one_line_naming_the_batch(run
     assert code == 1
     assert re.fullmatch(r"dlrm_s_pytorch\.py: error: training batch 1 of epoch 0: embedding index \d+ out of range "
                         r"for table 2 \(300 rows\)\n", err), err
+
+
+def test_ids_outside_their_table_in_a_test_batch_name_it(run_main, monkeypatch):
+    import dlrm_data
+
+    make_batch = dlrm_data.batch_from_tables
+
+    def too_large_ids_when_testing(dense_x, lengths, indices, target):
+        if dense_x.shape[0] == 32:  # the test batches
+            indices = list(indices)
+            indices[0] = indices[0] + 1000
+        return make_batch(dense_x, lengths, indices, target)
+
+    monkeypatch.setattr(dlrm_data, "batch_from_tables", too_large_ids_when_testing)
+    code, out, err = run_main("--arch-embedding-size=100-200", "--data-size=256", "--mini-batch-size=64",
+                              "--test-mini-batch-size=32", "--test-freq=2")
+    assert code == 1
+    assert re.fullmatch(r"dlrm_s_pytorch\.py: error: test batch 1: embedding index \d+ out of range for table 0 "
+                        r"\(100 rows\)\n", err), err

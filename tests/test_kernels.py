@@ -347,3 +347,31 @@ def test_bf16_tables_resume_exactly_from_a_checkpoint_of_weights_and_optimizer()
                                              "--arch-mlp-top=8-1", "--arch-embedding-size=50-60"]), 3, [50, 60])
     fp32.load_state_dict(model.state_dict())  # float32 tables take a bfloat16 checkpoint
     assert torch.equal(fp32.emb_l.weight, model.emb_l.weight.float())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bad_id_names_the_models_table_in_a_collection_of_some_tables(native, monkeypatch):
+    """A model-parallel process holds some of the model's tables: errors name the model's table number."""
+    from dlrmkit.embeddings import BatchedEmbeddingBags
+    from dlrmkit.sparse import SparseFeatures
+
+    if not native:
+        monkeypatch.setattr(kernels, "_library", lambda: (None, "switched off by the test"))
+    held = BatchedEmbeddingBags([5, 1, 7, 3], 2, tables=[1, 3])  # the model's tables 1 (1 row) and 3 (3 rows)
+    sparse = SparseFeatures.one_hot(torch.tensor([[0, 2], [0, 4]]))
+    with pytest.raises(IndexError, match=r"^embedding index 4 out of range for table 3 \(3 rows\)$"):
+        held(sparse)
+
+
+def test_bf16_tables_print_with_debug_mode_and_run_inference_without_native_kernels(run_main, monkeypatch):
+    base = ["--arch-embedding-size=100-200", "--data-size=256", "--mini-batch-size=64", "--embedding-precision=bf16"]
+    if kernels.native():
+        code, out, err = run_main(*base, "--debug-mode")
+        assert code == 0, err
+        assert "initial parameters (weights and bias):" in out
+    monkeypatch.setattr(kernels, "_library", lambda: (None, "switched off by the test"))
+    code, out, err = run_main(*base, "--inference-only")
+    assert code == 0, err
+    code, out, err = run_main(*base)
+    assert code == 1 and err == ("dlrm_s_pytorch.py: error: --embedding-precision=bf16 needs the native kernels to "
+                                 "train: PyTorch fallback: switched off by the test\n"), err
