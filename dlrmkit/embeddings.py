@@ -289,17 +289,19 @@ class EmbeddingBagFusedSGD(torch.autograd.Function):
     weights)` and no gradient for `weight` (nor for the ids or constant weights)."""
 
     @staticmethod
-    def forward(ctx, weight, rows, offsets, weights, optimizer):
+    def forward(ctx, weight, rows, offsets, weights, optimizer, bags_per_table, table_ids):
         ctx.save_for_backward(rows, offsets, *([] if weights is None else [weights]))
-        ctx.weight, ctx.optimizer = weight, optimizer
+        ctx.weight, ctx.optimizer, ctx.tables = weight, optimizer, (bags_per_table, table_ids)
         return F.embedding_bag(rows, weight, offsets, mode="sum", per_sample_weights=weights,
                                include_last_offset=True).float()  # bfloat16 tables: a float32 gradient back
 
     @staticmethod
     def backward(ctx, grad):
         rows, offsets, *weights = ctx.saved_tensors
-        ctx.optimizer.update_bags_(ctx.weight, rows, offsets, grad, weights[0] if weights else None)
-        return None, None, None, None, None
+        bags_per_table, table_ids = ctx.tables
+        ctx.optimizer.update_bags_(ctx.weight, rows, offsets, grad, weights[0] if weights else None,
+                                   bags_per_table=bags_per_table, table_ids=table_ids)
+        return None, None, None, None, None, None, None
 
 
 class BatchedEmbeddingBags(EmbeddingCollection):
@@ -322,7 +324,8 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         seed = draw_tables_seed()
         tables = list(range(len(table_sizes)) if tables is None else tables)
         self.table_sizes = [int(table_sizes[t]) for t in tables]
-        self.table_ids = tables  # the model's number of each table held here (errors name those)
+        self.table_ids = tables  # the model's number of each table held here (errors and bf16 rounding use them)
+        self.table_id_tensor = torch.tensor(tables, dtype=torch.int64)
         self.embedding_dim = int(dim)
         if any(n < 1 for n in self.table_sizes):
             raise ValueError(f"every embedding table needs at least one row, got {self.table_sizes}")
@@ -355,7 +358,8 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         rows = self.stacked_rows(sparse)
         if (self.fused_sgd is not None and torch.is_grad_enabled() and self.weight.requires_grad
                 and (sparse.weights is None or not sparse.weights.requires_grad)):
-            pooled = EmbeddingBagFusedSGD.apply(self.weight, rows, sparse.offsets, sparse.weights, self.fused_sgd)
+            pooled = EmbeddingBagFusedSGD.apply(self.weight, rows, sparse.offsets, sparse.weights, self.fused_sgd,
+                                                sparse.batch_size, self.table_id_tensor)
         else:
             pooled = F.embedding_bag(rows, self.weight, sparse.offsets, mode="sum", sparse=True,
                                      per_sample_weights=sparse.weights, include_last_offset=True).float()

@@ -126,25 +126,30 @@ static inline uint32_t random16_of(uint32_t base, int64_t d)
 }
 
 /* bag_sgd_f32 on a bfloat16 weight: each id's update computed in float32 as there, then the row stored
- * back rounded stochastically (f32_to_bf16_stochastic), with random bits that depend only on (seed, j, d):
- * the same whatever the number of threads, so a run is reproducible. weight [rows, dim] bfloat16
- * (uint16_t); the rest as bag_sgd_f32.
+ * back rounded stochastically (f32_to_bf16_stochastic), with random bits that depend only on the seed,
+ * the table, the id's position among its table's ids and d: the same whatever the number of threads, and
+ * in a process holding some of the model's tables. The bags are bags_per_table per table, table t's
+ * number in the model table_ids[t] (NULL: t). weight [rows, dim] bfloat16 (uint16_t); the rest as
+ * bag_sgd_f32.
  */
 void bag_sgd_bf16(uint16_t *restrict weight, int64_t dim, const int64_t *restrict indices,
                   const int64_t *restrict offsets, int64_t num_bags, const float *restrict grad,
-                  const float *restrict index_weights, float scale, uint64_t seed, int64_t part, int64_t num_parts)
+                  const float *restrict index_weights, float scale, uint64_t seed, int64_t bags_per_table,
+                  const int64_t *restrict table_ids, int64_t part, int64_t num_parts)
 {
     const int64_t end = offsets[num_bags];
     const uint64_t mixed_seed = splitmix64(seed);
     for (int64_t b = 0; b < num_bags; b++) {
         const float *restrict g = grad + b * dim;
+        const int64_t table = b / bags_per_table, table_start = offsets[table * bags_per_table];
+        const uint64_t table_seed = splitmix64(mixed_seed ^ (uint64_t)(table_ids ? table_ids[table] : table));
         for (int64_t j = offsets[b]; j < offsets[b + 1]; j++) {
             prefetch_ahead((const char *)weight, dim * (int64_t)sizeof(uint16_t), indices, j, end, part, num_parts);
             const int64_t r = indices[j];
             if (!owns_row(r, part, num_parts))
                 continue;
             uint16_t *restrict w = weight + r * dim;
-            const uint32_t base = (uint32_t)splitmix64(mixed_seed + (uint64_t)j);
+            const uint32_t base = (uint32_t)splitmix64(table_seed + (uint64_t)(j - table_start));
             if (index_weights) {
                 const float iw = index_weights[j];
                 for (int64_t d = 0; d < dim; d++) {

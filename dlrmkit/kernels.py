@@ -108,7 +108,7 @@ def _load(path: Path):
         library.bags_in_bounds.restype = ctypes.c_int
         library.bag_sgd_f32.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64, i64]
         library.bag_sgd_f32.restype = None
-        library.bag_sgd_bf16.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, ctypes.c_uint64, i64, i64]
+        library.bag_sgd_bf16.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, ctypes.c_uint64, i64, p, i64, i64]
         library.bag_sgd_bf16.restype = None
         library.stacked_rows_checked.argtypes = [p, i64, p, i64, i64, p, p, p]
         library.stacked_rows_checked.restype = i64
@@ -189,7 +189,8 @@ def _native_ok(weight, indices, offsets, grad, index_weights, weight_dtype) -> b
 
 @torch.no_grad()
 def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor,
-             scale: float, index_weights: torch.Tensor | None = None, seed: int = 0) -> None:
+             scale: float, index_weights: torch.Tensor | None = None, seed: int = 0, bags_per_table: int = 0,
+             table_ids: torch.Tensor | None = None) -> None:
     """SGD on the rows of `weight` that sum-pooled bags looked up, from the gradient of the bags:
     weight[indices[j]] += (grad[b] * index_weights[j]) * scale for every id j of every bag b (scale = -lr).
 
@@ -197,9 +198,10 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
     indices[offsets[b]:offsets[b + 1]]; grad [K, D] of the pooled bags; index_weights [N] or None.
     float32: equal bit for bit to what `F.embedding_bag(..., sparse=True)`'s backward, then `optim.SGD`'s
     `grad * -lr` and a scatter-add compute, without their [N, D] gradient. bfloat16: each sum computed in
-    float32 and rounded stochastically (unbiased; small steps are not lost), with random bits from `seed`
-    and the id's position only: native kernels only (RuntimeError without them). In place. ValueError for
-    offsets outside the ids or ids outside the weight.
+    float32 and rounded stochastically (unbiased; small steps are not lost), with random bits from `seed`,
+    the table (bags_per_table bags each, numbered `table_ids` [T] int64 in the model, default 0, 1, ...;
+    0 bags_per_table: one table) and the id's position among its table's ids: native kernels only
+    (RuntimeError without them). In place. ValueError for offsets outside the ids or ids outside the weight.
     """
     num_bags = offsets.numel() - 1
     if num_bags < 1 or indices.numel() == 0:
@@ -222,7 +224,13 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
     pointers = (weight.data_ptr(), dim, indices.data_ptr(), offsets.data_ptr(), num_bags, grad.data_ptr(),
                 index_weights.data_ptr() if index_weights is not None else None, float(scale))
     if weight.dtype == torch.bfloat16:
-        _run_parts(lambda part: library.bag_sgd_bf16(*pointers, seed & (2**64 - 1), part, parts), max(1, parts))
+        per_table = bags_per_table or num_bags
+        if num_bags % per_table or (table_ids is not None and (table_ids.dtype != torch.int64 or not table_ids.is_contiguous()
+                                                             or table_ids.numel() != num_bags // per_table)):
+            raise ValueError(f"bag_sgd_: {num_bags} bags are not {per_table} per table of table_ids")
+        ids_pointer = table_ids.data_ptr() if table_ids is not None else None
+        _run_parts(lambda part: library.bag_sgd_bf16(*pointers, seed & (2**64 - 1), per_table, ids_pointer, part,
+                                                     parts), max(1, parts))
     else:
         _run_parts(lambda part: library.bag_sgd_f32(*pointers, part, parts), max(1, parts))
 

@@ -375,3 +375,30 @@ def test_bf16_tables_print_with_debug_mode_and_run_inference_without_native_kern
     code, out, err = run_main(*base)
     assert code == 1 and err == ("dlrm_s_pytorch.py: error: --embedding-precision=bf16 needs the native kernels to "
                                  "train: PyTorch fallback: switched off by the test\n"), err
+
+
+@needs_native
+def test_bf16_rounding_of_a_table_is_the_same_in_a_process_holding_only_some_tables():
+    """Model-parallel runs: a table's stochastic rounding must not depend on which other tables its process
+    holds (the bits follow the model's table number and the id's position among that table's ids)."""
+    from dlrmkit.embeddings import BatchedEmbeddingBags
+
+    sizes = [5, 1, 7, 3]
+    torch.manual_seed(0)
+    full = BatchedEmbeddingBags(sizes, 8, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    some = BatchedEmbeddingBags(sizes, 8, tables=[2, 3], dtype=torch.bfloat16)
+    for t in (2, 3):
+        assert torch.equal(full[t].weight, some[t - 2].weight)  # the same initial rows either way
+    initial = full.weight.detach().clone()
+    batch = random_batch(batch_size=16, tables=sizes, max_bag=6, seed=3)
+    upstream = torch.randn(16, 4, 8)
+    for bags_, sparse, grad in ((full, batch.sparse, upstream), (some, batch.sparse.select_tables([2, 3]),
+                                                                 upstream[:, 2:])):
+        optimizer = make_optimizer("sgd", bags_.parameters(), 0.01)
+        bags_.fuse_sgd(optimizer)
+        for _ in range(3):
+            (bags_(sparse) * grad).sum().backward()
+    for t in (2, 3):
+        assert torch.equal(full[t].weight, some[t - 2].weight), t
+    assert not torch.equal(full.weight, initial)

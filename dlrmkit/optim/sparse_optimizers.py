@@ -231,12 +231,14 @@ class SGD(_FusedSparseOptimizer):
         values = values.to(p.dtype)
         add_rows_(p, rows, values.mul_(-group["lr"]) if self.consume_grads else values * -group["lr"])
 
-    def update_bags_(self, p, indices, offsets, bag_grads, index_weights=None):
+    def update_bags_(self, p, indices, offsets, bag_grads, index_weights=None, bags_per_table=0, table_ids=None):
         """p -= lr * (the gradient of sum-pooled bags of p's rows), at once: what `step()` does with
         the sparse gradient `F.embedding_bag(indices, p, offsets, mode="sum", per_sample_weights=
         index_weights, include_last_offset=True, sparse=True)` gets from `bag_grads` [K, D], bit for
         bit, without that [N, D] gradient (`kernels.bag_sgd_`). Called in the backward of a collection
-        fused with this optimizer (`BatchedEmbeddingBags.fuse_sgd`); uses p's group's current lr."""
+        fused with this optimizer (`BatchedEmbeddingBags.fuse_sgd`); uses p's group's current lr. For a
+        bfloat16 p, `bags_per_table` and `table_ids` (the model's number of each table) choose the rounding
+        bits as `kernels.bag_sgd_` says."""
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
         if group is None:
             raise ValueError("update_bags_ got a tensor that is not one of this optimizer's parameters")
@@ -248,7 +250,7 @@ class SGD(_FusedSparseOptimizer):
             state = self.state[p]
             seed = state["rounding_seed"] = state.get("rounding_seed", 0) + 1
         kernels.bag_sgd_(p, indices, offsets, bag_grads.float() if p.dtype == torch.bfloat16 else bag_grads.to(p.dtype),
-                         -group["lr"], index_weights, seed=seed)
+                         -group["lr"], index_weights, seed=seed, bags_per_table=bags_per_table, table_ids=table_ids)
 
 
 ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's, the original's
