@@ -67,7 +67,8 @@ import dlrm_data
 import extend_distributed as ext_dist
 from dlrmkit import (compute_graph, flags, interactions, kernels, memory, multihot, onnx_export, outputs, profiling,
                      quantization, trace_data)
-from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, create_embedding_bag
+from dlrmkit.embeddings import (BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, TableIndexError,
+                                create_embedding_bag)
 from dlrmkit.interactions import INTERACTIONS, InteractionConfig, interaction_class
 from dlrmkit.optim import ADAGRAD_EPS, OPTIMIZERS, make_optimizer
 from dlrmkit.progress import DivergenceGuard, ProgressBar, stderr_is_terminal
@@ -138,15 +139,18 @@ def create_mlp(dims, sigmoid_layer: int) -> nn.Sequential:
 
 def create_embeddings(table_sizes, dim, qr_flag=False, qr_operation="mult", qr_collisions=4, qr_threshold=200,
                       md_flag=False, md_threshold=200, md_temperature=0.3, md_round_dims=False,
-                      per_table=False, tables=None, md_dims=None) -> EmbeddingCollection:
+                      per_table=False, tables=None, md_dims=None, dtype=torch.float32) -> EmbeddingCollection:
     """The embedding collection for these tables: all in one weight (BatchedEmbeddingBags), or one
     module per table (EmbeddingBagList) with QR / MD tables, or when `per_table` is asked for.
 
     `tables` (global table ids) builds only those, each as a single process would (model-parallel runs);
-    `md_dims` gives the MD dimension of each table instead of `md_solver`'s.
+    `md_dims` gives the MD dimension of each table instead of `md_solver`'s; `dtype` the tables' storage,
+    float32 or (batched tables only, else ValueError) bfloat16.
     """
     if not (qr_flag or md_flag or per_table):
-        return BatchedEmbeddingBags(table_sizes, dim, tables=tables)
+        return BatchedEmbeddingBags(table_sizes, dim, tables=tables, dtype=dtype)
+    if dtype != torch.float32:
+        raise ValueError(f"{dtype} tables are batched tables only, not QR, MD or one module per table")
     make_bag = create_embedding_bag
     if qr_flag or md_flag:
         make_bag = table_factory(table_sizes, dim, qr_flag, qr_operation, int(qr_collisions), qr_threshold,
@@ -950,9 +954,7 @@ def model_output(model, batch, where: str) -> torch.Tensor:
     """model(batch); an id outside its table (data that do not fit the tables) as a DLRMError naming `where`."""
     try:
         return model(batch.dense_x, batch.sparse)
-    except IndexError as e:
-        if "out of range for table" not in str(e):
-            raise
+    except TableIndexError as e:
         raise DLRMError(f"{where}: {e}") from None
 
 
@@ -1283,7 +1285,7 @@ def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | 
     if ln_bot[0] != dense_dim:
         raise DLRMError(f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {ln_bot[0]}")
     ln_top = top_mlp_widths(args, len(table_sizes))
-    if embeddings is None and args.embedding_precision == "bf16":
+    if embeddings is None and args.embedding_precision == "bf16":  # batched tables (validate_args), of that dtype
         embeddings = build_embeddings(args, table_sizes)
     if embeddings is None:
         tables = dict(qr_flag=args.qr_flag, qr_operation=args.qr_operation, qr_collisions=args.qr_collisions,
@@ -1312,12 +1314,10 @@ def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | 
 
 def build_embeddings(args, table_sizes, tables=None) -> EmbeddingCollection:
     """The embedding collection the flags describe; `tables` (global ids) builds only those."""
-    if args.embedding_precision == "bf16":  # validate_args: batched tables only
-        return BatchedEmbeddingBags(table_sizes, args.arch_sparse_feature_size, tables=tables, dtype=torch.bfloat16)
     return create_embeddings(table_sizes, args.arch_sparse_feature_size, args.qr_flag, args.qr_operation,
                              args.qr_collisions, args.qr_threshold, args.md_flag, args.md_threshold,
                              args.md_temperature, args.md_round_dims, per_table=args.weighted_pooling is not None,
-                             tables=tables)
+                             tables=tables, dtype=torch.bfloat16 if args.embedding_precision == "bf16" else torch.float32)
 
 
 def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> memory.MemoryEstimate:
@@ -1433,7 +1433,7 @@ def print_parameters(model, title):
     """The original's order and shapes: each table, then each MLP weight and bias."""
     print(title)
     for param in model.state_dict().values():
-        print(param.detach().cpu().numpy() if param.dtype != torch.bfloat16 else param.detach().float().cpu().numpy())
+        print((param.float() if param.dtype == torch.bfloat16 else param).detach().cpu().numpy())  # NumPy has no bf16
 
 
 # ============================================================================ training loop

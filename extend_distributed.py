@@ -404,6 +404,7 @@ class ModelParallelEmbeddings(EmbeddingCollection):
     def __init__(self, table_sizes, dim: int, make_local):
         super().__init__()
         self.table_sizes = [int(n) for n in table_sizes]
+        self.table_ids = list(range(len(self.table_sizes)))  # every table of the model, through the exchange
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.placement = table_placement(self.table_sizes, dim, self.world_size)
         self.local = make_local(self.placement[self.rank])

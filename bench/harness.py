@@ -104,7 +104,7 @@ CONFIGS = {
 CPU_DEFAULT = ["kaggle-128", "kaggle-2048", "benchmark", "terabyte-small", "dcnv2-small"]
 REFERENCE, FLOOR = "reference", "dense floor"  # the plain-PyTorch runs measured next to ours
 # each --precisions value as trainer flags; bf16-tables: bf16 MLPs and bfloat16 embedding tables
-# (the plain-PyTorch runs of that precision keep float32 tables: they run as bf16)
+# (the plain-PyTorch runs read --precision only: theirs stay float32)
 PRECISION_FLAGS = {"fp32": [], "bf16": ["--precision=bf16"], "fp16": ["--precision=fp16"],
                    "bf16-tables": ["--precision=bf16", "--embedding-precision=bf16"]}
 
@@ -160,8 +160,7 @@ def run_child(spec: dict):
         torch.set_num_threads(spec["threads"])
 
     argv = list(spec["flags"])
-    argv += PRECISION_FLAGS[spec["precision"]] if spec["code"] not in (REFERENCE, FLOOR) else \
-        PRECISION_FLAGS[spec["precision"]][:1]
+    argv += PRECISION_FLAGS[spec["precision"]]
     if spec["compile"]:
         argv.append("--compile")
     if spec["device"] == "cuda":

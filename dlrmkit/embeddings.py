@@ -138,18 +138,27 @@ def table_rows(bag: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     return bag(indices, torch.arange(indices.shape[0], device=indices.device))
 
 
+class TableIndexError(IndexError):
+    """An id outside its table: the data do not fit the tables (the trainer reports it in one line)."""
+
+
+def id_out_of_range(sparse: SparseFeatures, position: int, table_sizes, table_ids=None) -> TableIndexError:
+    """The error for the id at `position` of `sparse.indices`, naming its table: the model's number of
+    it, `table_ids[t]` (default t), and its rows `table_sizes[t]`."""
+    table = bisect.bisect_right(sparse.table_bounds().tolist(), position) - 1
+    return TableIndexError(f"embedding index {int(sparse.indices[position])} out of range for table "
+                           f"{table_ids[table] if table_ids is not None else table} ({table_sizes[table]} rows)")
+
+
 def check_ids_in_range(sparse: SparseFeatures, rows_of_table: torch.Tensor, table_sizes, table_ids=None) -> None:
-    """Raises IndexError naming the first id outside its table (ids < 0 or >= its table's rows);
-    `rows_of_table` [N] holds each id's table size; `table_ids` the model's number of each table (default
-    0, 1, ...). On a GPU a device-side assertion (no host sync)."""
+    """Raises TableIndexError (`id_out_of_range`) for the first id outside its table (ids < 0 or >= its
+    table's rows); `rows_of_table` [N] holds each id's table size. On a GPU a device-side assertion (no
+    host sync)."""
     out_of_range = (sparse.indices < 0) | (sparse.indices >= rows_of_table)
     if sparse.indices.device.type != "cpu":
         torch._assert_async(~out_of_range.any(), "embedding index out of range of its table")
     elif bool(out_of_range.any()):
-        position = int(out_of_range.nonzero()[0])
-        table = bisect.bisect_right(sparse.table_bounds().tolist(), position) - 1
-        raise IndexError(f"embedding index {int(sparse.indices[position])} out of range for table "
-                         f"{table_ids[table] if table_ids is not None else table} ({table_sizes[table]} rows)")
+        raise id_out_of_range(sparse, int(out_of_range.nonzero()[0]), table_sizes, table_ids)
 
 
 # ids per batch from which a one-pass range check (ids_fit_smallest_table) is tried first on the CPU
@@ -168,18 +177,20 @@ def ids_fit_smallest_table(sparse: SparseFeatures, table_sizes) -> bool:
 class EmbeddingCollection(nn.Module):
     """The interface of every embedding collection (see the module docstring).
 
-    Subclasses set `table_sizes` (rows of each table, all T tables of the model) and
-    `embedding_dim` (the pooled width D) and implement `pool`, `table_parameters`,
-    `table_rows` and `to_per_table`.
+    Subclasses set `table_sizes` (rows of each table held here, in pooling order), `table_ids` (the
+    model's number of each of them: 0 .. T-1 unless built with `tables=`, as a process of a
+    model-parallel run builds its own) and `embedding_dim` (the pooled width D) and implement `pool`,
+    `table_parameters`, `table_rows` and `to_per_table`.
     """
 
     table_sizes: list
+    table_ids: list
     embedding_dim: int
 
     def forward(self, sparse: SparseFeatures) -> torch.Tensor:
         """Pooled embeddings [B, T, D] of `sparse` (B = sparse.batch_size).
 
-        Raises IndexError (on the CPU) for an id outside its table. While traced (ONNX export)
+        Raises TableIndexError (on the CPU) for an id outside its table. While traced (ONNX export)
         every table is pooled with exportable ops instead of the fused kernels."""
         if torch.jit.is_tracing():
             return self.exportable_pool(sparse)
@@ -225,7 +236,7 @@ class EmbeddingBagList(EmbeddingCollection, nn.ModuleList):
             with table_rng(seed, t):
                 bags.append(make_bag(table_sizes[t], dim))
         nn.ModuleList.__init__(self, bags)
-        self._set_tables([table_sizes[t] for t in tables], out_dim if out_dim is not None else dim)
+        self._set_tables([table_sizes[t] for t in tables], out_dim if out_dim is not None else dim, list(tables))
 
     @classmethod
     def of(cls, modules, table_sizes, embedding_dim) -> "EmbeddingBagList":
@@ -235,13 +246,14 @@ class EmbeddingBagList(EmbeddingCollection, nn.ModuleList):
         bags._set_tables(table_sizes, embedding_dim)
         return bags
 
-    def _set_tables(self, table_sizes, embedding_dim):
+    def _set_tables(self, table_sizes, embedding_dim, table_ids=None):
         self.table_sizes = [int(n) for n in table_sizes]
+        self.table_ids = list(range(len(self.table_sizes)) if table_ids is None else table_ids)
         self.embedding_dim = int(embedding_dim)
         self.register_buffer("num_rows", torch.tensor(self.table_sizes, dtype=torch.int64), persistent=False)
 
     def pool(self, sparse: SparseFeatures) -> torch.Tensor:
-        check_ids_in_range(sparse, sparse.per_index(self.num_rows), self.table_sizes)
+        check_ids_in_range(sparse, sparse.per_index(self.num_rows), self.table_sizes, self.table_ids)
         return torch.stack([bag(indices, offsets, per_sample_weights=weights)
                             for bag, (indices, offsets, weights) in zip(self, sparse.tables())], dim=1)
 
@@ -285,8 +297,8 @@ class EmbeddingBagFusedSGD(torch.autograd.Function):
 
     forward: as `F.embedding_bag(rows, weight, offsets, mode="sum", per_sample_weights=weights,
     include_last_offset=True)`, [K, D] widened to float32 (bfloat16 tables: their sums rounded to bfloat16
-    first); backward: `optimizer.update_bags_(weight, rows, offsets, grad,
-    weights)` and no gradient for `weight` (nor for the ids or constant weights)."""
+    first); backward: `optimizer.update_bags_(weight, rows, offsets, grad, weights, ...)` with the table
+    layout (bags_per_table, table_ids), and no gradient for `weight` (nor the ids or constant weights)."""
 
     @staticmethod
     def forward(ctx, weight, rows, offsets, weights, optimizer, bags_per_table, table_ids):
@@ -366,15 +378,13 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         return pooled.view(len(self), sparse.batch_size, self.embedding_dim).transpose(0, 1)
 
     def stacked_rows(self, sparse: SparseFeatures) -> torch.Tensor:
-        """[N] row of each id in the one weight; IndexError (on the CPU) for an id outside its table."""
+        """[N] row of each id in the one weight; TableIndexError (on the CPU) for an id outside its table."""
         native = kernels.stacked_rows_checked(sparse.indices, sparse.offsets, sparse.batch_size,
                                               self.row_ranges[0], self.row_ranges[1])
         if native is not None:
             rows, bad = native
             if bad >= 0:
-                table = bisect.bisect_right(sparse.table_bounds().tolist(), bad) - 1
-                raise IndexError(f"embedding index {int(sparse.indices[bad])} out of range for table "
-                                 f"{self.table_ids[table]} ({self.table_sizes[table]} rows)")
+                raise id_out_of_range(sparse, bad, self.table_sizes, self.table_ids)
             return rows
         if (sparse.indices.device.type == "cpu" and sparse.indices.numel() >= ONE_PASS_CHECK_MIN_IDS
                 and ids_fit_smallest_table(sparse, self.table_sizes)):

@@ -5,7 +5,8 @@
 else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler and the CPU, and
 loaded with ctypes. Without a compiler, off x86/ARM Linux-like systems, on tensors it does not take
 (another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, every function here computes the same
-numbers with PyTorch operators, only slower: results never depend on whether the kernel is used.
+numbers with PyTorch operators, only slower: results never depend on whether the kernel is used. The
+one exception, the stochastically rounded update of bfloat16 tables, has no fallback.
 
     >>> import torch
     >>> weight = torch.zeros(4, 2)
@@ -206,9 +207,10 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
     num_bags = offsets.numel() - 1
     if num_bags < 1 or indices.numel() == 0:
         return
-    grad = grad.float().contiguous()
+    grad = grad.contiguous()
     library, problem = _library()
     if weight.dtype == torch.bfloat16:
+        grad = grad.float()
         if library is None:
             raise RuntimeError(f"bfloat16 embedding tables need the native kernels ({problem})")
         if not _native_ok(weight, indices, offsets, grad, index_weights, torch.bfloat16):
@@ -225,8 +227,9 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
                 index_weights.data_ptr() if index_weights is not None else None, float(scale))
     if weight.dtype == torch.bfloat16:
         per_table = bags_per_table or num_bags
-        if num_bags % per_table or (table_ids is not None and (table_ids.dtype != torch.int64 or not table_ids.is_contiguous()
-                                                             or table_ids.numel() != num_bags // per_table)):
+        tables_fit = table_ids is None or (table_ids.dtype == torch.int64 and table_ids.is_contiguous()
+                                           and table_ids.numel() == num_bags // per_table)
+        if num_bags % per_table or not tables_fit:
             raise ValueError(f"bag_sgd_: {num_bags} bags are not {per_table} per table of table_ids")
         ids_pointer = table_ids.data_ptr() if table_ids is not None else None
         _run_parts(lambda part: library.bag_sgd_bf16(*pointers, seed & (2**64 - 1), per_table, ids_pointer, part,
@@ -239,6 +242,7 @@ def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):
     """bag_sgd_ with PyTorch operators: each id's row of the bag gradient, scaled, scatter-added."""
     from dlrmkit.optim.sparse_optimizers import add_rows_
 
+    # repeat_interleave, not sparse.bag_of_each_index: it refuses offsets that do not cover the ids exactly
     lengths = torch.diff(offsets)
     bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=grad.device), lengths,
                                   output_size=indices.numel())

@@ -349,18 +349,27 @@ def test_bf16_tables_resume_exactly_from_a_checkpoint_of_weights_and_optimizer()
     assert torch.equal(fp32.emb_l.weight, model.emb_l.weight.float())
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_a_bad_id_names_the_models_table_in_a_collection_of_some_tables(native, monkeypatch):
+@pytest.mark.parametrize("collection", ["batched", "batched without native kernels", "one module per table"])
+def test_a_bad_id_names_the_models_table_in_a_collection_of_some_tables(collection, monkeypatch):
     """A model-parallel process holds some of the model's tables: errors name the model's table number."""
-    from dlrmkit.embeddings import BatchedEmbeddingBags
+    from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList, TableIndexError
     from dlrmkit.sparse import SparseFeatures
 
-    if not native:
+    if collection == "batched without native kernels":
         monkeypatch.setattr(kernels, "_library", lambda: (None, "switched off by the test"))
-    held = BatchedEmbeddingBags([5, 1, 7, 3], 2, tables=[1, 3])  # the model's tables 1 (1 row) and 3 (3 rows)
+    make = EmbeddingBagList if collection == "one module per table" else BatchedEmbeddingBags
+    held = make([5, 1, 7, 3], 2, tables=[1, 3])  # the model's tables 1 (1 row) and 3 (3 rows)
     sparse = SparseFeatures.one_hot(torch.tensor([[0, 2], [0, 4]]))
-    with pytest.raises(IndexError, match=r"^embedding index 4 out of range for table 3 \(3 rows\)$"):
+    with pytest.raises(TableIndexError, match=r"^embedding index 4 out of range for table 3 \(3 rows\)$"):
         held(sparse)
+
+
+def test_bf16_tables_are_batched_tables_only():
+    import dlrm_s_pytorch as dlrm
+
+    assert dlrm.create_embeddings([5, 7], 4, dtype=torch.bfloat16).weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="batched tables only"):
+        dlrm.create_embeddings([5, 7], 4, per_table=True, dtype=torch.bfloat16)
 
 
 def test_bf16_tables_print_with_debug_mode_and_run_inference_without_native_kernels(run_main, monkeypatch):

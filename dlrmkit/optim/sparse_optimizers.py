@@ -249,8 +249,8 @@ class SGD(_FusedSparseOptimizer):
         if p.dtype == torch.bfloat16:  # stochastic rounding: other random bits at every update, resumable
             state = self.state[p]
             seed = state["rounding_seed"] = state.get("rounding_seed", 0) + 1
-        kernels.bag_sgd_(p, indices, offsets, bag_grads.float() if p.dtype == torch.bfloat16 else bag_grads.to(p.dtype),
-                         -group["lr"], index_weights, seed=seed, bags_per_table=bags_per_table, table_ids=table_ids)
+        kernels.bag_sgd_(p, indices, offsets, bag_grads, -group["lr"], index_weights, seed=seed,
+                         bags_per_table=bags_per_table, table_ids=table_ids)
 
 
 ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's, the original's
