@@ -21,7 +21,9 @@ def autograd_dot(output: torch.Tensor, params: dict) -> str:
     names = {id(p): name for name, p in params.items()}
     lines = ["digraph autograd {", '  node [shape=box, style=filled, fillcolor=lightgrey, fontsize=10];',
              f'  "output" [label="output\\n{tuple(output.shape)}", fillcolor=darkolivegreen1];']
-    seen, stack = set(), []
+    # the visited nodes are kept, not only their ids: some torch versions make a new Python object for
+    # a node at each access and free it after, and a freed object's id can come back for another node
+    seen, stack = {}, []
     if output.grad_fn is not None:
         lines.append(f'  "{id(output.grad_fn)}" -> "output";')
         stack.append(output.grad_fn)
@@ -29,7 +31,7 @@ def autograd_dot(output: torch.Tensor, params: dict) -> str:
         fn = stack.pop()
         if id(fn) in seen:
             continue
-        seen.add(id(fn))
+        seen[id(fn)] = fn
         variable = getattr(fn, "variable", None)
         if variable is not None:  # AccumulateGrad: a leaf, usually a parameter
             label = f"{names.get(id(variable), 'leaf')}\\n{tuple(variable.shape)}"

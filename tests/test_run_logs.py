@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -260,3 +261,21 @@ def test_metrics_log_of_a_criteo_run_records_the_table_sizes_used(run_main, tmp_
     processed, _ = preprocess_quietly(raw, tmp_path / "kaggleAdDisplayChallenge_processed", max_ind_range=300)
     config = json.loads(log.read_text().splitlines()[0])["config"]
     assert config["args"]["arch_embedding_size"] == processed.counts and len(processed.counts) == 26
+
+
+def test_autograd_dot_walks_graphs_whose_nodes_are_new_objects_at_every_access():
+    """Some torch versions hand out a new Python object for a node at each access and free it after;
+    a freed object's id can come back for another node, which must not count as visited."""
+
+    class Node:  # node k of a chain 0 <- 1 <- ... <- 19, a fresh wrapper at every access, as such torch gives
+        def __init__(self, k):
+            self.k = k
+
+        @property
+        def next_functions(self):
+            return ((type(self)(self.k + 1), 0),) if self.k < 19 else ()
+
+    Step = type("StepBackward", (Node,), {})
+    output = types.SimpleNamespace(shape=(1,), grad_fn=Step(0))
+    source = compute_graph.autograd_dot(output, {})
+    assert source.count('[label="StepBackward"]') == 20 and source.count("->") == 20
