@@ -1741,6 +1741,9 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     np.random.seed(args.numpy_rand_seed)
     device = select_device(args.use_gpu, launch.local_rank if launch else 0)
     check_precision(args.precision, device)
+    if args.precision == "bf16" and device.type == "cuda" and not args.inference_only and ext_dist.is_rank0():
+        print("note: --precision=bf16 on CUDA drifted from fp32 on a test task where bf16 on the CPU and fp16 "
+              "on CUDA track it (README, Speed, GPU); compare with an fp32 or fp16 run", file=sys.stderr)
     if device.type == "cpu":
         keep_freed_memory()
 
@@ -1836,13 +1839,15 @@ def quantize_if_asked(args, model):
 
 
 def plot_compute_graph(args, model, batch, loss_weights):
-    """Writes the autograd graph of one forward pass (and its loss when training)."""
+    """Writes the autograd graph of one forward pass (and its loss when training), under the run's
+    --precision as training runs it (bf16/fp16: its casts are in the graph)."""
     with torch.enable_grad():
-        z = model(batch.dense_x, batch.sparse)
+        with autocast(args.precision, batch.dense_x.device):
+            z = model(batch.dense_x, batch.sparse)
         if args.inference_only:
             output = z.mean()
         else:
-            output = per_sample_loss(args.loss_function, z, batch.target, loss_weights).mean()
+            output = per_sample_loss(args.loss_function, z.float(), batch.target, loss_weights).mean()
     compute_graph.write_compute_graph(output, dict(model.named_parameters()), args.compute_graph_file)
 
 

@@ -8,6 +8,7 @@ shaped). It is rendered to PDF when Graphviz's `dot` program is on the PATH.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 
@@ -21,8 +22,9 @@ def autograd_dot(output: torch.Tensor, params: dict) -> str:
     names = {id(p): name for name, p in params.items()}
     lines = ["digraph autograd {", '  node [shape=box, style=filled, fillcolor=lightgrey, fontsize=10];',
              f'  "output" [label="output\\n{tuple(output.shape)}", fillcolor=darkolivegreen1];']
-    # the visited nodes are kept, not only their ids: some torch versions make a new Python object for
-    # a node at each access and free it after, and a freed object's id can come back for another node
+    # the visited nodes are kept, not only their ids: some torch versions free a node's Python object
+    # once nothing holds it and make a new one at the next access, and a freed object's id can come
+    # back for another node
     seen, stack = {}, []
     if output.grad_fn is not None:
         lines.append(f'  "{id(output.grad_fn)}" -> "output";')
@@ -66,7 +68,8 @@ def write_compute_graph(output: torch.Tensor, params: dict, path: str, log=print
     dot = shutil.which("dot")
     pdf = os.path.splitext(path)[0] + ".pdf"
     if dot is None:
-        log(f"note: Graphviz `dot` not found, so no PDF; render it with: dot -Tpdf {path} -o {pdf}")
+        log(f"note: Graphviz `dot` not found, so no PDF; render it with: dot -Tpdf {shlex.quote(path)} "
+            f"-o {shlex.quote(pdf)}")
         return None
     result = subprocess.run([dot, "-Tpdf", path, "-o", pdf], capture_output=True, text=True)
     if result.returncode != 0:

