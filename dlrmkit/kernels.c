@@ -16,9 +16,17 @@ static inline int owns_row(int64_t row, int64_t part, int64_t num_parts)
     return ((row >> ROWS_PER_BLOCK_SHIFT) % num_parts) == part;
 }
 
+/* Always inlined: GCC treats a separate function whose only effect is a prefetch as having none, and
+ * deletes the calls to it (the kernels then ran without any prefetch). */
+#if defined(__GNUC__) || defined(__clang__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
+
 /* Prefetches, for writing, the row of the id PREFETCH_DISTANCE after position j (of the end ids)
  * when this part owns it: its cache lines arrive while the rows before it are updated. */
-static inline void prefetch_ahead(const char *weight, int64_t row_bytes, const int64_t *indices, int64_t j,
+static ALWAYS_INLINE void prefetch_ahead(const char *weight, int64_t row_bytes, const int64_t *indices, int64_t j,
                                   int64_t end, int64_t part, int64_t num_parts)
 {
     if (j + PREFETCH_DISTANCE >= end)

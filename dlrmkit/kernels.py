@@ -118,13 +118,20 @@ def _load(path: Path):
     return library
 
 
+def compiler_command() -> list[str]:
+    """The C compiler the kernels are built with, as a command (`$CC` with its options, else cc or gcc);
+    [] when there is none."""
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    return compiler if compiler[0] else []
+
+
 @functools.lru_cache(maxsize=None)
 def _library():
     """(the loaded library or None, why not)."""
     if os.environ.get("DLRM_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "DLRM_NATIVE_KERNELS is off"
-    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
-    if not compiler[0]:
+    compiler = compiler_command()
+    if not compiler:
         return None, "no C compiler found (set CC)"
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *compiler, *CFLAGS, _cpu_identity(),
                                     platform.machine()]).encode()).hexdigest()[:16]
