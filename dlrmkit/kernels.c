@@ -174,6 +174,33 @@ void bag_sgd_bf16(uint16_t *restrict weight, int64_t dim, const int64_t *restric
     }
 }
 
+#ifdef _OPENMP
+#include <omp.h>
+
+/* bag_sgd_f32 and bag_sgd_bf16 on up to num_parts threads of OpenMP, each thread one part (the parts are
+ * the team's actual size, so every row is written whatever size the runtime grants). Loaded into a process
+ * whose PyTorch uses the same OpenMP runtime, these run on PyTorch's own worker threads, which are still
+ * awake after its operators, instead of competing with them for the cores. */
+void bag_sgd_f32_threads(float *restrict weight, int64_t dim, const int64_t *restrict indices,
+                         const int64_t *restrict offsets, int64_t num_bags, const float *restrict grad,
+                         const float *restrict index_weights, float scale, int64_t num_parts)
+{
+#pragma omp parallel num_threads((int)num_parts)
+    bag_sgd_f32(weight, dim, indices, offsets, num_bags, grad, index_weights, scale, omp_get_thread_num(),
+                omp_get_num_threads());
+}
+
+void bag_sgd_bf16_threads(uint16_t *restrict weight, int64_t dim, const int64_t *restrict indices,
+                          const int64_t *restrict offsets, int64_t num_bags, const float *restrict grad,
+                          const float *restrict index_weights, float scale, uint64_t seed, int64_t bags_per_table,
+                          const int64_t *restrict table_ids, int64_t num_parts)
+{
+#pragma omp parallel num_threads((int)num_parts)
+    bag_sgd_bf16(weight, dim, indices, offsets, num_bags, grad, index_weights, scale, seed, bags_per_table,
+                 table_ids, omp_get_thread_num(), omp_get_num_threads());
+}
+#endif
+
 /* Each id's row in a stack of tables, checked: rows[j] = indices[j] + first_row[t] for the ids j of
  * table t, which are indices[offsets[t * batch] .. offsets[(t + 1) * batch]) (SparseFeatures' layout;
  * offsets has num_tables * batch + 1 entries). Returns -1 when every id lies in [0, table_rows[t]) of

@@ -1,9 +1,10 @@
 """Native CPU kernels for the trainer's hot paths, with PyTorch operators as the fallback.
 
 `kernels.c` is plain C: on first use it is compiled with the machine's C compiler (`$CC`, else
-`cc` or `gcc`; about 0.1 s) for this CPU (`-march=native`) into a cache folder (`$DLRM_CACHE_DIR`,
-else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler and the CPU, and
-loaded with ctypes. Without a compiler, off x86/ARM Linux-like systems, on tensors it does not take
+`cc` or `gcc`; about 0.1 s) for this CPU (`-march=native`), with OpenMP where the compiler has it (the
+row updates then run on PyTorch's own OpenMP threads: `threading_kind()`), into a cache folder
+(`$DLRM_CACHE_DIR`, else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler
+and the CPU, and loaded with ctypes. Without a compiler, off x86/ARM Linux-like systems, on tensors it does not take
 (another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, every function here computes the same
 numbers with PyTorch operators, only slower: results never depend on whether the kernel is used. The
 one exception, the stochastically rounded update of bfloat16 tables, has no fallback.
@@ -21,8 +22,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,8 +37,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
-# below this many gradient elements one thread does the update: more threads, started from Python, contend
-# with the OpenMP threads PyTorch keeps spinning after its own parallel operators, and lose below about this size
+# below this many gradient elements one thread does the update: more threads lose below about this size
+# (measured with PyTorch's OpenMP threads and with a Python pool's, which contend with them)
 PARALLEL_MIN_ELEMENTS = 1 << 23
 
 
@@ -69,9 +72,10 @@ def _compile(compiler: list, out: Path) -> str | None:
     tmp = unique_temporary()
     try:
         problem = None
-        for arch in (["-march=native"], []):  # some compilers or CPUs have no -march=native
+        # some compilers have no OpenMP, some compilers or CPUs no -march=native
+        for openmp, arch in itertools.product((["-fopenmp"], []), (["-march=native"], [])):
             try:
-                result = subprocess.run([*compiler, *CFLAGS, *arch, "-o", str(tmp), str(SOURCE)],
+                result = subprocess.run([*compiler, *CFLAGS, *openmp, *arch, "-o", str(tmp), str(SOURCE)],
                                         capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
                 return f"{' '.join(compiler)} could not run ({e})"
@@ -115,7 +119,44 @@ def _load(path: Path):
         library.stacked_rows_checked.restype = i64
     except AttributeError as e:
         raise OSError(f"not a build of {SOURCE.name}: {e}") from None
+    try:  # only in a build with OpenMP
+        library.bag_sgd_f32_threads.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64]
+        library.bag_sgd_f32_threads.restype = None
+        library.bag_sgd_bf16_threads.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, ctypes.c_uint64, i64, p, i64]
+        library.bag_sgd_bf16_threads.restype = None
+        library.openmp = True
+    except AttributeError:
+        library.openmp = False
     return library
+
+
+OPENMP_RUNTIME = re.compile(r"/lib(gomp|iomp5|omp)\b[^/]*\.so[^/]*$")
+
+
+def openmp_runtimes(maps: str) -> set[str]:
+    """The OpenMP runtime libraries (libgomp, libiomp5, libomp) among the files of a /proc/PID/maps text."""
+    return {line.split()[-1] for line in maps.splitlines() if OPENMP_RUNTIME.search(line.rstrip())}
+
+
+@functools.lru_cache(maxsize=None)
+def _one_openmp_runtime() -> bool:
+    """Whether one OpenMP runtime is loaded in this process, so that the kernels' OpenMP threads are
+    PyTorch's (two runtimes would each keep threads of their own spinning on the same cores)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = openmp_runtimes(f.read())
+    except OSError:
+        return False
+    return len({os.path.realpath(path) for path in paths}) == 1
+
+
+def threading_kind() -> str:
+    """How the row updates use several threads: "openmp" (PyTorch's OpenMP threads), "python" (threads
+    of a Python pool: no OpenMP build, or another OpenMP runtime than PyTorch's), or "none" (no kernels)."""
+    library, _ = _library()
+    if library is None:
+        return "none"
+    return "openmp" if library.openmp and _one_openmp_runtime() else "python"
 
 
 def compiler_command() -> list[str]:
@@ -239,8 +280,13 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
         if num_bags % per_table or not tables_fit:
             raise ValueError(f"bag_sgd_: {num_bags} bags are not {per_table} per table of table_ids")
         ids_pointer = table_ids.data_ptr() if table_ids is not None else None
-        _run_parts(lambda part: library.bag_sgd_bf16(*pointers, seed & (2**64 - 1), per_table, ids_pointer, part,
-                                                     parts), max(1, parts))
+        rest = (seed & (2**64 - 1), per_table, ids_pointer)
+        if parts > 1 and threading_kind() == "openmp":
+            library.bag_sgd_bf16_threads(*pointers, *rest, parts)
+        else:
+            _run_parts(lambda part: library.bag_sgd_bf16(*pointers, *rest, part, parts), max(1, parts))
+    elif parts > 1 and threading_kind() == "openmp":
+        library.bag_sgd_f32_threads(*pointers, parts)
     else:
         _run_parts(lambda part: library.bag_sgd_f32(*pointers, part, parts), max(1, parts))
 

@@ -79,6 +79,43 @@ def test_native_bag_sgd_does_not_depend_on_the_number_of_threads(monkeypatch):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+def test_the_openmp_runtimes_of_a_process_are_read_from_its_maps():
+    maps = "\n".join([
+        "7f0-7f1 r-xp 00000000 08:01 1 /venv/lib/python3.11/site-packages/torch/lib/libgomp.so.1",
+        "7f2-7f3 r--p 00000000 08:01 1 /venv/lib/python3.11/site-packages/torch/lib/libgomp.so.1",
+        "7f4-7f5 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0",
+        "7f6-7f7 r-xp 00000000 08:01 3 /opt/intel/lib/libiomp5.so",
+        "7f8-7f9 r-xp 00000000 08:01 4 /home/u/.cache/dlrm/kernels-0123456789abcdef.so",
+        "7fa-7fb r-xp 00000000 08:01 5 /usr/lib/libompl.so",
+        "7fc-7fd rw-p 00000000 00:00 0 [heap]",
+    ])
+    assert kernels.openmp_runtimes(maps) == {"/venv/lib/python3.11/site-packages/torch/lib/libgomp.so.1",
+                                             "/usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0", "/opt/intel/lib/libiomp5.so"}
+
+
+def test_pytorchs_openmp_threads_and_a_python_pool_update_the_same_rows(monkeypatch):
+    """With an OpenMP build sharing PyTorch's runtime the updates run on its threads; the rows are the
+    same bit for bit as with the threads of a Python pool."""
+    if kernels.threading_kind() != "openmp":
+        pytest.skip(f"the kernels run on {kernels.threading_kind()} threads here")
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 1)
+    weight, ids, offsets, grad, index_weights = bags(500, 16, 3000, 40, seed=3, weighted=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = {}
+        for kind in ("openmp", "python"):
+            monkeypatch.setattr(kernels, "threading_kind", lambda kind=kind: kind)
+            f32, b16 = weight.clone(), weight.bfloat16()
+            kernels.bag_sgd_(f32, ids, offsets, grad, -0.1, index_weights)
+            kernels.bag_sgd_(b16, ids, offsets, grad, -0.1, index_weights, seed=5, bags_per_table=1000)
+            results[kind] = (f32, b16)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results["openmp"][0], results["python"][0])
+    assert torch.equal(results["openmp"][1], results["python"][1])
+
+
 PREFETCH_INSTRUCTION = {"x86_64": "prefetch", "AMD64": "prefetch", "aarch64": "prfm", "arm64": "prfm"}
 
 
