@@ -16,8 +16,8 @@ static inline int owns_row(int64_t row, int64_t part, int64_t num_parts)
     return ((row >> ROWS_PER_BLOCK_SHIFT) % num_parts) == part;
 }
 
-/* Always inlined: GCC treats a separate function whose only effect is a prefetch as having none, and
- * deletes the calls to it (the kernels then ran without any prefetch). */
+/* Always inlined: GCC treats a separate function whose only effect is a prefetch as having no effect,
+ * and may delete the calls to it. */
 #if defined(__GNUC__) || defined(__clang__)
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -198,6 +198,13 @@ void bag_sgd_bf16_threads(uint16_t *restrict weight, int64_t dim, const int64_t 
 #pragma omp parallel num_threads((int)num_parts)
     bag_sgd_bf16(weight, dim, indices, offsets, num_bags, grad, index_weights, scale, seed, bags_per_table,
                  table_ids, omp_get_thread_num(), omp_get_num_threads());
+}
+
+/* The address of the OpenMP runtime's omp_get_num_threads these kernels call: kernels.py checks that it
+ * lies in PyTorch's runtime. */
+void *openmp_runtime_symbol(void)
+{
+    return (void *)&omp_get_num_threads;
 }
 #endif
 

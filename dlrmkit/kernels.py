@@ -22,10 +22,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import itertools
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -37,9 +35,11 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
-# below this many gradient elements one thread does the update: more threads lose below about this size
-# (measured with PyTorch's OpenMP threads and with a Python pool's, which contend with them)
+# below this many gradient elements one thread does the update: more threads lose below about this size,
+# the threads of a Python pool (which contend with the OpenMP threads PyTorch keeps spinning after its
+# operators) below 8 M, PyTorch's own OpenMP threads only below about 0.5 M (both measured)
 PARALLEL_MIN_ELEMENTS = 1 << 23
+OPENMP_MIN_ELEMENTS = 1 << 19
 
 
 def cache_dir() -> Path:
@@ -61,9 +61,10 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _compile(compiler: list, out: Path) -> str | None:
-    """Compiles kernels.c into `out`, and its SHA-256 into `out`.sha256, each written under a name of
-    its own and then renamed (processes building at once never share a file); None, or why not."""
+def _compile(compiler: list, out: Path, openmp: bool) -> str | None:
+    """Compiles kernels.c (with OpenMP when `openmp`) into `out`, and its SHA-256 into `out`.sha256, each
+    written under a name of its own and then renamed (processes building at once never share a file);
+    None, or why not."""
     def unique_temporary():
         fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         os.close(fd)
@@ -72,10 +73,10 @@ def _compile(compiler: list, out: Path) -> str | None:
     tmp = unique_temporary()
     try:
         problem = None
-        # some compilers have no OpenMP, some compilers or CPUs no -march=native
-        for openmp, arch in itertools.product((["-fopenmp"], []), (["-march=native"], [])):
+        for arch in (["-march=native"], []):  # some compilers or CPUs have no -march=native
+            flags = [*CFLAGS, *(["-fopenmp"] if openmp else []), *arch]
             try:
-                result = subprocess.run([*compiler, *CFLAGS, *openmp, *arch, "-o", str(tmp), str(SOURCE)],
+                result = subprocess.run([*compiler, *flags, "-o", str(tmp), str(SOURCE)],
                                         capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
                 return f"{' '.join(compiler)} could not run ({e})"
@@ -124,39 +125,50 @@ def _load(path: Path):
         library.bag_sgd_f32_threads.restype = None
         library.bag_sgd_bf16_threads.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, ctypes.c_uint64, i64, p, i64]
         library.bag_sgd_bf16_threads.restype = None
+        library.openmp_runtime_symbol.argtypes = []
+        library.openmp_runtime_symbol.restype = ctypes.c_void_p
         library.openmp = True
     except AttributeError:
         library.openmp = False
     return library
 
 
-OPENMP_RUNTIME = re.compile(r"/lib(gomp|iomp5|omp)\b[^/]*\.so[^/]*$")
-
-
-def openmp_runtimes(maps: str) -> set[str]:
-    """The OpenMP runtime libraries (libgomp, libiomp5, libomp) among the files of a /proc/PID/maps text."""
-    return {line.split()[-1] for line in maps.splitlines() if OPENMP_RUNTIME.search(line.rstrip())}
+def _mapped_file(address: int, maps: str) -> str | None:
+    """The file mapped at `address` in a /proc/PID/maps text, or None."""
+    for line in maps.splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[-1] if len(fields) >= 6 else None
+    return None
 
 
 @functools.lru_cache(maxsize=None)
-def _one_openmp_runtime() -> bool:
-    """Whether one OpenMP runtime is loaded in this process, so that the kernels' OpenMP threads are
-    PyTorch's (two runtimes would each keep threads of their own spinning on the same cores)."""
+def _shares_pytorchs_openmp() -> bool:
+    """Whether the kernels' OpenMP runtime is the one PyTorch's operators use (their threads are then
+    PyTorch's; a second runtime would keep threads of its own spinning on the same cores): the file
+    holding the kernels' omp_get_num_threads is the one holding libtorch_cpu's."""
+    library, _ = _library()
     try:
         with open("/proc/self/maps") as f:
-            paths = openmp_runtimes(f.read())
-    except OSError:
+            maps = f.read()
+        torch_cpu = next(line.split()[-1] for line in maps.splitlines() if "libtorch_cpu" in line.split()[-1])
+        theirs = ctypes.cast(ctypes.CDLL(torch_cpu).omp_get_num_threads, ctypes.c_void_p).value
+        ours = library.openmp_runtime_symbol()
+    except (OSError, StopIteration, AttributeError, ValueError):
         return False
-    return len({os.path.realpath(path) for path in paths}) == 1
+    runtime = _mapped_file(ours, maps)
+    return runtime is not None and runtime == _mapped_file(theirs, maps)
 
 
 def threading_kind() -> str:
     """How the row updates use several threads: "openmp" (PyTorch's OpenMP threads), "python" (threads
-    of a Python pool: no OpenMP build, or another OpenMP runtime than PyTorch's), or "none" (no kernels)."""
+    of a Python pool: no OpenMP build, or one whose OpenMP runtime is not PyTorch's), or "none" (no
+    kernels)."""
     library, _ = _library()
     if library is None:
         return "none"
-    return "openmp" if library.openmp and _one_openmp_runtime() else "python"
+    return "openmp" if library.openmp and _shares_pytorchs_openmp() else "python"
 
 
 def compiler_command() -> list[str]:
@@ -190,17 +202,18 @@ def _library():
             return None, f"no folder to build in ({e})"
         if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
             return None, f"{folder} belongs to another user or others may write to it"
-    path = folder / f"kernels-{key}.so"
     problem = None
-    for attempt in range(2):  # a library that is damaged or does not load is built again, once
-        if attempt or not _intact(path):
-            problem = _compile(compiler, path)
-            if problem:
-                return None, problem
-        try:
-            return _load(path), None
-        except OSError as e:
-            problem = f"{path} could not be loaded ({e})"
+    for openmp in (True, False):  # a compiler without OpenMP, or an OpenMP build that does not load: without
+        path = folder / f"kernels-{key}{'-openmp' if openmp else ''}.so"
+        for attempt in range(2):  # a library that is damaged or does not load is built again, once
+            if attempt or not _intact(path):
+                problem = _compile(compiler, path, openmp)
+                if problem:
+                    break
+            try:
+                return _load(path), None
+            except OSError as e:
+                problem = f"{path} could not be loaded ({e})"
     return None, problem
 
 
@@ -218,6 +231,10 @@ def status() -> str:
 @functools.lru_cache(maxsize=4)
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dlrm-kernel")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has the pools but not their threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def _run_parts(fn, num_parts: int):
@@ -270,7 +287,9 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
     if not library.bags_in_bounds(indices.data_ptr(), indices.numel(), offsets.data_ptr(), num_bags, weight.shape[0]):
         raise ValueError(f"bag_sgd_: offsets that do not walk [0, {indices.numel()}) ids in order, or an id "
                          f"outside the weight's {weight.shape[0]} rows")
-    parts = torch.get_num_threads() if indices.numel() * dim >= PARALLEL_MIN_ELEMENTS else 1
+    openmp = threading_kind() == "openmp"
+    elements = indices.numel() * dim
+    parts = torch.get_num_threads() if elements >= (OPENMP_MIN_ELEMENTS if openmp else PARALLEL_MIN_ELEMENTS) else 1
     pointers = (weight.data_ptr(), dim, indices.data_ptr(), offsets.data_ptr(), num_bags, grad.data_ptr(),
                 index_weights.data_ptr() if index_weights is not None else None, float(scale))
     if weight.dtype == torch.bfloat16:
@@ -281,11 +300,11 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
             raise ValueError(f"bag_sgd_: {num_bags} bags are not {per_table} per table of table_ids")
         ids_pointer = table_ids.data_ptr() if table_ids is not None else None
         rest = (seed & (2**64 - 1), per_table, ids_pointer)
-        if parts > 1 and threading_kind() == "openmp":
+        if parts > 1 and openmp:
             library.bag_sgd_bf16_threads(*pointers, *rest, parts)
         else:
             _run_parts(lambda part: library.bag_sgd_bf16(*pointers, *rest, part, parts), max(1, parts))
-    elif parts > 1 and threading_kind() == "openmp":
+    elif parts > 1 and openmp:
         library.bag_sgd_f32_threads(*pointers, parts)
     else:
         _run_parts(lambda part: library.bag_sgd_f32(*pointers, part, parts), max(1, parts))
