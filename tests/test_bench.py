@@ -118,6 +118,7 @@ def run_script_with_stub_python(script, tmp_path, env):
     return json.loads(result.stdout.splitlines()[0])
 
 
+@pytest.mark.slow
 def test_dcnv2_script_is_the_mlperf_dlrmv2_model_and_sizes_down(tmp_path):
     assert os.access(os.path.join(ROOT, "bench", "dlrm_dcnv2_terabyte.sh"), os.X_OK)
     args = run_script_with_stub_python("dlrm_dcnv2_terabyte.sh", tmp_path, {})

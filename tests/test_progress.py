@@ -42,6 +42,7 @@ def run_with_terminal_stderr(*args, timeout=120):
     return stdout, shown.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_progress_line_on_a_terminal_and_not_in_a_piped_log():
     stdout, terminal = run_with_terminal_stderr(*SMALL_RUN)
     # the live line: what runs, iteration of total, elapsed<ETA, samples/s and the running loss
