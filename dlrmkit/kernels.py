@@ -61,6 +61,12 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
+def build_flags(openmp: bool) -> list[list[str]]:
+    """The compiler flags of a build, with OpenMP or without, in the order they are tried (some compilers
+    or CPUs have no -march=native)."""
+    return [[*CFLAGS, *(["-fopenmp"] if openmp else []), *arch] for arch in (["-march=native"], [])]
+
+
 def _compile(compiler: list, out: Path, openmp: bool) -> str | None:
     """Compiles kernels.c (with OpenMP when `openmp`) into `out`, and its SHA-256 into `out`.sha256, each
     written under a name of its own and then renamed (processes building at once never share a file);
@@ -73,8 +79,7 @@ def _compile(compiler: list, out: Path, openmp: bool) -> str | None:
     tmp = unique_temporary()
     try:
         problem = None
-        for arch in (["-march=native"], []):  # some compilers or CPUs have no -march=native
-            flags = [*CFLAGS, *(["-fopenmp"] if openmp else []), *arch]
+        for flags in build_flags(openmp):
             try:
                 result = subprocess.run([*compiler, *flags, "-o", str(tmp), str(SOURCE)],
                                         capture_output=True, text=True, timeout=120)
@@ -299,15 +304,14 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
         if num_bags % per_table or not tables_fit:
             raise ValueError(f"bag_sgd_: {num_bags} bags are not {per_table} per table of table_ids")
         ids_pointer = table_ids.data_ptr() if table_ids is not None else None
-        rest = (seed & (2**64 - 1), per_table, ids_pointer)
-        if parts > 1 and openmp:
-            library.bag_sgd_bf16_threads(*pointers, *rest, parts)
-        else:
-            _run_parts(lambda part: library.bag_sgd_bf16(*pointers, *rest, part, parts), max(1, parts))
-    elif parts > 1 and openmp:
-        library.bag_sgd_f32_threads(*pointers, parts)
+        arguments, kernel = (*pointers, seed & (2**64 - 1), per_table, ids_pointer), "bag_sgd_bf16"
     else:
-        _run_parts(lambda part: library.bag_sgd_f32(*pointers, part, parts), max(1, parts))
+        arguments, kernel = pointers, "bag_sgd_f32"
+    if parts > 1 and openmp:  # the kernel on PyTorch's OpenMP threads, one part each
+        getattr(library, kernel + "_threads")(*arguments, parts)
+    else:
+        part_of = getattr(library, kernel)
+        _run_parts(lambda part: part_of(*arguments, part, parts), parts)
 
 
 def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):

@@ -169,10 +169,10 @@ def test_the_built_row_updates_prefetch_the_rows_ahead(tmp_path):
     instruction = PREFETCH_INSTRUCTION.get(platform.machine())
     if not compiler or instruction is None or not sys.platform.startswith("linux"):
         pytest.skip("no C compiler, or a system whose assembly this test does not know")
-    flags = [f for f in kernels.CFLAGS if f != "-shared"]
-    for openmp, arch in [(["-fopenmp"], ["-march=native"]), (["-fopenmp"], []), ([], ["-march=native"]), ([], [])]:
-        out = tmp_path / "kernels.s"  # as the build compiles it
-        result = subprocess.run([*compiler, *flags, *openmp, *arch, "-S", "-o", str(out), str(kernels.SOURCE)],
+    out = tmp_path / "kernels.s"
+    for flags in kernels.build_flags(openmp=True) + kernels.build_flags(openmp=False):  # as the build tries them
+        flags = [f for f in flags if f != "-shared"]
+        result = subprocess.run([*compiler, *flags, "-S", "-o", str(out), str(kernels.SOURCE)],
                                 capture_output=True, text=True)
         if result.returncode == 0:
             break
