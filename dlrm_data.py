@@ -108,10 +108,10 @@ class Batch:
 
 
 def batch_from_tables(dense_x, per_table_lengths, per_table_indices, target) -> Batch:
-    """A Batch from per-table bag lengths ([B] each) and index arrays (NumPy)."""
+    """A Batch from per-table bag lengths ([B] each) and index arrays (NumPy, any integer type)."""
     dense_x = torch.from_numpy(np.ascontiguousarray(dense_x, dtype=np.float32))
-    lengths = np.concatenate(per_table_lengths).astype(np.int64) if len(per_table_lengths) else np.zeros(0, np.int64)
-    indices = np.concatenate(per_table_indices).astype(np.int64, copy=False) if len(per_table_indices) else lengths
+    lengths = np.concatenate(per_table_lengths, dtype=np.int64, casting="unsafe") if len(per_table_lengths) else np.zeros(0, np.int64)
+    indices = np.concatenate(per_table_indices, dtype=np.int64, casting="unsafe") if len(per_table_indices) else lengths
     return Batch(dense_x, SparseFeatures.from_lengths(lengths, indices, dense_x.shape[0]), _targets(target))
 
 
@@ -153,20 +153,28 @@ def _unique_within_bags(ids, sizes, rows):
     width = int(sizes.max()) if n else 0
     if n == 0 or width == 0:
         return np.zeros(n, np.int64), ids[:0]
-    narrow = np.int32 if rows < np.iinfo(np.int32).max else np.int64  # half the bytes to sort
+    narrow = _id_dtype(rows)  # half the bytes to sort
     full = int(sizes.min()) == width
     if full:
-        bags = ids.astype(narrow).reshape(n, width)
+        bags = ids.astype(narrow, copy=False).reshape(n, width)
     else:
         bags = np.full((n, width), rows, dtype=narrow)
         bags[np.arange(width) < sizes[:, None]] = ids
     bags.sort(axis=1)
+    repeats = bags[:, 1:] == bags[:, :-1]
+    if full and not repeats.any():  # the common case of few draws from a large table: nothing to drop
+        return np.full(n, width, dtype=np.int64), bags.reshape(-1)
     keep = np.empty(bags.shape, dtype=bool)
     keep[:, 0] = True
-    np.not_equal(bags[:, 1:], bags[:, :-1], out=keep[:, 1:])
+    np.logical_not(repeats, out=keep[:, 1:])
     if not full:
         keep &= bags < rows
     return keep.sum(axis=1, dtype=np.int64), bags[keep]
+
+
+def _id_dtype(rows):
+    """The narrowest of int32/int64 holding the ids of a `rows`-row table and `rows` itself."""
+    return np.int32 if rows < np.iinfo(np.int32).max else np.int64
 
 
 class RandomDataset(Dataset):
@@ -224,7 +232,9 @@ class RandomDataset(Dataset):
             sizes = np.round(np.maximum(1.0, u * min(rows, cfg.num_indices_per_lookup))).astype(np.int64)
         total = int(sizes.sum())
         if cfg.distribution == "uniform":
-            ids = np.round(rng.random(total) * (rows - 1)).astype(np.int64)
+            draws = rng.random(total)
+            draws *= rows - 1
+            ids = np.rint(draws, out=draws).astype(_id_dtype(rows))  # rint: np.round's half-to-even
         else:
             mu = (cfg.rand_max + cfg.rand_min) / 2.0 if cfg.rand_mu == -1 else cfg.rand_mu
             values = np.clip(rng.normal(mu, cfg.rand_sigma, total), cfg.rand_min, cfg.rand_max)

@@ -34,6 +34,8 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from dlrmkit import kernels
+
 # the reference's defaults (TorchRec dlrm_main.py): 3 cross layers of rank 512; branches 2048-2048
 DCN_NUM_LAYERS = 3
 DCN_LOW_RANK_DIM = 512
@@ -174,6 +176,27 @@ class GramPairs(torch.autograd.Function):
         return grad.to(features.dtype), None, None, None
 
 
+class NativeDotInteraction(torch.autograd.Function):
+    """The dot interaction's output [x, pairs] from the native kernels (`kernels.dot_interaction`), forward
+    and backward, in float32: no [B, F, F] Gram matrix, no gathers, no concatenations. Called only where
+    `kernels.dot_interaction_runs`."""
+
+    @staticmethod
+    def forward(ctx, x, ly, itself):
+        ctx.save_for_backward(x, ly)
+        ctx.itself = itself
+        return kernels.dot_interaction(x, ly, itself)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, ly = ctx.saved_tensors
+        grad_out = grad_out.float()
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        grad_x, grad_ly = kernels.dot_interaction_backward(x, ly, grad_out, ctx.itself)
+        return grad_x, grad_ly, None
+
+
 class DotInteraction(Interaction):
     """x, then the pairwise dot products of [x, ly_1, ..., ly_T] in the original's order, in float32."""
 
@@ -212,6 +235,10 @@ class DotInteraction(Interaction):
     def forward(self, x, ly):
         # in float32 under autocast too: tiny products, where bf16 only adds casts and rounding
         x = x.float()
+        if x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            ly = ly.float()
+            if kernels.dot_interaction_runs(x, ly):
+                return NativeDotInteraction.apply(x, ly, self.itself)
         features = torch.cat([x.unsqueeze(1), ly.float()], dim=1)  # [B, T+1, D]
         if torch.is_grad_enabled() and features.requires_grad:
             pairs = GramPairs.apply(features, self.pair_index, self.gather_index, self.self_pairs)

@@ -239,3 +239,195 @@ int64_t stacked_rows_checked(const int64_t *restrict indices, int64_t num_indice
     }
     return -1;
 }
+
+/* The dot interaction (Naumov et al. 2019, arXiv:1906.00091) of one sample range: for each sample b, its
+ * F = num_tables + 1 feature vectors f_0 = x[b], f_t = ly[b, t - 1] (dim floats each), and its output row
+ *
+ *     out[b] = [f_0, f_1 . f_0, f_2 . f_0, f_2 . f_1, ..., f_T . f_{T-1}]    (pairs i > j in row-major order;
+ *                                                                             i >= j when itself)
+ *
+ * each dot product summed over d = 0 .. dim - 1 in order in float32 (the same whatever the threads).
+ * x [batch, dim] with row stride x_stride; ly [batch, num_tables, dim] with strides ly_sb, ly_st (the
+ * last dimension contiguous); out [batch, dim + pairs] contiguous; all float32. A sample's features are
+ * copied transposed into `scratch` ([dim][F rounded up to LANES]) so that the products of f_i with
+ * f_0 .. f_{i-1} are LANES-wide vector operations. Always inlined into callers with a constant dim (the
+ * usual widths), whose loops over d then compile to straight vector code.
+ */
+#define LANES 16
+
+static inline int64_t lanes_up(int64_t n)
+{
+    return (n + LANES - 1) / LANES * LANES;
+}
+
+static ALWAYS_INLINE const float *feature_row(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb,
+                                              int64_t ly_st, int64_t b, int64_t i)
+{
+    return i == 0 ? x + b * x_stride : ly + b * ly_sb + (i - 1) * ly_st;
+}
+
+static ALWAYS_INLINE void dot_interaction_range(const float *restrict x, int64_t x_stride, const float *restrict ly,
+                                                int64_t ly_sb, int64_t ly_st, int64_t num_tables, const int64_t dim,
+                                                int itself, float *restrict out, float *restrict scratch,
+                                                int64_t begin, int64_t end)
+{
+    const int64_t F = num_tables + 1, padded = lanes_up(F);
+    const int64_t width = dim + (itself ? F * (F + 1) / 2 : F * (F - 1) / 2);
+    float *restrict ft = scratch, *restrict acc = scratch + dim * padded;
+    for (int64_t k = 0; k < dim * padded; k++)
+        ft[k] = 0.0f;
+    for (int64_t b = begin; b < end; b++) {
+        float *restrict o = out + b * width;
+        for (int64_t i = 0; i < F; i++) {
+            const float *restrict f = feature_row(x, x_stride, ly, ly_sb, ly_st, b, i);
+            for (int64_t d = 0; d < dim; d++)
+                ft[d * padded + i] = f[d];
+        }
+        for (int64_t d = 0; d < dim; d++)
+            o[d] = x[b * x_stride + d];
+        float *restrict pair = o + dim;
+        for (int64_t i = 0; i < F; i++) {
+            const int64_t n = itself ? i + 1 : i, blocks = lanes_up(n);
+            for (int64_t j0 = 0; j0 < blocks; j0 += LANES) {
+                float a[LANES] = {0};
+                for (int64_t d = 0; d < dim; d++) {
+                    const float fi = ft[d * padded + i];
+                    const float *restrict fj = ft + d * padded + j0;
+                    for (int64_t l = 0; l < LANES; l++)
+                        a[l] = a[l] + fi * fj[l];
+                }
+                for (int64_t l = 0; l < LANES; l++)
+                    acc[j0 + l] = a[l];
+            }
+            for (int64_t j = 0; j < n; j++)
+                pair[j] = acc[j];
+            pair += n;
+        }
+    }
+}
+
+/* The gradient of dot_interaction_range: with g the pairs' part of grad_out[b] and S the symmetric
+ * [F, F] matrix holding g at (i, j) and (j, i) (2 g at a self-pair (i, i), as d(f.f)/df = 2f),
+ *
+ *     grad_x[b] = grad_out[b, :dim] + sum_j S[0, j] f_j,    grad_ly[b, t] = sum_j S[t + 1, j] f_j
+ *
+ * each sum over j = 0 .. F - 1 in order in float32 (the zeros S[i, i] without itself left out).
+ * grad_out [batch, dim + pairs] with row stride grad_stride; grad_x [batch, dim] contiguous; grad_ly with
+ * strides gly_sb, gly_st (the last dimension contiguous); `scratch` F * F + F * dim floats.
+ */
+static ALWAYS_INLINE void dot_interaction_backward_range(
+    const float *restrict x, int64_t x_stride, const float *restrict ly, int64_t ly_sb, int64_t ly_st,
+    int64_t num_tables, const int64_t dim, int itself, const float *restrict grad_out, int64_t grad_stride,
+    float *restrict grad_x, float *restrict grad_ly, int64_t gly_sb, int64_t gly_st, float *restrict scratch,
+    int64_t begin, int64_t end)
+{
+    const int64_t F = num_tables + 1;
+    float *restrict S = scratch, *restrict f = scratch + F * F;
+    for (int64_t b = begin; b < end; b++) {
+        const float *restrict g = grad_out + b * grad_stride + dim;
+        for (int64_t i = 0, p = 0; i < F; i++) {
+            for (int64_t j = 0; j < i; j++, p++)
+                S[i * F + j] = S[j * F + i] = g[p];
+            S[i * F + i] = itself ? 2.0f * g[p++] : 0.0f;
+        }
+        for (int64_t i = 0; i < F; i++) {
+            const float *restrict row = feature_row(x, x_stride, ly, ly_sb, ly_st, b, i);
+            for (int64_t d = 0; d < dim; d++)
+                f[i * dim + d] = row[d];
+        }
+        for (int64_t i = 0; i < F; i++) {
+            float a[dim]; /* registers when dim is a constant */
+            for (int64_t d = 0; d < dim; d++)
+                a[d] = 0.0f;
+            for (int64_t j = 0; j < F; j++) {
+                if (j == i && !itself)
+                    continue;
+                const float s = S[i * F + j];
+                const float *restrict fj = f + j * dim;
+                for (int64_t d = 0; d < dim; d++)
+                    a[d] = a[d] + s * fj[d];
+            }
+            if (i == 0) {
+                const float *restrict direct = grad_out + b * grad_stride;
+                for (int64_t d = 0; d < dim; d++)
+                    grad_x[b * dim + d] = direct[d] + a[d];
+            } else {
+                float *restrict dst = grad_ly + b * gly_sb + (i - 1) * gly_st;
+                for (int64_t d = 0; d < dim; d++)
+                    dst[d] = a[d];
+            }
+        }
+    }
+}
+
+/* Sample range of `part` of num_parts (contiguous, as even as can be). */
+static void part_range(int64_t batch, int64_t part, int64_t num_parts, int64_t *begin, int64_t *end)
+{
+    *begin = batch * part / num_parts;
+    *end = batch * (part + 1) / num_parts;
+}
+
+/* The entry points: part `part` of num_parts, each part using its own dot_interaction_scratch_floats(num_tables,
+ * dim) floats of `scratch` (num_parts times as many). */
+int64_t dot_interaction_scratch_floats(int64_t num_tables, int64_t dim)
+{
+    const int64_t F = num_tables + 1, forward = (dim + 1) * lanes_up(F), backward = F * F + F * dim;
+    return forward > backward ? forward : backward;
+}
+
+/* The range functions with dim a constant for the usual embedding widths, else a variable. */
+#define WITH_CONSTANT_DIM(dim, call)                                                                          \
+    switch (dim) {                                                                                              \
+    case 16: { const int64_t d_ = 16; call; break; }                                                            \
+    case 32: { const int64_t d_ = 32; call; break; }                                                            \
+    case 64: { const int64_t d_ = 64; call; break; }                                                            \
+    case 128: { const int64_t d_ = 128; call; break; }                                                          \
+    default: { const int64_t d_ = dim; call; break; }                                                           \
+    }
+
+void dot_interaction_f32(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb, int64_t ly_st,
+                         int64_t batch, int64_t num_tables, int64_t dim, int itself, float *out, float *scratch,
+                         int64_t part, int64_t num_parts)
+{
+    int64_t begin, end;
+    part_range(batch, part, num_parts, &begin, &end);
+    scratch += part * dot_interaction_scratch_floats(num_tables, dim);
+    WITH_CONSTANT_DIM(dim, dot_interaction_range(x, x_stride, ly, ly_sb, ly_st, num_tables, d_, itself, out, scratch,
+                                                 begin, end))
+}
+
+void dot_interaction_backward_f32(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb, int64_t ly_st,
+                                  int64_t batch, int64_t num_tables, int64_t dim, int itself, const float *grad_out,
+                                  int64_t grad_stride, float *grad_x, float *grad_ly, int64_t gly_sb, int64_t gly_st,
+                                  float *scratch, int64_t part, int64_t num_parts)
+{
+    int64_t begin, end;
+    part_range(batch, part, num_parts, &begin, &end);
+    scratch += part * dot_interaction_scratch_floats(num_tables, dim);
+    WITH_CONSTANT_DIM(dim, dot_interaction_backward_range(x, x_stride, ly, ly_sb, ly_st, num_tables, d_, itself,
+                                                          grad_out, grad_stride, grad_x, grad_ly, gly_sb, gly_st,
+                                                          scratch, begin, end))
+}
+
+#ifdef _OPENMP
+/* dot_interaction_f32 and its backward on up to num_parts of PyTorch's OpenMP threads (see
+ * bag_sgd_f32_threads). */
+void dot_interaction_f32_threads(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb, int64_t ly_st,
+                                 int64_t batch, int64_t num_tables, int64_t dim, int itself, float *out,
+                                 float *scratch, int64_t num_parts)
+{
+#pragma omp parallel num_threads((int)num_parts)
+    dot_interaction_f32(x, x_stride, ly, ly_sb, ly_st, batch, num_tables, dim, itself, out, scratch,
+                        omp_get_thread_num(), omp_get_num_threads());
+}
+
+void dot_interaction_backward_f32_threads(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb,
+                                          int64_t ly_st, int64_t batch, int64_t num_tables, int64_t dim, int itself,
+                                          const float *grad_out, int64_t grad_stride, float *grad_x, float *grad_ly,
+                                          int64_t gly_sb, int64_t gly_st, float *scratch, int64_t num_parts)
+{
+#pragma omp parallel num_threads((int)num_parts)
+    dot_interaction_backward_f32(x, x_stride, ly, ly_sb, ly_st, batch, num_tables, dim, itself, grad_out, grad_stride,
+                                 grad_x, grad_ly, gly_sb, gly_st, scratch, omp_get_thread_num(), omp_get_num_threads());
+}
+#endif

@@ -5,9 +5,12 @@
 row updates then run on PyTorch's own OpenMP threads: `threading_kind()`), into a cache folder
 (`$DLRM_CACHE_DIR`, else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler
 and the CPU, and loaded with ctypes. Without a compiler, off x86/ARM Linux-like systems, on tensors it does not take
-(another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, every function here computes the same
-numbers with PyTorch operators, only slower: results never depend on whether the kernel is used. The
-one exception, the stochastically rounded update of bfloat16 tables, has no fallback.
+(another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, the row updates and the id shifts compute
+the same numbers with PyTorch operators, only slower: those results never depend on whether the kernel
+is used. Two exceptions: the stochastically rounded update of bfloat16 tables has no fallback, and the dot
+interaction's kernels (`dot_interaction`, forward and backward) sum in an order they document, where the
+batched matrix products of the PyTorch path (`dlrmkit.interactions`) sum in their own: the two agree up
+to float32 rounding.
 
     >>> import torch
     >>> weight = torch.zeros(4, 2)
@@ -40,6 +43,9 @@ CFLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
 # operators) below 8 M, PyTorch's own OpenMP threads only below about 0.5 M (both measured)
 PARALLEL_MIN_ELEMENTS = 1 << 23
 OPENMP_MIN_ELEMENTS = 1 << 19
+# the dot interaction's work (batch * features^2 * dim) from which its kernels use several threads (two
+# OpenMP threads won down to 16 samples of the Kaggle model, 0.19 M, measured)
+INTERACTION_OPENMP_MIN_WORK = 1 << 17
 
 
 def cache_dir() -> Path:
@@ -123,6 +129,13 @@ def _load(path: Path):
         library.bag_sgd_bf16.restype = None
         library.stacked_rows_checked.argtypes = [p, i64, p, i64, i64, p, p, p]
         library.stacked_rows_checked.restype = i64
+        library.dot_interaction_scratch_floats.argtypes = [i64, i64]
+        library.dot_interaction_scratch_floats.restype = i64
+        library.dot_interaction_f32.argtypes = [p, i64, p, i64, i64, i64, i64, i64, ctypes.c_int, p, p, i64, i64]
+        library.dot_interaction_f32.restype = None
+        library.dot_interaction_backward_f32.argtypes = [p, i64, p, i64, i64, i64, i64, i64, ctypes.c_int, p, i64,
+                                                         p, p, i64, i64, p, i64, i64]
+        library.dot_interaction_backward_f32.restype = None
     except AttributeError as e:
         raise OSError(f"not a build of {SOURCE.name}: {e}") from None
     try:  # only in a build with OpenMP
@@ -130,6 +143,10 @@ def _load(path: Path):
         library.bag_sgd_f32_threads.restype = None
         library.bag_sgd_bf16_threads.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, ctypes.c_uint64, i64, p, i64]
         library.bag_sgd_bf16_threads.restype = None
+        library.dot_interaction_f32_threads.argtypes = library.dot_interaction_f32.argtypes[:-1]
+        library.dot_interaction_f32_threads.restype = None
+        library.dot_interaction_backward_f32_threads.argtypes = library.dot_interaction_backward_f32.argtypes[:-1]
+        library.dot_interaction_backward_f32_threads.restype = None
         library.openmp_runtime_symbol.argtypes = []
         library.openmp_runtime_symbol.restype = ctypes.c_void_p
         library.openmp = True
@@ -307,11 +324,7 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
         arguments, kernel = (*pointers, seed & (2**64 - 1), per_table, ids_pointer), "bag_sgd_bf16"
     else:
         arguments, kernel = pointers, "bag_sgd_f32"
-    if parts > 1 and openmp:  # the kernel on PyTorch's OpenMP threads, one part each
-        getattr(library, kernel + "_threads")(*arguments, parts)
-    else:
-        part_of = getattr(library, kernel)
-        _run_parts(lambda part: part_of(*arguments, part, parts), parts)
+    _run_kernel(library, kernel, arguments, parts)
 
 
 def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):
@@ -347,3 +360,90 @@ def stacked_rows_checked(indices: torch.Tensor, offsets: torch.Tensor, batch_siz
                                        first_row.numel(), first_row.data_ptr(), table_rows.data_ptr(),
                                        rows.data_ptr())
     return None if bad == -2 else (rows, int(bad))  # -2: malformed offsets, for PyTorch's own error
+
+
+def _run_kernel(library, kernel: str, arguments: tuple, parts: int) -> None:
+    """kernel(*arguments, part, parts) for every part: on PyTorch's OpenMP threads (its `_threads` entry)
+    when the kernels share PyTorch's OpenMP runtime, else on a Python pool's threads."""
+    if parts > 1 and threading_kind() == "openmp":
+        getattr(library, kernel + "_threads")(*arguments, parts)
+    else:
+        part_of = getattr(library, kernel)
+        _run_parts(lambda part: part_of(*arguments, part, parts), parts)
+
+
+def _num_pairs(features: int, itself: bool) -> int:
+    return features * (features + 1) // 2 if itself else features * (features - 1) // 2
+
+
+def dot_interaction_runs(x: torch.Tensor, ly: torch.Tensor) -> bool:
+    """Whether `dot_interaction(x, ly)` runs natively (kernels in use, operands it takes)."""
+    return native() and _interaction_operands_ok(x, ly)
+
+
+def _interaction_operands_ok(x, ly) -> bool:
+    return (x.device.type == ly.device.type == "cpu" and x.dtype == ly.dtype == torch.float32 and x.dim() == 2
+            and ly.dim() == 3 and x.shape[0] == ly.shape[0] and x.shape[1] == ly.shape[2]
+            and x.stride(1) == 1 and ly.stride(2) == 1)
+
+
+def _interaction_parts(x, ly) -> int:
+    """Threads for the dot interaction of x and ly: all of PyTorch's from INTERACTION_OPENMP_MIN_WORK on
+    OpenMP threads (a Python pool's threads lose to PyTorch's spinning ones below PARALLEL_MIN_ELEMENTS)."""
+    batch, features, dim = x.shape[0], ly.shape[1] + 1, x.shape[1]
+    work = batch * features * features * dim
+    minimum = INTERACTION_OPENMP_MIN_WORK if threading_kind() == "openmp" else PARALLEL_MIN_ELEMENTS
+    return max(1, min(torch.get_num_threads(), batch)) if work >= minimum else 1
+
+
+def _interaction_scratch(library, ly, parts: int) -> torch.Tensor:
+    """Working memory of the dot interaction kernels on `parts` threads (keep it referenced while they run)."""
+    return torch.empty(parts * library.dot_interaction_scratch_floats(ly.shape[1], ly.shape[2]), dtype=torch.float32)
+
+
+@torch.no_grad()
+def dot_interaction(x: torch.Tensor, ly: torch.Tensor, itself: bool = False) -> torch.Tensor | None:
+    """The dot interaction's output [B, D + P] float32: x, then the dot products of every pair (i, j),
+    i > j (i >= j with `itself`), of the F = T + 1 feature vectors [x, ly[:, 0], ..., ly[:, T - 1]] in
+    row-major order (the original's), each summed over d in order in float32 (the same with any number
+    of threads). x [B, D], ly [B, T, D]: float32 CPU tensors whose last dimension is contiguous (e.g. the
+    [T, B, D] lookup output transposed). None when not run natively (no kernels, other tensors)."""
+    library, _ = _library()
+    if library is None or not _interaction_operands_ok(x, ly):
+        return None
+    batch, num_tables, dim = ly.shape
+    out = torch.empty(batch, dim + _num_pairs(num_tables + 1, itself), dtype=torch.float32)
+    if batch == 0:
+        return out
+    parts = _interaction_parts(x, ly)
+    scratch = _interaction_scratch(library, ly, parts)
+    arguments = (x.data_ptr(), x.stride(0), ly.data_ptr(), ly.stride(0), ly.stride(1), batch, num_tables, dim,
+                 int(bool(itself)), out.data_ptr(), scratch.data_ptr())
+    _run_kernel(library, "dot_interaction_f32", arguments, parts)
+    return out
+
+
+@torch.no_grad()
+def dot_interaction_backward(x: torch.Tensor, ly: torch.Tensor, grad_out: torch.Tensor, itself: bool = False):
+    """(grad_x [B, D], grad_ly [B, T, D] laid out as ly) of `dot_interaction(x, ly, itself)` given grad_out
+    [B, D + P] float32 (its last dimension contiguous): with S the symmetric [F, F] matrix of the pairs'
+    gradients (twice at a self-pair), grad of feature i = sum over j of S[i, j] * feature j, in order,
+    in float32 (plus grad_out[:, :D] for x). None when not run natively."""
+    library, _ = _library()
+    if (library is None or not _interaction_operands_ok(x, ly) or grad_out.dtype != torch.float32
+            or grad_out.dim() != 2 or grad_out.stride(1) != 1 or grad_out.device.type != "cpu"):
+        return None
+    batch, num_tables, dim = ly.shape
+    if grad_out.shape != (batch, dim + _num_pairs(num_tables + 1, itself)):
+        return None
+    grad_x = torch.empty(batch, dim, dtype=torch.float32)
+    grad_ly = torch.empty_like(ly)  # ly's layout (the lookup's backward reads it as [T, B, D] then)
+    if batch == 0:
+        return grad_x, grad_ly
+    parts = _interaction_parts(x, ly)
+    scratch = _interaction_scratch(library, ly, parts)
+    arguments = (x.data_ptr(), x.stride(0), ly.data_ptr(), ly.stride(0), ly.stride(1), batch, num_tables, dim,
+                 int(bool(itself)), grad_out.data_ptr(), grad_out.stride(0), grad_x.data_ptr(), grad_ly.data_ptr(),
+                 grad_ly.stride(0), grad_ly.stride(1), scratch.data_ptr())
+    _run_kernel(library, "dot_interaction_backward_f32", arguments, parts)
+    return grad_x, grad_ly

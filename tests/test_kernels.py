@@ -520,3 +520,87 @@ def test_bf16_rounding_of_a_table_is_the_same_in_a_process_holding_only_some_tab
     for t in (2, 3):
         assert torch.equal(full[t].weight, some[t - 2].weight), t
     assert not torch.equal(full.weight, initial)
+
+
+def in_order_dot_interaction(x, ly, itself, grad_out):
+    """The dot interaction and its gradient with PyTorch operators, every sum taken term by term in
+    float32 in the order the kernels document (d ascending; j ascending): their numbers bit for bit."""
+    features = torch.cat([x.unsqueeze(1), ly], 1)
+    batch, num_features, dim = features.shape
+    pairs = [(i, j) for i in range(num_features) for j in range(i + 1 if itself else i)]
+    out = [x]
+    for i, j in pairs:
+        acc = torch.zeros(batch)
+        for d in range(dim):
+            acc = acc + features[:, i, d] * features[:, j, d]
+        out.append(acc.unsqueeze(1))
+    g = grad_out[:, dim:]
+    S = torch.zeros(batch, num_features, num_features)
+    for p, (i, j) in enumerate(pairs):
+        S[:, i, j] = S[:, j, i] = g[:, p] * 2 if i == j else g[:, p]
+    grads = []
+    for i in range(num_features):
+        acc = torch.zeros(batch, dim)
+        for j in range(num_features):
+            if j != i or itself:
+                acc = acc + S[:, i, j, None] * features[:, j]
+        grads.append(grad_out[:, :dim] + acc if i == 0 else acc)
+    return torch.cat(out, 1), grads[0], torch.stack(grads[1:], 1) if len(grads) > 1 else ly.new_zeros(ly.shape)
+
+
+@needs_native
+@pytest.mark.parametrize("itself", [False, True])
+@pytest.mark.parametrize("batch,tables,dim", [(5, 3, 4), (40, 26, 16), (9, 8, 64), (6, 2, 128), (7, 4, 32),
+                                              (11, 5, 17), (3, 0, 16), (0, 5, 16)])
+def test_native_dot_interaction_sums_in_the_documented_order_bit_for_bit(batch, tables, dim, itself):
+    g = torch.Generator().manual_seed(batch + tables + dim)
+    x = torch.randn(batch, dim + 3, generator=g)[:, 2 : dim + 2]  # rows with a stride of their own
+    ly = torch.randn(tables, batch, dim, generator=g).transpose(0, 1)  # the lookup's [T, B, D], transposed
+    width = dim + (tables + 1) * (tables + 2 if itself else tables) // 2
+    grad_out = torch.randn(batch, width, generator=g)
+    expected, expected_gx, expected_gly = in_order_dot_interaction(x, ly, itself, grad_out)
+    out = kernels.dot_interaction(x, ly, itself)
+    grad_x, grad_ly = kernels.dot_interaction_backward(x, ly, grad_out, itself)
+    assert out.shape == (batch, width) and torch.equal(out, expected)
+    assert torch.equal(grad_x, expected_gx) and torch.equal(grad_ly, expected_gly)
+    assert grad_ly.stride() == ly.stride()  # the lookup's backward reads it as [T, B, D] without a copy
+
+
+@needs_native
+def test_native_dot_interaction_does_not_depend_on_the_number_of_threads(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, ly = torch.randn(301, 16, generator=g), torch.randn(301, 26, 16, generator=g)
+    grad_out = torch.randn(301, 16 + 27 * 26 // 2, generator=g)
+    results = []
+    for threads, kind, minimum in [(1, "openmp", 1), (2, "openmp", 1), (3, "openmp", 1), (2, "python", 1)]:
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(kernels, "threading_kind", lambda kind=kind: kind)
+        monkeypatch.setattr(kernels, "INTERACTION_OPENMP_MIN_WORK", minimum)
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", minimum)
+        results.append((kernels.dot_interaction(x, ly), *kernels.dot_interaction_backward(x, ly, grad_out)))
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
+
+
+@needs_native
+@pytest.mark.parametrize("itself", [False, True])
+def test_the_models_dot_interaction_is_native_on_the_cpu_and_matches_the_pytorch_path(itself, monkeypatch):
+    from dlrmkit.interactions import InteractionConfig, NativeDotInteraction
+
+    interaction = InteractionConfig("dot", itself=itself).build(num_tables=5, dense_dim=8, emb_dim=8)
+    g = torch.Generator().manual_seed(1)
+    x, ly = torch.randn(12, 8, generator=g), torch.randn(5, 12, 8, generator=g).transpose(0, 1)
+
+    def run(native):
+        monkeypatch.setattr(kernels, "dot_interaction_runs", lambda *_: native)
+        xs, lys = x.clone().requires_grad_(), ly.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 products under autocast too
+            out = interaction(xs.bfloat16(), lys)
+        out.backward(torch.arange(out.numel(), dtype=torch.float32).view(out.shape).cos())
+        return out, xs.grad, lys.grad
+
+    native, fallback = run(True), run(False)
+    assert type(native[0].grad_fn).__name__ == NativeDotInteraction.__name__ + "Backward"
+    assert native[0].dtype == fallback[0].dtype == torch.float32
+    for a, b in zip(native, fallback):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
