@@ -249,11 +249,12 @@ int64_t stacked_rows_checked(const int64_t *restrict indices, int64_t num_indice
  * each dot product summed over d = 0 .. dim - 1 in order in float32 (the same whatever the threads).
  * x [batch, dim] with row stride x_stride; ly [batch, num_tables, dim] with strides ly_sb, ly_st (the
  * last dimension contiguous); out [batch, dim + pairs] contiguous; all float32. A sample's features are
- * copied transposed into `scratch` ([dim][F rounded up to LANES]) so that the products of f_i with
- * f_0 .. f_{i-1} are LANES-wide vector operations. Always inlined into callers with a constant dim (the
- * usual widths), whose loops over d then compile to straight vector code.
+ * copied transposed into `scratch` ([dim][F rounded up to LANES], the padding zero) so that the products
+ * of f_i with f_0 .. f_{i-1} are LANES-wide vector operations, ROWS rows i at a time. Always inlined into
+ * callers with a constant dim (the usual widths), whose loops over d then compile to straight vector code.
  */
 #define LANES 16
+#define ROWS 4 /* rows of products computed together (the a0 .. a3 below) */
 
 static inline int64_t lanes_up(int64_t n)
 {
@@ -286,22 +287,34 @@ static ALWAYS_INLINE void dot_interaction_range(const float *restrict x, int64_t
         for (int64_t d = 0; d < dim; d++)
             o[d] = x[b * x_stride + d];
         float *restrict pair = o + dim;
-        for (int64_t i = 0; i < F; i++) {
-            const int64_t n = itself ? i + 1 : i, blocks = lanes_up(n);
+        for (int64_t i0 = 0; i0 < F; i0 += ROWS) {
+            /* the products of rows i0 .. i0 + ROWS - 1 with every f_j they pair with (rows past F: the zero
+             * columns of ft), sharing each load of f_j */
+            const int64_t last = i0 + ROWS - 1, blocks = lanes_up(itself ? last + 1 : last);
             for (int64_t j0 = 0; j0 < blocks; j0 += LANES) {
-                float a[LANES] = {0};
+                float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
                 for (int64_t d = 0; d < dim; d++) {
-                    const float fi = ft[d * padded + i];
-                    const float *restrict fj = ft + d * padded + j0;
-                    for (int64_t l = 0; l < LANES; l++)
-                        a[l] = a[l] + fi * fj[l];
+                    const float *restrict fj = ft + d * padded + j0, *restrict fi = ft + d * padded + i0;
+                    for (int64_t l = 0; l < LANES; l++) {
+                        a0[l] = a0[l] + fi[0] * fj[l];
+                        a1[l] = a1[l] + fi[1] * fj[l];
+                        a2[l] = a2[l] + fi[2] * fj[l];
+                        a3[l] = a3[l] + fi[3] * fj[l];
+                    }
                 }
-                for (int64_t l = 0; l < LANES; l++)
-                    acc[j0 + l] = a[l];
+                for (int64_t l = 0; l < LANES; l++) {
+                    acc[0 * padded + j0 + l] = a0[l];
+                    acc[1 * padded + j0 + l] = a1[l];
+                    acc[2 * padded + j0 + l] = a2[l];
+                    acc[3 * padded + j0 + l] = a3[l];
+                }
             }
-            for (int64_t j = 0; j < n; j++)
-                pair[j] = acc[j];
-            pair += n;
+            for (int64_t k = 0; k < ROWS && i0 + k < F; k++) {
+                const int64_t n = itself ? i0 + k + 1 : i0 + k;
+                for (int64_t j = 0; j < n; j++)
+                    pair[j] = acc[k * padded + j];
+                pair += n;
+            }
         }
     }
 }
@@ -311,9 +324,10 @@ static ALWAYS_INLINE void dot_interaction_range(const float *restrict x, int64_t
  *
  *     grad_x[b] = grad_out[b, :dim] + sum_j S[0, j] f_j,    grad_ly[b, t] = sum_j S[t + 1, j] f_j
  *
- * each sum over j = 0 .. F - 1 in order in float32 (the zeros S[i, i] without itself left out).
- * grad_out [batch, dim + pairs] with row stride grad_stride; grad_x [batch, dim] contiguous; grad_ly with
- * strides gly_sb, gly_st (the last dimension contiguous); `scratch` F * F + F * dim floats.
+ * each sum over j = 0 .. F - 1 in order in float32, the zeros S[i, i] without itself included (as in
+ * S @ features), ROWS rows i at a time. grad_out [batch, dim + pairs] with row stride grad_stride; grad_x
+ * [batch, dim] contiguous; grad_ly with strides gly_sb, gly_st (the last dimension contiguous); `scratch`
+ * (F rounded up to ROWS) * (F + dim) floats.
  */
 static ALWAYS_INLINE void dot_interaction_backward_range(
     const float *restrict x, int64_t x_stride, const float *restrict ly, int64_t ly_sb, int64_t ly_st,
@@ -321,8 +335,10 @@ static ALWAYS_INLINE void dot_interaction_backward_range(
     float *restrict grad_x, float *restrict grad_ly, int64_t gly_sb, int64_t gly_st, float *restrict scratch,
     int64_t begin, int64_t end)
 {
-    const int64_t F = num_tables + 1;
-    float *restrict S = scratch, *restrict f = scratch + F * F;
+    const int64_t F = num_tables + 1, rows = (F + ROWS - 1) / ROWS * ROWS;
+    float *restrict S = scratch, *restrict f = scratch + rows * F;
+    for (int64_t k = F * F; k < rows * F; k++) /* the rows past F: zero, never written */
+        S[k] = 0.0f;
     for (int64_t b = begin; b < end; b++) {
         const float *restrict g = grad_out + b * grad_stride + dim;
         for (int64_t i = 0, p = 0; i < F; i++) {
@@ -335,26 +351,31 @@ static ALWAYS_INLINE void dot_interaction_backward_range(
             for (int64_t d = 0; d < dim; d++)
                 f[i * dim + d] = row[d];
         }
-        for (int64_t i = 0; i < F; i++) {
-            float a[dim]; /* registers when dim is a constant */
+        for (int64_t i0 = 0; i0 < F; i0 += ROWS) {
+            float a0[dim], a1[dim], a2[dim], a3[dim]; /* registers when dim is a constant */
             for (int64_t d = 0; d < dim; d++)
-                a[d] = 0.0f;
+                a0[d] = a1[d] = a2[d] = a3[d] = 0.0f;
             for (int64_t j = 0; j < F; j++) {
-                if (j == i && !itself)
-                    continue;
-                const float s = S[i * F + j];
-                const float *restrict fj = f + j * dim;
-                for (int64_t d = 0; d < dim; d++)
-                    a[d] = a[d] + s * fj[d];
+                const float *restrict fj = f + j * dim, *restrict s = S + i0 * F + j;
+                for (int64_t d = 0; d < dim; d++) {
+                    a0[d] = a0[d] + s[0 * F] * fj[d];
+                    a1[d] = a1[d] + s[1 * F] * fj[d];
+                    a2[d] = a2[d] + s[2 * F] * fj[d];
+                    a3[d] = a3[d] + s[3 * F] * fj[d];
+                }
             }
-            if (i == 0) {
-                const float *restrict direct = grad_out + b * grad_stride;
-                for (int64_t d = 0; d < dim; d++)
-                    grad_x[b * dim + d] = direct[d] + a[d];
-            } else {
-                float *restrict dst = grad_ly + b * gly_sb + (i - 1) * gly_st;
-                for (int64_t d = 0; d < dim; d++)
-                    dst[d] = a[d];
+            for (int64_t k = 0; k < ROWS && i0 + k < F; k++) {
+                const int64_t i = i0 + k;
+                const float *a = k == 0 ? a0 : k == 1 ? a1 : k == 2 ? a2 : a3;
+                if (i == 0) {
+                    const float *restrict direct = grad_out + b * grad_stride;
+                    for (int64_t d = 0; d < dim; d++)
+                        grad_x[b * dim + d] = direct[d] + a[d];
+                } else {
+                    float *restrict dst = grad_ly + b * gly_sb + (i - 1) * gly_st;
+                    for (int64_t d = 0; d < dim; d++)
+                        dst[d] = a[d];
+                }
             }
         }
     }
@@ -371,7 +392,8 @@ static void part_range(int64_t batch, int64_t part, int64_t num_parts, int64_t *
  * dim) floats of `scratch` (num_parts times as many). */
 int64_t dot_interaction_scratch_floats(int64_t num_tables, int64_t dim)
 {
-    const int64_t F = num_tables + 1, forward = (dim + 1) * lanes_up(F), backward = F * F + F * dim;
+    const int64_t F = num_tables + 1, forward = (dim + ROWS) * lanes_up(F);
+    const int64_t backward = (F + ROWS - 1) / ROWS * ROWS * F + F * dim;
     return forward > backward ? forward : backward;
 }
 

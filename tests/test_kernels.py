@@ -541,9 +541,8 @@ def in_order_dot_interaction(x, ly, itself, grad_out):
     grads = []
     for i in range(num_features):
         acc = torch.zeros(batch, dim)
-        for j in range(num_features):
-            if j != i or itself:
-                acc = acc + S[:, i, j, None] * features[:, j]
+        for j in range(num_features):  # S[i, i] = 0 without itself: added too, as in S @ features
+            acc = acc + S[:, i, j, None] * features[:, j]
         grads.append(grad_out[:, :dim] + acc if i == 0 else acc)
     return torch.cat(out, 1), grads[0], torch.stack(grads[1:], 1) if len(grads) > 1 else ly.new_zeros(ly.shape)
 
