@@ -166,35 +166,46 @@ class GramPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_pairs):
         features, gather_index, self_pairs = ctx.saved_tensors
-        batch, num_features, _ = features.shape
-        grad_pairs = grad_pairs.float()
-        parts = [grad_pairs, grad_pairs.new_zeros(batch, 1)]
-        if self_pairs.numel():
-            parts.append(grad_pairs.index_select(1, self_pairs) * 2)
-        sym = torch.cat(parts, dim=1).index_select(1, gather_index)
-        grad = torch.bmm(sym.view(batch, num_features, num_features), features.float())
-        return grad.to(features.dtype), None, None, None
+        return gram_pairs_backward(features, grad_pairs, gather_index, self_pairs).to(features.dtype), None, None, None
+
+
+def gram_pairs_backward(features, grad_pairs, gather_index, self_pairs):
+    """The gradient [B, F, D] float32 of `gram_pairs(features, ...)` given the pairs' gradient [B, P]: S @ features,
+    S the symmetric [F, F] matrix gathered from [g, 0, 2 g_self] at `gather_index` (see GramPairs). Made of
+    differentiable operators (a backward through it can be differentiated again)."""
+    batch, num_features, _ = features.shape
+    grad_pairs = grad_pairs.float()
+    parts = [grad_pairs, grad_pairs.new_zeros(batch, 1)]
+    if self_pairs.numel():
+        parts.append(grad_pairs.index_select(1, self_pairs) * 2)
+    sym = torch.cat(parts, dim=1).index_select(1, gather_index)
+    return torch.bmm(sym.view(batch, num_features, num_features), features.float())
 
 
 class NativeDotInteraction(torch.autograd.Function):
     """The dot interaction's output [x, pairs] from the native kernels (`kernels.dot_interaction`), forward
     and backward, in float32: no [B, F, F] Gram matrix, no gathers, no concatenations. Called only where
-    `kernels.dot_interaction_runs`."""
+    `kernels.dot_interaction_runs`; a backward that is to be differentiated again runs PyTorch's operators."""
 
     @staticmethod
-    def forward(ctx, x, ly, itself):
+    def forward(ctx, x, ly, interaction):
         ctx.save_for_backward(x, ly)
-        ctx.itself = itself
-        return kernels.dot_interaction(x, ly, itself)
+        ctx.interaction = interaction
+        return kernels.dot_interaction(x, ly, interaction.itself)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, ly = ctx.saved_tensors
         grad_out = grad_out.float()
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        grad_x, grad_ly = kernels.dot_interaction_backward(x, ly, grad_out, ctx.itself)
-        return grad_x, grad_ly, None
+        if not torch.is_grad_enabled():
+            native = kernels.dot_interaction_backward(x, ly, grad_out.contiguous(), ctx.interaction.itself)
+            if native is not None:
+                return (*native, None)
+        # PyTorch operators: a backward to be differentiated again (create_graph), or a gradient the kernels do not take
+        dim, interaction = x.shape[1], ctx.interaction
+        features = torch.cat([x.unsqueeze(1), ly], dim=1)
+        grad = gram_pairs_backward(features, grad_out[:, dim:], interaction.gather_index, interaction.self_pairs)
+        return grad_out[:, :dim] + grad[:, 0], grad[:, 1:], None
 
 
 class DotInteraction(Interaction):
@@ -238,7 +249,7 @@ class DotInteraction(Interaction):
         if x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             ly = ly.float()
             if kernels.dot_interaction_runs(x, ly):
-                return NativeDotInteraction.apply(x, ly, self.itself)
+                return NativeDotInteraction.apply(x, ly, self)
         features = torch.cat([x.unsqueeze(1), ly.float()], dim=1)  # [B, T+1, D]
         if torch.is_grad_enabled() and features.requires_grad:
             pairs = GramPairs.apply(features, self.pair_index, self.gather_index, self.self_pairs)

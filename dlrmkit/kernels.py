@@ -46,6 +46,8 @@ OPENMP_MIN_ELEMENTS = 1 << 19
 # the dot interaction's work (batch * features^2 * dim) from which its kernels use several threads (two
 # OpenMP threads won down to 16 samples of the Kaggle model, 0.19 M, measured)
 INTERACTION_OPENMP_MIN_WORK = 1 << 17
+# widest embeddings the dot interaction's kernels take: their backward keeps 4 rows of that many floats on the stack
+INTERACTION_MAX_DIM = 1024
 
 
 def cache_dir() -> Path:
@@ -381,10 +383,17 @@ def dot_interaction_runs(x: torch.Tensor, ly: torch.Tensor) -> bool:
     return native() and _interaction_operands_ok(x, ly)
 
 
+def _plain_cpu_tensor(t: torch.Tensor) -> bool:
+    """A tensor whose data the kernels may read through its pointer: a plain CPU tensor (not a subclass such as
+    FakeTensor, which has no data) without a lazy negation or conjugation bit."""
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and not t.is_neg()
+            and not t.is_conj())
+
+
 def _interaction_operands_ok(x, ly) -> bool:
-    return (x.device.type == ly.device.type == "cpu" and x.dtype == ly.dtype == torch.float32 and x.dim() == 2
-            and ly.dim() == 3 and x.shape[0] == ly.shape[0] and x.shape[1] == ly.shape[2]
-            and x.stride(1) == 1 and ly.stride(2) == 1)
+    return (_plain_cpu_tensor(x) and _plain_cpu_tensor(ly) and x.dtype == ly.dtype == torch.float32
+            and x.dim() == 2 and ly.dim() == 3 and x.shape[0] == ly.shape[0] and x.shape[1] == ly.shape[2]
+            and x.shape[1] <= INTERACTION_MAX_DIM and x.stride(1) == 1 and ly.stride(2) == 1)
 
 
 def _interaction_parts(x, ly) -> int:
@@ -431,7 +440,7 @@ def dot_interaction_backward(x: torch.Tensor, ly: torch.Tensor, grad_out: torch.
     in float32 (plus grad_out[:, :D] for x). None when not run natively."""
     library, _ = _library()
     if (library is None or not _interaction_operands_ok(x, ly) or grad_out.dtype != torch.float32
-            or grad_out.dim() != 2 or grad_out.stride(1) != 1 or grad_out.device.type != "cpu"):
+            or grad_out.dim() != 2 or grad_out.stride(1) != 1 or not _plain_cpu_tensor(grad_out)):
         return None
     batch, num_tables, dim = ly.shape
     if grad_out.shape != (batch, dim + _num_pairs(num_tables + 1, itself)):

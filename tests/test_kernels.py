@@ -603,3 +603,40 @@ def test_the_models_dot_interaction_is_native_on_the_cpu_and_matches_the_pytorch
     assert native[0].dtype == fallback[0].dtype == torch.float32
     for a, b in zip(native, fallback):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_the_native_dot_interaction_can_be_differentiated_twice(monkeypatch):
+    from dlrmkit.interactions import InteractionConfig
+
+    def gradient_penalty_grad(native):
+        monkeypatch.setattr(kernels, "dot_interaction_runs", lambda *_: native)
+        torch.manual_seed(0)
+        interaction, layer = InteractionConfig("dot").build(3, 8, 8), torch.nn.Linear(5, 8)
+        dense = torch.randn(4, 5, requires_grad=True)
+        out = interaction(layer(dense), torch.randn(4, 3, 8))
+        (grad,) = torch.autograd.grad((out ** 2).sum(), dense, create_graph=True)
+        grad.pow(2).sum().backward()
+        return layer.weight.grad
+
+    torch.testing.assert_close(gradient_penalty_grad(True), gradient_penalty_grad(False))
+
+
+@needs_native
+def test_the_dot_interaction_kernels_take_only_plain_tensors_they_can_hold():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dlrmkit.interactions import InteractionConfig
+
+    interaction = InteractionConfig("dot").build(3, 16, 16)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # no data behind the pointer: PyTorch's operators
+        assert interaction(torch.empty(4, 16), torch.empty(4, 3, 16)).shape == (4, 16 + 6)
+    ones = torch.ones(2, 3, 16)
+    assert torch.equal(interaction(torch.ones(2, 16), torch._neg_view(ones))[:, 16:],
+                       interaction(torch.ones(2, 16), -ones)[:, 16:])  # the lazy negation honoured
+    wide = kernels.INTERACTION_MAX_DIM + 1  # wider rows than the backward keeps on the stack
+    x, ly = torch.randn(2, wide, requires_grad=True), torch.randn(2, 2, wide)
+    assert not kernels.dot_interaction_runs(x, ly)
+    interaction = InteractionConfig("dot").build(2, wide, wide)
+    interaction(x, ly).sum().backward()
+    assert x.grad.shape == (2, wide)
