@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import data_utils
-from dlrmkit import memory, multihot
+from dlrmkit import kernels, memory, multihot
 from dlrmkit.hashing import splitmix64
 from dlrmkit.multihot import MultiHot
 from dlrmkit.sparse import SparseFeatures
@@ -145,7 +145,8 @@ class RandomDataConfig:
 
 def _unique_within_bags(ids, sizes, rows):
     """(lengths [n], ids) of bags of `sizes` consecutive `ids` in [0, rows) with repeats dropped and each
-    bag's ids sorted (NumPy arrays: lengths int64, ids int32 when `rows` fits, else int64).
+    bag's ids sorted (NumPy arrays: lengths int64; ids int64 from the native kernels, else int32 when `rows`
+    fits, else int64).
 
     The bags are laid out as rows of an [n, max size] matrix padded with `rows` (above every id) and
     sorted row by row: many short sorts, ~7x faster than one sort of (bag, id) keys."""
@@ -154,13 +155,19 @@ def _unique_within_bags(ids, sizes, rows):
     if n == 0 or width == 0:
         return np.zeros(n, np.int64), ids[:0]
     narrow = _id_dtype(rows)  # half the bytes to sort
+    ids = ids.astype(narrow, copy=False)
     full = int(sizes.min()) == width
     if full:
-        bags = ids.astype(narrow, copy=False).reshape(n, width)
+        bags = ids.reshape(n, width)
     else:
-        bags = np.full((n, width), rows, dtype=narrow)
-        bags[np.arange(width) < sizes[:, None]] = ids
+        bags = kernels.pad_bags(ids, sizes, width, rows)
+        if bags is None:
+            bags = np.full((n, width), rows, dtype=narrow)
+            bags[np.arange(width) < sizes[:, None]] = ids
     bags.sort(axis=1)
+    native = kernels.distinct_sorted_bags(bags, rows)
+    if native is not None:
+        return native
     repeats = bags[:, 1:] == bags[:, :-1]
     if full and not repeats.any():  # the common case of few draws from a large table: nothing to drop
         return np.full(n, width, dtype=np.int64), bags.reshape(-1)

@@ -453,3 +453,42 @@ void dot_interaction_backward_f32_threads(const float *x, int64_t x_stride, cons
                                  grad_x, grad_ly, gly_sb, gly_st, scratch, omp_get_thread_num(), omp_get_num_threads());
 }
 #endif
+
+/* Random bags (dlrm_data.RandomDataset) laid out for sorting and made unique after it, for int32 and int64 ids:
+ *
+ * pad_bags: bags [n, width] <- the n bags of `ids` (bag b: sizes[b] consecutive ids), each row filled up with
+ *   `pad` (above every id, so a sorted row holds its ids first).
+ * distinct_sorted_bags: bags [n, width], each row sorted; writes each row's distinct values below `rows` to
+ *   out (int64, in order) and their number to lengths[b]; returns how many were written.
+ */
+#define RANDOM_BAG_KERNELS(T, suffix)                                                                           \
+    void pad_bags_##suffix(const T *restrict ids, const int64_t *restrict sizes, int64_t n, int64_t width, T pad, \
+                           T *restrict bags)                                                                    \
+    {                                                                                                           \
+        for (int64_t b = 0; b < n; b++) {                                                                       \
+            T *restrict row = bags + b * width;                                                                 \
+            for (int64_t j = 0; j < sizes[b]; j++)                                                              \
+                row[j] = *ids++;                                                                                \
+            for (int64_t j = sizes[b]; j < width; j++)                                                          \
+                row[j] = pad;                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    int64_t distinct_sorted_bags_##suffix(const T *restrict bags, int64_t n, int64_t width, int64_t rows,        \
+                                         int64_t *restrict lengths, int64_t *restrict out)                     \
+    {                                                                                                           \
+        int64_t written = 0;                                                                                    \
+        for (int64_t b = 0; b < n; b++) {                                                                       \
+            const T *restrict row = bags + b * width;                                                           \
+            const int64_t first = written;                                                                      \
+            for (int64_t j = 0; j < width && row[j] < rows; j++) {                                             \
+                out[written] = row[j];                                                                          \
+                written += j == 0 || row[j] != row[j - 1];                                                      \
+            }                                                                                                   \
+            lengths[b] = written - first;                                                                       \
+        }                                                                                                       \
+        return written;                                                                                         \
+    }
+
+RANDOM_BAG_KERNELS(int32_t, i32)
+RANDOM_BAG_KERNELS(int64_t, i64)

@@ -6,8 +6,9 @@ row updates then run on PyTorch's own OpenMP threads: `threading_kind()`), into 
 (`$DLRM_CACHE_DIR`, else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler
 and the CPU, and loaded with ctypes. Without a compiler, off x86/ARM Linux-like systems, on tensors it does not take
 (another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, the row updates and the id shifts compute
-the same numbers with PyTorch operators, only slower: those results never depend on whether the kernel
-is used. Two exceptions: the stochastically rounded update of bfloat16 tables has no fallback, and the dot
+the same numbers with PyTorch operators, and the random bags' padding and duplicate removal
+(`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, only slower: those results never depend on
+whether the kernel is used. Two exceptions: the stochastically rounded update of bfloat16 tables has no fallback, and the dot
 interaction's kernels (`dot_interaction`, forward and backward) sum in an order they document, where the
 batched matrix products of the PyTorch path (`dlrmkit.interactions`) sum in their own: the two agree up
 to float32 rounding.
@@ -34,6 +35,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -138,6 +140,11 @@ def _load(path: Path):
         library.dot_interaction_backward_f32.argtypes = [p, i64, p, i64, i64, i64, i64, i64, ctypes.c_int, p, i64,
                                                          p, p, i64, i64, p, i64, i64]
         library.dot_interaction_backward_f32.restype = None
+        for suffix, id_type in (("i32", ctypes.c_int32), ("i64", ctypes.c_int64)):
+            pad = getattr(library, "pad_bags_" + suffix)
+            pad.argtypes, pad.restype = [p, p, i64, i64, id_type, p], None
+            distinct = getattr(library, "distinct_sorted_bags_" + suffix)
+            distinct.argtypes, distinct.restype = [p, i64, i64, i64, p, p], i64
     except AttributeError as e:
         raise OSError(f"not a build of {SOURCE.name}: {e}") from None
     try:  # only in a build with OpenMP
@@ -456,3 +463,36 @@ def dot_interaction_backward(x: torch.Tensor, ly: torch.Tensor, grad_out: torch.
                  grad_ly.stride(0), grad_ly.stride(1), scratch.data_ptr())
     _run_kernel(library, "dot_interaction_backward_f32", arguments, parts)
     return grad_x, grad_ly
+
+
+_ID_KERNEL_SUFFIX = {"int32": "i32", "int64": "i64"}
+
+
+def pad_bags(ids, sizes, width: int, pad: int):
+    """[n, width] array of the n bags of `ids` (bag b: sizes[b] consecutive ids), each row filled up with `pad`;
+    None when not run natively. ids: 1-D int32 or int64 NumPy array, sizes: int64 [n] summing to len(ids) with
+    none above width."""
+    library, _ = _library()
+    suffix = _ID_KERNEL_SUFFIX.get(str(ids.dtype))
+    if (library is None or suffix is None or not ids.flags.c_contiguous or sizes.dtype.name != "int64"
+            or not sizes.flags.c_contiguous or int(sizes.sum()) != ids.size or (sizes.size and int(sizes.max()) > width)
+            or (sizes.size and int(sizes.min()) < 0)):
+        return None
+    bags = np.empty((sizes.size, width), dtype=ids.dtype)
+    getattr(library, "pad_bags_" + suffix)(ids.ctypes.data, sizes.ctypes.data, sizes.size, width, pad, bags.ctypes.data)
+    return bags
+
+
+def distinct_sorted_bags(bags, rows: int):
+    """(lengths [n] int64, ids int64) of the rows of `bags` ([n, width] int32 or int64 NumPy array, each row
+    sorted ascending): each row's distinct values below `rows`, in order; None when not run natively."""
+    library, _ = _library()
+    suffix = _ID_KERNEL_SUFFIX.get(str(bags.dtype))
+    if library is None or suffix is None or bags.ndim != 2 or not bags.flags.c_contiguous:
+        return None
+    n, width = bags.shape
+    lengths = np.empty(n, dtype=np.int64)
+    out = np.empty(bags.size, dtype=np.int64)  # room for every value: a row's distinct values are written in place
+    written = getattr(library, "distinct_sorted_bags_" + suffix)(bags.ctypes.data, n, width, rows, lengths.ctypes.data,
+                                                                  out.ctypes.data)
+    return lengths, out[:written]

@@ -196,11 +196,20 @@ def test_dataset_mode_needs_data_and_other_modes_refuse_data_files(run_main):
                                          "and no --raw-data-file to build it from")
 
 
+@pytest.mark.parametrize("kernels", ["native", "numpy"])
 @pytest.mark.parametrize("fixed", [True, False])
-def test_random_bags_hold_each_drawn_id_once_sorted(fixed):
-    """A random bag is the sorted distinct ids of its draws (a per-bag np.unique reference)."""
+def test_random_bags_hold_each_drawn_id_once_sorted(fixed, kernels, monkeypatch):
+    """A random bag is the sorted distinct ids of its draws (a per-bag np.unique reference), made by the
+    native kernels or by NumPy alike."""
+    from dlrmkit import kernels as native_kernels
+
+    if kernels == "numpy":
+        monkeypatch.setattr(native_kernels, "pad_bags", lambda *_: None)
+        monkeypatch.setattr(native_kernels, "distinct_sorted_bags", lambda *_: None)
+    elif not native_kernels.native():
+        pytest.skip(f"no native kernels: {native_kernels.status()}")
     rng = np.random.default_rng(7)
-    for rows in (5, 1, 40):
+    for rows in (5, 1, 40, 2**31, 2**40):
         sizes = np.full(32, 6) if fixed else rng.integers(1, 7, 32)
         ids = rng.integers(0, rows, int(sizes.sum()))
         lengths, kept = dlrm_data._unique_within_bags(ids.copy(), sizes, rows)
