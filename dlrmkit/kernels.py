@@ -1,17 +1,17 @@
-"""Native CPU kernels for the trainer's hot paths, with PyTorch operators as the fallback.
+"""Native CPU kernels for the trainer's hot paths, with PyTorch (or NumPy) operators as the fallback.
 
 `kernels.c` is plain C: on first use it is compiled with the machine's C compiler (`$CC`, else
 `cc` or `gcc`; about 0.1 s) for this CPU (`-march=native`), with OpenMP where the compiler has it (the
 row updates then run on PyTorch's own OpenMP threads: `threading_kind()`), into a cache folder
 (`$DLRM_CACHE_DIR`, else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler
-and the CPU, and loaded with ctypes. Without a compiler, off x86/ARM Linux-like systems, on tensors it does not take
-(another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, the row updates and the id shifts compute
-the same numbers with PyTorch operators, and the random bags' padding and duplicate removal
-(`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, only slower: those results never depend on
-whether the kernel is used. Two exceptions: the stochastically rounded update of bfloat16 tables has no fallback, and the dot
-interaction's kernels (`dot_interaction`, forward and backward) sum in an order they document, where the
-batched matrix products of the PyTorch path (`dlrmkit.interactions`) sum in their own: the two agree up
-to float32 rounding.
+and the CPU, and loaded with ctypes. Without a compiler, where the build or the load fails, on tensors
+it does not take (another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, the row updates and the id
+shifts compute the same numbers with PyTorch operators, and the random bags' padding and duplicate
+removal (`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, only slower: those results never
+depend on whether the kernel is used. Two exceptions: the stochastically rounded update of bfloat16
+tables has no fallback, and the dot interaction's kernels (`dot_interaction`, forward and backward) sum
+in an order they document, where the batched matrix products of the PyTorch path
+(`dlrmkit.interactions`) sum in their own: the two agree up to float32 rounding.
 
     >>> import torch
     >>> weight = torch.zeros(4, 2)
@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -386,8 +388,17 @@ def _num_pairs(features: int, itself: bool) -> int:
 
 
 def dot_interaction_runs(x: torch.Tensor, ly: torch.Tensor) -> bool:
-    """Whether `dot_interaction(x, ly)` runs natively (kernels in use, operands it takes)."""
-    return native() and _interaction_operands_ok(x, ly)
+    """Whether `dot_interaction(x, ly)` runs natively (kernels in use, operands it takes, and nothing that
+    would have to see its arithmetic: see `_nothing_watches`)."""
+    return native() and _interaction_operands_ok(x, ly) and _nothing_watches()
+
+
+def _nothing_watches() -> bool:
+    """No Python dispatch mode (make_fx tracing, fake or flop-counting tensors), functorch transform (vmap,
+    jvp, grad) or forward-mode AD level is active: the kernels read and write memory directly, which those
+    could neither see nor transform."""
+    return (_get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active()
+            and forward_ad._current_level < 0)
 
 
 def _plain_cpu_tensor(t: torch.Tensor) -> bool:
@@ -465,7 +476,11 @@ def dot_interaction_backward(x: torch.Tensor, ly: torch.Tensor, grad_out: torch.
     return grad_x, grad_ly
 
 
-_ID_KERNEL_SUFFIX = {"int32": "i32", "int64": "i64"}
+_ID_KERNEL_SUFFIX = {"int32": "i32", "int64": "i64"}  # str(dtype): native byte order only
+
+
+def _fits(value: int, dtype) -> bool:
+    return np.iinfo(dtype).min <= value <= np.iinfo(dtype).max
 
 
 def pad_bags(ids, sizes, width: int, pad: int):
@@ -474,9 +489,9 @@ def pad_bags(ids, sizes, width: int, pad: int):
     none above width."""
     library, _ = _library()
     suffix = _ID_KERNEL_SUFFIX.get(str(ids.dtype))
-    if (library is None or suffix is None or not ids.flags.c_contiguous or sizes.dtype.name != "int64"
+    if (library is None or suffix is None or not ids.flags.c_contiguous or sizes.dtype != np.int64
             or not sizes.flags.c_contiguous or int(sizes.sum()) != ids.size or (sizes.size and int(sizes.max()) > width)
-            or (sizes.size and int(sizes.min()) < 0)):
+            or (sizes.size and int(sizes.min()) < 0) or not _fits(pad, ids.dtype)):
         return None
     bags = np.empty((sizes.size, width), dtype=ids.dtype)
     getattr(library, "pad_bags_" + suffix)(ids.ctypes.data, sizes.ctypes.data, sizes.size, width, pad, bags.ctypes.data)
@@ -485,10 +500,11 @@ def pad_bags(ids, sizes, width: int, pad: int):
 
 def distinct_sorted_bags(bags, rows: int):
     """(lengths [n] int64, ids int64) of the rows of `bags` ([n, width] int32 or int64 NumPy array, each row
-    sorted ascending): each row's distinct values below `rows`, in order; None when not run natively."""
+    sorted ascending, so that its values below `rows` come first): each row's distinct values below `rows`, in
+    order; None when not run natively."""
     library, _ = _library()
     suffix = _ID_KERNEL_SUFFIX.get(str(bags.dtype))
-    if library is None or suffix is None or bags.ndim != 2 or not bags.flags.c_contiguous:
+    if library is None or suffix is None or bags.ndim != 2 or not bags.flags.c_contiguous or not _fits(rows, np.int64):
         return None
     n, width = bags.shape
     lengths = np.empty(n, dtype=np.int64)

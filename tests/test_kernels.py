@@ -640,3 +640,32 @@ def test_the_dot_interaction_kernels_take_only_plain_tensors_they_can_hold():
     interaction = InteractionConfig("dot").build(2, wide, wide)
     interaction(x, ly).sum().backward()
     assert x.grad.shape == (2, wide)
+
+
+@needs_native
+def test_tracing_and_functorch_transforms_see_the_dot_interaction_as_pytorch_operators():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dlrmkit.interactions import InteractionConfig
+
+    interaction = InteractionConfig("dot").build(3, 8, 8)
+    g = torch.Generator().manual_seed(2)
+    x, ly = torch.randn(4, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    traced = make_fx(interaction)(x, ly)  # a graph of the arithmetic, not of empty outputs
+    x2, ly2 = torch.randn(4, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    torch.testing.assert_close(traced(x2, ly2), interaction(x2, ly2))
+    batched = torch.func.vmap(interaction)(x.unsqueeze(0).expand(2, 4, 8), ly.unsqueeze(0).expand(2, 4, 3, 8))
+    torch.testing.assert_close(batched[1], interaction(x, ly))
+
+
+def test_the_random_bag_kernels_refuse_what_they_cannot_take():
+    import numpy as np
+
+    ids, sizes = np.arange(5, dtype=np.int64), np.array([2, 3], dtype=np.int64)
+    assert kernels.pad_bags(ids, sizes.astype(">i8"), 3, 99) is None  # another byte order
+    assert kernels.pad_bags(ids.astype(np.int32), sizes, 3, 2**31 + 5) is None  # a pad int32 cannot hold
+    assert kernels.distinct_sorted_bags(np.zeros((2, 3), dtype=np.int64), 2**70) is None
+    if kernels.native():
+        assert kernels.pad_bags(ids, sizes, 3, 99).tolist() == [[0, 1, 99], [2, 3, 4]]
+        lengths, distinct = kernels.distinct_sorted_bags(np.array([[1, 1, 9], [2, 3, 4]]), 9)
+        assert lengths.tolist() == [1, 3] and distinct.tolist() == [1, 2, 3, 4]
