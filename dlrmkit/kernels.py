@@ -1,7 +1,7 @@
 """Native CPU kernels for the trainer's hot paths, with PyTorch (or NumPy) operators as the fallback.
 
 `kernels.c` is plain C: on first use it is compiled with the machine's C compiler (`$CC`, else
-`cc` or `gcc`; about 0.1 s) for this CPU (`-march=native`), with OpenMP where the compiler has it (the
+`cc` or `gcc`; about 1 s, once) for this CPU (`-march=native`), with OpenMP where the compiler has it (the
 row updates then run on PyTorch's own OpenMP threads: `threading_kind()`), into a cache folder
 (`$DLRM_CACHE_DIR`, else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler
 and the CPU, and loaded with ctypes. Without a compiler, where the build or the load fails, on tensors

@@ -290,6 +290,7 @@ def test_without_a_usable_cache_folder_only_a_private_temporary_folder_is_built_
 
 
 @needs_native
+@pytest.mark.slow  # three builds of the kernels
 @pytest.mark.parametrize("damage", ["truncated", "overwritten in the middle", "digest missing"])
 def test_a_damaged_cached_library_is_built_again_not_loaded(damage, tmp_path, monkeypatch):
     """A library that dlopen would accept but that is not what the build wrote can crash the process
