@@ -245,12 +245,11 @@ class DotInteraction(Interaction):
 
     def forward(self, x, ly):
         # in float32 under autocast too: tiny products, where bf16 only adds casts and rounding
-        x = x.float()
-        if x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            ly = ly.float()
-            if kernels.dot_interaction_runs(x, ly):
-                return NativeDotInteraction.apply(x, ly, self)
-        features = torch.cat([x.unsqueeze(1), ly.float()], dim=1)  # [B, T+1, D]
+        x, ly = x.float(), ly.float()
+        if (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and kernels.dot_interaction_runs(x, ly)):
+            return NativeDotInteraction.apply(x, ly, self)
+        features = torch.cat([x.unsqueeze(1), ly], dim=1)  # [B, T+1, D]
         if torch.is_grad_enabled() and features.requires_grad:
             pairs = GramPairs.apply(features, self.pair_index, self.gather_index, self.self_pairs)
         else:  # the same arithmetic as plain operators (ONNX export, tracing, inference)
