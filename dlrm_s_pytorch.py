@@ -1775,7 +1775,7 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     optimizer = None if args.inference_only else build_optimizer(args, model)
     if device.type == "cpu" and not kernels.native() and ext_dist.is_rank0():
         print(f"note: {kernels.status()}; the lookups, SGD's table updates and the dot interaction run as PyTorch "
-              "operators, slower", file=sys.stderr)
+              "operators, the tables' initial values as NumPy's, slower", file=sys.stderr)
 
     order = data_order(args, train_set)
     state = TrainState(batch_size=args.mini_batch_size, data_order=order)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -47,36 +46,24 @@ import torch.nn.functional as F
 from dlrmkit import kernels
 from dlrmkit.sparse import SparseFeatures, bag_of_each_index
 
-INIT_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per random-number stream
-
-
 def uniform_rows_(weight: torch.Tensor, row_ranges) -> torch.Tensor:
     """Fills rows [start, stop) of `weight` with U(-bound, bound) for each (start, stop, bound, seed).
 
-    Float32 straight from torch, on all cores: each range is cut into fixed-size chunks, chunk c
-    drawn from a generator seeded with seed + c, so the result depends on the seeds only (not on
-    the number of threads) and a 2 GiB table fills in about a second instead of the original's
-    float64 NumPy detour. A weight on the meta device is left as it is.
+    The rows of a range, flattened, take the values of `kernels.uniform_` from `seed` (a counter-based
+    generator): they depend on the seed alone, not on the number of threads or on whether the native kernels
+    run, and a 2 GiB table fills at memory speed on all cores (its first touch of the memory then dominates).
+    Rows of a float32 or bfloat16 CPU weight are filled in place, others through a float32 copy. A weight on
+    the meta device is left as it is.
     """
     if weight.is_meta:
         return weight
-    rows_per_chunk = max(1, INIT_CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    chunks = [(lo, min(lo + rows_per_chunk, stop), bound, seed + c)
-              for start, stop, bound, seed in row_ranges
-              for c, lo in enumerate(range(start, stop, rows_per_chunk))]
-
-    def fill(chunk):
-        lo, hi, bound, seed = chunk
-        generator = torch.Generator(device=weight.device).manual_seed(seed)
-        weight[lo:hi].uniform_(-bound, bound, generator=generator)
-
     with torch.no_grad():
-        if weight.device.type == "cpu" and len(chunks) > 1 and torch.get_num_threads() > 1:
-            with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
-                list(pool.map(fill, chunks))
-        else:
-            for chunk in chunks:
-                fill(chunk)
+        for start, stop, bound, seed in row_ranges:
+            rows = weight[start:stop]
+            if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.bfloat16) and rows.is_contiguous():
+                kernels.uniform_(rows, seed, -bound, bound)
+            else:
+                rows.copy_(kernels.uniform_(torch.empty(rows.shape), seed, -bound, bound))
     return weight
 
 

@@ -492,3 +492,65 @@ void dot_interaction_backward_f32_threads(const float *x, int64_t x_stride, cons
 
 RANDOM_BAG_KERNELS(int32_t, i32)
 RANDOM_BAG_KERNELS(int64_t, i64)
+
+/* Initial values of embedding tables: U[low, high) in float32 from SplitMix64 (Steele, Lea and Flood, "Fast
+ * splittable pseudorandom number generators", OOPSLA 2014; the mixing function of splitmix64 above), whose
+ * word w from state `seed` is splitmix64(seed + w * 0x9e3779b97f4a7c15) (w = 0, 1, ...). Element e of a range
+ * takes the low (e even) or high (e odd) 32 bits x of word e / 2: u = (x >> 8) * 2^-24 (24 random bits, exact
+ * in float32), value = low + (high - low) * u, each operation rounded in float32. Every element is computed
+ * alone (the loop vectorises), so the values do not depend on how a range is split across threads;
+ * uniform_rows_ in dlrmkit/embeddings.py computes the same numbers with NumPy where these kernels are not.
+ */
+static ALWAYS_INLINE float uniform_element(uint64_t seed, int64_t e, float low, float scale)
+{
+    const uint64_t word = splitmix64(seed + (uint64_t)(e >> 1) * 0x9e3779b97f4a7c15ull);
+    const uint32_t x = (uint32_t)(e & 1 ? word >> 32 : word);
+    return low + scale * ((float)(x >> 8) * 0x1p-24f);
+}
+
+/* Calls store(e - first, element e) for the elements e of part `part` of num_parts equal parts of
+ * [first, first + count) */
+#define UNIFORM_FILL(store)                                                                                     \
+    const float scale = high - low;                                                                             \
+    const int64_t begin = first + count * part / num_parts, end = first + count * (part + 1) / num_parts;       \
+    for (int64_t e = begin; e < end; e++)                                                                       \
+        store(e - first, uniform_element(seed, e, low, scale));
+
+#define STORE_F32(i, value) out[i] = (value)
+/* to bfloat16 rounded to nearest, ties to even (as PyTorch converts float32); no NaN arises here */
+#define STORE_BF16(i, value)                                                                                    \
+    do {                                                                                                        \
+        union { float f; uint32_t u; } v = { value };                                                          \
+        out[i] = (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);                                      \
+    } while (0)
+
+/* out[e - first] = element e of the range, for the elements of part `part` of num_parts equal parts of
+ * [first, first + count) */
+void uniform_fill_f32(float *restrict out, int64_t first, int64_t count, uint64_t seed, float low, float high,
+                      int64_t part, int64_t num_parts)
+{
+    UNIFORM_FILL(STORE_F32)
+}
+
+/* uniform_fill_f32 rounded to bfloat16 */
+void uniform_fill_bf16(uint16_t *restrict out, int64_t first, int64_t count, uint64_t seed, float low, float high,
+                       int64_t part, int64_t num_parts)
+{
+    UNIFORM_FILL(STORE_BF16)
+}
+
+#ifdef _OPENMP
+void uniform_fill_f32_threads(float *out, int64_t first, int64_t count, uint64_t seed, float low, float high,
+                              int64_t num_parts)
+{
+#pragma omp parallel num_threads((int)num_parts)
+    uniform_fill_f32(out, first, count, seed, low, high, omp_get_thread_num(), omp_get_num_threads());
+}
+
+void uniform_fill_bf16_threads(uint16_t *out, int64_t first, int64_t count, uint64_t seed, float low, float high,
+                               int64_t num_parts)
+{
+#pragma omp parallel num_threads((int)num_parts)
+    uniform_fill_bf16(out, first, count, seed, low, high, omp_get_thread_num(), omp_get_num_threads());
+}
+#endif

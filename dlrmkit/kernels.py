@@ -6,8 +6,9 @@ row updates then run on PyTorch's own OpenMP threads: `threading_kind()`), into 
 (`$DLRM_CACHE_DIR`, else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler
 and the CPU, and loaded with ctypes. Without a compiler, where the build or the load fails, on tensors
 it does not take (another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, the row updates and the id
-shifts compute the same numbers with PyTorch operators, and the random bags' padding and duplicate
-removal (`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, only slower: those results never
+shifts compute the same numbers with PyTorch operators, the random bags' padding and duplicate
+removal (`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, and the tables' initial values
+(`uniform_`) the same values with NumPy, only slower: those results never
 depend on whether the kernel is used. Two exceptions: the stochastically rounded update of bfloat16
 tables has no fallback, and the dot interaction's kernels (`dot_interaction`, forward and backward) sum
 in an order they document, where the batched matrix products of the PyTorch path
@@ -31,6 +32,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +52,10 @@ OPENMP_MIN_ELEMENTS = 1 << 19
 # the dot interaction's work (batch * features^2 * dim) from which its kernels use several threads (two
 # OpenMP threads won down to 16 samples of the Kaggle model, 0.19 M, measured)
 INTERACTION_OPENMP_MIN_WORK = 1 << 17
+# from this many values the initial values of a table are drawn on several threads (a fraction of a millisecond)
+UNIFORM_PARALLEL_MIN_ELEMENTS = 1 << 18
+# values per piece of the NumPy fallback of uniform_: its temporaries stay in the cache
+UNIFORM_NUMPY_CHUNK = 1 << 16
 # widest embeddings the dot interaction's kernels take: their backward keeps 4 rows of that many floats on the stack
 INTERACTION_MAX_DIM = 1024
 
@@ -147,6 +153,9 @@ def _load(path: Path):
             pad.argtypes, pad.restype = [p, p, i64, i64, id_type, p], None
             distinct = getattr(library, "distinct_sorted_bags_" + suffix)
             distinct.argtypes, distinct.restype = [p, i64, i64, i64, p, p], i64
+        for suffix in ("f32", "bf16"):
+            fill = getattr(library, "uniform_fill_" + suffix)
+            fill.argtypes, fill.restype = [p, i64, i64, ctypes.c_uint64, ctypes.c_float, ctypes.c_float, i64, i64], None
     except AttributeError as e:
         raise OSError(f"not a build of {SOURCE.name}: {e}") from None
     try:  # only in a build with OpenMP
@@ -158,6 +167,9 @@ def _load(path: Path):
         library.dot_interaction_f32_threads.restype = None
         library.dot_interaction_backward_f32_threads.argtypes = library.dot_interaction_backward_f32.argtypes[:-1]
         library.dot_interaction_backward_f32_threads.restype = None
+        for suffix in ("f32", "bf16"):
+            fill = getattr(library, f"uniform_fill_{suffix}_threads")
+            fill.argtypes, fill.restype = getattr(library, "uniform_fill_" + suffix).argtypes[:-1], None
         library.openmp_runtime_symbol.argtypes = []
         library.openmp_runtime_symbol.restype = ctypes.c_void_p
         library.openmp = True
@@ -512,3 +524,66 @@ def distinct_sorted_bags(bags, rows: int):
     written = getattr(library, "distinct_sorted_bags_" + suffix)(bags.ctypes.data, n, width, rows, lengths.ctypes.data,
                                                                   out.ctypes.data)
     return lengths, out[:written]
+
+
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+_UINT64 = (1 << 64) - 1
+
+
+def _uniform_numpy(out: np.ndarray, first: int, seed: int, low: np.float32, high: np.float32) -> None:
+    """uniform_'s elements first .. first + out.size - 1 into the float32 array `out`, with NumPy."""
+    w0 = first // 2
+    words = np.arange(w0, (first + out.size + 1) // 2, dtype=np.uint64)
+    shifted = np.empty_like(words)
+    words *= np.uint64(_SPLITMIX_GAMMA)  # unsigned arithmetic wraps modulo 2^64, as in C
+    words += np.uint64((seed + _SPLITMIX_GAMMA) & _UINT64)
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
+        np.right_shift(words, np.uint64(shift), out=shifted)
+        words ^= shifted
+        if multiplier is not None:
+            words *= np.uint64(multiplier)
+    if sys.byteorder == "little":  # each word's low 32 bits first
+        halves = words.view(np.uint32)
+    else:
+        halves = np.empty((words.size, 2), dtype=np.uint32)
+        halves[:, 0] = words & np.uint64(0xFFFFFFFF)
+        halves[:, 1] = words >> np.uint64(32)
+    bits = halves.reshape(-1)[first - 2 * w0: first - 2 * w0 + out.size]
+    np.right_shift(bits, np.uint32(8), out=bits)
+    out[:] = bits
+    out *= np.float32(2.0 ** -24)
+    out *= np.float32(high - low)
+    out += low
+
+
+@torch.no_grad()
+def uniform_(tensor: torch.Tensor, seed: int, low: float, high: float) -> torch.Tensor:
+    """Fills `tensor` (CPU, contiguous, float32 or bfloat16) with U[low, high) from the counter-based SplitMix64
+    stream of `seed` (Steele, Lea and Flood, OOPSLA 2014): element e (in memory order) takes 32 bits of word
+    e // 2, x, and becomes low + (high - low) * ((x >> 8) * 2^-24) in float32 (bfloat16: that rounded to
+    nearest), exactly as `kernels.c` documents. The values depend on (seed, low, high, e) alone: the same on any
+    number of threads, natively (all cores, at memory speed) or with NumPy (the fallback: one core, about
+    as fast as torch's own `uniform_`).
+    ValueError for another device, dtype or layout, or a seed outside [0, 2^64). Returns `tensor`.
+    """
+    if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.bfloat16) or not tensor.is_contiguous():
+        raise ValueError(f"uniform_ fills contiguous float32 or bfloat16 CPU tensors, not a {tensor.dtype} "
+                         f"{'contiguous' if tensor.is_contiguous() else 'strided'} tensor on {tensor.device}")
+    if not 0 <= seed <= _UINT64:
+        raise ValueError(f"uniform_: the seed {seed} is outside [0, 2^64)")
+    low32, high32, count = np.float32(low), np.float32(high), tensor.numel()
+    if count == 0:
+        return tensor
+    library, _ = _library()
+    suffix = "f32" if tensor.dtype == torch.float32 else "bf16"
+    if library is not None:
+        parts = torch.get_num_threads() if count >= UNIFORM_PARALLEL_MIN_ELEMENTS else 1
+        _run_kernel(library, "uniform_fill_" + suffix, (tensor.data_ptr(), 0, count, seed, float(low32), float(high32)), parts)
+        return tensor
+    flat = tensor.view(-1)
+    for start in range(0, count, UNIFORM_NUMPY_CHUNK):  # one thread: NumPy's passes gain nothing from a pool
+        stop = min(start + UNIFORM_NUMPY_CHUNK, count)
+        values = np.empty(stop - start, dtype=np.float32)
+        _uniform_numpy(values, start, seed, low32, high32)
+        flat[start:stop] = torch.from_numpy(values)  # to bfloat16: rounded to nearest, as the kernel
+    return tensor

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlrmkit import embeddings
+from dlrmkit import embeddings, kernels
 from dlrm_s_pytorch import DLRM_Net, create_embeddings, interaction_width
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList
 from dlrmkit.optim import coalesce_rows, make_optimizer
@@ -186,7 +186,7 @@ def test_the_one_pass_range_check_of_large_batches_pools_and_refuses_alike(monke
 
 
 def test_initialisation_is_per_table_uniform_and_seeded(monkeypatch):
-    monkeypatch.setattr(embeddings, "INIT_CHUNK_ELEMENTS", 64)  # many chunks: exercises the threads
+    monkeypatch.setattr(kernels, "UNIFORM_PARALLEL_MIN_ELEMENTS", 64)  # exercises the threads
     torch.manual_seed(3)
     first = BatchedEmbeddingBags([1000, 4, 300], 8)
     torch.manual_seed(3)

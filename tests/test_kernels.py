@@ -670,3 +670,77 @@ def test_the_random_bag_kernels_refuse_what_they_cannot_take():
         assert kernels.pad_bags(ids, sizes, 3, 99).tolist() == [[0, 1, 99], [2, 3, 4]]
         lengths, distinct = kernels.distinct_sorted_bags(np.array([[1, 1, 9], [2, 3, 4]]), 9)
         assert lengths.tolist() == [1, 3] and distinct.tolist() == [1, 2, 3, 4]
+
+
+def splitmix64_words(seed, first_word, count):
+    """SplitMix64's words first_word .. first_word + count - 1 from `seed`, in Python integers (the reference)."""
+    mask = (1 << 64) - 1
+    words = []
+    for w in range(first_word, first_word + count):
+        x = (seed + (w + 1) * 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        words.append(x ^ (x >> 31))
+    return words
+
+
+def test_uniform_values_are_splitmix64_bits_scaled_in_float32():
+    import numpy as np
+
+    seed, low, high = 2**63 + 12345, -0.25, 0.75
+    values = kernels.uniform_(torch.empty(101), seed, low, high)
+    words = splitmix64_words(seed, 0, 51)
+    for e in range(101):
+        bits = (words[e // 2] >> (32 * (e % 2))) & 0xFFFFFFFF  # element 2w: the low half of word w
+        u = np.float32(bits >> 8) * np.float32(2.0 ** -24)
+        expected = np.float32(low) + (np.float32(high) - np.float32(low)) * u
+        assert values[e].item() == float(expected), e
+    assert float(values.min()) >= low and float(values.max()) < high
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uniform_is_the_same_natively_with_numpy_and_on_any_threads(dtype, monkeypatch):
+    sizes = [1, 2, 7, 64, 1001, 70_003]
+    monkeypatch.setattr(kernels, "UNIFORM_PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "UNIFORM_NUMPY_CHUNK", 333)  # odd pieces: each starts on an odd element
+    results = []
+    for native, threads in [(True, 1), (True, 2), (True, 3), (False, 1)]:
+        with monkeypatch.context() as m:
+            if not native:
+                m.setattr(kernels, "_library", lambda: (None, "switched off by the test"))
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                results.append([kernels.uniform_(torch.empty(n, dtype=dtype), 99 + n, -0.5, 0.5) for n in sizes])
+            finally:
+                torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               b.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    if dtype == torch.bfloat16:  # rounded to nearest from the float32 values
+        float32 = kernels.uniform_(torch.empty(sizes[-1]), 99 + sizes[-1], -0.5, 0.5)
+        assert torch.equal(results[0][-1], float32.bfloat16())
+    if not kernels.native():
+        pytest.skip("no native kernels here: only the NumPy path was compared with itself")
+
+
+def test_uniform_refuses_what_it_cannot_fill():
+    with pytest.raises(ValueError, match="contiguous float32 or bfloat16 CPU tensors"):
+        kernels.uniform_(torch.empty(4, 4).t(), 1, 0.0, 1.0)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.uniform_(torch.empty(4, dtype=torch.float64), 1, 0.0, 1.0)
+    with pytest.raises(ValueError, match="outside \\[0, 2\\^64\\)"):
+        kernels.uniform_(torch.empty(4), -1, 0.0, 1.0)
+
+
+def test_table_rows_of_any_dtype_or_layout_take_the_same_values():
+    from dlrmkit.embeddings import uniform_rows_
+
+    ranges = [(0, 3, 0.5, 7), (3, 10, 0.1, 8)]
+    reference = uniform_rows_(torch.empty(10, 6), ranges)
+    assert torch.equal(uniform_rows_(torch.empty(10, 6, dtype=torch.float64), ranges), reference.double())
+    strided = uniform_rows_(torch.empty(6, 10).t(), ranges)  # rows that are not contiguous: through a copy
+    assert torch.equal(strided, reference)
+    assert torch.equal(reference[:3], kernels.uniform_(torch.empty(3, 6), 7, -0.5, 0.5))
+    assert torch.equal(reference[3:], kernels.uniform_(torch.empty(7, 6), 8, -0.1, 0.1))
