@@ -4,7 +4,8 @@
 a bijective, well-mixed hash of 64-bit words. `unit_interval` turns hashes into floats in [0, 1).
 Used wherever a draw must depend only on a key (a line number, a row position, an id), never on
 the order in which keys are visited: preprocessing's sub-sampling, the row permutations of the
-Criteo loaders, the fake data generator, the multi-hot expansion.
+Criteo loaders, the fake data generator, the multi-hot expansion, the tables' initial values
+(`kernels.uniform_`, whose C kernel computes the same words).
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ import torch
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from dlrmkit.hashing import GOLDEN_GAMMA, splitmix64
+
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-shared", "-fPIC"]
 # below this many gradient elements one thread does the update: more threads lose below about this size,
@@ -526,22 +528,14 @@ def distinct_sorted_bags(bags, rows: int):
     return lengths, out[:written]
 
 
-_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
 _UINT64 = (1 << 64) - 1
 
 
 def _uniform_numpy(out: np.ndarray, first: int, seed: int, low: np.float32, high: np.float32) -> None:
     """uniform_'s elements first .. first + out.size - 1 into the float32 array `out`, with NumPy."""
     w0 = first // 2
-    words = np.arange(w0, (first + out.size + 1) // 2, dtype=np.uint64)
-    shifted = np.empty_like(words)
-    words *= np.uint64(_SPLITMIX_GAMMA)  # unsigned arithmetic wraps modulo 2^64, as in C
-    words += np.uint64((seed + _SPLITMIX_GAMMA) & _UINT64)
-    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
-        np.right_shift(words, np.uint64(shift), out=shifted)
-        words ^= shifted
-        if multiplier is not None:
-            words *= np.uint64(multiplier)
+    counters = np.arange(w0, (first + out.size + 1) // 2, dtype=np.uint64)
+    words = splitmix64(counters * GOLDEN_GAMMA + np.uint64(seed))  # word w: splitmix64(seed + w * gamma), mod 2^64
     if sys.byteorder == "little":  # each word's low 32 bits first
         halves = words.view(np.uint32)
     else:
