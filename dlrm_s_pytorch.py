@@ -1384,15 +1384,16 @@ def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: t
 def build_optimizer(args, model: nn.Module):
     """The --optimizer for `model`; `train` zeroes the gradients after every step, so steps may reuse them.
 
-    With SGD, a step after every backward (no --mlperf-grad-accum-iter, no fp16 loss scaling) and the
-    tables on the CPU, the backward applies the tables' update itself (`BatchedEmbeddingBags.fuse_sgd`):
-    the same numbers as the step would compute, without the sparse gradient in between."""
+    With SGD or (element-wise) Adagrad, a step after every backward (no --mlperf-grad-accum-iter, no fp16 loss
+    scaling) and the tables on the CPU, the backward applies the tables' update itself
+    (`BatchedEmbeddingBags.fuse_optimizer`): the same numbers as the step would compute, without the sparse
+    gradient in between."""
     eps = args.adagrad_eps if args.optimizer in ADAGRADS else None
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True, eps=eps)
-    if args.optimizer == "sgd" and args.mlperf_grad_accum_iter == 1 and args.precision != "fp16":
+    if args.optimizer in ("sgd", "adagrad") and args.mlperf_grad_accum_iter == 1 and args.precision != "fp16":
         for module in model.modules():
             if isinstance(module, BatchedEmbeddingBags) and module.weight.device.type == "cpu":
-                module.fuse_sgd(optimizer)
+                module.fuse_optimizer(optimizer)
     return optimizer
 
 

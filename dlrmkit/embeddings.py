@@ -10,8 +10,8 @@ its tensors, `c.table_rows(t, ids)` the embedding of each id with exportable ops
 - `BatchedEmbeddingBags` (the default): every table's rows in one weight
   [sum of rows, D]; one `F.embedding_bag` call looks up all tables at once and
   its backward yields one sparse gradient, which the optimizers in `dlrmkit.optim`
-  coalesce once and apply in a few fused row operations; fused with SGD
-  (`fuse_sgd`), its backward applies the step to the rows itself.
+  coalesce once and apply in a few fused row operations; fused with SGD or Adagrad
+  (`fuse_optimizer`), its backward applies the step to the rows itself.
 - `EmbeddingBagList`: one module per table (`emb_l[k]`, as in the original),
   for tables that differ (QR, mixed dimensions, weighted pooling, quantized rows)
   through a per-table factory.
@@ -279,8 +279,8 @@ class EmbeddingTableView:
         return f"EmbeddingTableView(table={self.table}, rows={self.num_embeddings}, dim={self.embedding_dim})"
 
 
-class EmbeddingBagFusedSGD(torch.autograd.Function):
-    """Sum-pooled bags of `weight` rows whose backward applies the optimizer's SGD step to those rows.
+class EmbeddingBagFusedUpdate(torch.autograd.Function):
+    """Sum-pooled bags of `weight` rows whose backward applies the optimizer's step (SGD, Adagrad) to those rows.
 
     forward: as `F.embedding_bag(rows, weight, offsets, mode="sum", per_sample_weights=weights,
     include_last_offset=True)`, [K, D] widened to float32 (bfloat16 tables: their sums rounded to bfloat16
@@ -312,7 +312,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
 
     `dtype=torch.bfloat16` stores the rows in bfloat16 (half the memory and memory traffic; the pooled
     sums are added in float32 and come out rounded to bfloat16, then widened to float32): meant for
-    training fused with SGD (`fuse_sgd`), whose update rounds stochastically, so that steps smaller than
+    training fused with SGD (`fuse_optimizer`), whose update rounds stochastically, so that steps smaller than
     a bfloat16 step are kept on average.
     """
 
@@ -336,7 +336,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         # [first row, rows] of each table: looked up for every id in one repeat_interleave
         self.register_buffer("row_ranges", torch.tensor([self.row_starts, self.table_sizes], dtype=torch.int64)
                              .view(2, len(self.table_sizes)), persistent=False)
-        self.fused_sgd = None  # see fuse_sgd
+        self.fused_optimizer = None  # see fuse_optimizer
 
     def __len__(self):
         return len(self.table_sizes)
@@ -355,9 +355,9 @@ class BatchedEmbeddingBags(EmbeddingCollection):
 
     def pool(self, sparse: SparseFeatures) -> torch.Tensor:
         rows = self.stacked_rows(sparse)
-        if (self.fused_sgd is not None and torch.is_grad_enabled() and self.weight.requires_grad
+        if (self.fused_optimizer is not None and torch.is_grad_enabled() and self.weight.requires_grad
                 and (sparse.weights is None or not sparse.weights.requires_grad)):
-            pooled = EmbeddingBagFusedSGD.apply(self.weight, rows, sparse.offsets, sparse.weights, self.fused_sgd,
+            pooled = EmbeddingBagFusedUpdate.apply(self.weight, rows, sparse.offsets, sparse.weights, self.fused_optimizer,
                                                 sparse.batch_size, self.table_id_tensor)
         else:
             pooled = F.embedding_bag(rows, self.weight, sparse.offsets, mode="sum", sparse=True,
@@ -381,8 +381,8 @@ class BatchedEmbeddingBags(EmbeddingCollection):
             check_ids_in_range(sparse, table_rows, self.table_sizes, self.table_ids)
         return sparse.indices + first_row
 
-    def fuse_sgd(self, optimizer) -> None:
-        """Makes every backward through this collection apply `optimizer`'s SGD step to the looked-up
+    def fuse_optimizer(self, optimizer) -> None:
+        """Makes every backward through this collection apply `optimizer`'s step (SGD, Adagrad) to the looked-up
         rows at once (`optimizer.update_bags_`, TorchRec's fused embedding optimizer), instead of leaving
         a sparse gradient for `optimizer.step()`: the same numbers, without the [ids, D] gradient.
 
@@ -391,7 +391,7 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         """
         if optimizer is not None and not hasattr(optimizer, "update_bags_"):
             raise TypeError(f"{type(optimizer).__name__} cannot update embedding bags in the backward")
-        self.fused_sgd = optimizer
+        self.fused_optimizer = optimizer
 
     def table_parameters(self, t: int) -> dict[str, torch.Tensor]:
         """A row view of the one weight."""

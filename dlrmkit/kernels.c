@@ -174,6 +174,57 @@ void bag_sgd_bf16(uint16_t *restrict weight, int64_t dim, const int64_t *restric
     }
 }
 
+/* Adagrad (element-wise, as torch.optim.Adagrad) on the rows that sum-pooled bags looked up, straight from
+ * the gradient of the bags: for each distinct row r, with g its gradient (the sum over its ids j of
+ * grad[bag of j] * index_weights[j]),
+ *
+ *     state[r] += g * g,    weight[r] += (g / (sqrt(state[r]) + eps)) * neg_lr
+ *
+ * which is what embedding_bag's sparse backward, the coalescing of its rows (dlrmkit.optim.coalesce_rows) and
+ * Adagrad's sparse step compute, operation by operation (the square root correctly rounded), without the
+ * [ids, dim] gradient in between. The ids are given grouped by row: segment s holds positions
+ * order[starts[s] .. starts[s + 1]) (ascending, as the coalescing sums them) of the ids of row rows[s];
+ * bag_of[j] is the bag of id j.
+ * weight, state [R, dim], grad [bags, dim] float32 contiguous; rows distinct (kernels.py checks them and
+ * their bounds), so the parts (equal ranges of segments) never write the same row.
+ */
+void adagrad_bag_rows_f32(float *restrict weight, float *restrict state, int64_t dim, const int64_t *restrict rows,
+                          const int64_t *restrict starts, int64_t num_segments, const int64_t *restrict order,
+                          const int64_t *restrict bag_of, const float *restrict grad,
+                          const float *restrict index_weights, float neg_lr, float eps, int64_t part,
+                          int64_t num_parts)
+{
+    float g[dim];
+    const int64_t first = num_segments * part / num_parts, last = num_segments * (part + 1) / num_parts;
+    for (int64_t s = first; s < last; s++) {
+        if (s + 1 < last)
+            for (int64_t byte = 0; byte < dim * (int64_t)sizeof(float); byte += 64) {
+                __builtin_prefetch((const char *)(weight + rows[s + 1] * dim) + byte, 1);
+                __builtin_prefetch((const char *)(state + rows[s + 1] * dim) + byte, 1);
+            }
+        for (int64_t d = 0; d < dim; d++)
+            g[d] = 0.0f;
+        for (int64_t k = starts[s]; k < starts[s + 1]; k++) {
+            const int64_t j = order[k];
+            const float *restrict bag_grad = grad + bag_of[j] * dim;
+            if (index_weights) {
+                const float iw = index_weights[j];
+                for (int64_t d = 0; d < dim; d++)
+                    g[d] = g[d] + bag_grad[d] * iw;
+            } else {
+                for (int64_t d = 0; d < dim; d++)
+                    g[d] = g[d] + bag_grad[d];
+            }
+        }
+        float *restrict w = weight + rows[s] * dim, *restrict sum = state + rows[s] * dim;
+        for (int64_t d = 0; d < dim; d++) {
+            sum[d] = sum[d] + g[d] * g[d];
+            const float std = __builtin_sqrtf(sum[d]) + eps;
+            w[d] = w[d] + (g[d] / std) * neg_lr;
+        }
+    }
+}
+
 #ifdef _OPENMP
 #include <omp.h>
 
@@ -198,6 +249,15 @@ void bag_sgd_bf16_threads(uint16_t *restrict weight, int64_t dim, const int64_t 
 #pragma omp parallel num_threads((int)num_parts)
     bag_sgd_bf16(weight, dim, indices, offsets, num_bags, grad, index_weights, scale, seed, bags_per_table,
                  table_ids, omp_get_thread_num(), omp_get_num_threads());
+}
+
+void adagrad_bag_rows_f32_threads(float *weight, float *state, int64_t dim, const int64_t *rows, const int64_t *starts,
+                                  int64_t num_segments, const int64_t *order, const int64_t *bag_of, const float *grad,
+                                  const float *index_weights, float neg_lr, float eps, int64_t num_parts)
+{
+#pragma omp parallel num_threads((int)num_parts)
+    adagrad_bag_rows_f32(weight, state, dim, rows, starts, num_segments, order, bag_of, grad, index_weights, neg_lr, eps,
+                         omp_get_thread_num(), omp_get_num_threads());
 }
 
 /* The address of the OpenMP runtime's omp_get_num_threads these kernels call: kernels.py checks that it

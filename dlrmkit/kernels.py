@@ -9,10 +9,11 @@ it does not take (another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, the
 shifts compute the same numbers with PyTorch operators, the random bags' padding and duplicate
 removal (`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, and the tables' initial values
 (`uniform_`) the same values with NumPy, only slower: those results never
-depend on whether the kernel is used. Two exceptions: the stochastically rounded update of bfloat16
-tables has no fallback, and the dot interaction's kernels (`dot_interaction`, forward and backward) sum
+depend on whether the kernel is used. Three exceptions: the stochastically rounded update of bfloat16
+tables has no fallback; the dot interaction's kernels (`dot_interaction`, forward and backward) sum
 in an order they document, where the batched matrix products of the PyTorch path
-(`dlrmkit.interactions`) sum in their own: the two agree up to float32 rounding.
+(`dlrmkit.interactions`) sum in their own: the two agree up to float32 rounding; and the fused Adagrad
+update (`adagrad_bag_rows_`) rounds its square roots correctly, where PyTorch's may be 1 ulp off.
 
     >>> import torch
     >>> weight = torch.zeros(4, 2)
@@ -54,6 +55,8 @@ OPENMP_MIN_ELEMENTS = 1 << 19
 # the dot interaction's work (batch * features^2 * dim) from which its kernels use several threads (two
 # OpenMP threads won down to 16 samples of the Kaggle model, 0.19 M, measured)
 INTERACTION_OPENMP_MIN_WORK = 1 << 17
+# widest rows the fused Adagrad kernel takes: it sums a row's gradient in a buffer on the stack
+ADAGRAD_MAX_DIM = 4096
 # from this many values the initial values of a table are drawn on several threads (a fraction of a millisecond)
 UNIFORM_PARALLEL_MIN_ELEMENTS = 1 << 18
 # values per piece of the NumPy fallback of uniform_: its temporaries stay in the cache
@@ -155,6 +158,9 @@ def _load(path: Path):
             pad.argtypes, pad.restype = [p, p, i64, i64, id_type, p], None
             distinct = getattr(library, "distinct_sorted_bags_" + suffix)
             distinct.argtypes, distinct.restype = [p, i64, i64, i64, p, p], i64
+        library.adagrad_bag_rows_f32.argtypes = [p, p, i64, p, p, i64, p, p, p, p, ctypes.c_float, ctypes.c_float,
+                                                 i64, i64]
+        library.adagrad_bag_rows_f32.restype = None
         for suffix in ("f32", "bf16"):
             fill = getattr(library, "uniform_fill_" + suffix)
             fill.argtypes, fill.restype = [p, i64, i64, ctypes.c_uint64, ctypes.c_float, ctypes.c_float, i64, i64], None
@@ -169,6 +175,8 @@ def _load(path: Path):
         library.dot_interaction_f32_threads.restype = None
         library.dot_interaction_backward_f32_threads.argtypes = library.dot_interaction_backward_f32.argtypes[:-1]
         library.dot_interaction_backward_f32_threads.restype = None
+        library.adagrad_bag_rows_f32_threads.argtypes = library.adagrad_bag_rows_f32.argtypes[:-1]
+        library.adagrad_bag_rows_f32_threads.restype = None
         for suffix in ("f32", "bf16"):
             fill = getattr(library, f"uniform_fill_{suffix}_threads")
             fill.argtypes, fill.restype = getattr(library, "uniform_fill_" + suffix).argtypes[:-1], None
@@ -364,6 +372,45 @@ def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):
     if index_weights is not None:
         values.mul_(index_weights.unsqueeze(1).to(values.dtype))
     add_rows_(weight, indices, values.to(weight.dtype).mul_(scale))
+
+
+@torch.no_grad()
+def adagrad_bag_rows_(weight: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                      order: torch.Tensor, bag_of: torch.Tensor, grad: torch.Tensor,
+                      index_weights: torch.Tensor | None, lr: float, eps: float) -> bool:
+    """Element-wise Adagrad on the rows sum-pooled bags looked up, from the gradient of the bags; True when run
+    (natively), False when the kernels or these operands are not available (then nothing is changed).
+
+    For each segment s, row r = rows[s] with g = sum over k in [starts[s], starts[s + 1]) of
+    grad[bag_of[order[k]]] * index_weights[order[k]], in that order: state[r] += g * g, then
+    weight[r] += (g / (sqrt(state[r]) + eps)) * -lr, in float32 operation by operation: what
+    `optim.Adagrad.step` computes from the coalesced sparse gradient of the lookup (`coalesce_rows`'
+    segments), without that [N, D] gradient, bit for bit but for the square root: correctly rounded here,
+    where PyTorch's vectorised one is 1 ulp off for about 15 % of values on some CPUs (AVX-512 builds). weight, state [R, D] float32; rows [S] int64
+    ascending and distinct; starts [S + 1], order [N] (a permutation), bag_of [N] int64 (bags of grad
+    [K, D] float32); index_weights [N] float32 or None. ValueError for rows outside the weight.
+    """
+    library, _ = _library()
+    tensors = [weight, state, rows, starts, order, bag_of, grad] + ([index_weights] if index_weights is not None else [])
+    if (library is None or not all(_plain_cpu_tensor(t) and t.is_contiguous() for t in tensors)
+            or weight.dtype != torch.float32 or state.dtype != torch.float32 or grad.dtype != torch.float32
+            or weight.dim() != 2 or state.shape != weight.shape or grad.dim() != 2 or grad.shape[1] != weight.shape[1]
+            or weight.shape[1] > ADAGRAD_MAX_DIM or not all(t.dtype == torch.int64 for t in (rows, starts, order, bag_of))
+            or (index_weights is not None and index_weights.dtype != torch.float32)
+            or starts.numel() != rows.numel() + 1 or order.numel() != bag_of.numel()):
+        return False
+    segments, dim = rows.numel(), weight.shape[1]
+    if segments == 0:
+        return True
+    if int(rows[0]) < 0 or int(rows[-1]) >= weight.shape[0]:
+        raise ValueError(f"adagrad_bag_rows_: rows outside the weight's {weight.shape[0]} rows")
+    openmp = threading_kind() == "openmp"
+    parts = torch.get_num_threads() if order.numel() * dim >= (OPENMP_MIN_ELEMENTS if openmp else PARALLEL_MIN_ELEMENTS) else 1
+    arguments = (weight.data_ptr(), state.data_ptr(), dim, rows.data_ptr(), starts.data_ptr(), segments,
+                 order.data_ptr(), bag_of.data_ptr(), grad.data_ptr(),
+                 index_weights.data_ptr() if index_weights is not None else None, -float(lr), float(eps))
+    _run_kernel(library, "adagrad_bag_rows_f32", arguments, parts)
+    return True
 
 
 def stacked_rows_checked(indices: torch.Tensor, offsets: torch.Tensor, batch_size: int, first_row: torch.Tensor,

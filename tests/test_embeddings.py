@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,40 +89,107 @@ def test_batched_updates_equal_torch_optimizers_on_per_table_bags(name, torch_op
         torch.testing.assert_close(batched.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_sgd_training_equals_the_optimizer_step_bit_for_bit():
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_fused_optimizer_training_equals_the_optimizer_step_bit_for_bit(name, native, monkeypatch):
+    if not native:  # the fallback without the kernels: through the sparse gradient
+        monkeypatch.setattr(kernels, "_library", lambda: (None, "switched off by the test"))
+    elif not kernels.native():
+        pytest.skip(f"no native kernels: {kernels.status()}")
     fused, _ = twin_nets()
     unfused, _ = twin_nets()
     batches = [random_batch(seed=s) for s in range(5)]
-    optimizer = make_optimizer("sgd", fused.parameters(), 0.1)
-    fused.emb_l.fuse_sgd(optimizer)
+    optimizer = make_optimizer(name, fused.parameters(), 0.1)
+    fused.emb_l.fuse_optimizer(optimizer)
     losses_fused = train_steps(fused, optimizer, batches)
-    losses = train_steps(unfused, make_optimizer("sgd", unfused.parameters(), 0.1), batches)
+    unfused_optimizer = make_optimizer(name, unfused.parameters(), 0.1)
+    losses = train_steps(unfused, unfused_optimizer, batches)
     assert fused.emb_l.weight.grad is None  # the update happened in the backward
-    assert losses_fused == losses
+    # bit for bit, but for the native Adagrad's square root (correctly rounded; PyTorch's may be 1 ulp off)
+    same = torch.equal if name == "sgd" or not native else (
+        lambda a, b: torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7) is None)
+    assert losses_fused == losses if name == "sgd" or not native else losses_fused == pytest.approx(losses, rel=1e-6)
     for key, value in unfused.state_dict().items():
-        assert torch.equal(fused.state_dict()[key], value), key
+        assert same(fused.state_dict()[key], value), key
+    for key, value in unfused_optimizer.state_dict()["state"].items():  # Adagrad's sums too
+        assert all(same(optimizer.state_dict()["state"][key][k], v) for k, v in value.items()), key
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_adagrad_update_of_bags_equals_its_step_on_the_lookups_sparse_gradient(native, monkeypatch):
+    """Weighted ids, repeated rows within and across bags, empty bags, the threaded kernel."""
+    if not native:
+        monkeypatch.setattr(kernels, "_library", lambda: (None, "switched off by the test"))
+    elif not kernels.native():
+        pytest.skip(f"no native kernels: {kernels.status()}")
+    monkeypatch.setattr(kernels, "OPENMP_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(0)
+    rows, dim, bags = 40, 16, 30
+    lengths = torch.randint(0, 7, (bags,), generator=g)
+    indices = torch.randint(0, rows, (int(lengths.sum()),), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    bag_grads = torch.randn(bags, dim, generator=g)
+    for index_weights in (None, torch.rand(indices.numel(), generator=g)):
+        start = torch.randn(rows, dim, generator=g)
+        fused_weight, stepped_weight = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+        fused, stepped = (make_optimizer("adagrad", [w], 0.05, eps=1e-8) for w in (fused_weight, stepped_weight))
+        for _ in range(3):  # the second and later steps start from non-zero sums
+            fused.update_bags_(fused_weight, indices, offsets, bag_grads, index_weights)
+            pooled = F.embedding_bag(indices, stepped_weight, offsets, mode="sum", sparse=True,
+                                     per_sample_weights=index_weights, include_last_offset=True)
+            pooled.backward(bag_grads)
+            stepped.step()
+            stepped.zero_grad()
+        if native:  # the float32 arithmetic of the step, with a correctly rounded square root
+            torch.testing.assert_close(fused_weight, stepped_weight, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(fused.state[fused_weight]["sum"], stepped.state[stepped_weight]["sum"])
+            weight, state = naive_adagrad_steps(start, indices, offsets, bag_grads,
+                                                index_weights, 0.05, 1e-8, steps=3)
+            assert torch.equal(fused_weight, weight) and torch.equal(fused.state[fused_weight]["sum"], state)
+        else:
+            assert torch.equal(fused_weight, stepped_weight)
+            assert torch.equal(fused.state[fused_weight]["sum"], stepped.state[stepped_weight]["sum"])
+
+
+def naive_adagrad_steps(weight, indices, offsets, bag_grads, index_weights, lr, eps, steps):
+    """Loops in NumPy float32: each row's gradient summed over its ids in order, then Adagrad's update."""
+    weight, state = weight.numpy().copy(), np.zeros(tuple(weight.shape), np.float32)
+    grads = bag_grads.numpy()
+    for _ in range(steps):
+        row_grads = {}
+        for b in range(len(offsets) - 1):
+            for j in range(int(offsets[b]), int(offsets[b + 1])):
+                value = grads[b] * (np.float32(index_weights[j]) if index_weights is not None else np.float32(1))
+                r = int(indices[j])
+                row_grads[r] = row_grads[r] + value if r in row_grads else np.float32(0) + value
+        for r, g in row_grads.items():
+            state[r] = state[r] + g * g
+            weight[r] = weight[r] + (g / (np.sqrt(state[r]) + np.float32(eps))) * np.float32(-lr)
+    return torch.from_numpy(weight), torch.from_numpy(state)
 
 
 def test_only_optimizers_that_update_bags_can_be_fused():
     bags_ = BatchedEmbeddingBags([4, 3], 2)
-    with pytest.raises(TypeError, match="Adagrad cannot update embedding bags"):
-        bags_.fuse_sgd(make_optimizer("adagrad", bags_.parameters(), 0.1))
+    with pytest.raises(TypeError, match="RWSAdagrad cannot update embedding bags"):
+        bags_.fuse_optimizer(make_optimizer("rwsadagrad", bags_.parameters(), 0.1))
     other = torch.nn.Parameter(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="not one of this optimizer's parameters"):
         make_optimizer("sgd", [other], 0.1).update_bags_(bags_.weight, torch.tensor([0]), torch.tensor([0, 1]),
                                                          torch.ones(1, 2))
 
 
-def test_the_trainer_fuses_sgd_only_where_every_step_follows_one_backward():
+def test_the_trainer_fuses_sgd_and_adagrad_only_where_every_step_follows_one_backward():
     import dlrm_s_pytorch as dlrm
 
     base = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=3-4", "--arch-mlp-top=8-1",
             "--arch-embedding-size=5-6", "--data-size=64", "--mini-batch-size=8"]
-    for extra, fused in [([], True), (["--optimizer=adagrad"], False), (["--mlperf-grad-accum-iter=2"], False)]:
+    for extra, fused in [([], True), (["--optimizer=adagrad"], True), (["--optimizer=rwsadagrad"], False),
+                         (["--mlperf-grad-accum-iter=2"], False), (["--optimizer=adagrad", "--mlperf-grad-accum-iter=2"], False)]:
         args = dlrm.parse_args(base + extra)
         model = dlrm.build_model(args, 3, [5, 6])
         optimizer = dlrm.build_optimizer(args, model)
-        assert (model.emb_l.fused_sgd is optimizer) == fused, extra
+        assert (model.emb_l.fused_optimizer is optimizer) == fused, extra
 
 
 def test_state_dict_has_the_original_keys_and_moves_between_layouts(tmp_path):

@@ -225,8 +225,8 @@ def test_a_fused_run_of_the_trainer_follows_the_learning_rate_schedule_as_the_st
         model = dlrm.build_model(args, dense_dim, table_sizes)
         optimizer = dlrm.build_optimizer(args, model)
         if not fused:
-            model.emb_l.fuse_sgd(None)
-        assert (model.emb_l.fused_sgd is not None) == fused
+            model.emb_l.fuse_optimizer(None)
+        assert (model.emb_l.fused_optimizer is not None) == fused
         dlrm.train(args, model, optimizer, train_set, test_set, torch.device("cpu"), dlrm.TrainState(),
                    len(train_set), log=lambda line: None)
         states.append(model.state_dict())
@@ -441,7 +441,7 @@ def test_bf16_tables_resume_exactly_from_a_checkpoint_of_weights_and_optimizer()
     torch.manual_seed(0)
     model = dlrm.build_model(args, 3, [50, 60])
     optimizer = dlrm.build_optimizer(args, model)
-    assert model.emb_l.weight.dtype == torch.bfloat16 and model.emb_l.fused_sgd is optimizer
+    assert model.emb_l.weight.dtype == torch.bfloat16 and model.emb_l.fused_optimizer is optimizer
     trained(model, optimizer, batches[:3])
     saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
     trained(model, optimizer, batches[3:])
@@ -515,7 +515,7 @@ def test_bf16_rounding_of_a_table_is_the_same_in_a_process_holding_only_some_tab
     for bags_, sparse, grad in ((full, batch.sparse, upstream), (some, batch.sparse.select_tables([2, 3]),
                                                                  upstream[:, 2:])):
         optimizer = make_optimizer("sgd", bags_.parameters(), 0.01)
-        bags_.fuse_sgd(optimizer)
+        bags_.fuse_optimizer(optimizer)
         for _ in range(3):
             (bags_(sparse) * grad).sum().backward()
     for t in (2, 3):

@@ -10,8 +10,9 @@ parameters are updated together with `torch._foreach_*` kernels.
 
 - `SGD`: p -= lr * g; `update_bags_` applies it to sum-pooled rows straight from the gradient of
   their bags (`kernels.bag_sgd_`), for a lookup whose backward does the step itself
-  (`BatchedEmbeddingBags.fuse_sgd`).
-- `Adagrad`: element-wise accumulator, as `torch.optim.Adagrad`.
+  (`BatchedEmbeddingBags.fuse_optimizer`).
+- `Adagrad`: element-wise accumulator, as `torch.optim.Adagrad`; `update_bags_` as SGD's (on the CPU
+  natively: `kernels.adagrad_bag_rows_`).
 - `RWSAdagrad`: element-wise for dense gradients, one accumulator per row for
   sparse ones: the mean of the squared gradient of that row (the original's
   `optim/rwsadagrad.py`), 1/D of Adagrad's state.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dlrmkit import kernels
+from dlrmkit.sparse import bag_of_each_index
 
 
 def coalesce_rows(grad: torch.Tensor, sync_free: bool | None = None):
@@ -49,7 +51,18 @@ def coalesce_rows(grad: torch.Tensor, sync_free: bool | None = None):
     if sync_free is None:
         sync_free = rows.device.type != "cpu"
     n = rows.numel()
-    sorted_rows, order = torch.sort(rows)
+    distinct, order, starts = row_segments(rows, sync_free)
+    # embedding_bag as a parallel segment sum: bag k = the entries of the k-th distinct row
+    summed = F.embedding_bag(order, values.reshape(n, -1), starts, mode="sum")
+    return distinct, summed.view(-1, *values.shape[1:])
+
+
+def row_segments(rows: torch.Tensor, sync_free: bool = False):
+    """(distinct rows [S], order [N], starts [S]) of N row ids (int64, N >= 1): order sorts them (stable: a row's
+    ids in ascending position), and the ids of the k-th distinct row are order[starts[k]:starts[k + 1]] (the
+    last: to N); `sync_free`: as `coalesce_rows` says, S = N with the unused segments starting at N."""
+    n = rows.numel()
+    sorted_rows, order = torch.sort(rows, stable=True)
     is_first = torch.ones_like(sorted_rows, dtype=torch.bool)
     torch.ne(sorted_rows[1:], sorted_rows[:-1], out=is_first[1:])
     if sync_free:
@@ -57,9 +70,7 @@ def coalesce_rows(grad: torch.Tensor, sync_free: bool | None = None):
         starts = torch.searchsorted(segment, torch.arange(n, device=rows.device))  # n for unused segments
     else:
         starts = is_first.nonzero().squeeze(1)
-    # embedding_bag as a parallel segment sum: bag k = the entries of the k-th distinct row
-    summed = F.embedding_bag(order, values.reshape(n, -1), starts, mode="sum")
-    return sorted_rows[starts.clamp(max=n - 1)], summed.view(-1, *values.shape[1:])
+    return sorted_rows[starts.clamp(max=n - 1)], order, starts
 
 
 def add_rows_(target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -236,7 +247,7 @@ class SGD(_FusedSparseOptimizer):
         the sparse gradient `F.embedding_bag(indices, p, offsets, mode="sum", per_sample_weights=
         index_weights, include_last_offset=True, sparse=True)` gets from `bag_grads` [K, D], bit for
         bit, without that [N, D] gradient (`kernels.bag_sgd_`). Called in the backward of a collection
-        fused with this optimizer (`BatchedEmbeddingBags.fuse_sgd`); uses p's group's current lr. For a
+        fused with this optimizer (`BatchedEmbeddingBags.fuse_optimizer`); uses p's group's current lr. For a
         bfloat16 p, `bags_per_table` and `table_ids` (the model's number of each table) choose the rounding
         bits as `kernels.bag_sgd_` says."""
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
@@ -294,6 +305,34 @@ class _Adagrad(_FusedSparseOptimizer):
 
 class Adagrad(_Adagrad):
     """Adagrad with element-wise state for dense and sparse gradients."""
+
+    @torch.no_grad()
+    def update_bags_(self, p, indices, offsets, bag_grads, index_weights=None, bags_per_table=0, table_ids=None):
+        """Adagrad's step on p's rows from the gradient of sum-pooled bags of them, at once: what `step()` does
+        with the sparse gradient `F.embedding_bag(indices, p, offsets, mode="sum", per_sample_weights=
+        index_weights, include_last_offset=True, sparse=True)` gets from `bag_grads` [K, D]; for float32 CPU
+        tables natively without that [N, D] gradient (`kernels.adagrad_bag_rows_`: the same up to the rounding
+        of the square root), else through it (bit for bit). Called in the backward of a collection fused with this optimizer (`BatchedEmbeddingBags.
+        fuse_optimizer`); uses p's group's current lr and eps. bags_per_table and table_ids: unused (SGD's
+        rounding of bfloat16 tables)."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError("update_bags_ got a tensor that is not one of this optimizer's parameters")
+        if self._amp_grad_factor() is not None:
+            raise RuntimeError("a fused embedding update cannot unscale gradients (GradScaler): unfuse it")
+        if indices.numel() == 0:
+            return
+        bag_of = bag_of_each_index(offsets[:-1], indices)
+        distinct, order, starts = row_segments(indices)
+        state = self._state_for(p, True, group)
+        if kernels.adagrad_bag_rows_(p, state, distinct, torch.cat([starts, starts.new_tensor([indices.numel()])]),
+                                     order, bag_of, bag_grads, index_weights, group["lr"], group["eps"]):
+            return
+        values = bag_grads.index_select(0, bag_of)  # the lookup's sparse gradient, then what step() does with it
+        if index_weights is not None:
+            values.mul_(index_weights.unsqueeze(1).to(values.dtype))
+        summed = F.embedding_bag(order, values, starts, mode="sum")
+        self._sparse_update(p, distinct, summed, group)
 
 
 class RWSAdagrad(_Adagrad):
