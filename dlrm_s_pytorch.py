@@ -1386,8 +1386,8 @@ def build_optimizer(args, model: nn.Module):
 
     With SGD or (element-wise) Adagrad, a step after every backward (no --mlperf-grad-accum-iter, no fp16 loss
     scaling) and the tables on the CPU, the backward applies the tables' update itself
-    (`BatchedEmbeddingBags.fuse_optimizer`): the same numbers as the step would compute, without the sparse
-    gradient in between."""
+    (`BatchedEmbeddingBags.fuse_optimizer`): the same numbers as the step would compute (Adagrad: but for the
+    rounding of its square roots), without the sparse gradient in between."""
     eps = args.adagrad_eps if args.optimizer in ADAGRADS else None
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.learning_rate, consume_grads=True, eps=eps)
     if args.optimizer in ("sgd", "adagrad") and args.mlperf_grad_accum_iter == 1 and args.precision != "fp16":
@@ -1775,8 +1775,8 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
                                                          lambda: build_model(args, dense_dim, table_sizes))
     optimizer = None if args.inference_only else build_optimizer(args, model)
     if device.type == "cpu" and not kernels.native() and ext_dist.is_rank0():
-        print(f"note: {kernels.status()}; the lookups, SGD's table updates and the dot interaction run as PyTorch "
-              "operators, the tables' initial values as NumPy's, slower", file=sys.stderr)
+        print(f"note: {kernels.status()}; the lookups, SGD's and Adagrad's table updates and the dot interaction "
+              "run as PyTorch operators, the tables' initial values as NumPy's, slower", file=sys.stderr)
 
     order = data_order(args, train_set)
     state = TrainState(batch_size=args.mini_batch_size, data_order=order)

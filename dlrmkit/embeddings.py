@@ -52,7 +52,8 @@ def uniform_rows_(weight: torch.Tensor, row_ranges) -> torch.Tensor:
     The rows of a range, flattened, take the values of `kernels.uniform_` from `seed` (a counter-based
     generator): they depend on the seed alone, not on the number of threads or on whether the native kernels
     run, and a 2 GiB table fills at memory speed on all cores (its first touch of the memory then dominates).
-    Rows of a float32 or bfloat16 CPU weight are filled in place, others through a float32 copy. A weight on
+    Rows `kernels.uniform_fillable` takes are filled in place, others (another dtype, device or layout) through
+    a float32 CPU copy. A weight on
     the meta device is left as it is.
     """
     if weight.is_meta:
@@ -60,10 +61,11 @@ def uniform_rows_(weight: torch.Tensor, row_ranges) -> torch.Tensor:
     with torch.no_grad():
         for start, stop, bound, seed in row_ranges:
             rows = weight[start:stop]
-            if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.bfloat16) and rows.is_contiguous():
+            if kernels.uniform_fillable(rows):
                 kernels.uniform_(rows, seed, -bound, bound)
             else:
-                rows.copy_(kernels.uniform_(torch.empty(rows.shape), seed, -bound, bound))
+                rows.copy_(kernels.uniform_(torch.empty(rows.shape, dtype=torch.float32, device="cpu"), seed, -bound,
+                                            bound))
     return weight
 
 
@@ -357,8 +359,8 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         rows = self.stacked_rows(sparse)
         if (self.fused_optimizer is not None and torch.is_grad_enabled() and self.weight.requires_grad
                 and (sparse.weights is None or not sparse.weights.requires_grad)):
-            pooled = EmbeddingBagFusedUpdate.apply(self.weight, rows, sparse.offsets, sparse.weights, self.fused_optimizer,
-                                                sparse.batch_size, self.table_id_tensor)
+            pooled = EmbeddingBagFusedUpdate.apply(self.weight, rows, sparse.offsets, sparse.weights,
+                                                   self.fused_optimizer, sparse.batch_size, self.table_id_tensor)
         else:
             pooled = F.embedding_bag(rows, self.weight, sparse.offsets, mode="sum", sparse=True,
                                      per_sample_weights=sparse.weights, include_last_offset=True).float()
@@ -384,10 +386,12 @@ class BatchedEmbeddingBags(EmbeddingCollection):
     def fuse_optimizer(self, optimizer) -> None:
         """Makes every backward through this collection apply `optimizer`'s step (SGD, Adagrad) to the looked-up
         rows at once (`optimizer.update_bags_`, TorchRec's fused embedding optimizer), instead of leaving
-        a sparse gradient for `optimizer.step()`: the same numbers, without the [ids, D] gradient.
+        a sparse gradient for `optimizer.step()`: the same numbers (Adagrad: but for the rounding of its square
+        roots), without the [ids, D] gradient.
 
         After this a backward changes the weight, and `weight.grad` stays None: for training loops
-        that step after every backward (no gradient accumulation, scaling or clipping). None undoes it.
+        that step after every backward (no gradient accumulation, scaling or clipping) and, with Adagrad,
+        look the collection up once per backward (each lookup's backward is a step). None undoes it.
         """
         if optimizer is not None and not hasattr(optimizer, "update_bags_"):
             raise TypeError(f"{type(optimizer).__name__} cannot update embedding bags in the backward")

@@ -185,8 +185,8 @@ void bag_sgd_bf16(uint16_t *restrict weight, int64_t dim, const int64_t *restric
  * [ids, dim] gradient in between. The ids are given grouped by row: segment s holds positions
  * order[starts[s] .. starts[s + 1]) (ascending, as the coalescing sums them) of the ids of row rows[s];
  * bag_of[j] is the bag of id j.
- * weight, state [R, dim], grad [bags, dim] float32 contiguous; rows distinct (kernels.py checks them and
- * their bounds), so the parts (equal ranges of segments) never write the same row.
+ * weight, state [R, dim], grad [bags, dim] float32 contiguous; rows ascending and distinct, so the parts (equal
+ * ranges of segments) never write the same row (kernels.py checks that and every index's bounds).
  */
 void adagrad_bag_rows_f32(float *restrict weight, float *restrict state, int64_t dim, const int64_t *restrict rows,
                           const int64_t *restrict starts, int64_t num_segments, const int64_t *restrict order,
@@ -559,7 +559,8 @@ RANDOM_BAG_KERNELS(int64_t, i64)
  * takes the low (e even) or high (e odd) 32 bits x of word e / 2: u = (x >> 8) * 2^-24 (24 random bits, exact
  * in float32), value = low + (high - low) * u, each operation rounded in float32. Every element is computed
  * alone (the loop vectorises), so the values do not depend on how a range is split across threads;
- * uniform_rows_ in dlrmkit/embeddings.py computes the same numbers with NumPy where these kernels are not.
+ * kernels.uniform_ computes the same numbers with NumPy where these kernels are not. low and high are finite
+ * with a finite float32 difference (kernels.py checks), so no NaN arises.
  */
 static ALWAYS_INLINE float uniform_element(uint64_t seed, int64_t e, float low, float scale)
 {
@@ -568,49 +569,47 @@ static ALWAYS_INLINE float uniform_element(uint64_t seed, int64_t e, float low, 
     return low + scale * ((float)(x >> 8) * 0x1p-24f);
 }
 
-/* Calls store(e - first, element e) for the elements e of part `part` of num_parts equal parts of
- * [first, first + count) */
+/* Calls store(e, element e) for the elements e of part `part` of num_parts equal parts of [0, count) */
 #define UNIFORM_FILL(store)                                                                                     \
     const float scale = high - low;                                                                             \
-    const int64_t begin = first + count * part / num_parts, end = first + count * (part + 1) / num_parts;       \
+    const int64_t begin = count * part / num_parts, end = count * (part + 1) / num_parts;                       \
     for (int64_t e = begin; e < end; e++)                                                                       \
-        store(e - first, uniform_element(seed, e, low, scale));
+        store(e, uniform_element(seed, e, low, scale));
 
 #define STORE_F32(i, value) out[i] = (value)
-/* to bfloat16 rounded to nearest, ties to even (as PyTorch converts float32); no NaN arises here */
+/* to bfloat16 rounded to nearest, ties to even (as PyTorch converts float32; no NaN arises here) */
 #define STORE_BF16(i, value)                                                                                    \
     do {                                                                                                        \
         union { float f; uint32_t u; } v = { value };                                                          \
         out[i] = (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);                                      \
     } while (0)
 
-/* out[e - first] = element e of the range, for the elements of part `part` of num_parts equal parts of
- * [first, first + count) */
-void uniform_fill_f32(float *restrict out, int64_t first, int64_t count, uint64_t seed, float low, float high,
+/* out[e] = element e of the range, for the elements of part `part` of num_parts equal parts of [0, count) */
+void uniform_fill_f32(float *restrict out, int64_t count, uint64_t seed, float low, float high,
                       int64_t part, int64_t num_parts)
 {
     UNIFORM_FILL(STORE_F32)
 }
 
 /* uniform_fill_f32 rounded to bfloat16 */
-void uniform_fill_bf16(uint16_t *restrict out, int64_t first, int64_t count, uint64_t seed, float low, float high,
+void uniform_fill_bf16(uint16_t *restrict out, int64_t count, uint64_t seed, float low, float high,
                        int64_t part, int64_t num_parts)
 {
     UNIFORM_FILL(STORE_BF16)
 }
 
 #ifdef _OPENMP
-void uniform_fill_f32_threads(float *out, int64_t first, int64_t count, uint64_t seed, float low, float high,
+void uniform_fill_f32_threads(float *out, int64_t count, uint64_t seed, float low, float high,
                               int64_t num_parts)
 {
 #pragma omp parallel num_threads((int)num_parts)
-    uniform_fill_f32(out, first, count, seed, low, high, omp_get_thread_num(), omp_get_num_threads());
+    uniform_fill_f32(out, count, seed, low, high, omp_get_thread_num(), omp_get_num_threads());
 }
 
-void uniform_fill_bf16_threads(uint16_t *out, int64_t first, int64_t count, uint64_t seed, float low, float high,
+void uniform_fill_bf16_threads(uint16_t *out, int64_t count, uint64_t seed, float low, float high,
                                int64_t num_parts)
 {
 #pragma omp parallel num_threads((int)num_parts)
-    uniform_fill_bf16(out, first, count, seed, low, high, omp_get_thread_num(), omp_get_num_threads());
+    uniform_fill_bf16(out, count, seed, low, high, omp_get_thread_num(), omp_get_num_threads());
 }
 #endif

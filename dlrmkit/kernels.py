@@ -7,13 +7,14 @@ row updates then run on PyTorch's own OpenMP threads: `threading_kind()`), into 
 and the CPU, and loaded with ctypes. Without a compiler, where the build or the load fails, on tensors
 it does not take (another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, the row updates and the id
 shifts compute the same numbers with PyTorch operators, the random bags' padding and duplicate
-removal (`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, and the tables' initial values
-(`uniform_`) the same values with NumPy, only slower: those results never
+removal (`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, and, without the kernels, the
+tables' initial values (`uniform_`) the same values with NumPy, only slower: those results never
 depend on whether the kernel is used. Three exceptions: the stochastically rounded update of bfloat16
 tables has no fallback; the dot interaction's kernels (`dot_interaction`, forward and backward) sum
 in an order they document, where the batched matrix products of the PyTorch path
 (`dlrmkit.interactions`) sum in their own: the two agree up to float32 rounding; and the fused Adagrad
-update (`adagrad_bag_rows_`) rounds its square roots correctly, where PyTorch's may be 1 ulp off.
+update (`adagrad_bag_rows_`) rounds its square roots correctly, where PyTorch's CPU sqrt is 1 ulp off
+for some values.
 
     >>> import torch
     >>> weight = torch.zeros(4, 2)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import operator
 import os
 import platform
 import shlex
@@ -57,7 +59,8 @@ OPENMP_MIN_ELEMENTS = 1 << 19
 INTERACTION_OPENMP_MIN_WORK = 1 << 17
 # widest rows the fused Adagrad kernel takes: it sums a row's gradient in a buffer on the stack
 ADAGRAD_MAX_DIM = 4096
-# from this many values the initial values of a table are drawn on several threads (a fraction of a millisecond)
+# from this many values the initial values of a table are drawn on several OpenMP threads (a fraction of a
+# millisecond; a Python pool's threads from PARALLEL_MIN_ELEMENTS)
 UNIFORM_PARALLEL_MIN_ELEMENTS = 1 << 18
 # values per piece of the NumPy fallback of uniform_: its temporaries stay in the cache
 UNIFORM_NUMPY_CHUNK = 1 << 16
@@ -163,7 +166,7 @@ def _load(path: Path):
         library.adagrad_bag_rows_f32.restype = None
         for suffix in ("f32", "bf16"):
             fill = getattr(library, "uniform_fill_" + suffix)
-            fill.argtypes, fill.restype = [p, i64, i64, ctypes.c_uint64, ctypes.c_float, ctypes.c_float, i64, i64], None
+            fill.argtypes, fill.restype = [p, i64, ctypes.c_uint64, ctypes.c_float, ctypes.c_float, i64, i64], None
     except AttributeError as e:
         raise OSError(f"not a build of {SOURCE.name}: {e}") from None
     try:  # only in a build with OpenMP
@@ -322,11 +325,17 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
     float32 and rounded stochastically (unbiased; small steps are not lost), with random bits from `seed`,
     the table (bags_per_table bags each, numbered `table_ids` [T] int64 in the model, default 0, 1, ...;
     0 bags_per_table: one table) and the id's position among its table's ids: native kernels only
-    (RuntimeError without them). In place. ValueError for offsets outside the ids or ids outside the weight.
+    (RuntimeError without them). In place. ValueError for offsets outside the ids, ids outside the weight, a
+    gradient with fewer bags or another width, or index weights not one per id.
     """
     num_bags = offsets.numel() - 1
     if num_bags < 1 or indices.numel() == 0:
         return
+    if grad.dim() != 2 or grad.shape[0] < num_bags or grad.shape[1] != weight.shape[-1]:
+        raise ValueError(f"bag_sgd_: a gradient of shape {list(grad.shape)} for {num_bags} bags of width "
+                         f"{weight.shape[-1]}")
+    if index_weights is not None and index_weights.numel() != indices.numel():
+        raise ValueError(f"bag_sgd_: {index_weights.numel()} index weights for {indices.numel()} ids")
     grad = grad.contiguous()
     library, problem = _library()
     if weight.dtype == torch.bfloat16:
@@ -386,26 +395,39 @@ def adagrad_bag_rows_(weight: torch.Tensor, state: torch.Tensor, rows: torch.Ten
     weight[r] += (g / (sqrt(state[r]) + eps)) * -lr, in float32 operation by operation: what
     `optim.Adagrad.step` computes from the coalesced sparse gradient of the lookup (`coalesce_rows`'
     segments), without that [N, D] gradient, bit for bit but for the square root: correctly rounded here,
-    where PyTorch's vectorised one is 1 ulp off for about 15 % of values on some CPUs (AVX-512 builds). weight, state [R, D] float32; rows [S] int64
-    ascending and distinct; starts [S + 1], order [N] (a permutation), bag_of [N] int64 (bags of grad
-    [K, D] float32); index_weights [N] float32 or None. ValueError for rows outside the weight.
+    where PyTorch's CPU sqrt is 1 ulp off for about 15 % of float32 values on the machines measured.
+
+    weight, state [R, D] float32 (0 < D <= ADAGRAD_MAX_DIM); rows [S] int64 ascending and distinct; starts
+    [S + 1], order [N] (a permutation), bag_of [N] int64 (bags of grad [K, D] float32); index_weights [N]
+    float32 or None. ValueError for operands that break those rules (rows not ascending or outside the
+    weight, starts, positions or bags out of range).
     """
     library, _ = _library()
-    tensors = [weight, state, rows, starts, order, bag_of, grad] + ([index_weights] if index_weights is not None else [])
-    if (library is None or not all(_plain_cpu_tensor(t) and t.is_contiguous() for t in tensors)
-            or weight.dtype != torch.float32 or state.dtype != torch.float32 or grad.dtype != torch.float32
-            or weight.dim() != 2 or state.shape != weight.shape or grad.dim() != 2 or grad.shape[1] != weight.shape[1]
-            or weight.shape[1] > ADAGRAD_MAX_DIM or not all(t.dtype == torch.int64 for t in (rows, starts, order, bag_of))
-            or (index_weights is not None and index_weights.dtype != torch.float32)
+    floats = [weight, state, grad] + ([index_weights] if index_weights is not None else [])
+    ids = [rows, starts, order, bag_of]
+    if (library is None or not all(_plain_cpu_tensor(t) and t.is_contiguous() for t in floats + ids)
+            or not all(t.dtype == torch.float32 for t in floats) or not all(t.dtype == torch.int64 for t in ids)
+            or weight.dim() != 2 or state.shape != weight.shape or grad.dim() != 2
+            or grad.shape[1] != weight.shape[1] or not 0 < weight.shape[1] <= ADAGRAD_MAX_DIM
             or starts.numel() != rows.numel() + 1 or order.numel() != bag_of.numel()):
         return False
-    segments, dim = rows.numel(), weight.shape[1]
+    segments, dim, n = rows.numel(), weight.shape[1], order.numel()
     if segments == 0:
         return True
-    if int(rows[0]) < 0 or int(rows[-1]) >= weight.shape[0]:
-        raise ValueError(f"adagrad_bag_rows_: rows outside the weight's {weight.shape[0]} rows")
+    # what the kernel walks, checked in a few vectorised passes (a fraction of its time): rows ascending (no
+    # two parts write one row) inside the weight, segments covering [0, n) in order, positions and bags in range
+    if bool((rows[1:] <= rows[:-1]).any()) or int(rows[0]) < 0 or int(rows[-1]) >= weight.shape[0]:
+        raise ValueError(f"adagrad_bag_rows_: rows not ascending and distinct inside the weight's "
+                         f"{weight.shape[0]} rows")
+    if int(starts[0]) != 0 or int(starts[-1]) != n or bool((starts[1:] < starts[:-1]).any()):
+        raise ValueError(f"adagrad_bag_rows_: segment starts that do not walk [0, {n}) in order")
+    if n and (int(order.min()) < 0 or int(order.max()) >= n or int(bag_of.min()) < 0
+              or int(bag_of.max()) >= grad.shape[0]):
+        raise ValueError(f"adagrad_bag_rows_: positions outside [0, {n}) or bags outside [0, {grad.shape[0]})")
+    if index_weights is not None and index_weights.numel() != n:
+        raise ValueError(f"adagrad_bag_rows_: {index_weights.numel()} index weights for {n} ids")
     openmp = threading_kind() == "openmp"
-    parts = torch.get_num_threads() if order.numel() * dim >= (OPENMP_MIN_ELEMENTS if openmp else PARALLEL_MIN_ELEMENTS) else 1
+    parts = torch.get_num_threads() if n * dim >= (OPENMP_MIN_ELEMENTS if openmp else PARALLEL_MIN_ELEMENTS) else 1
     arguments = (weight.data_ptr(), state.data_ptr(), dim, rows.data_ptr(), starts.data_ptr(), segments,
                  order.data_ptr(), bag_of.data_ptr(), grad.data_ptr(),
                  index_weights.data_ptr() if index_weights is not None else None, -float(lr), float(eps))
@@ -597,29 +619,50 @@ def _uniform_numpy(out: np.ndarray, first: int, seed: int, low: np.float32, high
     out += low
 
 
+def uniform_fillable(tensor: torch.Tensor) -> bool:
+    """Whether `uniform_` fills `tensor` in place: a plain contiguous float32 or bfloat16 CPU tensor."""
+    return _plain_cpu_tensor(tensor) and tensor.dtype in (torch.float32, torch.bfloat16) and tensor.is_contiguous()
+
+
 @torch.no_grad()
 def uniform_(tensor: torch.Tensor, seed: int, low: float, high: float) -> torch.Tensor:
-    """Fills `tensor` (CPU, contiguous, float32 or bfloat16) with U[low, high) from the counter-based SplitMix64
-    stream of `seed` (Steele, Lea and Flood, OOPSLA 2014): element e (in memory order) takes 32 bits of word
-    e // 2, x, and becomes low + (high - low) * ((x >> 8) * 2^-24) in float32 (bfloat16: that rounded to
-    nearest), exactly as `kernels.c` documents. The values depend on (seed, low, high, e) alone: the same on any
-    number of threads, natively (all cores, at memory speed) or with NumPy (the fallback: one core, about
-    as fast as torch's own `uniform_`).
-    ValueError for another device, dtype or layout, or a seed outside [0, 2^64). Returns `tensor`.
+    """Fills `tensor` (see `uniform_fillable`) with uniform values in [low, high] from the counter-based
+    SplitMix64 stream of `seed` (Steele, Lea and Flood, OOPSLA 2014): element e (in memory order) takes 32 bits
+    of word e // 2, x, and becomes low + (high - low) * ((x >> 8) * 2^-24) in float32, exactly as `kernels.c`
+    documents; bfloat16: that rounded to nearest, which may pass a bound by up to half a bfloat16 step. `high`
+    itself arises only through float32 rounding, never for the tables' symmetric ranges (-b, b) (the final
+    sum is then exact). The values depend on (seed, low, high, e) alone: the same on any number of threads,
+    natively (all cores, at memory speed) or with NumPy (without the kernels: one core, about as fast as
+    torch's own `uniform_`).
+    ValueError for a tensor it does not fill, a seed that is not an integer in [0, 2^64), or bounds that are
+    not finite, with low > high or a difference beyond float32. Returns `tensor`.
     """
-    if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.bfloat16) or not tensor.is_contiguous():
-        raise ValueError(f"uniform_ fills contiguous float32 or bfloat16 CPU tensors, not a {tensor.dtype} "
-                         f"{'contiguous' if tensor.is_contiguous() else 'strided'} tensor on {tensor.device}")
+    if not uniform_fillable(tensor):
+        raise ValueError(f"uniform_ fills plain contiguous float32 or bfloat16 CPU tensors, not this {tensor.dtype} "
+                         f"tensor ({type(tensor).__name__}, {tensor.layout}, on {tensor.device}"
+                         f"{', not contiguous' if not tensor.is_contiguous() else ''})")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"uniform_: the seed must be an integer, not {seed!r}") from None
     if not 0 <= seed <= _UINT64:
         raise ValueError(f"uniform_: the seed {seed} is outside [0, 2^64)")
-    low32, high32, count = np.float32(low), np.float32(high), tensor.numel()
+    with np.errstate(over="ignore", invalid="ignore"):
+        low32, high32 = np.float32(low), np.float32(high)
+        width = high32 - low32
+    if not (np.isfinite(low32) and np.isfinite(high32) and np.isfinite(width) and low32 <= high32):
+        raise ValueError(f"uniform_: bounds [{low}, {high}] are not finite float32 numbers low <= high with a "
+                         "finite difference")
+    count = tensor.numel()
     if count == 0:
         return tensor
     library, _ = _library()
     suffix = "f32" if tensor.dtype == torch.float32 else "bf16"
     if library is not None:
-        parts = torch.get_num_threads() if count >= UNIFORM_PARALLEL_MIN_ELEMENTS else 1
-        _run_kernel(library, "uniform_fill_" + suffix, (tensor.data_ptr(), 0, count, seed, float(low32), float(high32)), parts)
+        minimum = UNIFORM_PARALLEL_MIN_ELEMENTS if threading_kind() == "openmp" else PARALLEL_MIN_ELEMENTS
+        parts = torch.get_num_threads() if count >= minimum else 1
+        _run_kernel(library, "uniform_fill_" + suffix, (tensor.data_ptr(), count, seed, float(low32), float(high32)),
+                    parts)
         return tensor
     flat = tensor.view(-1)
     for start in range(0, count, UNIFORM_NUMPY_CHUNK):  # one thread: NumPy's passes gain nothing from a pool

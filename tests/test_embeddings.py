@@ -91,7 +91,7 @@ def test_batched_updates_equal_torch_optimizers_on_per_table_bags(name, torch_op
 
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("name", ["sgd", "adagrad"])
-def test_fused_optimizer_training_equals_the_optimizer_step_bit_for_bit(name, native, monkeypatch):
+def test_fused_optimizer_training_equals_the_optimizer_step(name, native, monkeypatch):
     if not native:  # the fallback without the kernels: through the sparse gradient
         monkeypatch.setattr(kernels, "_library", lambda: (None, "switched off by the test"))
     elif not kernels.native():
@@ -124,6 +124,15 @@ def test_adagrad_update_of_bags_equals_its_step_on_the_lookups_sparse_gradient(n
         pytest.skip(f"no native kernels: {kernels.status()}")
     monkeypatch.setattr(kernels, "OPENMP_MIN_ELEMENTS", 1)
     monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)  # three parts of the segments, whatever the machine
+    try:
+        check_adagrad_update_of_bags(native)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_adagrad_update_of_bags(native):
     g = torch.Generator().manual_seed(0)
     rows, dim, bags = 40, 16, 30
     lengths = torch.randint(0, 7, (bags,), generator=g)
@@ -150,6 +159,37 @@ def test_adagrad_update_of_bags_equals_its_step_on_the_lookups_sparse_gradient(n
         else:
             assert torch.equal(fused_weight, stepped_weight)
             assert torch.equal(fused.state[fused_weight]["sum"], stepped.state[stepped_weight]["sum"])
+
+
+def test_update_bags_refuses_operands_that_do_not_fit_and_adagrad_keeps_its_state_for_empty_batches():
+    weight = torch.nn.Parameter(torch.zeros(4, 2))
+    indices, offsets = torch.tensor([0, 3, 1]), torch.tensor([0, 2, 3])
+    for name in ("sgd", "adagrad"):
+        optimizer = make_optimizer(name, [weight], 0.1)
+        with pytest.raises(ValueError, match="a gradient of shape \\[1, 2\\] for 2 bags"):
+            optimizer.update_bags_(weight, indices, offsets, torch.ones(1, 2))
+        with pytest.raises(ValueError, match="2 index weights for 3 ids"):
+            optimizer.update_bags_(weight, indices, offsets, torch.ones(2, 2), torch.ones(2))
+    with pytest.raises(ValueError, match="float32 tables"):
+        half = torch.nn.Parameter(torch.zeros(4, 2, dtype=torch.bfloat16))
+        make_optimizer("adagrad", [half], 0.1).update_bags_(half, indices, offsets, torch.ones(2, 2))
+    adagrad = make_optimizer("adagrad", [weight], 0.1)
+    adagrad.update_bags_(weight, indices[:0], torch.zeros(3, dtype=torch.int64), torch.ones(2, 2))  # empty bags
+    assert torch.equal(adagrad.state[weight]["sum"], torch.zeros(4, 2))  # as step() leaves it
+
+
+def test_the_fused_adagrad_kernel_refuses_operands_it_would_walk_out_of():
+    if not kernels.native():
+        pytest.skip(f"no native kernels: {kernels.status()}")
+    weight, state, grad = torch.zeros(4, 2), torch.zeros(4, 2), torch.ones(3, 2)
+    good = dict(rows=torch.tensor([0, 2]), starts=torch.tensor([0, 1, 3]), order=torch.tensor([2, 0, 1]),
+                bag_of=torch.tensor([0, 1, 2]))
+    assert kernels.adagrad_bag_rows_(weight, state, *good.values(), grad, None, 0.1, 1e-8)
+    for name, bad in [("rows", torch.tensor([2, 0])), ("rows", torch.tensor([1, 1])), ("rows", torch.tensor([0, 4])),
+                      ("starts", torch.tensor([0, 2, 2])), ("starts", torch.tensor([1, 1, 3])),
+                      ("order", torch.tensor([0, 1, 3])), ("bag_of", torch.tensor([0, 1, 3]))]:
+        with pytest.raises(ValueError, match="adagrad_bag_rows_"):
+            kernels.adagrad_bag_rows_(weight, state, *dict(good, **{name: bad}).values(), grad, None, 0.1, 1e-8)
 
 
 def naive_adagrad_steps(weight, indices, offsets, bag_grads, index_weights, lr, eps, steps):

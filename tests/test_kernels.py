@@ -8,6 +8,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -660,8 +661,6 @@ def test_tracing_and_functorch_transforms_see_the_dot_interaction_as_pytorch_ope
 
 
 def test_the_random_bag_kernels_refuse_what_they_cannot_take():
-    import numpy as np
-
     ids, sizes = np.arange(5, dtype=np.int64), np.array([2, 3], dtype=np.int64)
     assert kernels.pad_bags(ids, sizes.astype(">i8"), 3, 99) is None  # another byte order
     assert kernels.pad_bags(ids.astype(np.int32), sizes, 3, 2**31 + 5) is None  # a pad int32 cannot hold
@@ -685,8 +684,6 @@ def splitmix64_words(seed, first_word, count):
 
 
 def test_uniform_values_are_splitmix64_bits_scaled_in_float32():
-    import numpy as np
-
     seed, low, high = 2**63 + 12345, -0.25, 0.75
     values = kernels.uniform_(torch.empty(101), seed, low, high)
     words = splitmix64_words(seed, 0, 51)
@@ -702,7 +699,8 @@ def test_uniform_values_are_splitmix64_bits_scaled_in_float32():
 def test_uniform_is_the_same_natively_with_numpy_and_on_any_threads(dtype, monkeypatch):
     sizes = [1, 2, 7, 64, 1001, 70_003]
     monkeypatch.setattr(kernels, "UNIFORM_PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(kernels, "UNIFORM_NUMPY_CHUNK", 333)  # odd pieces: each starts on an odd element
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "UNIFORM_NUMPY_CHUNK", 333)  # odd-sized pieces: every other one starts on an odd element
     results = []
     for native, threads in [(True, 1), (True, 2), (True, 3), (False, 1)]:
         with monkeypatch.context() as m:
@@ -726,12 +724,37 @@ def test_uniform_is_the_same_natively_with_numpy_and_on_any_threads(dtype, monke
 
 
 def test_uniform_refuses_what_it_cannot_fill():
-    with pytest.raises(ValueError, match="contiguous float32 or bfloat16 CPU tensors"):
-        kernels.uniform_(torch.empty(4, 4).t(), 1, 0.0, 1.0)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
-        kernels.uniform_(torch.empty(4, dtype=torch.float64), 1, 0.0, 1.0)
-    with pytest.raises(ValueError, match="outside \\[0, 2\\^64\\)"):
-        kernels.uniform_(torch.empty(4), -1, 0.0, 1.0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(4)
+    for tensor in (torch.empty(4, 4).t(), torch.empty(4, dtype=torch.float64), fake, torch.zeros(4)._neg_view()):
+        with pytest.raises(ValueError, match="plain contiguous float32 or bfloat16 CPU tensors"):
+            kernels.uniform_(tensor, 1, 0.0, 1.0)
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="outside \\[0, 2\\^64\\)"):
+            kernels.uniform_(torch.empty(4), seed, 0.0, 1.0)
+    for seed in (3.0, 3.7, "3", None, torch.tensor(3.0)):
+        with pytest.raises(ValueError, match="the seed must be an integer"):
+            kernels.uniform_(torch.empty(4), seed, 0.0, 1.0)
+    assert torch.equal(kernels.uniform_(torch.empty(4), np.int64(3), 0.0, 1.0),
+                       kernels.uniform_(torch.empty(4), 3, 0.0, 1.0))
+    for low, high in ((1.0, 0.0), (float("nan"), 1.0), (0.0, float("inf")), (-3e38, 3e38)):
+        with pytest.raises(ValueError, match="not finite float32 numbers low <= high"):
+            kernels.uniform_(torch.empty(4), 1, low, high)
+
+
+def test_table_rows_fill_whatever_the_default_dtype():
+    from dlrmkit.embeddings import EmbeddingBagList, uniform_rows_
+
+    reference = uniform_rows_(torch.empty(10, 4), [(0, 10, 0.5, 3)])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert torch.equal(uniform_rows_(torch.empty(10, 4), [(0, 10, 0.5, 3)]), reference.double())
+        assert len(EmbeddingBagList([10, 20], 4)) == 2
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def test_table_rows_of_any_dtype_or_layout_take_the_same_values():

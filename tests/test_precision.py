@@ -17,8 +17,9 @@ LOSS_TOLERANCE_MEAN = 0.015
 LOSS_TOLERANCE_MAX = 0.06
 AUC_TOLERANCE = 0.01
 # The planted problem has two optima (test AUC about 0.85 and 0.78) and a run may settle in either: with
-# some seeds fp32 and bf16 (or fp32 and fp32 at another learning rate) part ways within the first epoch.
-# A seed whose runs reach the better one, so that the comparison tests precision, not which optimum is chosen.
+# some seeds fp32 and bf16 part ways within the first epoch, and how closely they agree otherwise varies with
+# the seed (|diff| 0.001-0.018 on average over seeds 0-12). A seed whose runs reach the better optimum
+# together, so that the comparison tests precision, not which optimum chaos picks.
 SEED = 3
 
 
@@ -54,7 +55,7 @@ def test_bf16_tracks_fp32_loss_within_tolerance(fp32_run):
     difference = np.abs(bf16_losses - fp32_losses)
     assert difference.mean() < LOSS_TOLERANCE_MEAN and difference.max() < LOSS_TOLERANCE_MAX
     assert fp32_losses[-5:].mean() < fp32_losses[0] - 0.1  # it learns, so the comparison means something
-    assert abs(bf16_metrics.auc - fp32_metrics.auc) < AUC_TOLERANCE and bf16_metrics.auc > 0.75
+    assert abs(bf16_metrics.auc - fp32_metrics.auc) < AUC_TOLERANCE and bf16_metrics.auc > 0.82  # the better optimum
 
 
 def test_autocast_leaves_embeddings_probabilities_and_loss_in_float32():

@@ -197,6 +197,21 @@ class _FusedSparseOptimizer:
                 self._dense_update(params, grads, group)
         return loss
 
+    def _bags_group(self, p, indices, offsets, bag_grads, index_weights) -> dict:
+        """p's parameter group, for an `update_bags_` of these operands; ValueError when p is not a parameter
+        of this optimizer or the operands do not fit together, RuntimeError under GradScaler."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError("update_bags_ got a tensor that is not one of this optimizer's parameters")
+        if self._amp_grad_factor() is not None:
+            raise RuntimeError("a fused embedding update cannot unscale gradients (GradScaler): unfuse it")
+        if bag_grads.dim() != 2 or bag_grads.shape[0] != offsets.numel() - 1 or bag_grads.shape[1] != p.shape[1]:
+            raise ValueError(f"update_bags_: a gradient of shape {list(bag_grads.shape)} for {offsets.numel() - 1} "
+                             f"bags of width {p.shape[1]}")
+        if index_weights is not None and index_weights.shape != indices.shape:
+            raise ValueError(f"update_bags_: {index_weights.numel()} index weights for {indices.numel()} ids")
+        return group
+
     def _amp_grad_factor(self):
         """1/scale, or 0 when GradScaler found inf/NaN gradients (a device tensor); None without GradScaler."""
         grad_scale = getattr(self, "grad_scale", None)
@@ -250,12 +265,7 @@ class SGD(_FusedSparseOptimizer):
         fused with this optimizer (`BatchedEmbeddingBags.fuse_optimizer`); uses p's group's current lr. For a
         bfloat16 p, `bags_per_table` and `table_ids` (the model's number of each table) choose the rounding
         bits as `kernels.bag_sgd_` says."""
-        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
-        if group is None:
-            raise ValueError("update_bags_ got a tensor that is not one of this optimizer's parameters")
-        grad_factor = self._amp_grad_factor()
-        if grad_factor is not None:
-            raise RuntimeError("a fused embedding update cannot unscale gradients (GradScaler): unfuse it")
+        group = self._bags_group(p, indices, offsets, bag_grads, index_weights)
         seed = 0
         if p.dtype == torch.bfloat16:  # stochastic rounding: other random bits at every update, resumable
             state = self.state[p]
@@ -310,21 +320,21 @@ class Adagrad(_Adagrad):
     def update_bags_(self, p, indices, offsets, bag_grads, index_weights=None, bags_per_table=0, table_ids=None):
         """Adagrad's step on p's rows from the gradient of sum-pooled bags of them, at once: what `step()` does
         with the sparse gradient `F.embedding_bag(indices, p, offsets, mode="sum", per_sample_weights=
-        index_weights, include_last_offset=True, sparse=True)` gets from `bag_grads` [K, D]; for float32 CPU
-        tables natively without that [N, D] gradient (`kernels.adagrad_bag_rows_`: the same up to the rounding
-        of the square root), else through it (bit for bit). Called in the backward of a collection fused with this optimizer (`BatchedEmbeddingBags.
-        fuse_optimizer`); uses p's group's current lr and eps. bags_per_table and table_ids: unused (SGD's
-        rounding of bfloat16 tables)."""
-        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
-        if group is None:
-            raise ValueError("update_bags_ got a tensor that is not one of this optimizer's parameters")
-        if self._amp_grad_factor() is not None:
-            raise RuntimeError("a fused embedding update cannot unscale gradients (GradScaler): unfuse it")
+        index_weights, include_last_offset=True, sparse=True)` gets from `bag_grads` [K, D], for a float32 p
+        (ValueError for another): natively without that [N, D] gradient (`kernels.adagrad_bag_rows_`: the same
+        up to the rounding of the square root), else through it (bit for bit). Called in the backward of a
+        collection fused with this optimizer (`BatchedEmbeddingBags.fuse_optimizer`); uses p's group's current
+        lr and eps. Adagrad is not additive: p's rows must be looked up once per backward (two lookups would
+        be two steps). bags_per_table and table_ids: unused (SGD's rounding of bfloat16 tables)."""
+        group = self._bags_group(p, indices, offsets, bag_grads, index_weights)
+        if p.dtype != torch.float32:
+            raise ValueError(f"a fused Adagrad update takes float32 tables, not {p.dtype}: unfuse it")
+        state = self._state_for(p, True, group)  # as step() would, even when no row is looked up
         if indices.numel() == 0:
             return
+        bag_grads = bag_grads.contiguous()
         bag_of = bag_of_each_index(offsets[:-1], indices)
         distinct, order, starts = row_segments(indices)
-        state = self._state_for(p, True, group)
         if kernels.adagrad_bag_rows_(p, state, distinct, torch.cat([starts, starts.new_tensor([indices.numel()])]),
                                      order, bag_of, bag_grads, index_weights, group["lr"], group["eps"]):
             return
