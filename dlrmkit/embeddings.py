@@ -52,12 +52,14 @@ def uniform_rows_(weight: torch.Tensor, row_ranges) -> torch.Tensor:
     The rows of a range, flattened, take the values of `kernels.uniform_` from `seed` (a counter-based
     generator): they depend on the seed alone, not on the number of threads or on whether the native kernels
     run, and a 2 GiB table fills at memory speed on all cores (its first touch of the memory then dominates).
-    Rows `kernels.uniform_fillable` takes are filled in place, others (another dtype, device or layout) through
-    a float32 CPU copy. A weight on
-    the meta device is left as it is.
+    Rows `kernels.uniform_fillable` takes are filled in place, other dense floating-point rows (another dtype
+    or device, not contiguous) through a float32 CPU copy; ValueError for other weights. A weight on the
+    meta device is left as it is.
     """
     if weight.is_meta:
         return weight
+    if not weight.is_floating_point() or weight.layout != torch.strided:
+        raise ValueError(f"uniform_rows_ fills dense floating-point weights, not a {weight.dtype} {weight.layout} one")
     with torch.no_grad():
         for start, stop, bound, seed in row_ranges:
             rows = weight[start:stop]

@@ -256,8 +256,8 @@ void adagrad_bag_rows_f32_threads(float *weight, float *state, int64_t dim, cons
                                   const float *index_weights, float neg_lr, float eps, int64_t num_parts)
 {
 #pragma omp parallel num_threads((int)num_parts)
-    adagrad_bag_rows_f32(weight, state, dim, rows, starts, num_segments, order, bag_of, grad, index_weights, neg_lr, eps,
-                         omp_get_thread_num(), omp_get_num_threads());
+    adagrad_bag_rows_f32(weight, state, dim, rows, starts, num_segments, order, bag_of, grad, index_weights, neg_lr,
+                         eps, omp_get_thread_num(), omp_get_num_threads());
 }
 
 /* The address of the OpenMP runtime's omp_get_num_threads these kernels call: kernels.py checks that it

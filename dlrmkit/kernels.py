@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import numbers
 import operator
 import os
 import platform
@@ -642,9 +643,13 @@ def uniform_(tensor: torch.Tensor, seed: int, low: float, high: float) -> torch.
                          f"tensor ({type(tensor).__name__}, {tensor.layout}, on {tensor.device}"
                          f"{', not contiguous' if not tensor.is_contiguous() else ''})")
     try:
-        seed = operator.index(seed)
+        seed = operator.index(seed) if not isinstance(seed, bool) else None
     except TypeError:
-        raise ValueError(f"uniform_: the seed must be an integer, not {seed!r}") from None
+        seed = None
+    if seed is None:
+        raise ValueError("uniform_: the seed must be an integer") from None
+    if not all(isinstance(bound, numbers.Real) and not isinstance(bound, bool) for bound in (low, high)):
+        raise ValueError(f"uniform_: bounds must be real numbers, not {low!r} and {high!r}")
     if not 0 <= seed <= _UINT64:
         raise ValueError(f"uniform_: the seed {seed} is outside [0, 2^64)")
     with np.errstate(over="ignore", invalid="ignore"):

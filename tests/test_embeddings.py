@@ -225,7 +225,8 @@ def test_the_trainer_fuses_sgd_and_adagrad_only_where_every_step_follows_one_bac
     base = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=3-4", "--arch-mlp-top=8-1",
             "--arch-embedding-size=5-6", "--data-size=64", "--mini-batch-size=8"]
     for extra, fused in [([], True), (["--optimizer=adagrad"], True), (["--optimizer=rwsadagrad"], False),
-                         (["--mlperf-grad-accum-iter=2"], False), (["--optimizer=adagrad", "--mlperf-grad-accum-iter=2"], False)]:
+                         (["--mlperf-grad-accum-iter=2"], False),
+                         (["--optimizer=adagrad", "--mlperf-grad-accum-iter=2"], False)]:
         args = dlrm.parse_args(base + extra)
         model = dlrm.build_model(args, 3, [5, 6])
         optimizer = dlrm.build_optimizer(args, model)
@@ -374,7 +375,9 @@ def test_optimizer_state_dict_round_trips_in_torch_format():
     opt = make_optimizer("rwsadagrad", batched.parameters(), 0.1)
     train_steps(batched, opt, batches[:2])
     saved_model, saved_opt = batched.state_dict(), opt.state_dict()
-    assert set(saved_opt) == {"state", "param_groups"} and saved_opt["param_groups"][0]["params"][0] == 0
+    # torch's two keys (torch.optim ignores the third: which optimizer saved it)
+    assert set(saved_opt) == {"state", "param_groups", "optimizer"} and saved_opt["param_groups"][0]["params"][0] == 0
+    assert saved_opt["optimizer"] == "RWSAdagrad"
     assert saved_opt["state"][0]["sum"].shape == (16,)  # row-wise: one value per row of the batched weight
     twin.load_state_dict(saved_model)
     resumed = make_optimizer("rwsadagrad", twin.parameters(), 0.1)

@@ -700,7 +700,7 @@ def test_uniform_is_the_same_natively_with_numpy_and_on_any_threads(dtype, monke
     sizes = [1, 2, 7, 64, 1001, 70_003]
     monkeypatch.setattr(kernels, "UNIFORM_PARALLEL_MIN_ELEMENTS", 1)
     monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(kernels, "UNIFORM_NUMPY_CHUNK", 333)  # odd-sized pieces: every other one starts on an odd element
+    monkeypatch.setattr(kernels, "UNIFORM_NUMPY_CHUNK", 333)  # odd-sized: every other piece starts on an odd element
     results = []
     for native, threads in [(True, 1), (True, 2), (True, 3), (False, 1)]:
         with monkeypatch.context() as m:
@@ -734,13 +734,16 @@ def test_uniform_refuses_what_it_cannot_fill():
     for seed in (-1, 2**64):
         with pytest.raises(ValueError, match="outside \\[0, 2\\^64\\)"):
             kernels.uniform_(torch.empty(4), seed, 0.0, 1.0)
-    for seed in (3.0, 3.7, "3", None, torch.tensor(3.0)):
+    for seed in (3.0, 3.7, "3", None, True, torch.tensor(3.0)):
         with pytest.raises(ValueError, match="the seed must be an integer"):
             kernels.uniform_(torch.empty(4), seed, 0.0, 1.0)
     assert torch.equal(kernels.uniform_(torch.empty(4), np.int64(3), 0.0, 1.0),
                        kernels.uniform_(torch.empty(4), 3, 0.0, 1.0))
     for low, high in ((1.0, 0.0), (float("nan"), 1.0), (0.0, float("inf")), (-3e38, 3e38)):
         with pytest.raises(ValueError, match="not finite float32 numbers low <= high"):
+            kernels.uniform_(torch.empty(4), 1, low, high)
+    for low, high in (("0", "1"), (torch.zeros(2), 1.0), (False, True)):
+        with pytest.raises(ValueError, match="bounds must be real numbers"):
             kernels.uniform_(torch.empty(4), 1, low, high)
 
 

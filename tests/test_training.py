@@ -197,6 +197,15 @@ def test_bad_checkpoint_is_a_clear_error(run_main, tmp_path, content, message):
     assert code == 1 and message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("saved,resumed", [("adagrad", "rwsadagrad"), ("rwsadagrad", "adagrad")])
+def test_resuming_with_the_other_adagrad_is_a_clear_error(run_main, tmp_path, saved, resumed):
+    checkpoint = tmp_path / "m.pt"
+    flags = ["--mini-batch-size=2", "--data-size=4", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-4"]
+    assert run_main(*flags, f"--optimizer={saved}", f"--save-model={checkpoint}")[0] == 0
+    code, _, err = run_main(*flags, f"--optimizer={resumed}", f"--load-model={checkpoint}")
+    assert code == 1 and "optimizer state does not fit --optimizer" in err and err.count("\n") == 1, err
+
+
 def test_checkpoint_from_other_architecture_is_refused(run_main, tmp_path):
     path = tmp_path / "m.pt"
     assert run_main("--mini-batch-size=2", "--data-size=4", f"--save-model={path}")[0] == 0

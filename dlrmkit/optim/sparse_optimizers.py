@@ -137,17 +137,21 @@ class _FusedSparseOptimizer:
                     p.grad.detach_().zero_()
 
     def state_dict(self) -> dict:
-        """{"state": {param number: {...}}, "param_groups": [{..., "params": [param numbers]}]}, as torch's."""
+        """{"state": {param number: {...}}, "param_groups": [{..., "params": [param numbers]}]}, as torch's, and
+        "optimizer": the class's name (`load_state_dict` refuses another's state; torch.optim ignores it)."""
         numbers, groups = {}, []
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
             packed["params"] = [numbers.setdefault(id(p), len(numbers)) for p in group["params"]]
             groups.append(packed)
         state = {numbers[id(p)]: dict(s) for p, s in self.state.items() if id(p) in numbers}
-        return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": groups, "optimizer": type(self).__name__}
 
     def load_state_dict(self, state_dict: dict):
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        saved_by = state_dict.get("optimizer", type(self).__name__)  # absent from torch's and older states
+        if saved_by != type(self).__name__:
+            raise ValueError(f"the state was saved by {saved_by}, not {type(self).__name__}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("the saved state has a different number of parameter groups")
         by_number = {}
@@ -161,7 +165,7 @@ class _FusedSparseOptimizer:
             p = by_number[int(number)]
             for key, value in param_state.items():
                 if isinstance(value, torch.Tensor):
-                    if value.dim() and value.shape not in (p.shape, p.shape[:1]):
+                    if value.dim() and value.shape not in self._state_shapes(p):
                         raise ValueError(f"saved '{key}' of shape {list(value.shape)} for a parameter of shape "
                                          f"{list(p.shape)}")
                     # a copy: the saved dict may belong to a live optimizer
@@ -196,6 +200,10 @@ class _FusedSparseOptimizer:
             for params, grads in _group_by_device_and_dtype(dense_params, dense_grads):
                 self._dense_update(params, grads, group)
         return loss
+
+    def _state_shapes(self, p) -> tuple:
+        """The shapes a tensor of p's saved state may have: p's, or one value per row (row-wise state)."""
+        return p.shape, p.shape[:1]
 
     def _bags_group(self, p, indices, offsets, bag_grads, index_weights) -> dict:
         """p's parameter group, for an `update_bags_` of these operands; ValueError when p is not a parameter
@@ -285,6 +293,9 @@ class _Adagrad(_FusedSparseOptimizer):
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value),
                          consume_grads)
+
+    def _state_shapes(self, p) -> tuple:
+        return (p.shape, p.shape[:1]) if self.row_wise_sparse else (p.shape,)
 
     def _state_for(self, p, sparse, group):
         state = self.state[p]
