@@ -397,6 +397,11 @@ class BatchedEmbeddingBags(EmbeddingCollection):
         """
         if optimizer is not None and not hasattr(optimizer, "update_bags_"):
             raise TypeError(f"{type(optimizer).__name__} cannot update embedding bags in the backward")
+        if optimizer is not None and not any(p is self.weight for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("fuse_optimizer: the tables' weight is not one of the optimizer's parameters")
+        if optimizer is not None and self.weight.dtype not in optimizer.bags_dtypes:
+            raise ValueError(f"fuse_optimizer: {type(optimizer).__name__} updates {self.weight.dtype} tables only "
+                             "unfused")
         self.fused_optimizer = optimizer
 
     def table_parameters(self, t: int) -> dict[str, torch.Tensor]:

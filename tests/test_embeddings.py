@@ -213,6 +213,12 @@ def test_only_optimizers_that_update_bags_can_be_fused():
     bags_ = BatchedEmbeddingBags([4, 3], 2)
     with pytest.raises(TypeError, match="RWSAdagrad cannot update embedding bags"):
         bags_.fuse_optimizer(make_optimizer("rwsadagrad", bags_.parameters(), 0.1))
+    with pytest.raises(ValueError, match="not one of the optimizer's parameters"):
+        bags_.fuse_optimizer(make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(1))], 0.1))
+    half = BatchedEmbeddingBags([4, 3], 2, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="Adagrad updates torch.bfloat16 tables only unfused"):
+        half.fuse_optimizer(make_optimizer("adagrad", half.parameters(), 0.1))
+    half.fuse_optimizer(make_optimizer("sgd", half.parameters(), 0.1))  # SGD's rounds stochastically
     other = torch.nn.Parameter(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="not one of this optimizer's parameters"):
         make_optimizer("sgd", [other], 0.1).update_bags_(bags_.weight, torch.tensor([0]), torch.tensor([0, 1]),

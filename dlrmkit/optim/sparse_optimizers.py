@@ -252,6 +252,7 @@ class SGD(_FusedSparseOptimizer):
     """Plain SGD (no momentum, no weight decay), p -= lr * g, as the original's torch.optim.SGD."""
 
     needs_coalesced_rows = False  # additive: duplicate rows are summed by add_rows_ itself
+    bags_dtypes = (torch.float32, torch.bfloat16)  # of the tables update_bags_ takes
 
     def __init__(self, params, lr=0.01, consume_grads=False):
         if lr < 0.0:
@@ -327,6 +328,8 @@ class _Adagrad(_FusedSparseOptimizer):
 class Adagrad(_Adagrad):
     """Adagrad with element-wise state for dense and sparse gradients."""
 
+    bags_dtypes = (torch.float32,)  # of the tables update_bags_ takes
+
     @torch.no_grad()
     def update_bags_(self, p, indices, offsets, bag_grads, index_weights=None, bags_per_table=0, table_ids=None):
         """Adagrad's step on p's rows from the gradient of sum-pooled bags of them, at once: what `step()` does
@@ -338,7 +341,7 @@ class Adagrad(_Adagrad):
         lr and eps. Adagrad is not additive: p's rows must be looked up once per backward (two lookups would
         be two steps). bags_per_table and table_ids: unused (SGD's rounding of bfloat16 tables)."""
         group = self._bags_group(p, indices, offsets, bag_grads, index_weights)
-        if p.dtype != torch.float32:
+        if p.dtype not in self.bags_dtypes:
             raise ValueError(f"a fused Adagrad update takes float32 tables, not {p.dtype}: unfuse it")
         state = self._state_for(p, True, group)  # as step() would, even when no row is looked up
         if indices.numel() == 0:
