@@ -196,6 +196,7 @@ void adagrad_bag_rows_f32(float *restrict weight, float *restrict state, int64_t
 {
     float g[dim];
     const int64_t first = num_segments * part / num_parts, last = num_segments * (part + 1) / num_parts;
+    const int64_t ids_end = starts[last];
     for (int64_t s = first; s < last; s++) {
         if (s + 1 < last)
             for (int64_t byte = 0; byte < dim * (int64_t)sizeof(float); byte += 64) {
@@ -205,6 +206,9 @@ void adagrad_bag_rows_f32(float *restrict weight, float *restrict state, int64_t
         for (int64_t d = 0; d < dim; d++)
             g[d] = 0.0f;
         for (int64_t k = starts[s]; k < starts[s + 1]; k++) {
+            if (k + PREFETCH_DISTANCE < ids_end) /* the bags' gradients come in no order: fetch ahead */
+                for (int64_t byte = 0; byte < dim * (int64_t)sizeof(float); byte += 64)
+                    __builtin_prefetch((const char *)(grad + bag_of[order[k + PREFETCH_DISTANCE]] * dim) + byte, 0);
             const int64_t j = order[k];
             const float *restrict bag_grad = grad + bag_of[j] * dim;
             if (index_weights) {
