@@ -557,7 +557,7 @@ void dot_interaction_backward_f32_threads(const float *x, int64_t x_stride, cons
 RANDOM_BAG_KERNELS(int32_t, i32)
 RANDOM_BAG_KERNELS(int64_t, i64)
 
-/* Initial values of embedding tables: U[low, high) in float32 from SplitMix64 (Steele, Lea and Flood, "Fast
+/* Initial values of embedding tables: uniform in [low, high] in float32 from SplitMix64 (Steele, Lea and Flood, "Fast
  * splittable pseudorandom number generators", OOPSLA 2014; the mixing function of splitmix64 above), whose
  * word w from state `seed` is splitmix64(seed + w * 0x9e3779b97f4a7c15) (w = 0, 1, ...). Element e of a range
  * takes the low (e even) or high (e odd) 32 bits x of word e / 2: u = (x >> 8) * 2^-24 (24 random bits, exact

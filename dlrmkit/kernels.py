@@ -352,9 +352,7 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
     if not library.bags_in_bounds(indices.data_ptr(), indices.numel(), offsets.data_ptr(), num_bags, weight.shape[0]):
         raise ValueError(f"bag_sgd_: offsets that do not walk [0, {indices.numel()}) ids in order, or an id "
                          f"outside the weight's {weight.shape[0]} rows")
-    openmp = threading_kind() == "openmp"
-    elements = indices.numel() * dim
-    parts = torch.get_num_threads() if elements >= (OPENMP_MIN_ELEMENTS if openmp else PARALLEL_MIN_ELEMENTS) else 1
+    parts = _parts(indices.numel() * dim)
     pointers = (weight.data_ptr(), dim, indices.data_ptr(), offsets.data_ptr(), num_bags, grad.data_ptr(),
                 index_weights.data_ptr() if index_weights is not None else None, float(scale))
     if weight.dtype == torch.bfloat16:
@@ -372,15 +370,13 @@ def bag_sgd_(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
 
 def _bag_sgd_torch(weight, indices, offsets, grad, scale, index_weights):
     """bag_sgd_ with PyTorch operators: each id's row of the bag gradient, scaled, scatter-added."""
-    from dlrmkit.optim.sparse_optimizers import add_rows_
+    from dlrmkit.optim.sparse_optimizers import add_rows_, lookup_gradient_rows
 
     # repeat_interleave, not sparse.bag_of_each_index: it refuses offsets that do not cover the ids exactly
     lengths = torch.diff(offsets)
     bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=grad.device), lengths,
                                   output_size=indices.numel())
-    values = grad.index_select(0, bag)
-    if index_weights is not None:
-        values.mul_(index_weights.unsqueeze(1).to(values.dtype))
+    values = lookup_gradient_rows(grad, bag, index_weights)
     add_rows_(weight, indices, values.to(weight.dtype).mul_(scale))
 
 
@@ -427,8 +423,7 @@ def adagrad_bag_rows_(weight: torch.Tensor, state: torch.Tensor, rows: torch.Ten
         raise ValueError(f"adagrad_bag_rows_: positions outside [0, {n}) or bags outside [0, {grad.shape[0]})")
     if index_weights is not None and index_weights.numel() != n:
         raise ValueError(f"adagrad_bag_rows_: {index_weights.numel()} index weights for {n} ids")
-    openmp = threading_kind() == "openmp"
-    parts = torch.get_num_threads() if n * dim >= (OPENMP_MIN_ELEMENTS if openmp else PARALLEL_MIN_ELEMENTS) else 1
+    parts = _parts(n * dim)
     arguments = (weight.data_ptr(), state.data_ptr(), dim, rows.data_ptr(), starts.data_ptr(), segments,
                  order.data_ptr(), bag_of.data_ptr(), grad.data_ptr(),
                  index_weights.data_ptr() if index_weights is not None else None, -float(lr), float(eps))
@@ -455,6 +450,13 @@ def stacked_rows_checked(indices: torch.Tensor, offsets: torch.Tensor, batch_siz
                                        first_row.numel(), first_row.data_ptr(), table_rows.data_ptr(),
                                        rows.data_ptr())
     return None if bad == -2 else (rows, int(bad))  # -2: malformed offsets, for PyTorch's own error
+
+
+def _parts(work: int, openmp_minimum: int = OPENMP_MIN_ELEMENTS) -> int:
+    """Threads for a kernel of `work` elements: all of PyTorch's from `openmp_minimum` on its OpenMP threads,
+    from PARALLEL_MIN_ELEMENTS on a Python pool's (which contend with PyTorch's spinning ones), else one."""
+    minimum = openmp_minimum if threading_kind() == "openmp" else PARALLEL_MIN_ELEMENTS
+    return torch.get_num_threads() if work >= minimum else 1
 
 
 def _run_kernel(library, kernel: str, arguments: tuple, parts: int) -> None:
@@ -502,9 +504,7 @@ def _interaction_parts(x, ly) -> int:
     """Threads for the dot interaction of x and ly: all of PyTorch's from INTERACTION_OPENMP_MIN_WORK on
     OpenMP threads (a Python pool's threads lose to PyTorch's spinning ones below PARALLEL_MIN_ELEMENTS)."""
     batch, features, dim = x.shape[0], ly.shape[1] + 1, x.shape[1]
-    work = batch * features * features * dim
-    minimum = INTERACTION_OPENMP_MIN_WORK if threading_kind() == "openmp" else PARALLEL_MIN_ELEMENTS
-    return max(1, min(torch.get_num_threads(), batch)) if work >= minimum else 1
+    return max(1, min(_parts(batch * features * features * dim, INTERACTION_OPENMP_MIN_WORK), batch))
 
 
 def _interaction_scratch(library, ly, parts: int) -> torch.Tensor:
@@ -643,10 +643,10 @@ def uniform_(tensor: torch.Tensor, seed: int, low: float, high: float) -> torch.
                          f"tensor ({type(tensor).__name__}, {tensor.layout}, on {tensor.device}"
                          f"{', not contiguous' if not tensor.is_contiguous() else ''})")
     try:
-        seed = operator.index(seed) if not isinstance(seed, bool) else None
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)
     except TypeError:
-        seed = None
-    if seed is None:
         raise ValueError("uniform_: the seed must be an integer") from None
     if not all(isinstance(bound, numbers.Real) and not isinstance(bound, bool) for bound in (low, high)):
         raise ValueError(f"uniform_: bounds must be real numbers, not {low!r} and {high!r}")
@@ -664,8 +664,7 @@ def uniform_(tensor: torch.Tensor, seed: int, low: float, high: float) -> torch.
     library, _ = _library()
     suffix = "f32" if tensor.dtype == torch.float32 else "bf16"
     if library is not None:
-        minimum = UNIFORM_PARALLEL_MIN_ELEMENTS if threading_kind() == "openmp" else PARALLEL_MIN_ELEMENTS
-        parts = torch.get_num_threads() if count >= minimum else 1
+        parts = _parts(count, UNIFORM_PARALLEL_MIN_ELEMENTS)
         _run_kernel(library, "uniform_fill_" + suffix, (tensor.data_ptr(), count, seed, float(low32), float(high32)),
                     parts)
         return tensor

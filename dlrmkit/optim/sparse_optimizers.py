@@ -52,9 +52,22 @@ def coalesce_rows(grad: torch.Tensor, sync_free: bool | None = None):
         sync_free = rows.device.type != "cpu"
     n = rows.numel()
     distinct, order, starts = row_segments(rows, sync_free)
-    # embedding_bag as a parallel segment sum: bag k = the entries of the k-th distinct row
-    summed = F.embedding_bag(order, values.reshape(n, -1), starts, mode="sum")
-    return distinct, summed.view(-1, *values.shape[1:])
+    return distinct, segment_sums(values.reshape(n, -1), order, starts).view(-1, *values.shape[1:])
+
+
+def segment_sums(values: torch.Tensor, order: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """[S, D]: row k the sum of values[order[starts[k]:starts[k + 1]]] (the last: to the end), in that order
+    (`row_segments`' segments of values [N, D]): embedding_bag as a parallel segment sum."""
+    return F.embedding_bag(order, values, starts, mode="sum")
+
+
+def lookup_gradient_rows(bag_grads: torch.Tensor, bag_of: torch.Tensor, index_weights=None) -> torch.Tensor:
+    """[N, D] the values of the sparse gradient a sum-pooled lookup's backward gives its N ids: the gradient
+    row of each id's bag (bag_of [N]), times its index weight (index_weights [N] or None)."""
+    values = bag_grads.index_select(0, bag_of)
+    if index_weights is not None:
+        values.mul_(index_weights.unsqueeze(1).to(values.dtype))
+    return values
 
 
 def row_segments(rows: torch.Tensor, sync_free: bool = False):
@@ -352,11 +365,9 @@ class Adagrad(_Adagrad):
         if kernels.adagrad_bag_rows_(p, state, distinct, torch.cat([starts, starts.new_tensor([indices.numel()])]),
                                      order, bag_of, bag_grads, index_weights, group["lr"], group["eps"]):
             return
-        values = bag_grads.index_select(0, bag_of)  # the lookup's sparse gradient, then what step() does with it
-        if index_weights is not None:
-            values.mul_(index_weights.unsqueeze(1).to(values.dtype))
-        summed = F.embedding_bag(order, values, starts, mode="sum")
-        self._sparse_update(p, distinct, summed, group)
+        # the lookup's sparse gradient, then what step() does with it
+        values = lookup_gradient_rows(bag_grads, bag_of, index_weights)
+        self._sparse_update(p, distinct, segment_sums(values, order, starts), group)
 
 
 class RWSAdagrad(_Adagrad):
