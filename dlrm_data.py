@@ -142,35 +142,46 @@ class RandomDataConfig:
     rand_sigma: float = 1.0
     round_targets: bool = False
 
+    def bag_sizes(self, rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
+        """[n] int64 numbers of ids drawn for n bags of a `rows`-row table: num_indices_per_lookup (fixed),
+        else round(max(1, U * min(rows, num_indices_per_lookup))) with U from `rng` (n doubles)."""
+        if self.num_indices_per_lookup_fixed:
+            return np.full(n, self.num_indices_per_lookup, dtype=np.int64)
+        u = rng.random(n)
+        return np.round(np.maximum(1.0, u * min(rows, self.num_indices_per_lookup))).astype(np.int64)
+
 
 def _unique_within_bags(ids, sizes, rows):
-    """(lengths [n], ids) of bags of `sizes` consecutive `ids` in [0, rows) with repeats dropped and each
+    """(lengths [n] int64, ids) of bags of `sizes` consecutive `ids` in [0, rows) with repeats dropped and each
     bag's ids sorted (NumPy arrays: lengths int64; ids int64 from the native kernels, else int32 when `rows`
-    fits, else int64).
-
-    The bags are laid out as rows of an [n, max size] matrix padded with `rows` (above every id) and
-    sorted row by row: many short sorts, ~7x faster than one sort of (bag, id) keys."""
+    fits, else int64)."""
     n = len(sizes)
     width = int(sizes.max()) if n else 0
     if n == 0 or width == 0:
         return np.zeros(n, np.int64), ids[:0]
-    narrow = _id_dtype(rows)  # half the bytes to sort
-    ids = ids.astype(narrow, copy=False)
+    ids = ids.astype(kernels.id_dtype(rows), copy=False)  # half the bytes to sort where int32 holds them
     full = int(sizes.min()) == width
     if full:
         bags = ids.reshape(n, width)
     else:
         bags = kernels.pad_bags(ids, sizes, width, rows)
         if bags is None:
-            bags = np.full((n, width), rows, dtype=narrow)
+            bags = np.full((n, width), rows, dtype=ids.dtype)
             bags[np.arange(width) < sizes[:, None]] = ids
+    return _distinct_within_bags(bags, full, rows)
+
+
+def _distinct_within_bags(bags, full, rows):
+    """_unique_within_bags of the [n, width] matrix `bags`, whose row b holds bag b's ids, then `rows` (above
+    every id) in the rest (none if `full`). Sorts `bags` in place: row by row, many short sorts, ~7x faster
+    than one sort of (bag, id) keys."""
     bags.sort(axis=1)
     native = kernels.distinct_sorted_bags(bags, rows)
     if native is not None:
         return native
     repeats = bags[:, 1:] == bags[:, :-1]
     if full and not repeats.any():  # the common case of few draws from a large table: nothing to drop
-        return np.full(n, width, dtype=np.int64), bags.reshape(-1)
+        return np.full(len(bags), bags.shape[1], dtype=np.int64), bags.reshape(-1)
     keep = np.empty(bags.shape, dtype=bool)
     keep[:, 0] = True
     np.logical_not(repeats, out=keep[:, 1:])
@@ -179,21 +190,40 @@ def _unique_within_bags(ids, sizes, rows):
     return keep.sum(axis=1, dtype=np.int64), bags[keep]
 
 
-def _id_dtype(rows):
-    """The narrowest of int32/int64 holding the ids of a `rows`-row table and `rows` itself."""
-    return np.int32 if rows < np.iinfo(np.int32).max else np.int64
+def _skip_draws(bit_generator, words: int) -> None:
+    """Moves a NumPy PCG64 on by `words` 64-bit words (Generator.random's doubles) as drawing them would, half
+    word of float32 draws kept (PCG64.advance alone drops it)."""
+    state = bit_generator.state
+    bit_generator.advance(words)
+    moved = bit_generator.state
+    moved["has_uint32"], moved["uinteger"] = state["has_uint32"], state["uinteger"]
+    bit_generator.state = moved
+
+
+def _uniform_ids(state: int, inc: int, count: int, rows: int) -> np.ndarray:
+    """The `count` uniform ids rint(U * (rows - 1)) a Generator draws from PCG64 state (state, inc), as
+    `kernels.uniform_bags` draws them (int32 where a `rows`-row table fits, else int64)."""
+    bit_generator = np.random.PCG64()
+    bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0,
+                           "uinteger": 0}
+    draws = np.random.Generator(bit_generator).random(count)
+    draws *= rows - 1
+    return np.rint(draws, out=draws).astype(kernels.id_dtype(rows))  # rint: np.round's half-to-even
 
 
 class RandomDataset(Dataset):
     """Random dense features, sparse lookups and targets, as the original's RandomDataset.
 
-    Batch j is generated from its own seed (seed, split, j): vectorised, and the
-    same whatever the order of access, the number of workers or a resume.
-    - bag sizes: fixed `num_indices_per_lookup`, or round(max(1, U * min(rows, k)));
-    - uniform ids: round(U * (rows - 1)); gaussian ids: N(mu, sigma) clipped to
+    Batch j is drawn from its own stream, np.random.default_rng([seed, split, j]): vectorised, and
+    the same whatever the order of access, the number of workers or a resume. In stream order:
+    - dense features U[0, 1) (float32 draws);
+    - for each table, its bag sizes: fixed `num_indices_per_lookup`, or round(max(1, U * min(rows, k)));
+      then its ids: uniform rint(U * (rows - 1)), or gaussian N(mu, sigma) clipped to
       [rand_min, rand_max] (mu = -1 means their midpoint) and to the table;
-    - ids are unique within a bag (sorted), so a bag may shrink, as in the original;
-    - dense features U[0, 1), targets U[0, 1) (rounded with round_targets).
+    - targets U[0, 1) (float32 draws; rounded with round_targets).
+    Ids are unique within a bag (sorted), so a bag may shrink, as in the original. The native kernels
+    draw the dense features and the uniform ids on all of PyTorch's threads, each thread from its own
+    place in the stream (`kernels.pcg64_random_f32`, `kernels.uniform_bags`): the same numbers as NumPy.
     """
 
     def __init__(self, dense_dim, table_sizes, num_samples, batch_size, seed=123,
@@ -219,34 +249,46 @@ class RandomDataset(Dataset):
             raise IndexError(j)
         n = self.samples_in_batch(j)
         rng = np.random.default_rng([self.seed, self.split, j])
-        dense_x = rng.random((n, self.dense_dim), dtype=np.float32)
-        lengths, indices = [], []
-        for rows in self.table_sizes:
-            bag_lengths, bag_indices = self._lookups(rng, n, rows)
-            lengths.append(bag_lengths)
-            indices.append(bag_indices)
+        dense_x = kernels.pcg64_random_f32(rng.bit_generator, n * self.dense_dim)
+        if dense_x is None:
+            dense_x = rng.random(n * self.dense_dim, dtype=np.float32)
+        lengths, indices = self._lookups(rng, n)
         target = rng.random((n, 1), dtype=np.float32)
         if self.config.round_targets:
             target = np.round(target)
-        return batch_from_tables(dense_x, lengths, indices, target)
+        return Batch(torch.from_numpy(dense_x.reshape(n, self.dense_dim)),
+                     SparseFeatures.from_lengths(lengths, indices, n), _targets(target))
 
-    def _lookups(self, rng, n, rows):
+    def _lookups(self, rng, n):
+        """(lengths [T * n] int64, ids) of every table's n bags, table-major. For each table in turn `rng` draws
+        the bag sizes, then the ids; uniform ids are drawn after the loop, every table's from where its own
+        begin in the stream (natively, on all cores, where the kernels are)."""
         cfg = self.config
-        if cfg.num_indices_per_lookup_fixed:
-            sizes = np.full(n, cfg.num_indices_per_lookup, dtype=np.int64)
-        else:
-            u = rng.random(n)
-            sizes = np.round(np.maximum(1.0, u * min(rows, cfg.num_indices_per_lookup))).astype(np.int64)
-        total = int(sizes.sum())
-        if cfg.distribution == "uniform":
-            draws = rng.random(total)
-            draws *= rows - 1
-            ids = np.rint(draws, out=draws).astype(_id_dtype(rows))  # rint: np.round's half-to-even
-        else:
-            mu = (cfg.rand_max + cfg.rand_min) / 2.0 if cfg.rand_mu == -1 else cfg.rand_mu
-            values = np.clip(rng.normal(mu, cfg.rand_sigma, total), cfg.rand_min, cfg.rand_max)
-            ids = np.clip(values.astype(np.int64), 0, rows - 1)
-        return _unique_within_bags(ids, sizes, rows)
+        bit_generator = rng.bit_generator
+        sizes, ids, states = [], [], []
+        for rows in self.table_sizes:
+            sizes.append(cfg.bag_sizes(rng, n, rows))
+            count = int(sizes[-1].sum())
+            if cfg.distribution == "uniform":
+                states.append(bit_generator.state["state"]["state"])
+                _skip_draws(bit_generator, count)
+            else:
+                mu = (cfg.rand_max + cfg.rand_min) / 2.0 if cfg.rand_mu == -1 else cfg.rand_mu
+                values = np.clip(rng.normal(mu, cfg.rand_sigma, count), cfg.rand_min, cfg.rand_max)
+                ids.append(np.clip(values.astype(np.int64), 0, rows - 1))
+        if not sizes:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        sizes = np.concatenate(sizes)
+        pad = max(self.table_sizes)  # above every table's ids
+        if states:
+            inc = bit_generator.state["state"]["inc"]
+            width = int(sizes.max())
+            bags = kernels.uniform_bags(sizes, n, states, inc, self.table_sizes, width, pad)
+            if bags is not None:
+                return _distinct_within_bags(bags, int(sizes.min()) == width, pad)
+            ids = [_uniform_ids(state, inc, int(table_sizes.sum()), rows)
+                   for state, table_sizes, rows in zip(states, sizes.reshape(-1, n), self.table_sizes)]
+        return _unique_within_bags(np.concatenate(ids, dtype=kernels.id_dtype(pad), casting="unsafe"), sizes, pad)
 
 
 class OneHotDataset(Dataset):

@@ -557,6 +557,139 @@ void dot_interaction_backward_f32_threads(const float *x, int64_t x_stride, cons
 RANDOM_BAG_KERNELS(int32_t, i32)
 RANDOM_BAG_KERNELS(int64_t, i64)
 
+/* NumPy's PCG64 (O'Neill, "PCG: a family of simple fast space-efficient statistically good algorithms for random
+ * number generation", 2014; XSL RR 128/64 as numpy.random.PCG64): the 128-bit state advances by
+ * state = state * PCG64_MULTIPLIER + inc, then the new state gives a 64-bit word. The kernels below draw what
+ * NumPy's Generator.random draws from a state, word for word, so that a thread can start anywhere in a stream
+ * (pcg64_jump) and random batches come out the same as NumPy's, on any number of threads. Built only where the
+ * compiler has 128-bit integers (kernels.py checks). */
+#if defined(__SIZEOF_INT128__)
+typedef unsigned __int128 pcg128_t;
+#define PCG64_MULTIPLIER (((pcg128_t)0x2360ed051fc65da4ull << 64) | 0x4385df649fccf645ull)
+
+static inline pcg128_t pcg128(uint64_t hi, uint64_t lo)
+{
+    return ((pcg128_t)hi << 64) | lo;
+}
+
+static inline uint64_t pcg64_next(pcg128_t *state, pcg128_t inc)
+{
+    *state = *state * PCG64_MULTIPLIER + inc;
+    const uint64_t x = (uint64_t)(*state >> 64) ^ (uint64_t)*state;
+    const unsigned rotation = (unsigned)(*state >> 122);
+    return (x >> rotation) | (x << ((-rotation) & 63u));
+}
+
+/* The state `delta` steps after `state` (Brown, "Random number generation with arbitrary strides", 1994) */
+static pcg128_t pcg64_jump(pcg128_t state, pcg128_t inc, uint64_t delta)
+{
+    pcg128_t multiplier = PCG64_MULTIPLIER, increment = inc, total_multiplier = 1, total_increment = 0;
+    for (; delta; delta >>= 1) {
+        if (delta & 1) {
+            total_multiplier *= multiplier;
+            total_increment = total_increment * multiplier + increment;
+        }
+        increment = (multiplier + 1) * increment;
+        multiplier *= multiplier;
+    }
+    return total_multiplier * state + total_increment;
+}
+
+static ALWAYS_INLINE void store_f32_pair(float *out, int64_t count, int64_t w, uint64_t word)
+{
+    out[2 * w] = (float)((uint32_t)word >> 8) * 0x1p-24f;
+    if (2 * w + 1 < count)
+        out[2 * w + 1] = (float)((uint32_t)(word >> 32) >> 8) * 0x1p-24f;
+}
+
+/* out[e] for e in part `part` of num_parts parts of [0, count): Generator.random(count, dtype=float32) from a
+ * state with no half word buffered: value e is (x >> 8) * 2^-24 for x the low (e even) or high (e odd) 32 bits
+ * of word e / 2. A part's words are drawn as two streams in step (its two halves): each word waits for the
+ * multiplication before it, so two independent ones keep the multiplier busy. */
+void pcg64_random_f32(float *restrict out, int64_t count, uint64_t state_hi, uint64_t state_lo, uint64_t inc_hi,
+                      uint64_t inc_lo, int64_t part, int64_t num_parts)
+{
+    const int64_t words = (count + 1) / 2, first = words * part / num_parts, last = words * (part + 1) / num_parts;
+    const int64_t middle = first + (last - first + 1) / 2; /* halves [first, middle) and [middle, last) */
+    const pcg128_t inc = pcg128(inc_hi, inc_lo), start = pcg128(state_hi, state_lo);
+    pcg128_t front = pcg64_jump(start, inc, (uint64_t)first), back = pcg64_jump(start, inc, (uint64_t)middle);
+    for (int64_t w = middle; w < last; w++) {
+        store_f32_pair(out, count, w - (middle - first), pcg64_next(&front, inc));
+        store_f32_pair(out, count, w, pcg64_next(&back, inc));
+    }
+    if (middle - first > last - middle) /* the front half's one more word */
+        store_f32_pair(out, count, middle - 1, pcg64_next(&front, inc));
+}
+
+/* Table t's stream at bag b's first id (the states and starts of uniform_bags below) */
+static inline pcg128_t bag_stream(const uint64_t *states, const int64_t *starts, int64_t bags_per_table, int64_t b,
+                                  pcg128_t inc)
+{
+    const int64_t t = b / bags_per_table;
+    return pcg64_jump(pcg128(states[2 * t], states[2 * t + 1]), inc,
+                      (uint64_t)(starts[b] - starts[t * bags_per_table]));
+}
+
+static ALWAYS_INLINE double uniform_draw(pcg128_t *state, pcg128_t inc)
+{
+    return (double)(pcg64_next(state, inc) >> 11) * 0x1p-53;
+}
+
+/* Uniform ids of random bags, drawn as dlrm_data.RandomDataset draws them with NumPy, into rows of bags
+ * [num_bags, width] filled up with `pad`: bag b (of table t = b / bags_per_table) holds sizes[b] ids, each
+ * rint(u * (rows[t] - 1)) for u = Generator.random()'s next double, (word >> 11) * 2^-53, word
+ * starts[b] - starts[t * bags_per_table] of the stream that starts at table t's state (states[2t] high and
+ * states[2t + 1] low 64 bits). starts: [num_bags] first id of each bag in the batch (sizes summed). For the bags
+ * of part `part` of num_parts parts (one stream: unlike pcg64_random_f32's, this loop is not bound by the
+ * multiplications, and two streams in step were no faster). */
+#define UNIFORM_BAGS_KERNEL(T, suffix)                                                                          \
+    void uniform_bags_##suffix(T *restrict bags, int64_t width, T pad, const int64_t *restrict sizes,              \
+                               const int64_t *restrict starts, int64_t num_bags, int64_t bags_per_table,          \
+                               const uint64_t *restrict states, const int64_t *restrict rows, uint64_t inc_hi,    \
+                               uint64_t inc_lo, int64_t part, int64_t num_parts)                                  \
+    {                                                                                                           \
+        const pcg128_t inc = pcg128(inc_hi, inc_lo);                                                            \
+        const int64_t first = num_bags * part / num_parts, last = num_bags * (part + 1) / num_parts;            \
+        pcg128_t state = 0;                                                                                     \
+        for (int64_t b = first; b < last; b++) {                                                                \
+            if (b == first || b % bags_per_table == 0) /* this table's stream, at this bag's first id */        \
+                state = bag_stream(states, starts, bags_per_table, b, inc);                                     \
+            const double scale = (double)(rows[b / bags_per_table] - 1);                                        \
+            T *restrict row = bags + b * width;                                                                 \
+            for (int64_t j = 0; j < sizes[b]; j++)                                                              \
+                row[j] = (T)__builtin_rint(uniform_draw(&state, inc) * scale);                                  \
+            for (int64_t j = sizes[b]; j < width; j++)                                                          \
+                row[j] = pad;                                                                                   \
+        }                                                                                                       \
+    }
+
+UNIFORM_BAGS_KERNEL(int32_t, i32)
+UNIFORM_BAGS_KERNEL(int64_t, i64)
+
+#ifdef _OPENMP
+void pcg64_random_f32_threads(float *out, int64_t count, uint64_t state_hi, uint64_t state_lo, uint64_t inc_hi,
+                              uint64_t inc_lo, int64_t num_parts)
+{
+#pragma omp parallel num_threads((int)num_parts)
+    pcg64_random_f32(out, count, state_hi, state_lo, inc_hi, inc_lo, omp_get_thread_num(), omp_get_num_threads());
+}
+
+#define UNIFORM_BAGS_THREADS(T, suffix)                                                                         \
+    void uniform_bags_##suffix##_threads(T *bags, int64_t width, T pad, const int64_t *sizes,                   \
+                                         const int64_t *starts, int64_t num_bags, int64_t bags_per_table,         \
+                                         const uint64_t *states, const int64_t *rows, uint64_t inc_hi,            \
+                                         uint64_t inc_lo, int64_t num_parts)                                      \
+    {                                                                                                           \
+        _Pragma("omp parallel num_threads((int)num_parts)")                                                     \
+        uniform_bags_##suffix(bags, width, pad, sizes, starts, num_bags, bags_per_table, states, rows, inc_hi,   \
+                              inc_lo, omp_get_thread_num(), omp_get_num_threads());                             \
+    }
+
+UNIFORM_BAGS_THREADS(int32_t, i32)
+UNIFORM_BAGS_THREADS(int64_t, i64)
+#endif
+#endif
+
 /* Initial values of embedding tables: uniform in [low, high] in float32 from SplitMix64 (Steele, Lea and Flood, "Fast
  * splittable pseudorandom number generators", OOPSLA 2014; the mixing function of splitmix64 above), whose
  * word w from state `seed` is splitmix64(seed + w * 0x9e3779b97f4a7c15) (w = 0, 1, ...). Element e of a range

@@ -6,8 +6,9 @@ row updates then run on PyTorch's own OpenMP threads: `threading_kind()`), into 
 (`$DLRM_CACHE_DIR`, else `$XDG_CACHE_HOME/dlrm` or `~/.cache/dlrm`), keyed by the source, the compiler
 and the CPU, and loaded with ctypes. Without a compiler, where the build or the load fails, on tensors
 it does not take (another device or dtype), or with `DLRM_NATIVE_KERNELS=0`, the row updates and the id
-shifts compute the same numbers with PyTorch operators, the random bags' padding and duplicate
-removal (`pad_bags`, `distinct_sorted_bags`) the same ids with NumPy, and, without the kernels, the
+shifts compute the same numbers with PyTorch operators, the random batches' draws from NumPy's PCG64
+stream (`pcg64_random_f32`, `uniform_bags`) and the random bags' padding and duplicate removal
+(`pad_bags`, `distinct_sorted_bags`) the same numbers with NumPy, and, without the kernels, the
 tables' initial values (`uniform_`) the same values with NumPy, only slower: those results never
 depend on whether the kernel is used. Three exceptions: the stochastically rounded update of bfloat16
 tables has no fallback; the dot interaction's kernels (`dot_interaction`, forward and backward) sum
@@ -65,6 +66,8 @@ ADAGRAD_MAX_DIM = 4096
 UNIFORM_PARALLEL_MIN_ELEMENTS = 1 << 18
 # values per piece of the NumPy fallback of uniform_: its temporaries stay in the cache
 UNIFORM_NUMPY_CHUNK = 1 << 16
+# from this many 64-bit words a random batch's draws (pcg64_random_f32, uniform_bags) use several OpenMP threads
+RANDOM_OPENMP_MIN_WORDS = 1 << 15
 # widest embeddings the dot interaction's kernels take: their backward keeps 4 rows of that many floats on the stack
 INTERACTION_MAX_DIM = 1024
 
@@ -140,7 +143,7 @@ def _intact(path: Path) -> bool:
 def _load(path: Path):
     """The library at `path` with its functions' signatures; OSError when it is not a build of kernels.c."""
     library = ctypes.CDLL(str(path))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    p, i64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
     try:
         library.bags_in_bounds.argtypes = [p, i64, p, i64, i64]
         library.bags_in_bounds.restype = ctypes.c_int
@@ -170,6 +173,15 @@ def _load(path: Path):
             fill.argtypes, fill.restype = [p, i64, ctypes.c_uint64, ctypes.c_float, ctypes.c_float, i64, i64], None
     except AttributeError as e:
         raise OSError(f"not a build of {SOURCE.name}: {e}") from None
+    try:  # only where the compiler has 128-bit integers
+        library.pcg64_random_f32.argtypes = [p, i64, u64, u64, u64, u64, i64, i64]
+        library.pcg64_random_f32.restype = None
+        for suffix, id_type in (("i32", ctypes.c_int32), ("i64", ctypes.c_int64)):
+            bags = getattr(library, "uniform_bags_" + suffix)
+            bags.argtypes, bags.restype = [p, i64, id_type, p, p, i64, i64, p, p, u64, u64, i64, i64], None
+        library.pcg64 = True
+    except AttributeError:
+        library.pcg64 = False
     try:  # only in a build with OpenMP
         library.bag_sgd_f32_threads.argtypes = [p, i64, p, p, i64, p, p, ctypes.c_float, i64]
         library.bag_sgd_f32_threads.restype = None
@@ -184,6 +196,12 @@ def _load(path: Path):
         for suffix in ("f32", "bf16"):
             fill = getattr(library, f"uniform_fill_{suffix}_threads")
             fill.argtypes, fill.restype = getattr(library, "uniform_fill_" + suffix).argtypes[:-1], None
+        if library.pcg64:
+            library.pcg64_random_f32_threads.argtypes = library.pcg64_random_f32.argtypes[:-1]
+            library.pcg64_random_f32_threads.restype = None
+            for suffix in ("i32", "i64"):
+                bags = getattr(library, f"uniform_bags_{suffix}_threads")
+                bags.argtypes, bags.restype = getattr(library, "uniform_bags_" + suffix).argtypes[:-1], None
         library.openmp_runtime_symbol.argtypes = []
         library.openmp_runtime_symbol.restype = ctypes.c_void_p
         library.openmp = True
@@ -599,6 +617,76 @@ def distinct_sorted_bags(bags, rows: int):
 
 
 _UINT64 = (1 << 64) - 1
+
+
+def _pcg64_ready(library, bit_generator) -> bool:
+    """Whether the kernels can draw from `bit_generator`: a NumPy PCG64 with no half word buffered."""
+    return (library is not None and library.pcg64 and type(bit_generator) is np.random.PCG64
+            and not bit_generator.state["has_uint32"])
+
+
+def _halves(value: int) -> tuple[int, int]:
+    return value >> 64, value & _UINT64
+
+
+def pcg64_random_f32(bit_generator, count: int) -> np.ndarray | None:
+    """[count] float32: what `np.random.Generator(bit_generator).random(count, dtype=np.float32)` returns, on all
+    of PyTorch's threads, and `bit_generator` left where that call leaves it; None (the generator untouched)
+    without the kernels or for another bit generator than a PCG64 with no half word buffered."""
+    library, _ = _library()
+    if not _pcg64_ready(library, bit_generator):
+        return None
+    out = np.empty(count, dtype=np.float32)
+    if count == 0:
+        return out
+    state = bit_generator.state["state"]
+    words = (count + 1) // 2  # each word gives two values, low 32 bits first
+    _run_kernel(library, "pcg64_random_f32", (out.ctypes.data, count, *_halves(state["state"]),
+                                              *_halves(state["inc"])), _parts(words, RANDOM_OPENMP_MIN_WORDS))
+    bit_generator.advance(words - 1)
+    last = int(bit_generator.random_raw())
+    moved = bit_generator.state  # NumPy keeps the last word's high half, for the next float32 if count is odd
+    moved["has_uint32"], moved["uinteger"] = count % 2, last >> 32
+    bit_generator.state = moved
+    return out
+
+
+def uniform_bags(sizes: np.ndarray, bags_per_table: int, states, inc: int, rows, width: int, pad: int):
+    """[T * bags_per_table, width] uniform random bags, each row bag b's ids then `pad`, or None without the
+    kernels. Bag b of table t = b // bags_per_table holds sizes[b] ids rint(U * (rows[t] - 1)), the U being
+    the doubles `np.random.Generator.random` draws from PCG64 state (states[t], inc), bag after bag (table t's
+    bags draw sizes[t * bags_per_table:(t + 1) * bags_per_table].sum() of them). int32 where `pad` fits, else
+    int64. sizes: [T * bags_per_table] int64 in [0, width]; rows: T table sizes, each at least 1 and at most
+    `pad`. ValueError for sizes or rows outside these bounds."""
+    library, _ = _library()
+    num_tables = len(rows)
+    if library is None or not library.pcg64 or width < 1 or num_tables == 0:
+        return None
+    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    if sizes.shape != (num_tables * bags_per_table,) or int(sizes.min()) < 0 or int(sizes.max()) > width:
+        raise ValueError(f"uniform_bags: {sizes.shape[0]} bag sizes for {num_tables} x {bags_per_table} bags of "
+                         f"at most {width} ids")
+    if not all(1 <= r <= pad for r in rows) or len(states) != num_tables:
+        raise ValueError(f"uniform_bags: table sizes {list(rows)} not in [1, {pad}], or not one state per table")
+    dtype = id_dtype(pad)
+    if not _fits(pad, dtype):
+        return None
+    starts = np.zeros_like(sizes)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    words = np.array([half for state in states for half in _halves(state)], dtype=np.uint64)
+    table_rows = np.array(rows, dtype=np.int64)
+    bags = np.empty((sizes.size, width), dtype=dtype)
+    arguments = (bags.ctypes.data, width, pad, sizes.ctypes.data, starts.ctypes.data, sizes.size, bags_per_table,
+                 words.ctypes.data, table_rows.ctypes.data, *_halves(inc))
+    _run_kernel(library, "uniform_bags_" + _ID_KERNEL_SUFFIX[str(np.dtype(dtype))], arguments,
+                min(_parts(int(sizes.sum()), RANDOM_OPENMP_MIN_WORDS), sizes.size))
+    return bags
+
+
+def id_dtype(rows: int):
+    """The narrowest of int32/int64 holding the ids of a `rows`-row table and `rows` itself."""
+    return np.int32 if rows < np.iinfo(np.int32).max else np.int64
+
 
 
 def _uniform_numpy(out: np.ndarray, first: int, seed: int, low: np.float32, high: np.float32) -> None:

@@ -247,11 +247,7 @@ class SyntheticTraceDataset(Dataset):
         cfg = self.config
         rng = np.random.default_rng([self.seed, self.split, 1, j])
         for rows in self.table_sizes:
-            if cfg.num_indices_per_lookup_fixed:
-                yield np.full(n, cfg.num_indices_per_lookup, dtype=np.int64)
-            else:
-                u = rng.random(n)
-                yield np.round(np.maximum(1.0, u * min(rows, cfg.num_indices_per_lookup))).astype(np.int64)
+            yield cfg.bag_sizes(rng, n, rows)
 
     def __getitem__(self, j: int) -> Batch:
         if not 0 <= j < len(self):

@@ -188,14 +188,15 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130():
 def test_ids_outside_their_table_stop_the_run_with_one_line_naming_the_batch(run_main, monkeypatch):
     import dlrm_data
 
-    make_batch = dlrm_data.batch_from_tables
+    make_batch = dlrm_data.RandomDataset.__getitem__
 
-    def too_large_ids_in_table_2(dense_x, lengths, indices, target):
-        indices = list(indices)
-        indices[2] = indices[2] + 1000
-        return make_batch(dense_x, lengths, indices, target)
+    def too_large_ids_in_table_2(dataset, j):
+        batch = make_batch(dataset, j)
+        start, end = batch.sparse.table_bounds()[2:4].tolist()
+        batch.indices[start:end] += 1000
+        return batch
 
-    monkeypatch.setattr(dlrm_data, "batch_from_tables", too_large_ids_in_table_2)
+    monkeypatch.setattr(dlrm_data.RandomDataset, "__getitem__", too_large_ids_in_table_2)
     code, out, err = run_main("--arch-embedding-size=100-200-300-50", "--data-size=256", "--mini-batch-size=64")
     assert code == 1
     assert re.fullmatch(r"dlrm_s_pytorch\.py: error: training batch 1 of epoch 0: embedding index \d+ out of range "
@@ -205,15 +206,16 @@ def test_ids_outside_their_table_stop_the_run_with_one_line_naming_the_batch(run
 def test_ids_outside_their_table_in_a_test_batch_name_it(run_main, monkeypatch):
     import dlrm_data
 
-    make_batch = dlrm_data.batch_from_tables
+    make_batch = dlrm_data.RandomDataset.__getitem__
 
-    def too_large_ids_when_testing(dense_x, lengths, indices, target):
-        if dense_x.shape[0] == 32:  # the test batches
-            indices = list(indices)
-            indices[0] = indices[0] + 1000
-        return make_batch(dense_x, lengths, indices, target)
+    def too_large_ids_when_testing(dataset, j):
+        batch = make_batch(dataset, j)
+        if batch.batch_size == 32:  # the test batches
+            start, end = batch.sparse.table_bounds()[0:2].tolist()
+            batch.indices[start:end] += 1000
+        return batch
 
-    monkeypatch.setattr(dlrm_data, "batch_from_tables", too_large_ids_when_testing)
+    monkeypatch.setattr(dlrm_data.RandomDataset, "__getitem__", too_large_ids_when_testing)
     code, out, err = run_main("--arch-embedding-size=100-200", "--data-size=256", "--mini-batch-size=64",
                               "--test-mini-batch-size=32", "--test-freq=2")
     assert code == 1

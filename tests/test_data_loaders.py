@@ -222,3 +222,66 @@ def test_random_bags_hold_each_drawn_id_once_sorted(fixed, kernels, monkeypatch)
         indices, offsets, _ = batch.sparse.table(t)
         bags = np.split(indices.numpy(), offsets[1:].numpy())
         assert len(bags) == 32 and all(bag.tolist() == sorted(set(bag.tolist())) for bag in bags)
+
+
+def reference_random_batch(dataset, j):
+    """Batch j of a RandomDataset as its docstring describes it, drawn naively in stream order from
+    np.random.default_rng([seed, split, j]): dense features, then each table's bag sizes and ids, then targets."""
+    cfg, n = dataset.config, dataset.samples_in_batch(j)
+    rng = np.random.default_rng([dataset.seed, dataset.split, j])
+    dense = rng.random((n, dataset.dense_dim), dtype=np.float32)
+    lengths, indices = [], []
+    for rows in dataset.table_sizes:
+        if cfg.num_indices_per_lookup_fixed:
+            sizes = [cfg.num_indices_per_lookup] * n
+        else:
+            sizes = [round(max(1.0, u * min(rows, cfg.num_indices_per_lookup))) for u in rng.random(n)]
+        if cfg.distribution == "uniform":
+            draws = [float(np.rint(u * (rows - 1))) for u in rng.random(sum(sizes))]
+        else:
+            mu = (cfg.rand_max + cfg.rand_min) / 2.0 if cfg.rand_mu == -1 else cfg.rand_mu
+            draws = [min(max(int(v), 0), rows - 1)
+                     for v in np.clip(rng.normal(mu, cfg.rand_sigma, sum(sizes)), cfg.rand_min, cfg.rand_max)]
+        start = 0
+        for size in sizes:
+            bag = sorted(set(int(d) for d in draws[start:start + size]))
+            lengths.append(len(bag))
+            indices.extend(bag)
+            start += size
+    target = rng.random((n, 1), dtype=np.float32)
+    return dense, lengths, indices, np.round(target) if cfg.round_targets else target
+
+
+@pytest.mark.parametrize("kernels", ["native", "numpy"])
+def test_random_batches_are_the_documented_draws_on_any_number_of_threads(kernels, monkeypatch):
+    """Dense features, bag sizes, ids and targets come from the batch's NumPy stream in the documented order,
+    whether the native kernels draw the dense features and the uniform ids (on one or more threads, each thread
+    from its own place in the stream) or NumPy does."""
+    from dlrmkit import kernels as native_kernels
+
+    if kernels == "numpy":
+        monkeypatch.setattr(native_kernels, "_library", lambda: (None, "off in this test"))
+    elif not native_kernels.native():
+        pytest.skip(f"no native kernels: {native_kernels.status()}")
+    monkeypatch.setattr(native_kernels, "RANDOM_OPENMP_MIN_WORDS", 1)  # threads even for these small batches
+    cases = [  # dense_dim, tables, samples, batch size, config
+        (13, [1000, 7, 1, 2**31, 2**40], 75, 37, dict(num_indices_per_lookup=6)),  # odd dense draws: a half word kept
+        (4, [50, 3], 20, 8, dict(num_indices_per_lookup=5, num_indices_per_lookup_fixed=True, round_targets=True)),
+        (3, [100, 9], 9, 9, dict(distribution="gaussian", rand_min=0, rand_max=60, rand_sigma=20)),
+        (5, [30, 2**33], 16, 16, dict(num_indices_per_lookup=40)),  # bags of up to the table's size
+    ]
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for dense_dim, tables, samples, batch_size, config in cases:
+                dataset = dlrm_data.RandomDataset(dense_dim, tables, samples, batch_size, seed=11, split=2,
+                                                  config=dlrm_data.RandomDataConfig(**config))
+                for j in range(len(dataset)):
+                    batch = dataset[j]
+                    dense, lengths, indices, target = reference_random_batch(dataset, j)
+                    assert np.array_equal(batch.dense_x.numpy(), dense) and np.array_equal(batch.target.numpy(), target)
+                    assert batch.sparse.lengths().tolist() == lengths and batch.indices.tolist() == indices
+                    assert batch.indices.dtype == batch.offsets.dtype == torch.int64
+    finally:
+        torch.set_num_threads(previous)

@@ -671,6 +671,49 @@ def test_the_random_bag_kernels_refuse_what_they_cannot_take():
         assert lengths.tolist() == [1, 3] and distinct.tolist() == [1, 2, 3, 4]
 
 
+@needs_native
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 4096, 100_001])
+def test_pcg64_float32_draws_equal_numpys_and_leave_the_generator_where_numpy_does(count, monkeypatch):
+    monkeypatch.setattr(kernels, "RANDOM_OPENMP_MIN_WORDS", 1)
+    numpy_rng, ours = np.random.default_rng([4, 0, 9]), np.random.default_rng([4, 0, 9])
+    expected = numpy_rng.random(count, dtype=np.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        drawn = kernels.pcg64_random_f32(ours.bit_generator, count)
+    finally:
+        torch.set_num_threads(previous)
+    assert drawn.dtype == np.float32 and np.array_equal(drawn, expected)
+    assert ours.bit_generator.state == numpy_rng.bit_generator.state  # an odd count keeps a half word, as NumPy
+    assert np.array_equal(ours.random(3, dtype=np.float32), numpy_rng.random(3, dtype=np.float32))
+    assert np.array_equal(ours.random(3), numpy_rng.random(3))
+
+
+def test_pcg64_draws_leave_other_generators_to_numpy():
+    buffered = np.random.default_rng(1)
+    buffered.random(1, dtype=np.float32)  # holds half a word
+    state = buffered.bit_generator.state
+    assert kernels.pcg64_random_f32(buffered.bit_generator, 10) is None
+    assert buffered.bit_generator.state == state
+    assert kernels.pcg64_random_f32(np.random.Philox(1), 10) is None
+
+
+@needs_native
+def test_uniform_bags_refuse_sizes_and_tables_they_would_write_past():
+    sizes = np.array([2, 3, 1, 0], dtype=np.int64)
+    with pytest.raises(ValueError, match="bag sizes"):
+        kernels.uniform_bags(sizes, 2, [1, 2], 5, [10, 10], 2, 10)  # a bag wider than the rows
+    with pytest.raises(ValueError, match="bag sizes"):
+        kernels.uniform_bags(sizes, 3, [1, 2], 5, [10, 10], 3, 10)  # not 2 tables of 3 bags
+    with pytest.raises(ValueError, match="table sizes"):
+        kernels.uniform_bags(sizes, 2, [1, 2], 5, [10, 11], 3, 10)  # ids above the pad
+    with pytest.raises(ValueError, match="table sizes"):
+        kernels.uniform_bags(sizes, 2, [1], 5, [10, 10], 3, 10)  # one state for two tables
+    bags = kernels.uniform_bags(sizes, 2, [1, 2], 5, [10, 1], 3, 10)
+    assert bags.shape == (4, 3) and bags.dtype == np.int32
+    assert bags[2].tolist() == [0, 10, 10] and bags[3].tolist() == [10, 10, 10]  # a 1-row table: id 0
+
+
 def splitmix64_words(seed, first_word, count):
     """SplitMix64's words first_word .. first_word + count - 1 from `seed`, in Python integers (the reference)."""
     mask = (1 << 64) - 1
