@@ -190,16 +190,6 @@ def _distinct_within_bags(bags, full, rows):
     return keep.sum(axis=1, dtype=np.int64), bags[keep]
 
 
-def _skip_draws(bit_generator, words: int) -> None:
-    """Moves a NumPy PCG64 on by `words` 64-bit words (Generator.random's doubles) as drawing them would, half
-    word of float32 draws kept (PCG64.advance alone drops it)."""
-    state = bit_generator.state
-    bit_generator.advance(words)
-    moved = bit_generator.state
-    moved["has_uint32"], moved["uinteger"] = state["has_uint32"], state["uinteger"]
-    bit_generator.state = moved
-
-
 def _uniform_ids(state: int, inc: int, count: int, rows: int) -> np.ndarray:
     """The `count` uniform ids rint(U * (rows - 1)) a Generator draws from PCG64 state (state, inc), as
     `kernels.uniform_bags` draws them (int32 where a `rows`-row table fits, else int64)."""
@@ -235,6 +225,8 @@ class RandomDataset(Dataset):
         self.seed = int(seed)
         self.split = int(split)
         self.config = config or RandomDataConfig()
+        if any(rows < 1 for rows in self.table_sizes):
+            raise ValueError(f"RandomDataset: every table needs at least one row, not {self.table_sizes}")
         if self.config.distribution not in RANDOM_DISTRIBUTIONS:
             raise ValueError(f"--rand-data-dist={self.config.distribution} is not one of {', '.join(RANDOM_DISTRIBUTIONS)}")
 
@@ -262,7 +254,7 @@ class RandomDataset(Dataset):
     def _lookups(self, rng, n):
         """(lengths [T * n] int64, ids) of every table's n bags, table-major. For each table in turn `rng` draws
         the bag sizes, then the ids; uniform ids are drawn after the loop, every table's from where its own
-        begin in the stream (natively, on all cores, where the kernels are)."""
+        begin in the stream (natively on all cores where the kernels are: `_uniform_bags_natively`)."""
         cfg = self.config
         bit_generator = rng.bit_generator
         sizes, ids, states = [], [], []
@@ -271,24 +263,50 @@ class RandomDataset(Dataset):
             count = int(sizes[-1].sum())
             if cfg.distribution == "uniform":
                 states.append(bit_generator.state["state"]["state"])
-                _skip_draws(bit_generator, count)
+                kernels.pcg64_skip(bit_generator, count)
             else:
                 mu = (cfg.rand_max + cfg.rand_min) / 2.0 if cfg.rand_mu == -1 else cfg.rand_mu
                 values = np.clip(rng.normal(mu, cfg.rand_sigma, count), cfg.rand_min, cfg.rand_max)
                 ids.append(np.clip(values.astype(np.int64), 0, rows - 1))
-        if not sizes:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        sizes = np.concatenate(sizes)
-        pad = max(self.table_sizes)  # above every table's ids
         if states:
             inc = bit_generator.state["state"]["inc"]
-            width = int(sizes.max())
-            bags = kernels.uniform_bags(sizes, n, states, inc, self.table_sizes, width, pad)
-            if bags is not None:
-                return _distinct_within_bags(bags, int(sizes.min()) == width, pad)
+            native = self._uniform_bags_natively(sizes, states, inc, n)
+            if native is not None:
+                return native
             ids = [_uniform_ids(state, inc, int(table_sizes.sum()), rows)
-                   for state, table_sizes, rows in zip(states, sizes.reshape(-1, n), self.table_sizes)]
-        return _unique_within_bags(np.concatenate(ids, dtype=kernels.id_dtype(pad), casting="unsafe"), sizes, pad)
+                   for state, table_sizes, rows in zip(states, sizes, self.table_sizes)]
+        return _concatenated([_unique_within_bags(*table) for table in zip(ids, sizes, self.table_sizes)])
+
+    def _uniform_bags_natively(self, sizes, states, inc, n):
+        """_lookups' (lengths, ids) of uniform ids drawn by `kernels.uniform_bags` from the tables' `states`, or None
+        without the kernels. Each run of consecutive tables whose bags are equally wide (the common case: all)
+        shares one padded matrix, sorted and made unique in one pass; tables of other widths are not padded
+        to the widest."""
+        groups, first = [], 0
+        widths = [int(table_sizes.max()) for table_sizes in sizes]
+        for end in range(1, len(sizes) + 1):
+            if end < len(sizes) and widths[end] == widths[first]:
+                continue
+            rows = self.table_sizes[first:end]
+            group_sizes = np.concatenate(sizes[first:end])
+            pad = max(rows)  # above every id of these tables
+            bags = kernels.uniform_bags(group_sizes, n, states[first:end], inc, rows, widths[first], pad)
+            if bags is None:
+                return None
+            groups.append(_distinct_within_bags(bags, int(group_sizes.min()) == widths[first], pad))
+            first = end
+        return _concatenated(groups)
+
+
+def _concatenated(tables):
+    """(lengths, ids) of consecutive tables' (lengths, ids) pairs: int64, the ids of one table copied once."""
+    if len(tables) == 1:
+        lengths, ids = tables[0]
+        return lengths, ids.astype(np.int64, copy=False)
+    if not tables:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([lengths for lengths, _ in tables]),
+            np.concatenate([ids for _, ids in tables], dtype=np.int64, casting="unsafe"))
 
 
 class OneHotDataset(Dataset):

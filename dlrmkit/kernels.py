@@ -630,9 +630,14 @@ def _halves(value: int) -> tuple[int, int]:
 
 
 def pcg64_random_f32(bit_generator, count: int) -> np.ndarray | None:
-    """[count] float32: what `np.random.Generator(bit_generator).random(count, dtype=np.float32)` returns, on all
-    of PyTorch's threads, and `bit_generator` left where that call leaves it; None (the generator untouched)
-    without the kernels or for another bit generator than a PCG64 with no half word buffered."""
+    """[count] float32: what `np.random.Generator(bit_generator).random(count, dtype=np.float32)` returns, and
+    `bit_generator` left where that call leaves it (a half word kept for the next float32 when count is odd);
+    on all of PyTorch's threads from RANDOM_OPENMP_MIN_WORDS words. None, the generator untouched, without the
+    kernels or for another bit generator than a NumPy PCG64 with no half word buffered. ValueError for a
+    negative count."""
+    count = operator.index(count)
+    if count < 0:
+        raise ValueError(f"pcg64_random_f32: a negative count ({count})")
     library, _ = _library()
     if not _pcg64_ready(library, bit_generator):
         return None
@@ -651,26 +656,40 @@ def pcg64_random_f32(bit_generator, count: int) -> np.ndarray | None:
     return out
 
 
+def pcg64_skip(bit_generator, words: int) -> None:
+    """Moves a NumPy PCG64 on by `words` 64-bit words (as many doubles of `Generator.random`) as drawing them
+    would: a half word buffered by float32 draws stays (PCG64.advance alone drops it)."""
+    state = bit_generator.state
+    bit_generator.advance(operator.index(words))
+    moved = bit_generator.state
+    moved["has_uint32"], moved["uinteger"] = state["has_uint32"], state["uinteger"]
+    bit_generator.state = moved
+
+
 def uniform_bags(sizes: np.ndarray, bags_per_table: int, states, inc: int, rows, width: int, pad: int):
-    """[T * bags_per_table, width] uniform random bags, each row bag b's ids then `pad`, or None without the
-    kernels. Bag b of table t = b // bags_per_table holds sizes[b] ids rint(U * (rows[t] - 1)), the U being
-    the doubles `np.random.Generator.random` draws from PCG64 state (states[t], inc), bag after bag (table t's
-    bags draw sizes[t * bags_per_table:(t + 1) * bags_per_table].sum() of them). int32 where `pad` fits, else
-    int64. sizes: [T * bags_per_table] int64 in [0, width]; rows: T table sizes, each at least 1 and at most
-    `pad`. ValueError for sizes or rows outside these bounds."""
+    """[T * bags_per_table, width] uniform random bags, row b bag b's ids then `pad`: bag b of table
+    t = b // bags_per_table holds sizes[b] ids rint(U * (rows[t] - 1)), the U being the doubles
+    `np.random.Generator.random` draws from PCG64 state (states[t], inc), bag after bag (table t's bags draw
+    sizes[t * bags_per_table:(t + 1) * bags_per_table].sum() of them). Ids int32 when pad < 2^31 - 1, else
+    int64. sizes: [T * bags_per_table] integers in [0, width]; rows: T table sizes in [1, pad]; states: T
+    integers in [0, 2^128); inc: an odd integer in [0, 2^128), as in `PCG64.state`. On all of PyTorch's
+    threads from RANDOM_OPENMP_MIN_WORDS ids. None without the kernels, for width < 1 or no tables;
+    ValueError for arguments outside these bounds."""
     library, _ = _library()
     num_tables = len(rows)
     if library is None or not library.pcg64 or width < 1 or num_tables == 0:
         return None
+    sizes = np.asarray(sizes)
+    if (bags_per_table < 1 or sizes.dtype.kind not in "iu" or sizes.shape != (num_tables * bags_per_table,)
+            or int(sizes.min()) < 0 or int(sizes.max()) > width):
+        raise ValueError(f"uniform_bags: bag sizes of shape {sizes.shape} ({sizes.dtype}) are not integers in "
+                         f"[0, {width}] for {num_tables} tables of {bags_per_table} bags")
+    if not all(1 <= r <= pad for r in rows) or pad >= 2**63:
+        raise ValueError(f"uniform_bags: table sizes {list(rows)} not in [1, {pad}], or a pad from 2^63")
+    if len(states) != num_tables or not all(0 <= state < 2**128 for state in (*states, inc)) or inc % 2 == 0:
+        raise ValueError("uniform_bags: not one PCG64 state in [0, 2^128) per table and an odd increment")
     sizes = np.ascontiguousarray(sizes, dtype=np.int64)
-    if sizes.shape != (num_tables * bags_per_table,) or int(sizes.min()) < 0 or int(sizes.max()) > width:
-        raise ValueError(f"uniform_bags: {sizes.shape[0]} bag sizes for {num_tables} x {bags_per_table} bags of "
-                         f"at most {width} ids")
-    if not all(1 <= r <= pad for r in rows) or len(states) != num_tables:
-        raise ValueError(f"uniform_bags: table sizes {list(rows)} not in [1, {pad}], or not one state per table")
     dtype = id_dtype(pad)
-    if not _fits(pad, dtype):
-        return None
     starts = np.zeros_like(sizes)
     np.cumsum(sizes[:-1], out=starts[1:])
     words = np.array([half for state in states for half in _halves(state)], dtype=np.uint64)
@@ -684,9 +703,8 @@ def uniform_bags(sizes: np.ndarray, bags_per_table: int, states, inc: int, rows,
 
 
 def id_dtype(rows: int):
-    """The narrowest of int32/int64 holding the ids of a `rows`-row table and `rows` itself."""
+    """int32 for the ids of a table of fewer than 2^31 - 1 rows (they and `rows` fit), else int64."""
     return np.int32 if rows < np.iinfo(np.int32).max else np.int64
-
 
 
 def _uniform_numpy(out: np.ndarray, first: int, seed: int, low: np.float32, high: np.float32) -> None:

@@ -224,6 +224,11 @@ def test_random_bags_hold_each_drawn_id_once_sorted(fixed, kernels, monkeypatch)
         assert len(bags) == 32 and all(bag.tolist() == sorted(set(bag.tolist())) for bag in bags)
 
 
+def test_random_tables_need_a_row():
+    with pytest.raises(ValueError, match="at least one row"):
+        dlrm_data.RandomDataset(2, [0, 5], 4, 4)
+
+
 def reference_random_batch(dataset, j):
     """Batch j of a RandomDataset as its docstring describes it, drawn naively in stream order from
     np.random.default_rng([seed, split, j]): dense features, then each table's bag sizes and ids, then targets."""

@@ -690,6 +690,10 @@ def test_pcg64_float32_draws_equal_numpys_and_leave_the_generator_where_numpy_do
 
 
 def test_pcg64_draws_leave_other_generators_to_numpy():
+    with pytest.raises(ValueError, match="negative count"):
+        kernels.pcg64_random_f32(np.random.default_rng(1).bit_generator, -1)
+    if kernels.native():  # a NumPy integer count, as NumPy's own random() takes
+        assert kernels.pcg64_random_f32(np.random.default_rng(1).bit_generator, np.int64(5)).shape == (5,)
     buffered = np.random.default_rng(1)
     buffered.random(1, dtype=np.float32)  # holds half a word
     state = buffered.bit_generator.state
@@ -707,8 +711,16 @@ def test_uniform_bags_refuse_sizes_and_tables_they_would_write_past():
         kernels.uniform_bags(sizes, 3, [1, 2], 5, [10, 10], 3, 10)  # not 2 tables of 3 bags
     with pytest.raises(ValueError, match="table sizes"):
         kernels.uniform_bags(sizes, 2, [1, 2], 5, [10, 11], 3, 10)  # ids above the pad
-    with pytest.raises(ValueError, match="table sizes"):
+    with pytest.raises(ValueError, match="bag sizes"):
+        kernels.uniform_bags(sizes.astype(float), 2, [1, 2], 5, [10, 10], 3, 10)  # sizes that are not integers
+    with pytest.raises(ValueError, match="bag sizes"):
+        kernels.uniform_bags(sizes[:0], 0, [1, 2], 5, [10, 10], 3, 10)  # tables of no bags
+    with pytest.raises(ValueError, match="PCG64 state"):
         kernels.uniform_bags(sizes, 2, [1], 5, [10, 10], 3, 10)  # one state for two tables
+    with pytest.raises(ValueError, match="PCG64 state"):
+        kernels.uniform_bags(sizes, 2, [1, 2**128], 5, [10, 10], 3, 10)  # a state beyond 128 bits
+    with pytest.raises(ValueError, match="PCG64 state"):
+        kernels.uniform_bags(sizes, 2, [1, 2], 4, [10, 10], 3, 10)  # an even increment: no PCG64 has one
     bags = kernels.uniform_bags(sizes, 2, [1, 2], 5, [10, 1], 3, 10)
     assert bags.shape == (4, 3) and bags.dtype == np.int32
     assert bags[2].tolist() == [0, 10, 10] and bags[3].tolist() == [10, 10, 10]  # a 1-row table: id 0
