@@ -92,6 +92,7 @@ def test_the_file_mapped_at_an_address_is_read_from_the_maps():
     assert kernels._mapped_file(0x7f4800, maps) is None and kernels._mapped_file(0x7f1000, maps) is None
 
 
+@pytest.mark.slow  # two kernel builds, about 1.5 s each
 @needs_native
 def test_an_openmp_build_that_does_not_load_gives_way_to_one_without(tmp_path, monkeypatch):
     real_load = kernels._load
@@ -320,6 +321,7 @@ def test_a_compiler_given_with_its_options_in_cc_is_used(tmp_path, monkeypatch):
     assert build_status(tmp_path, monkeypatch, CC=f"{shutil.which('cc') or shutil.which('gcc')} -O2") == "native"
 
 
+@pytest.mark.slow  # two kernel builds, about 1.5 s each
 @needs_native
 def test_builds_at_once_never_share_a_temporary_file(tmp_path, monkeypatch):
     """Processes in other PID namespaces (containers sharing a cache folder) may have the same pid."""
