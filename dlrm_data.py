@@ -109,10 +109,21 @@ class Batch:
 
 def batch_from_tables(dense_x, per_table_lengths, per_table_indices, target) -> Batch:
     """A Batch from per-table bag lengths ([B] each) and index arrays (NumPy, any integer type)."""
+    lengths, indices = _concatenated(list(zip(per_table_lengths, per_table_indices)))
     dense_x = torch.from_numpy(np.ascontiguousarray(dense_x, dtype=np.float32))
-    lengths = np.concatenate(per_table_lengths, dtype=np.int64, casting="unsafe") if len(per_table_lengths) else np.zeros(0, np.int64)
-    indices = np.concatenate(per_table_indices, dtype=np.int64, casting="unsafe") if len(per_table_indices) else lengths
     return Batch(dense_x, SparseFeatures.from_lengths(lengths, indices, dense_x.shape[0]), _targets(target))
+
+
+def _concatenated(tables):
+    """(lengths, ids), both int64, of consecutive tables' (lengths, ids) pairs (NumPy): one table's are not
+    copied where they are int64 already."""
+    if not tables:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len(tables) == 1:
+        lengths, ids = tables[0]
+        return np.asarray(lengths).astype(np.int64, copy=False), np.asarray(ids).astype(np.int64, copy=False)
+    return (np.concatenate([lengths for lengths, _ in tables], dtype=np.int64, casting="unsafe"),
+            np.concatenate([ids for _, ids in tables], dtype=np.int64, casting="unsafe"))
 
 
 def batch_from_ids(dense_x, ids, target) -> Batch:
@@ -127,6 +138,10 @@ def _targets(target) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- random data
 RANDOM_DISTRIBUTIONS = ("uniform", "gaussian")
+# random bags of consecutive tables share one padded matrix while it holds at most this many times the cells of
+# each table padded to its own widest bag, or at most SMALL_GROUP_CELLS (then one call beats several)
+GROUP_PADDING = 1.25
+SMALL_GROUP_CELLS = 1 << 16
 
 
 @dataclasses.dataclass
@@ -171,12 +186,12 @@ def _unique_within_bags(ids, sizes, rows):
     return _distinct_within_bags(bags, full, rows)
 
 
-def _distinct_within_bags(bags, full, rows):
-    """_unique_within_bags of the [n, width] matrix `bags`, whose row b holds bag b's ids, then `rows` (above
-    every id) in the rest (none if `full`). Sorts `bags` in place: row by row, many short sorts, ~7x faster
-    than one sort of (bag, id) keys."""
+def _distinct_within_bags(bags, full, pad):
+    """(lengths [n] int64, ids) of the bags in the rows of the [n, width] matrix `bags`, each row bag b's ids
+    then `pad` (above every id) in the rest (none if `full`), with repeats dropped and each bag's ids sorted.
+    Sorts `bags` in place: row by row, many short sorts, ~7x faster than one sort of (bag, id) keys."""
     bags.sort(axis=1)
-    native = kernels.distinct_sorted_bags(bags, rows)
+    native = kernels.distinct_sorted_bags(bags, pad)
     if native is not None:
         return native
     repeats = bags[:, 1:] == bags[:, :-1]
@@ -186,17 +201,14 @@ def _distinct_within_bags(bags, full, rows):
     keep[:, 0] = True
     np.logical_not(repeats, out=keep[:, 1:])
     if not full:
-        keep &= bags < rows
+        keep &= bags < pad
     return keep.sum(axis=1, dtype=np.int64), bags[keep]
 
 
-def _uniform_ids(state: int, inc: int, count: int, rows: int) -> np.ndarray:
-    """The `count` uniform ids rint(U * (rows - 1)) a Generator draws from PCG64 state (state, inc), as
-    `kernels.uniform_bags` draws them (int32 where a `rows`-row table fits, else int64)."""
-    bit_generator = np.random.PCG64()
-    bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0,
-                           "uinteger": 0}
-    draws = np.random.Generator(bit_generator).random(count)
+def _uniform_ids(rng: np.random.Generator, count: int, rows: int) -> np.ndarray:
+    """`count` uniform ids rint(U * (rows - 1)) of a `rows`-row table drawn by `rng` with NumPy (int32 where
+    `kernels.id_dtype(rows)` is), the numbers `kernels.uniform_bags` draws."""
+    draws = rng.random(count)
     draws *= rows - 1
     return np.rint(draws, out=draws).astype(kernels.id_dtype(rows))  # rint: np.round's half-to-even
 
@@ -212,8 +224,9 @@ class RandomDataset(Dataset):
       [rand_min, rand_max] (mu = -1 means their midpoint) and to the table;
     - targets U[0, 1) (float32 draws; rounded with round_targets).
     Ids are unique within a bag (sorted), so a bag may shrink, as in the original. The native kernels
-    draw the dense features and the uniform ids on all of PyTorch's threads, each thread from its own
-    place in the stream (`kernels.pcg64_random_f32`, `kernels.uniform_bags`): the same numbers as NumPy.
+    draw the dense features and the uniform ids (`kernels.pcg64_random_f32`, `kernels.uniform_bags`; on
+    PyTorch's threads from `kernels.RANDOM_OPENMP_MIN_WORDS` draws, each thread from its own place in
+    the stream): the same numbers as NumPy's.
     """
 
     def __init__(self, dense_dim, table_sizes, num_samples, batch_size, seed=123,
@@ -253,60 +266,50 @@ class RandomDataset(Dataset):
 
     def _lookups(self, rng, n):
         """(lengths [T * n] int64, ids) of every table's n bags, table-major. For each table in turn `rng` draws
-        the bag sizes, then the ids; uniform ids are drawn after the loop, every table's from where its own
-        begin in the stream (natively on all cores where the kernels are: `_uniform_bags_natively`)."""
+        the bag sizes, then the ids; where the native kernels draw uniform ids, each table's place in the stream
+        is noted and its ids are drawn after the loop (`_uniform_bags_natively`)."""
         cfg = self.config
         bit_generator = rng.bit_generator
+        natively = cfg.distribution == "uniform" and kernels.uniform_bags_runs()
         sizes, ids, states = [], [], []
         for rows in self.table_sizes:
             sizes.append(cfg.bag_sizes(rng, n, rows))
             count = int(sizes[-1].sum())
-            if cfg.distribution == "uniform":
+            if natively:
                 states.append(bit_generator.state["state"]["state"])
                 kernels.pcg64_skip(bit_generator, count)
+            elif cfg.distribution == "uniform":
+                ids.append(_uniform_ids(rng, count, rows))
             else:
                 mu = (cfg.rand_max + cfg.rand_min) / 2.0 if cfg.rand_mu == -1 else cfg.rand_mu
                 values = np.clip(rng.normal(mu, cfg.rand_sigma, count), cfg.rand_min, cfg.rand_max)
                 ids.append(np.clip(values.astype(np.int64), 0, rows - 1))
-        if states:
-            inc = bit_generator.state["state"]["inc"]
-            native = self._uniform_bags_natively(sizes, states, inc, n)
-            if native is not None:
-                return native
-            ids = [_uniform_ids(state, inc, int(table_sizes.sum()), rows)
-                   for state, table_sizes, rows in zip(states, sizes, self.table_sizes)]
+        if natively:
+            return self._uniform_bags_natively(sizes, states, bit_generator.state["state"]["inc"], n)
         return _concatenated([_unique_within_bags(*table) for table in zip(ids, sizes, self.table_sizes)])
 
     def _uniform_bags_natively(self, sizes, states, inc, n):
-        """_lookups' (lengths, ids) of uniform ids drawn by `kernels.uniform_bags` from the tables' `states`, or None
-        without the kernels. Each run of consecutive tables whose bags are equally wide (the common case: all)
-        shares one padded matrix, sorted and made unique in one pass; tables of other widths are not padded
-        to the widest."""
-        groups, first = [], 0
-        widths = [int(table_sizes.max()) for table_sizes in sizes]
-        for end in range(1, len(sizes) + 1):
-            if end < len(sizes) and widths[end] == widths[first]:
-                continue
+        """_lookups' (lengths, ids) of uniform ids drawn by `kernels.uniform_bags` from the tables' `states`.
+        Consecutive tables share one matrix padded to their widest bag (one kernel call, sort and duplicate
+        removal) while that costs at most GROUP_PADDING times their own widths, or is small."""
+        widths = [int(bag_sizes.max()) if n else 0 for bag_sizes in sizes]
+        groups = []  # [first table, end, width, sum of the tables' own widths]
+        for t, width in enumerate(widths):
+            if groups:
+                first, _, group_width, own = groups[-1]
+                padded = n * max(group_width, width) * (t + 1 - first)
+                if padded <= max(GROUP_PADDING * n * (own + width), SMALL_GROUP_CELLS):
+                    groups[-1] = [first, t + 1, max(group_width, width), own + width]
+                    continue
+            groups.append([t, t + 1, width, width])
+        tables = []
+        for first, end, width, _ in groups:
             rows = self.table_sizes[first:end]
             group_sizes = np.concatenate(sizes[first:end])
             pad = max(rows)  # above every id of these tables
-            bags = kernels.uniform_bags(group_sizes, n, states[first:end], inc, rows, widths[first], pad)
-            if bags is None:
-                return None
-            groups.append(_distinct_within_bags(bags, int(group_sizes.min()) == widths[first], pad))
-            first = end
-        return _concatenated(groups)
-
-
-def _concatenated(tables):
-    """(lengths, ids) of consecutive tables' (lengths, ids) pairs: int64, the ids of one table copied once."""
-    if len(tables) == 1:
-        lengths, ids = tables[0]
-        return lengths, ids.astype(np.int64, copy=False)
-    if not tables:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return (np.concatenate([lengths for lengths, _ in tables]),
-            np.concatenate([ids for _, ids in tables], dtype=np.int64, casting="unsafe"))
+            bags = kernels.uniform_bags(group_sizes, n, states[first:end], inc, rows, width, pad)
+            tables.append(_distinct_within_bags(bags, int(group_sizes.min()) == width, pad))
+        return _concatenated(tables)
 
 
 class OneHotDataset(Dataset):

@@ -658,12 +658,23 @@ def pcg64_random_f32(bit_generator, count: int) -> np.ndarray | None:
 
 def pcg64_skip(bit_generator, words: int) -> None:
     """Moves a NumPy PCG64 on by `words` 64-bit words (as many doubles of `Generator.random`) as drawing them
-    would: a half word buffered by float32 draws stays (PCG64.advance alone drops it)."""
+    would: a half word buffered by float32 draws stays (PCG64.advance alone drops it). ValueError for another
+    bit generator or words outside [0, 2^128)."""
+    words = operator.index(words)
+    if type(bit_generator) is not np.random.PCG64 or not 0 <= words < 2**128:
+        raise ValueError(f"pcg64_skip: skips 0 to 2^128 - 1 words of a NumPy PCG64, not {words} of "
+                         f"{type(bit_generator).__name__}")
     state = bit_generator.state
-    bit_generator.advance(operator.index(words))
+    bit_generator.advance(words)
     moved = bit_generator.state
     moved["has_uint32"], moved["uinteger"] = state["has_uint32"], state["uinteger"]
     bit_generator.state = moved
+
+
+def uniform_bags_runs() -> bool:
+    """Whether `uniform_bags` runs (the kernels are built, with 128-bit integers)."""
+    library, _ = _library()
+    return library is not None and library.pcg64
 
 
 def uniform_bags(sizes: np.ndarray, bags_per_table: int, states, inc: int, rows, width: int, pad: int):
@@ -671,30 +682,38 @@ def uniform_bags(sizes: np.ndarray, bags_per_table: int, states, inc: int, rows,
     t = b // bags_per_table holds sizes[b] ids rint(U * (rows[t] - 1)), the U being the doubles
     `np.random.Generator.random` draws from PCG64 state (states[t], inc), bag after bag (table t's bags draw
     sizes[t * bags_per_table:(t + 1) * bags_per_table].sum() of them). Ids int32 when pad < 2^31 - 1, else
-    int64. sizes: [T * bags_per_table] integers in [0, width]; rows: T table sizes in [1, pad]; states: T
-    integers in [0, 2^128); inc: an odd integer in [0, 2^128), as in `PCG64.state`. On all of PyTorch's
-    threads from RANDOM_OPENMP_MIN_WORDS ids. None without the kernels, for width < 1 or no tables;
+    int64. sizes: [T * bags_per_table] integers in [0, width]; rows: T (>= 1) integer table sizes in
+    [1, pad]; states: T integers in [0, 2^128); inc: an odd integer in [0, 2^128), as in `PCG64.state`. On
+    PyTorch's threads from RANDOM_OPENMP_MIN_WORDS ids. None without the kernels (`uniform_bags_runs`);
     ValueError for arguments outside these bounds."""
     library, _ = _library()
-    num_tables = len(rows)
-    if library is None or not library.pcg64 or width < 1 or num_tables == 0:
+    if library is None or not library.pcg64:
         return None
+    try:
+        rows, states = [operator.index(r) for r in rows], [operator.index(state) for state in states]
+        bags_per_table, width, pad, inc = (operator.index(v) for v in (bags_per_table, width, pad, inc))
+    except TypeError:
+        raise ValueError("uniform_bags: table sizes, states, bags per table, width, pad and increment are "
+                         "integers") from None
+    num_tables = len(rows)
     sizes = np.asarray(sizes)
-    if (bags_per_table < 1 or sizes.dtype.kind not in "iu" or sizes.shape != (num_tables * bags_per_table,)
-            or int(sizes.min()) < 0 or int(sizes.max()) > width):
+    if (num_tables < 1 or bags_per_table < 1 or width < 0 or sizes.dtype.kind not in "iu"
+            or sizes.shape != (num_tables * bags_per_table,) or int(sizes.min()) < 0 or int(sizes.max()) > width):
         raise ValueError(f"uniform_bags: bag sizes of shape {sizes.shape} ({sizes.dtype}) are not integers in "
                          f"[0, {width}] for {num_tables} tables of {bags_per_table} bags")
     if not all(1 <= r <= pad for r in rows) or pad >= 2**63:
-        raise ValueError(f"uniform_bags: table sizes {list(rows)} not in [1, {pad}], or a pad from 2^63")
+        raise ValueError(f"uniform_bags: table sizes {rows} not in [1, {pad}], or a pad from 2^63")
     if len(states) != num_tables or not all(0 <= state < 2**128 for state in (*states, inc)) or inc % 2 == 0:
         raise ValueError("uniform_bags: not one PCG64 state in [0, 2^128) per table and an odd increment")
     sizes = np.ascontiguousarray(sizes, dtype=np.int64)
     dtype = id_dtype(pad)
+    bags = np.empty((sizes.size, width), dtype=dtype)
+    if width == 0:
+        return bags
     starts = np.zeros_like(sizes)
     np.cumsum(sizes[:-1], out=starts[1:])
     words = np.array([half for state in states for half in _halves(state)], dtype=np.uint64)
     table_rows = np.array(rows, dtype=np.int64)
-    bags = np.empty((sizes.size, width), dtype=dtype)
     arguments = (bags.ctypes.data, width, pad, sizes.ctypes.data, starts.ctypes.data, sizes.size, bags_per_table,
                  words.ctypes.data, table_rows.ctypes.data, *_halves(inc))
     _run_kernel(library, "uniform_bags_" + _ID_KERNEL_SUFFIX[str(np.dtype(dtype))], arguments,

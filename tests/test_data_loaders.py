@@ -224,6 +224,29 @@ def test_random_bags_hold_each_drawn_id_once_sorted(fixed, kernels, monkeypatch)
         assert len(bags) == 32 and all(bag.tolist() == sorted(set(bag.tolist())) for bag in bags)
 
 
+def test_random_bags_of_narrow_tables_are_not_padded_to_a_wide_tables_width(monkeypatch):
+    """Consecutive tables share one padded matrix of bags only while padding costs little (or the matrix is
+    small): three-row tables beside a million-row one with up to 1000 ids per bag are padded to 3, not 1000."""
+    from dlrmkit import kernels as native_kernels
+
+    if not native_kernels.uniform_bags_runs():
+        pytest.skip(f"no native kernels: {native_kernels.status()}")
+    calls = []
+    uniform_bags = native_kernels.uniform_bags
+
+    def recorded(sizes, bags_per_table, states, inc, rows, width, pad):
+        calls.append((len(rows), width))
+        return uniform_bags(sizes, bags_per_table, states, inc, rows, width, pad)
+
+    monkeypatch.setattr(native_kernels, "uniform_bags", recorded)
+    config = dlrm_data.RandomDataConfig(num_indices_per_lookup=1000)
+    dlrm_data.RandomDataset(2, [3] * 4 + [10**6] + [3] * 2, 512, 512, config=config)[0]
+    assert [tables for tables, _ in calls] == [4, 1, 2] and calls[0][1] == calls[2][1] == 3 and calls[1][1] > 900
+    calls.clear()
+    dlrm_data.RandomDataset(2, [10**6] * 26, 4, 1, config=config)[0]  # a batch of one: one small matrix
+    assert [tables for tables, _ in calls] == [26]
+
+
 def test_random_tables_need_a_row():
     with pytest.raises(ValueError, match="at least one row"):
         dlrm_data.RandomDataset(2, [0, 5], 4, 4)

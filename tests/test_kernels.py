@@ -691,6 +691,18 @@ def test_pcg64_float32_draws_equal_numpys_and_leave_the_generator_where_numpy_do
     assert np.array_equal(ours.random(3), numpy_rng.random(3))
 
 
+def test_pcg64_skip_moves_a_pcg64_as_drawing_would_and_refuses_others():
+    drawn, skipped = np.random.default_rng(3), np.random.default_rng(3)
+    drawn.random(1, dtype=np.float32), skipped.random(1, dtype=np.float32)  # both hold half a word
+    drawn.random(7)
+    kernels.pcg64_skip(skipped.bit_generator, 7)
+    assert skipped.bit_generator.state == drawn.bit_generator.state
+    assert np.array_equal(skipped.random(2, dtype=np.float32), drawn.random(2, dtype=np.float32))
+    for generator, words in ((np.random.Philox(1), 3), (np.random.PCG64(1), -1), (np.random.PCG64(1), 2**128)):
+        with pytest.raises(ValueError, match="pcg64_skip"):
+            kernels.pcg64_skip(generator, words)
+
+
 def test_pcg64_draws_leave_other_generators_to_numpy():
     with pytest.raises(ValueError, match="negative count"):
         kernels.pcg64_random_f32(np.random.default_rng(1).bit_generator, -1)
