@@ -291,11 +291,13 @@ class RandomDataset(Dataset):
     def _uniform_bags_natively(self, sizes, states, inc, n):
         """_lookups' (lengths, ids) of uniform ids drawn by `kernels.uniform_bags` from the tables' `states`.
         Consecutive tables share one matrix padded to their widest bag (one kernel call, sort and duplicate
-        removal) while that costs at most GROUP_PADDING times their own widths, or is small."""
+        removal) while that costs at most GROUP_PADDING times their own widths, or is small, and their ids
+        have one type (int32 or int64: `kernels.id_dtype`)."""
         widths = [int(bag_sizes.max()) if n else 0 for bag_sizes in sizes]
+        id_types = [kernels.id_dtype(rows) for rows in self.table_sizes]
         groups = []  # [first table, end, width, sum of the tables' own widths]
         for t, width in enumerate(widths):
-            if groups:
+            if groups and id_types[t] == id_types[groups[-1][0]]:
                 first, _, group_width, own = groups[-1]
                 padded = n * max(group_width, width) * (t + 1 - first)
                 if padded <= max(GROUP_PADDING * n * (own + width), SMALL_GROUP_CELLS):

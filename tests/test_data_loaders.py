@@ -245,6 +245,9 @@ def test_random_bags_of_narrow_tables_are_not_padded_to_a_wide_tables_width(monk
     calls.clear()
     dlrm_data.RandomDataset(2, [10**6] * 26, 4, 1, config=config)[0]  # a batch of one: one small matrix
     assert [tables for tables, _ in calls] == [26]
+    calls.clear()
+    dlrm_data.RandomDataset(2, [10**6, 2**40, 10**6], 4, 1, config=config)[0]  # int64 ids only where needed
+    assert [tables for tables, _ in calls] == [1, 1, 1]
 
 
 def test_random_tables_need_a_row():
