@@ -108,20 +108,25 @@ class Batch:
 
 
 def batch_from_tables(dense_x, per_table_lengths, per_table_indices, target) -> Batch:
-    """A Batch from per-table bag lengths ([B] each) and index arrays (NumPy, any integer type)."""
-    lengths, indices = _concatenated(list(zip(per_table_lengths, per_table_indices)))
+    """A Batch from per-table bag lengths ([B] each) and index arrays (NumPy, any integer type), copied.
+    ValueError for lists of different lengths."""
+    if len(per_table_lengths) != len(per_table_indices):
+        raise ValueError(f"batch_from_tables: {len(per_table_lengths)} tables of lengths, "
+                         f"{len(per_table_indices)} of indices")
+    lengths = np.concatenate(per_table_lengths, dtype=np.int64, casting="unsafe") if len(per_table_lengths) else np.zeros(0, np.int64)
+    indices = np.concatenate(per_table_indices, dtype=np.int64, casting="unsafe") if len(per_table_indices) else lengths
     dense_x = torch.from_numpy(np.ascontiguousarray(dense_x, dtype=np.float32))
     return Batch(dense_x, SparseFeatures.from_lengths(lengths, indices, dense_x.shape[0]), _targets(target))
 
 
 def _concatenated(tables):
-    """(lengths, ids), both int64, of consecutive tables' (lengths, ids) pairs (NumPy): one table's are not
-    copied where they are int64 already."""
+    """(lengths, ids), both int64, of consecutive tables' (lengths, ids) pairs (NumPy arrays the caller
+    made for this): one table's are not copied where they are contiguous int64 already."""
     if not tables:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if len(tables) == 1:
         lengths, ids = tables[0]
-        return np.asarray(lengths).astype(np.int64, copy=False), np.asarray(ids).astype(np.int64, copy=False)
+        return np.ascontiguousarray(lengths, dtype=np.int64), np.ascontiguousarray(ids, dtype=np.int64)
     return (np.concatenate([lengths for lengths, _ in tables], dtype=np.int64, casting="unsafe"),
             np.concatenate([ids for _, ids in tables], dtype=np.int64, casting="unsafe"))
 
@@ -238,8 +243,10 @@ class RandomDataset(Dataset):
         self.seed = int(seed)
         self.split = int(split)
         self.config = config or RandomDataConfig()
-        if any(rows < 1 for rows in self.table_sizes):
-            raise ValueError(f"RandomDataset: every table needs at least one row, not {self.table_sizes}")
+        if not all(1 <= rows < 2**63 for rows in self.table_sizes):
+            raise ValueError(f"RandomDataset: every table needs 1 to 2^63 - 1 rows, not {self.table_sizes}")
+        if self.config.num_indices_per_lookup < 0:
+            raise ValueError(f"RandomDataset: {self.config.num_indices_per_lookup} ids per lookup")
         if self.config.distribution not in RANDOM_DISTRIBUTIONS:
             raise ValueError(f"--rand-data-dist={self.config.distribution} is not one of {', '.join(RANDOM_DISTRIBUTIONS)}")
 

@@ -250,9 +250,21 @@ def test_random_bags_of_narrow_tables_are_not_padded_to_a_wide_tables_width(monk
     assert [tables for tables, _ in calls] == [1, 1, 1]
 
 
-def test_random_tables_need_a_row():
-    with pytest.raises(ValueError, match="at least one row"):
-        dlrm_data.RandomDataset(2, [0, 5], 4, 4)
+def test_random_tables_need_a_row_and_bags_no_fewer_than_none():
+    for tables in ([0, 5], [2**63, 5]):
+        with pytest.raises(ValueError, match="every table needs 1 to"):
+            dlrm_data.RandomDataset(2, tables, 4, 4)
+    with pytest.raises(ValueError, match="-2 ids per lookup"):
+        dlrm_data.RandomDataset(2, [5], 4, 4, config=dlrm_data.RandomDataConfig(num_indices_per_lookup=-2))
+
+
+def test_batches_from_tables_copy_their_inputs_and_refuse_lists_that_differ():
+    ids = np.arange(3)
+    batch = dlrm_data.batch_from_tables(np.zeros((3, 2)), [np.ones(3, np.int64)], [ids[::-1]], np.zeros(3))
+    ids[:] = 7
+    assert batch.indices.tolist() == [2, 1, 0]
+    with pytest.raises(ValueError, match="2 tables of lengths, 1 of indices"):
+        dlrm_data.batch_from_tables(np.zeros((3, 2)), [np.ones(3, np.int64)] * 2, [np.arange(6)], np.zeros(3))
 
 
 def reference_random_batch(dataset, j):
