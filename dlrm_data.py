@@ -113,18 +113,17 @@ def batch_from_tables(dense_x, per_table_lengths, per_table_indices, target) -> 
     if len(per_table_lengths) != len(per_table_indices):
         raise ValueError(f"batch_from_tables: {len(per_table_lengths)} tables of lengths, "
                          f"{len(per_table_indices)} of indices")
-    lengths = np.concatenate(per_table_lengths, dtype=np.int64, casting="unsafe") if len(per_table_lengths) else np.zeros(0, np.int64)
-    indices = np.concatenate(per_table_indices, dtype=np.int64, casting="unsafe") if len(per_table_indices) else lengths
+    lengths, indices = _concatenated(list(zip(per_table_lengths, per_table_indices)))
     dense_x = torch.from_numpy(np.ascontiguousarray(dense_x, dtype=np.float32))
     return Batch(dense_x, SparseFeatures.from_lengths(lengths, indices, dense_x.shape[0]), _targets(target))
 
 
-def _concatenated(tables):
-    """(lengths, ids), both int64, of consecutive tables' (lengths, ids) pairs (NumPy arrays the caller
-    made for this): one table's are not copied where they are contiguous int64 already."""
+def _concatenated(tables, copy: bool = True):
+    """(lengths, ids), both int64, of consecutive tables' (lengths, ids) pairs (arrays or sequences): copied,
+    but for one table's contiguous int64 arrays without `copy` (arrays the caller made for this)."""
     if not tables:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if len(tables) == 1:
+    if len(tables) == 1 and not copy:
         lengths, ids = tables[0]
         return np.ascontiguousarray(lengths, dtype=np.int64), np.ascontiguousarray(ids, dtype=np.int64)
     return (np.concatenate([lengths for lengths, _ in tables], dtype=np.int64, casting="unsafe"),
@@ -277,14 +276,13 @@ class RandomDataset(Dataset):
         is noted and its ids are drawn after the loop (`_uniform_bags_natively`)."""
         cfg = self.config
         bit_generator = rng.bit_generator
-        natively = cfg.distribution == "uniform" and kernels.uniform_bags_runs()
+        natively = cfg.distribution == "uniform" and kernels.pcg64_native()
         sizes, ids, states = [], [], []
         for rows in self.table_sizes:
             sizes.append(cfg.bag_sizes(rng, n, rows))
             count = int(sizes[-1].sum())
             if natively:
-                states.append(bit_generator.state["state"]["state"])
-                kernels.pcg64_skip(bit_generator, count)
+                states.append(kernels.pcg64_skip(bit_generator, count))
             elif cfg.distribution == "uniform":
                 ids.append(_uniform_ids(rng, count, rows))
             else:
@@ -293,14 +291,14 @@ class RandomDataset(Dataset):
                 ids.append(np.clip(values.astype(np.int64), 0, rows - 1))
         if natively:
             return self._uniform_bags_natively(sizes, states, bit_generator.state["state"]["inc"], n)
-        return _concatenated([_unique_within_bags(*table) for table in zip(ids, sizes, self.table_sizes)])
+        return _concatenated([_unique_within_bags(*table) for table in zip(ids, sizes, self.table_sizes)], copy=False)
 
     def _uniform_bags_natively(self, sizes, states, inc, n):
         """_lookups' (lengths, ids) of uniform ids drawn by `kernels.uniform_bags` from the tables' `states`.
         Consecutive tables share one matrix padded to their widest bag (one kernel call, sort and duplicate
         removal) while that costs at most GROUP_PADDING times their own widths, or is small, and their ids
         have one type (int32 or int64: `kernels.id_dtype`)."""
-        widths = [int(bag_sizes.max()) if n else 0 for bag_sizes in sizes]
+        widths = [int(bag_sizes.max()) for bag_sizes in sizes]
         id_types = [kernels.id_dtype(rows) for rows in self.table_sizes]
         groups = []  # [first table, end, width, sum of the tables' own widths]
         for t, width in enumerate(widths):
@@ -318,7 +316,7 @@ class RandomDataset(Dataset):
             pad = max(rows)  # above every id of these tables
             bags = kernels.uniform_bags(group_sizes, n, states[first:end], inc, rows, width, pad)
             tables.append(_distinct_within_bags(bags, int(group_sizes.min()) == width, pad))
-        return _concatenated(tables)
+        return _concatenated(tables, copy=False)
 
 
 class OneHotDataset(Dataset):

@@ -557,6 +557,13 @@ void dot_interaction_backward_f32_threads(const float *x, int64_t x_stride, cons
 RANDOM_BAG_KERNELS(int32_t, i32)
 RANDOM_BAG_KERNELS(int64_t, i64)
 
+/* 32 random bits x to a float32 in [0, 1): (x >> 8) * 2^-24, 24 random bits, exact (NumPy's float32 draws; the
+ * tables' initial values) */
+static ALWAYS_INLINE float unit_f32(uint32_t x)
+{
+    return (float)(x >> 8) * 0x1p-24f;
+}
+
 /* NumPy's PCG64 (O'Neill, "PCG: a family of simple fast space-efficient statistically good algorithms for random
  * number generation", 2014; XSL RR 128/64 as numpy.random.PCG64): the 128-bit state advances by
  * state = state * PCG64_MULTIPLIER + inc, then the new state gives a 64-bit word. The kernels below draw what
@@ -597,9 +604,9 @@ static pcg128_t pcg64_jump(pcg128_t state, pcg128_t inc, uint64_t delta)
 
 static ALWAYS_INLINE void store_f32_pair(float *out, int64_t count, int64_t w, uint64_t word)
 {
-    out[2 * w] = (float)((uint32_t)word >> 8) * 0x1p-24f;
+    out[2 * w] = unit_f32((uint32_t)word);
     if (2 * w + 1 < count)
-        out[2 * w + 1] = (float)((uint32_t)(word >> 32) >> 8) * 0x1p-24f;
+        out[2 * w + 1] = unit_f32((uint32_t)(word >> 32));
 }
 
 /* out[e] for e in part `part` of num_parts parts of [0, count): Generator.random(count, dtype=float32) from a
@@ -703,7 +710,7 @@ static ALWAYS_INLINE float uniform_element(uint64_t seed, int64_t e, float low, 
 {
     const uint64_t word = splitmix64(seed + (uint64_t)(e >> 1) * 0x9e3779b97f4a7c15ull);
     const uint32_t x = (uint32_t)(e & 1 ? word >> 32 : word);
-    return low + scale * ((float)(x >> 8) * 0x1p-24f);
+    return low + scale * unit_f32(x);
 }
 
 /* Calls store(e, element e) for the elements e of part `part` of num_parts equal parts of [0, count) */

@@ -619,12 +619,6 @@ def distinct_sorted_bags(bags, rows: int):
 _UINT64 = (1 << 64) - 1
 
 
-def _pcg64_ready(library, bit_generator) -> bool:
-    """Whether the kernels can draw from `bit_generator`: a NumPy PCG64 with no half word buffered."""
-    return (library is not None and library.pcg64 and type(bit_generator) is np.random.PCG64
-            and not bit_generator.state["has_uint32"])
-
-
 def _halves(value: int) -> tuple[int, int]:
     return value >> 64, value & _UINT64
 
@@ -638,13 +632,16 @@ def pcg64_random_f32(bit_generator, count: int) -> np.ndarray | None:
     count = operator.index(count)
     if count < 0:
         raise ValueError(f"pcg64_random_f32: a negative count ({count})")
-    library, _ = _library()
-    if not _pcg64_ready(library, bit_generator):
+    if not pcg64_native() or type(bit_generator) is not np.random.PCG64:
+        return None
+    state = bit_generator.state
+    if state["has_uint32"]:
         return None
     out = np.empty(count, dtype=np.float32)
     if count == 0:
         return out
-    state = bit_generator.state["state"]
+    library, _ = _library()
+    state = state["state"]
     words = (count + 1) // 2  # each word gives two values, low 32 bits first
     _run_kernel(library, "pcg64_random_f32", (out.ctypes.data, count, *_halves(state["state"]),
                                               *_halves(state["inc"])), _parts(words, RANDOM_OPENMP_MIN_WORDS))
@@ -656,10 +653,11 @@ def pcg64_random_f32(bit_generator, count: int) -> np.ndarray | None:
     return out
 
 
-def pcg64_skip(bit_generator, words: int) -> None:
+def pcg64_skip(bit_generator, words: int) -> int:
     """Moves a NumPy PCG64 on by `words` 64-bit words (as many doubles of `Generator.random`) as drawing them
-    would: a half word buffered by float32 draws stays (PCG64.advance alone drops it). ValueError for another
-    bit generator or words outside [0, 2^128)."""
+    would: a half word buffered by float32 draws stays (PCG64.advance alone drops it). Returns the 128-bit
+    state it started from (where the skipped words begin). ValueError for another bit generator or words
+    outside [0, 2^128)."""
     words = operator.index(words)
     if type(bit_generator) is not np.random.PCG64 or not 0 <= words < 2**128:
         raise ValueError(f"pcg64_skip: skips 0 to 2^128 - 1 words of a NumPy PCG64, not {words} of "
@@ -669,10 +667,11 @@ def pcg64_skip(bit_generator, words: int) -> None:
     moved = bit_generator.state
     moved["has_uint32"], moved["uinteger"] = state["has_uint32"], state["uinteger"]
     bit_generator.state = moved
+    return state["state"]["state"]
 
 
-def uniform_bags_runs() -> bool:
-    """Whether `uniform_bags` runs (the kernels are built, with 128-bit integers)."""
+def pcg64_native() -> bool:
+    """Whether the PCG64 kernels (`pcg64_random_f32`, `uniform_bags`) run: built, with 128-bit integers."""
     library, _ = _library()
     return library is not None and library.pcg64
 
@@ -684,11 +683,11 @@ def uniform_bags(sizes: np.ndarray, bags_per_table: int, states, inc: int, rows,
     sizes[t * bags_per_table:(t + 1) * bags_per_table].sum() of them). Ids int32 when pad < 2^31 - 1, else
     int64. sizes: [T * bags_per_table] integers in [0, width]; rows: T (>= 1) integer table sizes in
     [1, pad]; states: T integers in [0, 2^128); inc: an odd integer in [0, 2^128), as in `PCG64.state`. On
-    PyTorch's threads from RANDOM_OPENMP_MIN_WORDS ids. None without the kernels (`uniform_bags_runs`);
+    PyTorch's threads from RANDOM_OPENMP_MIN_WORDS ids. None without the kernels (`pcg64_native`);
     ValueError for arguments outside these bounds."""
-    library, _ = _library()
-    if library is None or not library.pcg64:
+    if not pcg64_native():
         return None
+    library, _ = _library()
     try:
         rows, states = [operator.index(r) for r in rows], [operator.index(state) for state in states]
         bags_per_table, width, pad, inc = (operator.index(v) for v in (bags_per_table, width, pad, inc))

@@ -229,7 +229,7 @@ def test_random_bags_of_narrow_tables_are_not_padded_to_a_wide_tables_width(monk
     small): three-row tables beside a million-row one with up to 1000 ids per bag are padded to 3, not 1000."""
     from dlrmkit import kernels as native_kernels
 
-    if not native_kernels.uniform_bags_runs():
+    if not native_kernels.pcg64_native():
         pytest.skip(f"no native kernels: {native_kernels.status()}")
     calls = []
     uniform_bags = native_kernels.uniform_bags

@@ -695,7 +695,8 @@ def test_pcg64_skip_moves_a_pcg64_as_drawing_would_and_refuses_others():
     drawn, skipped = np.random.default_rng(3), np.random.default_rng(3)
     drawn.random(1, dtype=np.float32), skipped.random(1, dtype=np.float32)  # both hold half a word
     drawn.random(7)
-    kernels.pcg64_skip(skipped.bit_generator, 7)
+    start = skipped.bit_generator.state["state"]["state"]
+    assert kernels.pcg64_skip(skipped.bit_generator, 7) == start  # where the skipped words begin
     assert skipped.bit_generator.state == drawn.bit_generator.state
     assert np.array_equal(skipped.random(2, dtype=np.float32), drawn.random(2, dtype=np.float32))
     for generator, words in ((np.random.Philox(1), 3), (np.random.PCG64(1), -1), (np.random.PCG64(1), 2**128)):
