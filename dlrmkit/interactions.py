@@ -184,28 +184,29 @@ def gram_pairs_backward(features, grad_pairs, gather_index, self_pairs):
 
 class NativeDotInteraction(torch.autograd.Function):
     """The dot interaction's output [x, pairs] from the native kernels (`kernels.dot_interaction`), forward
-    and backward, in float32: no [B, F, F] Gram matrix, no gathers, no concatenations. Called only where
+    and backward, in float32 (the output rounded to `out_dtype`, float32 or bfloat16; its gradient widened to
+    float32): no [B, F, F] Gram matrix, no gathers, no concatenations. Called only where
     `kernels.dot_interaction_runs`; a backward that is to be differentiated again runs PyTorch's operators."""
 
     @staticmethod
-    def forward(ctx, x, ly, interaction):
+    def forward(ctx, x, ly, interaction, out_dtype):
         ctx.save_for_backward(x, ly)
         ctx.interaction = interaction
-        return kernels.dot_interaction(x, ly, interaction.itself)
+        return kernels.dot_interaction(x, ly, interaction.itself, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, ly = ctx.saved_tensors
-        grad_out = grad_out.float()
         if not torch.is_grad_enabled():
             native = kernels.dot_interaction_backward(x, ly, grad_out.contiguous(), ctx.interaction.itself)
             if native is not None:
-                return (*native, None)
+                return (*native, None, None)
         # PyTorch operators: a backward to be differentiated again (create_graph), or a gradient the kernels do not take
+        grad_out = grad_out.float()
         dim, interaction = x.shape[1], ctx.interaction
         features = torch.cat([x.unsqueeze(1), ly], dim=1)
         grad = gram_pairs_backward(features, grad_out[:, dim:], interaction.gather_index, interaction.self_pairs)
-        return grad_out[:, :dim] + grad[:, 0], grad[:, 1:], None
+        return grad_out[:, :dim] + grad[:, 0], grad[:, 1:], None, None
 
 
 class DotInteraction(Interaction):
@@ -248,7 +249,10 @@ class DotInteraction(Interaction):
         x, ly = x.float(), ly.float()
         if (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
                 and kernels.dot_interaction_runs(x, ly)):
-            return NativeDotInteraction.apply(x, ly, self)
+            # under bf16 autocast the kernel hands the float32 results over rounded to bfloat16, as the top MLP's
+            # first layer would cast them (one pass over the output less each way)
+            bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            return NativeDotInteraction.apply(x, ly, self, torch.bfloat16 if bf16 else torch.float32)
         features = torch.cat([x.unsqueeze(1), ly], dim=1)  # [B, T+1, D]
         if torch.is_grad_enabled() and features.requires_grad:
             pairs = GramPairs.apply(features, self.pair_index, self.gather_index, self.self_pairs)

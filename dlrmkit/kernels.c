@@ -102,6 +102,14 @@ static inline float bf16_to_f32(uint16_t h)
     return v.f;
 }
 
+/* float32 -> bfloat16 rounded to nearest, ties to even, as PyTorch converts (NaN: a quiet NaN) */
+static inline uint16_t f32_to_bf16_nearest(float x)
+{
+    union { float f; uint32_t u; } v = { x };
+    const uint16_t rounded = (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+    return x != x ? (uint16_t)0x7fc0u : rounded;
+}
+
 /* float32 -> bfloat16, rounded stochastically: up with probability (the dropped low 16 bits) / 2^16,
  * so that the rounded value equals x on average; a value bfloat16 holds exactly is kept exactly.
  * Infinities and NaN are truncated (their low bits never carry into the exponent). Branch-free. */
@@ -333,16 +341,16 @@ static ALWAYS_INLINE const float *feature_row(const float *x, int64_t x_stride, 
 
 static ALWAYS_INLINE void dot_interaction_range(const float *restrict x, int64_t x_stride, const float *restrict ly,
                                                 int64_t ly_sb, int64_t ly_st, int64_t num_tables, const int64_t dim,
-                                                int itself, float *restrict out, float *restrict scratch,
-                                                int64_t begin, int64_t end)
+                                                int itself, void *restrict out, int out_bf16,
+                                                float *restrict scratch, int64_t begin, int64_t end)
 {
     const int64_t F = num_tables + 1, padded = lanes_up(F);
     const int64_t width = dim + (itself ? F * (F + 1) / 2 : F * (F - 1) / 2);
-    float *restrict ft = scratch, *restrict acc = scratch + dim * padded;
+    float *restrict ft = scratch, *restrict acc = scratch + dim * padded, *restrict row = acc + ROWS * padded;
     for (int64_t k = 0; k < dim * padded; k++)
         ft[k] = 0.0f;
     for (int64_t b = begin; b < end; b++) {
-        float *restrict o = out + b * width;
+        float *restrict o = out_bf16 ? row : (float *)out + b * width;
         for (int64_t i = 0; i < F; i++) {
             const float *restrict f = feature_row(x, x_stride, ly, ly_sb, ly_st, b, i);
             for (int64_t d = 0; d < dim; d++)
@@ -380,6 +388,9 @@ static ALWAYS_INLINE void dot_interaction_range(const float *restrict x, int64_t
                 pair += n;
             }
         }
+        if (out_bf16)
+            for (int64_t k = 0; k < width; k++)
+                ((uint16_t *)out)[b * width + k] = f32_to_bf16_nearest(row[k]);
     }
 }
 
@@ -391,20 +402,28 @@ static ALWAYS_INLINE void dot_interaction_range(const float *restrict x, int64_t
  * each sum over j = 0 .. F - 1 in order in float32, the zeros S[i, i] without itself included (as in
  * S @ features), ROWS rows i at a time. grad_out [batch, dim + pairs] with row stride grad_stride; grad_x
  * [batch, dim] contiguous; grad_ly with strides gly_sb, gly_st (the last dimension contiguous); `scratch`
- * (F rounded up to ROWS) * (F + dim) floats.
+ * (F rounded up to ROWS) * F + F * dim + (a bfloat16 grad_out's row) floats.
  */
 static ALWAYS_INLINE void dot_interaction_backward_range(
     const float *restrict x, int64_t x_stride, const float *restrict ly, int64_t ly_sb, int64_t ly_st,
-    int64_t num_tables, const int64_t dim, int itself, const float *restrict grad_out, int64_t grad_stride,
-    float *restrict grad_x, float *restrict grad_ly, int64_t gly_sb, int64_t gly_st, float *restrict scratch,
-    int64_t begin, int64_t end)
+    int64_t num_tables, const int64_t dim, int itself, const void *restrict grad_out, int grad_bf16,
+    int64_t grad_stride, float *restrict grad_x, float *restrict grad_ly, int64_t gly_sb, int64_t gly_st,
+    float *restrict scratch, int64_t begin, int64_t end)
 {
     const int64_t F = num_tables + 1, rows = (F + ROWS - 1) / ROWS * ROWS;
-    float *restrict S = scratch, *restrict f = scratch + rows * F;
+    const int64_t width = dim + (itself ? F * (F + 1) / 2 : F * (F - 1) / 2);
+    float *restrict S = scratch, *restrict f = scratch + rows * F, *restrict widened = f + F * dim;
     for (int64_t k = F * F; k < rows * F; k++) /* the rows past F: zero, never written */
         S[k] = 0.0f;
     for (int64_t b = begin; b < end; b++) {
-        const float *restrict g = grad_out + b * grad_stride + dim;
+        const float *restrict direct = (const float *)grad_out + b * grad_stride;
+        if (grad_bf16) {
+            const uint16_t *restrict h = (const uint16_t *)grad_out + b * grad_stride;
+            for (int64_t k = 0; k < width; k++)
+                widened[k] = bf16_to_f32(h[k]);
+            direct = widened;
+        }
+        const float *restrict g = direct + dim;
         for (int64_t i = 0, p = 0; i < F; i++) {
             for (int64_t j = 0; j < i; j++, p++)
                 S[i * F + j] = S[j * F + i] = g[p];
@@ -432,7 +451,6 @@ static ALWAYS_INLINE void dot_interaction_backward_range(
                 const int64_t i = i0 + k;
                 const float *a = k == 0 ? a0 : k == 1 ? a1 : k == 2 ? a2 : a3;
                 if (i == 0) {
-                    const float *restrict direct = grad_out + b * grad_stride;
                     for (int64_t d = 0; d < dim; d++)
                         grad_x[b * dim + d] = direct[d] + a[d];
                 } else {
@@ -456,8 +474,9 @@ static void part_range(int64_t batch, int64_t part, int64_t num_parts, int64_t *
  * dim) floats of `scratch` (num_parts times as many). */
 int64_t dot_interaction_scratch_floats(int64_t num_tables, int64_t dim)
 {
-    const int64_t F = num_tables + 1, forward = (dim + ROWS) * lanes_up(F);
-    const int64_t backward = (F + ROWS - 1) / ROWS * ROWS * F + F * dim;
+    const int64_t F = num_tables + 1, row = dim + F * (F + 1) / 2; /* a bfloat16 row as float32, itself or not */
+    const int64_t forward = (dim + ROWS) * lanes_up(F) + row;
+    const int64_t backward = (F + ROWS - 1) / ROWS * ROWS * F + F * dim + row;
     return forward > backward ? forward : backward;
 }
 
@@ -471,50 +490,54 @@ int64_t dot_interaction_scratch_floats(int64_t num_tables, int64_t dim)
     default: { const int64_t d_ = dim; call; break; }                                                           \
     }
 
+/* out_bf16: out is bfloat16 (uint16_t), each float32 result rounded to nearest (f32_to_bf16_nearest);
+ * grad_bf16: grad_out is bfloat16, widened exactly (grad_stride in its elements either way) */
 void dot_interaction_f32(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb, int64_t ly_st,
-                         int64_t batch, int64_t num_tables, int64_t dim, int itself, float *out, float *scratch,
-                         int64_t part, int64_t num_parts)
+                         int64_t batch, int64_t num_tables, int64_t dim, int itself, void *out, int out_bf16,
+                         float *scratch, int64_t part, int64_t num_parts)
 {
     int64_t begin, end;
     part_range(batch, part, num_parts, &begin, &end);
     scratch += part * dot_interaction_scratch_floats(num_tables, dim);
-    WITH_CONSTANT_DIM(dim, dot_interaction_range(x, x_stride, ly, ly_sb, ly_st, num_tables, d_, itself, out, scratch,
-                                                 begin, end))
+    WITH_CONSTANT_DIM(dim, dot_interaction_range(x, x_stride, ly, ly_sb, ly_st, num_tables, d_, itself, out, out_bf16,
+                                                 scratch, begin, end))
 }
 
 void dot_interaction_backward_f32(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb, int64_t ly_st,
-                                  int64_t batch, int64_t num_tables, int64_t dim, int itself, const float *grad_out,
-                                  int64_t grad_stride, float *grad_x, float *grad_ly, int64_t gly_sb, int64_t gly_st,
-                                  float *scratch, int64_t part, int64_t num_parts)
+                                  int64_t batch, int64_t num_tables, int64_t dim, int itself, const void *grad_out,
+                                  int grad_bf16, int64_t grad_stride, float *grad_x, float *grad_ly, int64_t gly_sb,
+                                  int64_t gly_st, float *scratch, int64_t part, int64_t num_parts)
 {
     int64_t begin, end;
     part_range(batch, part, num_parts, &begin, &end);
     scratch += part * dot_interaction_scratch_floats(num_tables, dim);
     WITH_CONSTANT_DIM(dim, dot_interaction_backward_range(x, x_stride, ly, ly_sb, ly_st, num_tables, d_, itself,
-                                                          grad_out, grad_stride, grad_x, grad_ly, gly_sb, gly_st,
-                                                          scratch, begin, end))
+                                                          grad_out, grad_bf16, grad_stride, grad_x, grad_ly, gly_sb,
+                                                          gly_st, scratch, begin, end))
 }
 
 #ifdef _OPENMP
 /* dot_interaction_f32 and its backward on up to num_parts of PyTorch's OpenMP threads (see
  * bag_sgd_f32_threads). */
 void dot_interaction_f32_threads(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb, int64_t ly_st,
-                                 int64_t batch, int64_t num_tables, int64_t dim, int itself, float *out,
+                                 int64_t batch, int64_t num_tables, int64_t dim, int itself, void *out, int out_bf16,
                                  float *scratch, int64_t num_parts)
 {
 #pragma omp parallel num_threads((int)num_parts)
-    dot_interaction_f32(x, x_stride, ly, ly_sb, ly_st, batch, num_tables, dim, itself, out, scratch,
+    dot_interaction_f32(x, x_stride, ly, ly_sb, ly_st, batch, num_tables, dim, itself, out, out_bf16, scratch,
                         omp_get_thread_num(), omp_get_num_threads());
 }
 
 void dot_interaction_backward_f32_threads(const float *x, int64_t x_stride, const float *ly, int64_t ly_sb,
                                           int64_t ly_st, int64_t batch, int64_t num_tables, int64_t dim, int itself,
-                                          const float *grad_out, int64_t grad_stride, float *grad_x, float *grad_ly,
-                                          int64_t gly_sb, int64_t gly_st, float *scratch, int64_t num_parts)
+                                          const void *grad_out, int grad_bf16, int64_t grad_stride, float *grad_x,
+                                          float *grad_ly, int64_t gly_sb, int64_t gly_st, float *scratch,
+                                          int64_t num_parts)
 {
 #pragma omp parallel num_threads((int)num_parts)
-    dot_interaction_backward_f32(x, x_stride, ly, ly_sb, ly_st, batch, num_tables, dim, itself, grad_out, grad_stride,
-                                 grad_x, grad_ly, gly_sb, gly_st, scratch, omp_get_thread_num(), omp_get_num_threads());
+    dot_interaction_backward_f32(x, x_stride, ly, ly_sb, ly_st, batch, num_tables, dim, itself, grad_out, grad_bf16,
+                                 grad_stride, grad_x, grad_ly, gly_sb, gly_st, scratch, omp_get_thread_num(),
+                                 omp_get_num_threads());
 }
 #endif
 
@@ -721,12 +744,7 @@ static ALWAYS_INLINE float uniform_element(uint64_t seed, int64_t e, float low, 
         store(e, uniform_element(seed, e, low, scale));
 
 #define STORE_F32(i, value) out[i] = (value)
-/* to bfloat16 rounded to nearest, ties to even (as PyTorch converts float32; no NaN arises here) */
-#define STORE_BF16(i, value)                                                                                    \
-    do {                                                                                                        \
-        union { float f; uint32_t u; } v = { value };                                                          \
-        out[i] = (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);                                      \
-    } while (0)
+#define STORE_BF16(i, value) out[i] = f32_to_bf16_nearest(value)
 
 /* out[e] = element e of the range, for the elements of part `part` of num_parts equal parts of [0, count) */
 void uniform_fill_f32(float *restrict out, int64_t count, uint64_t seed, float low, float high,

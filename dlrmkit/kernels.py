@@ -155,10 +155,11 @@ def _load(path: Path):
         library.stacked_rows_checked.restype = i64
         library.dot_interaction_scratch_floats.argtypes = [i64, i64]
         library.dot_interaction_scratch_floats.restype = i64
-        library.dot_interaction_f32.argtypes = [p, i64, p, i64, i64, i64, i64, i64, ctypes.c_int, p, p, i64, i64]
+        library.dot_interaction_f32.argtypes = [p, i64, p, i64, i64, i64, i64, i64, ctypes.c_int, p, ctypes.c_int, p,
+                                                i64, i64]
         library.dot_interaction_f32.restype = None
-        library.dot_interaction_backward_f32.argtypes = [p, i64, p, i64, i64, i64, i64, i64, ctypes.c_int, p, i64,
-                                                         p, p, i64, i64, p, i64, i64]
+        library.dot_interaction_backward_f32.argtypes = [p, i64, p, i64, i64, i64, i64, i64, ctypes.c_int, p,
+                                                         ctypes.c_int, i64, p, p, i64, i64, p, i64, i64]
         library.dot_interaction_backward_f32.restype = None
         for suffix, id_type in (("i32", ctypes.c_int32), ("i64", ctypes.c_int64)):
             pad = getattr(library, "pad_bags_" + suffix)
@@ -530,36 +531,42 @@ def _interaction_scratch(library, ly, parts: int) -> torch.Tensor:
     return torch.empty(parts * library.dot_interaction_scratch_floats(ly.shape[1], ly.shape[2]), dtype=torch.float32)
 
 
+INTERACTION_DTYPES = (torch.float32, torch.bfloat16)  # of the output and of its gradient
+
+
 @torch.no_grad()
-def dot_interaction(x: torch.Tensor, ly: torch.Tensor, itself: bool = False) -> torch.Tensor | None:
-    """The dot interaction's output [B, D + P] float32: x, then the dot products of every pair (i, j),
+def dot_interaction(x: torch.Tensor, ly: torch.Tensor, itself: bool = False,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The dot interaction's output [B, D + P]: x, then the dot products of every pair (i, j),
     i > j (i >= j with `itself`), of the F = T + 1 feature vectors [x, ly[:, 0], ..., ly[:, T - 1]] in
     row-major order (the original's), each summed over d in order in float32 (the same with any number
     of threads). x [B, D], ly [B, T, D]: float32 CPU tensors whose last dimension is contiguous (e.g. the
-    [T, B, D] lookup output transposed). None when not run natively (no kernels, other tensors)."""
+    [T, B, D] lookup output transposed). out_dtype float32, or bfloat16: each float32 result rounded to
+    nearest, as `.to(torch.bfloat16)` rounds it (what an autocast bf16 layer reading the output would cast
+    it to). None when not run natively (no kernels, other tensors or dtypes)."""
     library, _ = _library()
-    if library is None or not _interaction_operands_ok(x, ly):
+    if library is None or not _interaction_operands_ok(x, ly) or out_dtype not in INTERACTION_DTYPES:
         return None
     batch, num_tables, dim = ly.shape
-    out = torch.empty(batch, dim + _num_pairs(num_tables + 1, itself), dtype=torch.float32)
+    out = torch.empty(batch, dim + _num_pairs(num_tables + 1, itself), dtype=out_dtype)
     if batch == 0:
         return out
     parts = _interaction_parts(x, ly)
     scratch = _interaction_scratch(library, ly, parts)
     arguments = (x.data_ptr(), x.stride(0), ly.data_ptr(), ly.stride(0), ly.stride(1), batch, num_tables, dim,
-                 int(bool(itself)), out.data_ptr(), scratch.data_ptr())
+                 int(bool(itself)), out.data_ptr(), int(out_dtype == torch.bfloat16), scratch.data_ptr())
     _run_kernel(library, "dot_interaction_f32", arguments, parts)
     return out
 
 
 @torch.no_grad()
 def dot_interaction_backward(x: torch.Tensor, ly: torch.Tensor, grad_out: torch.Tensor, itself: bool = False):
-    """(grad_x [B, D], grad_ly [B, T, D] laid out as ly) of `dot_interaction(x, ly, itself)` given grad_out
-    [B, D + P] float32 (its last dimension contiguous): with S the symmetric [F, F] matrix of the pairs'
-    gradients (twice at a self-pair), grad of feature i = sum over j of S[i, j] * feature j, in order,
-    in float32 (plus grad_out[:, :D] for x). None when not run natively."""
+    """(grad_x [B, D], grad_ly [B, T, D] laid out as ly, float32) of `dot_interaction(x, ly, itself)` given
+    grad_out [B, D + P] float32 or bfloat16 (widened exactly; its last dimension contiguous): with S the
+    symmetric [F, F] matrix of the pairs' gradients (twice at a self-pair), grad of feature i = sum over j
+    of S[i, j] * feature j, in order, in float32 (plus grad_out[:, :D] for x). None when not run natively."""
     library, _ = _library()
-    if (library is None or not _interaction_operands_ok(x, ly) or grad_out.dtype != torch.float32
+    if (library is None or not _interaction_operands_ok(x, ly) or grad_out.dtype not in INTERACTION_DTYPES
             or grad_out.dim() != 2 or grad_out.stride(1) != 1 or not _plain_cpu_tensor(grad_out)):
         return None
     batch, num_tables, dim = ly.shape
@@ -572,8 +579,8 @@ def dot_interaction_backward(x: torch.Tensor, ly: torch.Tensor, grad_out: torch.
     parts = _interaction_parts(x, ly)
     scratch = _interaction_scratch(library, ly, parts)
     arguments = (x.data_ptr(), x.stride(0), ly.data_ptr(), ly.stride(0), ly.stride(1), batch, num_tables, dim,
-                 int(bool(itself)), grad_out.data_ptr(), grad_out.stride(0), grad_x.data_ptr(), grad_ly.data_ptr(),
-                 grad_ly.stride(0), grad_ly.stride(1), scratch.data_ptr())
+                 int(bool(itself)), grad_out.data_ptr(), int(grad_out.dtype == torch.bfloat16), grad_out.stride(0),
+                 grad_x.data_ptr(), grad_ly.data_ptr(), grad_ly.stride(0), grad_ly.stride(1), scratch.data_ptr())
     _run_kernel(library, "dot_interaction_backward_f32", arguments, parts)
     return grad_x, grad_ly
 

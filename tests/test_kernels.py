@@ -567,6 +567,29 @@ def test_native_dot_interaction_sums_in_the_documented_order_bit_for_bit(batch, 
     assert out.shape == (batch, width) and torch.equal(out, expected)
     assert torch.equal(grad_x, expected_gx) and torch.equal(grad_ly, expected_gly)
     assert grad_ly.stride() == ly.stride()  # the lookup's backward reads it as [T, B, D] without a copy
+    # bfloat16 out: the same results rounded as PyTorch rounds them; a bfloat16 gradient: widened exactly
+    rounded = kernels.dot_interaction(x, ly, itself, torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, expected.bfloat16())
+    grad_bf16 = grad_out.bfloat16()
+    expected_gx, expected_gly = kernels.dot_interaction_backward(x, ly, grad_bf16.float(), itself)
+    grad_x, grad_ly = kernels.dot_interaction_backward(x, ly, grad_bf16, itself)
+    assert grad_x.dtype == grad_ly.dtype == torch.float32
+    assert torch.equal(grad_x, expected_gx) and torch.equal(grad_ly, expected_gly)
+
+
+@needs_native
+def test_native_dot_interaction_rounds_to_bfloat16_as_pytorch_does():
+    """Ties to even, the largest values, overflow to infinity, subnormals, infinities and NaN."""
+    special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), 3.3895314e38, 3.4e38,
+                            1e-40, -1e-41, float("inf"), float("-inf"), 0.0, -0.0, 1.0, 2.0])
+    x = torch.zeros(len(special) + 1, 2)
+    x[:, 0] = torch.cat([special, torch.tensor([float("nan")])])
+    ly = torch.zeros(len(x), 1, 2)
+    ly[:, 0, 0] = 1.0  # the one pair's product: x[:, 0] * 1
+    rounded = kernels.dot_interaction(x, ly, False, torch.bfloat16)
+    expected = kernels.dot_interaction(x, ly, False).bfloat16()
+    assert torch.equal(rounded[:-1], expected[:-1]) and torch.isnan(rounded[-1, 0]) and torch.isnan(rounded[-1, 2])
+    assert kernels.dot_interaction(x, ly, False, torch.float16) is None  # not a dtype the kernel writes
 
 
 @needs_native
@@ -594,19 +617,24 @@ def test_the_models_dot_interaction_is_native_on_the_cpu_and_matches_the_pytorch
     g = torch.Generator().manual_seed(1)
     x, ly = torch.randn(12, 8, generator=g), torch.randn(5, 12, 8, generator=g).transpose(0, 1)
 
-    def run(native):
+    def run(native, autocast=True):
         monkeypatch.setattr(kernels, "dot_interaction_runs", lambda *_: native)
         xs, lys = x.clone().requires_grad_(), ly.detach().clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 products under autocast too
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # float32 products under autocast too
             out = interaction(xs.bfloat16(), lys)
-        out.backward(torch.arange(out.numel(), dtype=torch.float32).view(out.shape).cos())
+        # a gradient bfloat16 holds, as a bf16 top MLP's first layer hands back
+        out.backward(torch.arange(out.numel(), dtype=torch.float32).view(out.shape).cos().bfloat16().to(out.dtype))
         return out, xs.grad, lys.grad
 
-    native, fallback = run(True), run(False)
+    native, fallback, native_fp32 = run(True), run(False), run(True, autocast=False)
     assert type(native[0].grad_fn).__name__ == NativeDotInteraction.__name__ + "Backward"
-    assert native[0].dtype == fallback[0].dtype == torch.float32
+    # under bf16 autocast the native output comes rounded to bfloat16 (what the next layer casts it to): the
+    # float32 products rounded, and the same gradients
+    assert fallback[0].dtype == native_fp32[0].dtype == torch.float32 and native[0].dtype == torch.bfloat16
+    assert torch.equal(native[0], native_fp32[0].bfloat16())
+    assert torch.equal(native[1], native_fp32[1]) and torch.equal(native[2], native_fp32[2])
     for a, b in zip(native, fallback):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5)
 
 
 @needs_native
