@@ -1742,9 +1742,6 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     np.random.seed(args.numpy_rand_seed)
     device = select_device(args.use_gpu, launch.local_rank if launch else 0)
     check_precision(args.precision, device)
-    if args.precision == "bf16" and device.type == "cuda" and not args.inference_only and ext_dist.is_rank0():
-        print("note: --precision=bf16 on CUDA drifted from fp32 on a test task where bf16 on the CPU and fp16 "
-              "on CUDA track it (README, Speed, GPU); compare with an fp32 or fp16 run", file=sys.stderr)
     if device.type == "cpu":
         keep_freed_memory()
 

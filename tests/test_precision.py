@@ -11,22 +11,21 @@ import dlrm_s_pytorch as dlrm
 from dlrmkit.optim import make_optimizer
 from helpers import PLANTED_TABLES, planted_dataset
 
-# bf16 vs fp32, this model and data, 2 epochs of Adagrad, a print every 10 iterations of 64 samples:
-# measured |diff| 0.0043 on average and 0.014 at most (with SEED)
-LOSS_TOLERANCE_MEAN = 0.015
-LOSS_TOLERANCE_MAX = 0.06
+# bf16 vs fp32, this model and data, 2 epochs of Adagrad at rate 0.02, a print every 10 iterations of 64 samples,
+# over seeds 0-39: printed losses |diff| up to 0.016 on average and 0.095 at most (a transient), test AUC within
+# 0.0036, every run in the same optimum (AUC 0.844-0.851). At rate 0.05 the task had a second optimum (AUC
+# about 0.78, the dense feature's path through the bottom MLP's ReLUs dead) that fp32 and bf16 alike fell
+# into with some seeds (0 and 4 of 0-12), so that which precision "tracked" the other was chance.
+LOSS_TOLERANCE_MEAN = 0.025
+LOSS_TOLERANCE_MAX = 0.12
 AUC_TOLERANCE = 0.01
-# The planted problem has two optima (test AUC about 0.85 and 0.78) and a run may settle in either: with
-# some seeds fp32 and bf16 part ways within the first epoch, and how closely they agree otherwise varies with
-# the seed (|diff| 0.001-0.018 on average over seeds 0-12). A seed whose runs reach the better optimum
-# together, so that the comparison tests precision, not which optimum chaos picks.
 SEED = 3
 
 
 def train_planted(precision, device="cpu", compile_backend=None, optimizer="adagrad", samples=6400, epochs=2):
     torch.manual_seed(SEED)
     args = dlrm.parse_args(["--arch-sparse-feature-size=8", "--arch-mlp-bot=4-64-32-8", "--arch-mlp-top=64-32-1",
-                            "--loss-function=bce", f"--optimizer={optimizer}", "--learning-rate=0.05",
+                            "--loss-function=bce", f"--optimizer={optimizer}", "--learning-rate=0.02",
                             "--mini-batch-size=64", "--print-freq=10", f"--precision={precision}",
                             f"--nepochs={epochs}"])
     device = torch.device(device)
@@ -55,7 +54,7 @@ def test_bf16_tracks_fp32_loss_within_tolerance(fp32_run):
     difference = np.abs(bf16_losses - fp32_losses)
     assert difference.mean() < LOSS_TOLERANCE_MEAN and difference.max() < LOSS_TOLERANCE_MAX
     assert fp32_losses[-5:].mean() < fp32_losses[0] - 0.1  # it learns, so the comparison means something
-    assert abs(bf16_metrics.auc - fp32_metrics.auc) < AUC_TOLERANCE and bf16_metrics.auc > 0.82  # the better optimum
+    assert abs(bf16_metrics.auc - fp32_metrics.auc) < AUC_TOLERANCE and bf16_metrics.auc > 0.82
 
 
 def test_autocast_leaves_embeddings_probabilities_and_loss_in_float32():
@@ -101,8 +100,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.xfail(
-    reason="known problem: bf16 on CUDA drifts from fp32 on this task (README, Speed, GPU)", strict=False)), "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_cuda_training_tracks_cpu_fp32(precision, fp32_run):
     losses, metrics = train_planted(precision, device="cuda")
     difference, slack = np.abs(losses - fp32_run[0]), 2 if precision == "fp16" else 1
