@@ -294,12 +294,15 @@ class DLRM_Net(nn.Module):
             sparse = sparse.with_weights(self.pooling_weights(sparse))
         return self.emb_l(sparse)
 
-    def interact_features(self, x, ly):
+    def interact_features(self, x, ly, autocast_layer=False):
         """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings (or the original's list of T
-        [B, D] tensors) -> [B, ln_top[0]]."""
+        [B, D] tensors) -> [B, ln_top[0]] float32, under autocast too. `autocast_layer`: the output goes
+        straight into a layer running under autocast, which casts it to the autocast dtype: it may come in
+        that dtype already, with the values the cast would give (`Interaction.top_input`; the dot
+        interaction's native kernels under bf16)."""
         if isinstance(ly, (list, tuple)):
             ly = torch.stack(list(ly), dim=1)
-        return self.interaction(x, ly)
+        return self.interaction.top_input(x, ly, autocast_layer)
 
     def apply_mlp(self, x, layers):
         """The original's helper: `layers` (bot_l or top_l) applied to x."""
@@ -316,7 +319,7 @@ class DLRM_Net(nn.Module):
     def dense_forward(self, dense_x, ly):
         """Bottom MLP, interaction and top MLP: everything after the lookups (what --compile compiles)."""
         x = self.bot_l(dense_x)
-        z = self.interact_features(x, ly)
+        z = self.interact_features(x, ly, autocast_layer=isinstance(self.top_l[0], nn.Linear))
         for layer in self.top_l:
             if isinstance(layer, nn.Sigmoid):
                 z = z.float()  # the probabilities (and so the loss) in float32 under autocast too

@@ -134,6 +134,12 @@ class Interaction(nn.Module):
         """{flag: value} of the config's options that this interaction uses."""
         return {}
 
+    def top_input(self, x: torch.Tensor, ly: torch.Tensor, autocast_layer: bool = False) -> torch.Tensor:
+        """The output as the top MLP reads it. `autocast_layer`: it goes straight into a layer running under
+        autocast (the top MLP's first Linear), which casts it to the autocast dtype: an interaction may hand it
+        over in that dtype already, with the values the cast would give. By default the module's output."""
+        return self(x, ly)
+
     @staticmethod
     def dense_layers(num_tables: int, dense_dim: int, emb_dim: int, config: InteractionConfig) -> list[list[int]]:
         return []
@@ -158,10 +164,16 @@ class GramPairs(torch.autograd.Function):
     autograd through bmm(f, f^T) runs two and adds them.
     """
 
+    generate_vmap_rule = True  # torch.func transforms (grad, vmap) see its forward and backward as operators
+
     @staticmethod
-    def forward(ctx, features, pair_index, gather_index, self_pairs):
-        ctx.save_for_backward(features, gather_index, self_pairs)
+    def forward(features, pair_index, gather_index, self_pairs):
         return gram_pairs(features, pair_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        features, _, gather_index, self_pairs = inputs
+        ctx.save_for_backward(features, gather_index, self_pairs)
 
     @staticmethod
     def backward(ctx, grad_pairs):
@@ -245,14 +257,21 @@ class DotInteraction(Interaction):
         return None
 
     def forward(self, x, ly):
-        # in float32 under autocast too: tiny products, where bf16 only adds casts and rounding
+        """[B, W] float32 (under autocast too: tiny products, where bf16 only adds casts and rounding)."""
+        return self._interact(x, ly, torch.float32)
+
+    def top_input(self, x, ly, autocast_layer=False):
+        """On the CPU under bf16 autocast, into an autocast layer: the float32 results rounded to bfloat16 by the
+        native kernel as it writes them (one pass over the [B, W] output less each way); else `forward`'s."""
+        bf16 = autocast_layer and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return self._interact(x, ly, torch.bfloat16 if bf16 else torch.float32)
+
+    def _interact(self, x, ly, native_dtype):
+        """The output; `native_dtype` (float32 or bfloat16) where the native kernels run, else float32."""
         x, ly = x.float(), ly.float()
         if (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
                 and kernels.dot_interaction_runs(x, ly)):
-            # under bf16 autocast the kernel hands the float32 results over rounded to bfloat16, as the top MLP's
-            # first layer would cast them (one pass over the output less each way)
-            bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            return NativeDotInteraction.apply(x, ly, self, torch.bfloat16 if bf16 else torch.float32)
+            return NativeDotInteraction.apply(x, ly, self, native_dtype)
         features = torch.cat([x.unsqueeze(1), ly], dim=1)  # [B, T+1, D]
         if torch.is_grad_enabled() and features.requires_grad:
             pairs = GramPairs.apply(features, self.pair_index, self.gather_index, self.self_pairs)

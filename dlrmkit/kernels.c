@@ -102,7 +102,8 @@ static inline float bf16_to_f32(uint16_t h)
     return v.f;
 }
 
-/* float32 -> bfloat16 rounded to nearest, ties to even, as PyTorch converts (NaN: a quiet NaN) */
+/* float32 -> bfloat16 rounded to nearest, ties to even, as PyTorch converts finite values and infinities (NaN:
+ * the quiet NaN 0x7fc0, as PyTorch's scalar conversion; its vectorised one writes another NaN) */
 static inline uint16_t f32_to_bf16_nearest(float x)
 {
     union { float f; uint32_t u; } v = { x };

@@ -621,15 +621,16 @@ def test_the_models_dot_interaction_is_native_on_the_cpu_and_matches_the_pytorch
         monkeypatch.setattr(kernels, "dot_interaction_runs", lambda *_: native)
         xs, lys = x.clone().requires_grad_(), ly.detach().clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # float32 products under autocast too
-            out = interaction(xs.bfloat16(), lys)
+            assert interaction(xs.bfloat16(), lys).dtype == torch.float32  # the module's output
+            out = interaction.top_input(xs.bfloat16(), lys, autocast_layer=True)  # as the top MLP reads it
         # a gradient bfloat16 holds, as a bf16 top MLP's first layer hands back
         out.backward(torch.arange(out.numel(), dtype=torch.float32).view(out.shape).cos().bfloat16().to(out.dtype))
         return out, xs.grad, lys.grad
 
     native, fallback, native_fp32 = run(True), run(False), run(True, autocast=False)
     assert type(native[0].grad_fn).__name__ == NativeDotInteraction.__name__ + "Backward"
-    # under bf16 autocast the native output comes rounded to bfloat16 (what the next layer casts it to): the
-    # float32 products rounded, and the same gradients
+    # into an autocast layer under bf16 autocast the native output comes rounded to bfloat16 (what that layer
+    # casts it to): the float32 products rounded, and the same gradients
     assert fallback[0].dtype == native_fp32[0].dtype == torch.float32 and native[0].dtype == torch.bfloat16
     assert torch.equal(native[0], native_fp32[0].bfloat16())
     assert torch.equal(native[1], native_fp32[1]) and torch.equal(native[2], native_fp32[2])
@@ -688,6 +689,14 @@ def test_tracing_and_functorch_transforms_see_the_dot_interaction_as_pytorch_ope
     torch.testing.assert_close(traced(x2, ly2), interaction(x2, ly2))
     batched = torch.func.vmap(interaction)(x.unsqueeze(0).expand(2, 4, 8), ly.unsqueeze(0).expand(2, 4, 3, 8))
     torch.testing.assert_close(batched[1], interaction(x, ly))
+    # torch.func.grad (and per-sample gradients under vmap) equal autograd's
+    loss = lambda x, ly: (interaction(x, ly) ** 2).sum()  # noqa: E731
+    grads = torch.func.grad(loss, argnums=(0, 1))(x, ly)
+    xs, lys = x.clone().requires_grad_(), ly.clone().requires_grad_()
+    loss(xs, lys).backward()
+    torch.testing.assert_close(grads, (xs.grad, lys.grad))
+    per_sample = torch.func.vmap(torch.func.grad(lambda x, ly: loss(x[None], ly[None])))(x, ly)
+    torch.testing.assert_close(per_sample, xs.grad)  # each sample's own part of the sum
 
 
 def test_the_random_bag_kernels_refuse_what_they_cannot_take():
