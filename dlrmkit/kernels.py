@@ -494,14 +494,14 @@ def _num_pairs(features: int, itself: bool) -> int:
 
 def dot_interaction_runs(x: torch.Tensor, ly: torch.Tensor) -> bool:
     """Whether `dot_interaction(x, ly)` runs natively (kernels in use, operands it takes, and nothing that
-    would have to see its arithmetic: see `_nothing_watches`)."""
-    return native() and _interaction_operands_ok(x, ly) and _nothing_watches()
+    would have to see its arithmetic: see `nothing_watches`)."""
+    return native() and _interaction_operands_ok(x, ly) and nothing_watches()
 
 
-def _nothing_watches() -> bool:
+def nothing_watches() -> bool:
     """No Python dispatch mode (make_fx tracing, fake or flop-counting tensors), functorch transform (vmap,
-    jvp, grad) or forward-mode AD level is active: the kernels read and write memory directly, which those
-    could neither see nor transform."""
+    jvp, grad) or forward-mode AD level is active: the kernels read and write memory directly (and code that
+    branches on a tensor's values reads them), which those could neither see nor transform."""
     return (_get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active()
             and forward_ad._current_level < 0)
 

@@ -169,3 +169,19 @@ def test_saturated_predictions_still_get_the_bce_gradient_of_their_logits():
         per_sample_loss(kind, torch.nn.Sigmoid()(z_ref), y).sum().backward()
         per_sample_loss(kind, ClickProbability()(z_ours), y).sum().backward()
         assert torch.equal(z_ref.grad, z_ours.grad)
+
+
+def test_click_probability_takes_the_plain_sigmoid_when_no_logit_is_near_saturation():
+    """The common batch costs what nn.Sigmoid costs; a batch with one logit near saturation, an infinite or a
+    NaN one, takes the saturation-safe path (the whole batch: its gradient stays nn.Sigmoid's elsewhere)."""
+    from dlrm_s_pytorch import ClickProbability
+
+    low, high = ClickProbability.UNSATURATED_LOGITS
+    inside = torch.tensor([[low + 0.01], [0.0], [high - 0.01]])
+    p = torch.sigmoid(inside)
+    assert ((1 - p) * p).min() > 10 * 1e-12  # the bounds keep far from the slope the safe path replaces
+    for extra, safe in ((None, False), (high + 1, True), (low - 1, True), (float("inf"), True), (float("nan"), True)):
+        z = inside if extra is None else torch.cat([inside, torch.tensor([[extra]])])
+        z = z.clone().requires_grad_()
+        out = ClickProbability()(z)
+        assert (type(out.grad_fn).__name__ != "SigmoidBackward0") == safe, extra
