@@ -89,11 +89,15 @@ BCE_EPSILON = 1e-12  # PyTorch's binary_cross_entropy divides its gradient by ma
 
 
 class _SaturationSafeSigmoid(torch.autograd.Function):
+    generate_vmap_rule = True  # torch.func transforms see it as operators
+
     @staticmethod
-    def forward(ctx, z):
-        p = torch.sigmoid(z)
-        ctx.save_for_backward(p)
-        return p
+    def forward(z):
+        return torch.sigmoid(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad):
@@ -113,7 +117,8 @@ class ClickProbability(nn.Sigmoid):
     weight by the learning rate) can push every prediction into saturation for good.
     """
 
-    # logits inside which p (1 - p) stays far above BCE_EPSILON in float32 (1.4e-11 at -25; p <= 1 - 8e-7 at 14)
+    # float32 (or float64) logits inside which p (1 - p) stays far above BCE_EPSILON (1.4e-11 at -25; p <= 1 - 8e-7
+    # at 14); narrower floats round p to 1 much earlier (bfloat16 from about 6.2)
     UNSATURATED_LOGITS = (-25.0, 14.0)
 
     def forward(self, z):
@@ -123,11 +128,12 @@ class ClickProbability(nn.Sigmoid):
         return torch.sigmoid(z)
 
     def all_unsaturated(self, z) -> bool:
-        """Whether every logit of a plain eager CPU tensor lies inside UNSATURATED_LOGITS, where nn.Sigmoid's
-        gradient is this module's (then plain `torch.sigmoid` runs: a custom autograd function and its five
-        operators cost about 60 us per step). Elsewhere (CUDA: reading z would wait for the device; tracing,
-        compiling, transforms) False."""
-        if z.device.type != "cpu" or type(z) is not torch.Tensor or torch.compiler.is_compiling():
+        """Whether every logit of a plain eager float32 or float64 CPU tensor lies inside UNSATURATED_LOGITS,
+        where nn.Sigmoid's gradient is this module's (then plain `torch.sigmoid` runs: a custom autograd function
+        and its five operators cost 50-60 us per step). Elsewhere (other dtypes; CUDA: reading z would wait for
+        the device; tracing, compiling, transforms) False."""
+        if (z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or type(z) is not torch.Tensor
+                or torch.compiler.is_compiling()):
             return False
         if not kernels.nothing_watches() or z.numel() == 0:
             return False
@@ -312,10 +318,10 @@ class DLRM_Net(nn.Module):
 
     def interact_features(self, x, ly, autocast_layer=False):
         """x: [B, D] bottom-MLP output; ly: [B, T, D] pooled embeddings (or the original's list of T
-        [B, D] tensors) -> [B, ln_top[0]] float32, under autocast too. `autocast_layer`: the output goes
-        straight into a layer running under autocast, which casts it to the autocast dtype: it may come in
-        that dtype already, with the values the cast would give (`Interaction.top_input`; the dot
-        interaction's native kernels under bf16)."""
+        [B, D] tensors) -> [B, ln_top[0]], float32 under autocast too; but with `autocast_layer` (the output
+        goes straight into a layer running under autocast, which casts it to the autocast dtype) it may come
+        in that dtype already, with the values the cast would give (`Interaction.top_input`: the dot
+        interaction's native kernels under CPU bf16 autocast)."""
         if isinstance(ly, (list, tuple)):
             ly = torch.stack(list(ly), dim=1)
         return self.interaction.top_input(x, ly, autocast_layer)

@@ -256,22 +256,19 @@ class DotInteraction(Interaction):
             return "the dot interaction needs them equal"
         return None
 
-    def forward(self, x, ly):
-        """[B, W] float32 (under autocast too: tiny products, where bf16 only adds casts and rounding)."""
-        return self._interact(x, ly, torch.float32)
-
     def top_input(self, x, ly, autocast_layer=False):
-        """On the CPU under bf16 autocast, into an autocast layer: the float32 results rounded to bfloat16 by the
-        native kernel as it writes them (one pass over the [B, W] output less each way); else `forward`'s."""
-        bf16 = autocast_layer and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        return self._interact(x, ly, torch.bfloat16 if bf16 else torch.float32)
+        return self(x, ly, autocast_layer=autocast_layer)
 
-    def _interact(self, x, ly, native_dtype):
-        """The output; `native_dtype` (float32 or bfloat16) where the native kernels run, else float32."""
+    def forward(self, x, ly, autocast_layer=False):
+        """[B, W] float32, under autocast too (tiny products, where bf16 only adds casts and rounding); with
+        `autocast_layer` (see `top_input`) on the CPU under bf16 autocast where the native kernels run, the
+        float32 results rounded to bfloat16 as the kernel writes them (one pass over the output less each way)."""
         x, ly = x.float(), ly.float()
         if (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
                 and kernels.dot_interaction_runs(x, ly)):
-            return NativeDotInteraction.apply(x, ly, self, native_dtype)
+            bf16 = (autocast_layer and torch.is_autocast_enabled("cpu")
+                    and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return NativeDotInteraction.apply(x, ly, self, torch.bfloat16 if bf16 else torch.float32)
         features = torch.cat([x.unsqueeze(1), ly], dim=1)  # [B, T+1, D]
         if torch.is_grad_enabled() and features.requires_grad:
             pairs = GramPairs.apply(features, self.pair_index, self.gather_index, self.self_pairs)

@@ -174,14 +174,24 @@ def test_saturated_predictions_still_get_the_bce_gradient_of_their_logits():
 def test_click_probability_takes_the_plain_sigmoid_when_no_logit_is_near_saturation():
     """The common batch costs what nn.Sigmoid costs; a batch with one logit near saturation, an infinite or a
     NaN one, takes the saturation-safe path (the whole batch: its gradient stays nn.Sigmoid's elsewhere)."""
-    from dlrm_s_pytorch import ClickProbability
+    from dlrm_s_pytorch import ClickProbability, _SaturationSafeSigmoid
 
     low, high = ClickProbability.UNSATURATED_LOGITS
     inside = torch.tensor([[low + 0.01], [0.0], [high - 0.01]])
     p = torch.sigmoid(inside)
     assert ((1 - p) * p).min() > 10 * 1e-12  # the bounds keep far from the slope the safe path replaces
-    for extra, safe in ((None, False), (high + 1, True), (low - 1, True), (float("inf"), True), (float("nan"), True)):
+    cases = [(torch.float32, None, False), (torch.float64, None, False), (torch.float32, high + 1, True),
+             (torch.float32, low - 1, True), (torch.float32, float("inf"), True), (torch.float32, float("nan"), True),
+             (torch.bfloat16, None, True)]  # bfloat16 rounds p to 1 from about 6.2
+    for dtype, extra, safe in cases:
         z = inside if extra is None else torch.cat([inside, torch.tensor([[extra]])])
-        z = z.clone().requires_grad_()
+        z = z.detach().to(dtype).clone().requires_grad_()
         out = ClickProbability()(z)
-        assert (type(out.grad_fn).__name__ != "SigmoidBackward0") == safe, extra
+        assert (type(out.grad_fn).__name__ != "SigmoidBackward0") == safe, (dtype, extra)
+        out.sum().backward()
+        z_safe = z.detach().clone().requires_grad_()
+        _SaturationSafeSigmoid.apply(z_safe).sum().backward()
+        assert torch.equal(z.grad, z_safe.grad) or extra != extra  # NaN: NaN gradients either way
+    z = torch.tensor([[10.0]], dtype=torch.bfloat16, requires_grad=True)  # p rounds to 1 in bfloat16
+    ClickProbability()(z).sum().backward()
+    assert z.grad.item() > 0  # the BCE epsilon's slope, not sigmoid's 0
