@@ -340,13 +340,20 @@ static ALWAYS_INLINE const float *feature_row(const float *x, int64_t x_stride, 
     return i == 0 ? x + b * x_stride : ly + b * ly_sb + (i - 1) * ly_st;
 }
 
+/* Width of the dot interaction's output row: dim, then one product per pair of the F features (i > j, or i >= j
+ * with itself) */
+static inline int64_t interaction_width(int64_t F, int64_t dim, int itself)
+{
+    return dim + (itself ? F * (F + 1) / 2 : F * (F - 1) / 2);
+}
+
 static ALWAYS_INLINE void dot_interaction_range(const float *restrict x, int64_t x_stride, const float *restrict ly,
                                                 int64_t ly_sb, int64_t ly_st, int64_t num_tables, const int64_t dim,
                                                 int itself, void *restrict out, int out_bf16,
                                                 float *restrict scratch, int64_t begin, int64_t end)
 {
     const int64_t F = num_tables + 1, padded = lanes_up(F);
-    const int64_t width = dim + (itself ? F * (F + 1) / 2 : F * (F - 1) / 2);
+    const int64_t width = interaction_width(F, dim, itself);
     float *restrict ft = scratch, *restrict acc = scratch + dim * padded, *restrict row = acc + ROWS * padded;
     for (int64_t k = 0; k < dim * padded; k++)
         ft[k] = 0.0f;
@@ -412,7 +419,7 @@ static ALWAYS_INLINE void dot_interaction_backward_range(
     float *restrict scratch, int64_t begin, int64_t end)
 {
     const int64_t F = num_tables + 1, rows = (F + ROWS - 1) / ROWS * ROWS;
-    const int64_t width = dim + (itself ? F * (F + 1) / 2 : F * (F - 1) / 2);
+    const int64_t width = interaction_width(F, dim, itself);
     float *restrict S = scratch, *restrict f = scratch + rows * F, *restrict widened = f + F * dim;
     for (int64_t k = F * F; k < rows * F; k++) /* the rows past F: zero, never written */
         S[k] = 0.0f;
@@ -475,7 +482,7 @@ static void part_range(int64_t batch, int64_t part, int64_t num_parts, int64_t *
  * dim) floats of `scratch` (num_parts times as many). */
 int64_t dot_interaction_scratch_floats(int64_t num_tables, int64_t dim)
 {
-    const int64_t F = num_tables + 1, row = dim + F * (F + 1) / 2; /* a bfloat16 row as float32, itself or not */
+    const int64_t F = num_tables + 1, row = interaction_width(F, dim, 1); /* a bfloat16 row as float32 */
     const int64_t forward = (dim + ROWS) * lanes_up(F) + row;
     const int64_t backward = (F + ROWS - 1) / ROWS * ROWS * F + F * dim + row;
     return forward > backward ? forward : backward;
