@@ -1345,30 +1345,49 @@ def build_embeddings(args, table_sizes, tables=None) -> EmbeddingCollection:
                              tables=tables, dtype=torch.bfloat16 if args.embedding_precision == "bf16" else torch.float32)
 
 
+def held_table_rows(args, table_sizes, local_tables=None) -> list[int]:
+    """Rows of each table this process holds (`local_tables`: its tables' positions, None: all), a quotient and
+    a remainder table for each table --qr-flag splits."""
+    held = [table_sizes[t] for t in local_tables] if local_tables is not None else list(table_sizes)
+    if args.qr_flag:
+        held = [math.ceil(n / args.qr_collisions) + args.qr_collisions if n > args.qr_threshold else n for n in held]
+    return held
+
+
+def dense_mlps(args, dense_dim: int, num_tables: int) -> dict[str, list[list[int]]]:
+    """The dense layers' widths (input first), keyed by the flags that size them: the bottom MLP, the
+    interaction's own layers (none for dot and cat), the top MLP."""
+    sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
+    interaction = InteractionConfig.from_args(args)
+    return {"--arch-mlp-bot": [[dense_dim] + list(args.arch_mlp_bot[1:])],
+            " or ".join(interaction.options()): interaction.dense_layers(num_tables, args.arch_mlp_bot[-1], sparse_dim),
+            "--arch-mlp-top": [top_mlp_widths(args, num_tables)]}
+
+
+def ids_per_sample(args, table_sizes) -> float:
+    """Ids a sample looks up, all tables together (on average for random bag sizes)."""
+    if args.multi_hot_sizes:  # one bag of its table's size per table
+        return float(sum(multihot.sizes_per_table(args.multi_hot_sizes, len(table_sizes))))
+    if args.data_generation == "dataset":
+        return float(len(table_sizes))
+    return sum(memory.mean_bag_size(n, args.num_indices_per_lookup, args.num_indices_per_lookup_fixed)
+               for n in table_sizes)
+
+
 def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> memory.MemoryEstimate:
     """What this process will allocate (bytes): the model, the optimizer, a batch and the loaders
     (`memory.estimate_memory`), synthetic data's id streams, and a checkpoint to load."""
-    dim = args.arch_sparse_feature_size
-    held = [table_sizes[t] for t in local_tables] if local_tables is not None else list(table_sizes)
-    if args.qr_flag:  # a quotient and a remainder table for each big table
-        held = [math.ceil(n / args.qr_collisions) + args.qr_collisions if n > args.qr_threshold else n for n in held]
-    if args.multi_hot_sizes:  # one bag of its table's size per table
-        ids = float(sum(multihot.sizes_per_table(args.multi_hot_sizes, len(table_sizes))))
-    elif args.data_generation == "dataset":
-        ids = float(len(table_sizes))
-    else:
-        ids = sum(memory.mean_bag_size(n, args.num_indices_per_lookup, args.num_indices_per_lookup_fixed)
-                  for n in table_sizes)
-    sparse_dim = embedding_output_dim(dim, args.qr_flag, args.qr_operation)
+    held = held_table_rows(args, table_sizes, local_tables)
+    ids = ids_per_sample(args, table_sizes)
+    sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
     tests = testing(args)
     # a test runs while the last training batch, its activations and gradients are still held
     batch_size = args.mini_batch_size + (args.test_mini_batch_size if tests else 0)
     workers = max(args.num_workers, args.test_num_workers if tests else 0)
-    interaction = InteractionConfig.from_args(args).dense_layers(len(table_sizes), args.arch_mlp_bot[-1], sparse_dim)
-    needed = memory.estimate_memory(held, sparse_dim, [[dense_dim] + list(args.arch_mlp_bot[1:]),
-                                                       *interaction, top_mlp_widths(args, len(table_sizes))],
-                                    batch_size, ids, None if args.inference_only else args.optimizer, workers,
-                                    table_element_bytes=2 if args.embedding_precision == "bf16" else 4)
+    mlps = [widths for layers in dense_mlps(args, dense_dim, len(table_sizes)).values() for widths in layers]
+    needed = memory.estimate_memory(held, sparse_dim, mlps, batch_size, ids,
+                                    None if args.inference_only else args.optimizer, workers,
+                                    table_element_bytes=table_element_bytes(args))
     if args.data_generation == "synthetic":  # per table: an id stream, and where each batch starts in it
         samples, test_samples = generated_set_sizes(args)
         batches = math.ceil(samples / args.mini_batch_size) + math.ceil(test_samples / args.test_mini_batch_size)
@@ -1380,13 +1399,37 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     return needed
 
 
-TABLES_REMEDY = "smaller tables (--arch-embedding-size, or --max-ind-range for a data set) or a smaller " \
-                "--arch-sparse-feature-size"
-BATCH_REMEDY = "a smaller --mini-batch-size (or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"
-MEMORY_REMEDIES = {"parameters": TABLES_REMEDY, "optimizer state": TABLES_REMEDY, "one batch": BATCH_REMEDY,
-                   "batch inputs": BATCH_REMEDY, "loader buffers": BATCH_REMEDY,
-                   "data": "a smaller --data-size (or --num-batches)",
-                   "checkpoint": "a machine with more memory for this checkpoint"}
+def table_element_bytes(args) -> int:
+    return 2 if args.embedding_precision == "bf16" else 4
+
+
+def memory_remedy(args, part: str, dense_dim: int, table_sizes, local_tables=None) -> str:
+    """What to make smaller when `part` (a MemoryEstimate part) is the largest: the flags that size it. For the
+    parameters and the optimizer state, those of the largest of the tables and the dense layers."""
+    mlps = {flags: layers for flags, layers in dense_mlps(args, dense_dim, len(table_sizes)).items() if layers}
+    sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
+    if part in ("parameters", "optimizer state"):
+        tables = table_element_bytes(args) * sparse_dim * sum(held_table_rows(args, table_sizes, local_tables))
+        weights = {flags: sum(a * b + b for widths in layers for a, b in zip(widths[:-1], widths[1:]))
+                   for flags, layers in mlps.items()}
+        flags = max(weights, key=weights.get)
+        if 2 * memory.FLOAT * weights[flags] > tables:
+            return f"a smaller {flags}"
+        return "smaller tables (--arch-embedding-size, or --max-ind-range for a data set) or a smaller " \
+               "--arch-sparse-feature-size"
+    if part in ("one batch", "batch inputs", "loader buffers"):
+        ids = "--multi-hot-sizes" if args.multi_hot_sizes else (
+            None if args.data_generation == "dataset" else "--num-indices-per-lookup")
+        others = ", ".join(flag for flag in ("--test-mini-batch-size", ids, "--num-workers") if flag)
+        units = {flags: sum(sum(widths) for widths in layers) for flags, layers in mlps.items()}
+        flags = max(units, key=units.get)
+        id_rows = ids_per_sample(args, table_sizes) * sparse_dim  # the embedding gradient's floats per sample
+        if part == "one batch" and memory.ACTIVATION_COPIES * units[flags] > 2 * id_rows + sum(units.values()):
+            return f"a smaller {flags} or --mini-batch-size"  # one group of layers' activations are most of it
+        return f"a smaller --mini-batch-size (or {others})"
+    if part == "data":
+        return "a smaller --data-size (or --num-batches)"
+    return "a machine with more memory for this checkpoint"
 
 
 def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: torch.device | None = None):
@@ -1400,7 +1443,7 @@ def check_memory(args, dense_dim: int, table_sizes, local_tables=None, device: t
     for parts, where, (usable, limited_by) in checks:
         if sum(parts.values()) <= usable:
             continue
-        remedy = MEMORY_REMEDIES[max(parts, key=parts.get)]
+        remedy = memory_remedy(args, max(parts, key=parts.get), dense_dim, table_sizes, local_tables)
         raise DLRMError(f"this run needs about {memory.gib(sum(parts.values()))} of {where} "
                         f"({memory.describe(parts)}) but this process may use {memory.gib(usable)} ({limited_by}); "
                         f"try {remedy}")

@@ -325,6 +325,25 @@ def test_model_on_a_gpu_is_checked_against_the_gpu_and_its_inputs_against_host_m
         dlrm.check_memory(args, 4, args.arch_embedding_size, None, cuda)
 
 
+@pytest.mark.parametrize("flags,remedy", [
+    (["--arch-interaction-op=dcn", "--dcn-low-rank-dim=300000000"], "a smaller --dcn-num-layers or --dcn-low-rank-dim"),
+    (["--arch-interaction-op=projection", "--interaction-branch1-layer-sizes=400000000",
+      "--interaction-branch2-layer-sizes=4"], "--interaction-branch1-layer-sizes or --interaction-branch2"),
+    (["--arch-mlp-top=4000000000-1"], "a smaller --arch-mlp-top or --mini-batch-size"),
+    (["--multi-hot-sizes=30000000"], "a smaller --mini-batch-size (or --test-mini-batch-size, --multi-hot-sizes, "),
+    (["--mini-batch-size=300000000"], "(or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"),
+    (["--arch-embedding-size=20000000000-3"], "smaller tables (--arch-embedding-size"),
+])
+def test_memory_error_names_the_flags_that_size_the_largest_part(flags, remedy, monkeypatch):
+    monkeypatch.setattr(memory, "usable_memory", lambda: (memory.GIB, "a test limit"))
+    args = dlrm.parse_args(["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--arch-embedding-size=20-30-40",
+                            "--arch-mlp-top=8-1", "--mini-batch-size=8", *flags])
+    with pytest.raises(dlrm.DLRMError) as error:
+        dlrm.check_memory(args, 5, args.arch_embedding_size)
+    assert str(error.value).endswith(remedy) or remedy in str(error.value)
+    assert "--num-indices-per-lookup" not in str(error.value) or not args.multi_hot_sizes
+
+
 @pytest.mark.parametrize("version", ["v2", "v1"])
 def test_cgroup_limit_less_non_cache_usage(tmp_path, version):
     files = {"v2": ("memory.max", "memory.current", "file"), "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes",
