@@ -189,6 +189,32 @@ ORIGINAL_ONLY_KEYWORDS = {
 }
 
 
+def interaction_dims_problem(interaction, dense_out: int, embedding_dim: int, sparse_dim: int,
+                             qr_concat: bool = False) -> str | None:
+    """Why a bottom MLP ending in `dense_out` units and pooled embeddings `sparse_dim` wide (`embedding_dim`, or
+    twice it with --qr-operation=concat) cannot meet in `interaction` (an Interaction class), naming the flags
+    (the original's words); None when they can."""
+    problem = interaction.check_dims(dense_out, sparse_dim)
+    if not problem:
+        return None
+    if qr_concat:
+        return (f"2 arch-sparse-feature-size {sparse_dim} does not match last dim of bottom mlp {dense_out} (with "
+                f"--qr-operation=concat the last dim of --arch-mlp-bot must be 2x --arch-sparse-feature-size "
+                f"{embedding_dim})")
+    return f"--arch-sparse-feature-size {embedding_dim} does not match last dim of bottom mlp {dense_out} " \
+           f"(--arch-mlp-bot; {problem})"
+
+
+def interaction_options_problem(config: InteractionConfig, embedding_dim: int, sparse_dim: int) -> str | None:
+    """Why the interaction's options cannot work with pooled embeddings `sparse_dim` wide (naming the flag and,
+    when --qr-operation=concat made it twice `embedding_dim`, saying so); None when they can."""
+    problem = config.check_options(sparse_dim)
+    if problem and sparse_dim != embedding_dim:
+        problem += f" (--qr-operation=concat makes the embeddings {sparse_dim} wide: twice " \
+                   f"--arch-sparse-feature-size {embedding_dim})"
+    return problem
+
+
 class DLRM_Net(nn.Module):
     """The DLRM model (Naumov et al. 2019, arXiv:1906.00091).
 
@@ -286,15 +312,8 @@ class DLRM_Net(nn.Module):
             interaction = interaction_class(self.arch_interaction_op)
         except ValueError as e:
             raise DLRMError(str(e))
-        problem = interaction.check_dims(dense_out, self.sparse_dim)
-        if problem:
-            if qr_concat:
-                raise DLRMError(f"2 arch-sparse-feature-size {self.sparse_dim} does not match last dim of bottom mlp "
-                                f"{dense_out} (with --qr-operation=concat the last dim of the bottom mlp must be 2x "
-                                "the embedding dim)")
-            raise DLRMError(f"arch-sparse-feature-size {self.embedding_dim} does not match last dim of bottom mlp "
-                            f"{dense_out} ({problem})")
-        problem = self.interaction_config.check_options(self.sparse_dim)
+        problem = (interaction_dims_problem(interaction, dense_out, self.embedding_dim, self.sparse_dim, qr_concat)
+                   or interaction_options_problem(self.interaction_config, self.embedding_dim, self.sparse_dim))
         if problem:
             raise DLRMError(problem)
         width = self.interaction_config.output_width(len(self.table_sizes), dense_out, self.sparse_dim)
@@ -796,10 +815,20 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
                 dlrm_data.check_multi_hot_flags(args, out_dir, metadata)
             except data_utils.DataError as e:
                 raise DLRMError(str(e))
-    problem = InteractionConfig.from_args(args).check_options(
-        embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation))
+    # the model's shape, from the flags alone: before any data is read or prepared
+    interaction = InteractionConfig.from_args(args)
+    try:
+        interaction_kind = interaction.interaction_class
+    except ValueError as e:
+        raise DLRMError(str(e))
+    sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
+    problem = (interaction_dims_problem(interaction_kind, args.arch_mlp_bot[-1], args.arch_sparse_feature_size,
+                                        sparse_dim, args.qr_flag and args.qr_operation == "concat")
+               or interaction_options_problem(interaction, args.arch_sparse_feature_size, sparse_dim))
     if problem:
         raise DLRMError(problem)
+    if dataset and args.arch_mlp_bot[0] != data_utils.NUM_DENSE:
+        raise DLRMError(dense_features_problem(data_utils.NUM_DENSE, args.arch_mlp_bot[0]))
     if args.rand_data_min > args.rand_data_max:
         raise DLRMError(f"--rand-data-min {args.rand_data_min:g} is above --rand-data-max {args.rand_data_max:g}")
     for flag, path, wanted, example in (
@@ -1303,12 +1332,16 @@ def top_mlp_widths(args, num_tables: int) -> list[int]:
     return [width] + list(args.arch_mlp_top)
 
 
+def dense_features_problem(dense_dim: int, first_width: int) -> str:
+    return f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {first_width}"
+
+
 def build_model(args, dense_dim, table_sizes, embeddings: EmbeddingCollection | None = None) -> DLRM_Net:
     """The DLRM_Net the flags describe for data of `dense_dim` features and these tables; `embeddings`
     (e.g. a model-parallel collection) instead of the tables the flags describe."""
     ln_bot = list(args.arch_mlp_bot)
     if ln_bot[0] != dense_dim:
-        raise DLRMError(f"the data has {dense_dim} dense features but --arch-mlp-bot starts with {ln_bot[0]}")
+        raise DLRMError(dense_features_problem(dense_dim, ln_bot[0]))
     ln_top = top_mlp_widths(args, len(table_sizes))
     if embeddings is None and args.embedding_precision == "bf16":  # batched tables (validate_args), of that dtype
         embeddings = build_embeddings(args, table_sizes)

@@ -191,9 +191,22 @@ def test_dataset_mode_needs_data_and_other_modes_refuse_data_files(run_main):
     assert code == 1 and "--data-generation=dataset needs --raw-data-file" in err
     code, _, err = run_main("--processed-data-file=x.npz")
     assert code == 1 and "--processed-data-file needs --data-generation=dataset (it is random)" in err
-    code, _, err = run_main("--data-generation=dataset", "--processed-data-file=/nonexistent/p.npz")
+    code, _, err = run_main("--data-generation=dataset", "--processed-data-file=/nonexistent/p.npz",
+                            "--arch-mlp-bot=13-3-2")
     assert code == 1 and err.strip() == ("dlrm_s_pytorch.py: error: no processed data in /nonexistent/p "
                                          "and no --raw-data-file to build it from")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--arch-mlp-bot=13-8"], "--arch-sparse-feature-size 16 does not match last dim of bottom mlp 8"),
+    (["--arch-mlp-bot=12-16"], "the data has 13 dense features but --arch-mlp-bot starts with 12"),
+])
+def test_layer_widths_that_cannot_work_stop_before_the_data_is_prepared(tmp_path, run_main, argv, message):
+    raw = fake_kaggle(tmp_path, 200)
+    code, out, err = run_main("--data-generation=dataset", f"--raw-data-file={raw}", "--arch-sparse-feature-size=16",
+                              "--arch-mlp-top=8-1", *argv)
+    assert code == 1 and out == "" and message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(raw)]  # nothing preprocessed
 
 
 @pytest.mark.parametrize("kernels", ["native", "numpy"])

@@ -201,7 +201,8 @@ RUN = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4", "--arch-mlp-top=6
     (["--arch-interaction-op=projection", "--qr-flag", "--qr-operation=concat", "--arch-mlp-bot=4-8",
       "--interaction-branch1-layer-sizes=12"],
      "--interaction-branch1-layer-sizes ends in 12, not a multiple of the embedding dimension 8 "
-     "(the branch's output is split into vectors of that width)"),
+     "(the branch's output is split into vectors of that width) (--qr-operation=concat makes the embeddings 8 "
+     "wide: twice --arch-sparse-feature-size 4)"),
 ])
 def test_bad_interaction_options_stop_with_one_line_before_any_work(run_main, argv, message):
     code, out, err = run_main(*RUN, *argv)

@@ -125,8 +125,8 @@ def test_boolean_data_flags_parse_alike_in_both_programs(text, value):
 # ============================================================================ where flags have an effect
 # for each condition of the table: flags that make it hold, flags that make it fail (and distributed or not)
 CONDITION_CASES = {
-    "data from dataset": (["--data-generation=dataset", "--raw-data-file=x"], []),
-    "data from random or synthetic": ([], ["--data-generation=dataset", "--raw-data-file=x"]),
+    "data from dataset": (["--data-generation=dataset", "--raw-data-file=x", "--arch-mlp-bot=13-3-2"], []),
+    "data from random or synthetic": ([], ["--data-generation=dataset", "--raw-data-file=x", "--arch-mlp-bot=13-3-2"]),
     "data from random": ([], ["--data-generation=synthetic"]),
     "data from synthetic": (["--data-generation=synthetic"], []),
     "--rand-data-dist=gaussian": (["--rand-data-dist=gaussian"], []),
