@@ -185,7 +185,8 @@ def create_embeddings(table_sizes, dim, qr_flag=False, qr_operation="mult", qr_c
 ORIGINAL_ONLY_KEYWORDS = {
     "ndevices": "devices come from the launcher (torchrun/mpirun) and --use-gpu",
     "loss_function": "the loss is computed by the trainer (per_sample_loss), not the model",
-    "sync_dense_params": "dense parameters are always kept in sync",
+    "sync_dense_params": "dense parameters are always kept in sync (False changed the original only for several "
+                         "devices in one process, which a model here never spans)",
 }
 
 
@@ -267,8 +268,6 @@ class DLRM_Net(nn.Module):
         for name, value in original_only.items():
             if name not in ORIGINAL_ONLY_KEYWORDS:
                 raise TypeError(f"DLRM_Net() got an unexpected keyword argument '{name}'")
-            if name == "sync_dense_params" and not value:
-                raise DLRMError("sync_dense_params=False is not supported: dense parameters are always kept in sync")
         md_dims = None
         if isinstance(m_spa, (list, tuple)):  # the original's mixed dimensions: one per table
             if not md_flag or len(m_spa) != len(ln_emb):
@@ -569,7 +568,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     number(g, "--lr-decay-start-step", int, 0, at_least(0), "step where polynomial LR decay starts")
     number(g, "--lr-num-decay-steps", int, 0, at_least(0), "steps of polynomial LR decay (0: none)")
     flag(g, "--sync-dense-params", True, "keep dense parameters in sync across devices")
-    flag(g, "--inference-only", False, "no training: forward passes and evaluation only")
+    flag(g, "--inference-only", False, "no training: evaluates the test set once (the loaded model with --load-model)")
     g.add_argument("--precision", type=str, default="fp32", choices=list(PRECISIONS),
                    help="MLP arithmetic through autocast: bf16 (CPU, CUDA) or fp16 (CUDA, with loss scaling), also "
                         "the matrix products of the dcn and projection interactions; embeddings, the dot products, "
@@ -729,7 +728,10 @@ APPLIES_WHEN = {
     "--lr-num-warmup-steps": (TRAINING,),
     "--lr-decay-start-step": (TRAINING, DECAYING),
     "--lr-num-decay-steps": (TRAINING,),
-    "--test-freq": (TRAINING,),  # --inference-only tests once, at the end
+    "--test-freq": (TRAINING,),  # --inference-only tests once
+    "--nepochs": (TRAINING,),
+    "--print-freq": (TRAINING,),
+    "--num-workers": (TRAINING,),  # the training data's loader; tests use --test-num-workers
     "--test-mini-batch-size": (TESTING,),
     "--test-num-workers": (TESTING,),
     "--mlperf-acc-threshold": (TESTING,),
@@ -855,8 +857,6 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
             raise DLRMError(f"--data-trace-file {args.data_trace_file}: is a directory; expected a trace "
                             f"distribution file name with j for the table number (e.g. "
                             f"{os.path.join(args.data_trace_file, 'dist_emb_j.log')})")
-    if not args.sync_dense_params:
-        raise DLRMError("--sync-dense-params=False is not supported: dense parameters are always kept in sync")
     world = ext_dist.launch_world_size()
     for name in ("mini_batch_size", "test_mini_batch_size"):
         if getattr(args, name) % world:
@@ -892,7 +892,11 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         ext_dist.choose_backend(args.dist_backend, args.use_gpu)  # one that cannot work fails before joining
     elif args.dist_backend and args.dist_backend not in ext_dist.BACKENDS:
         raise DLRMError(f"--dist-backend={args.dist_backend} is not one of {', '.join(ext_dist.BACKENDS)}")
-    return [f"note: {name} has no effect {condition.unless(args)}" for name, condition in ineffective]
+    notes = [f"note: {name} has no effect {condition.unless(args)}" for name, condition in ineffective]
+    if not args.sync_dense_params:  # the original's False only changed its several-GPUs-in-one-process mode
+        notes.append("note: --sync-dense-params=False has no effect: dense parameters are always kept in sync "
+                     "(each process holds one replica on one device)")
+    return notes
 
 
 def check_bf16_tables(args):
@@ -1090,6 +1094,7 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
         "nbatches": nbatches,
         "nbatches_test": nbatches_test,
         "train_loss": state.train_loss,
+        "total_loss": 0.0,  # the original's loss summed since its last printed line: 0 at its saves (tests print)
         "test_loss": state.last_test.loss if state.last_test else float("nan"),
         "test_acc": state.last_test.accuracy if state.last_test else 0.0,
         "test_auc": state.last_test.auc if state.last_test else float("nan"),
@@ -1140,13 +1145,22 @@ def load_checkpoint(path, model, optimizer, check=None) -> TrainState:
         raise DLRMError(f"--load-model {path}: saved with a different architecture than these flags ({describe_arch_diff(saved_arch, model_arch(model))})")
     try:
         model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as e:
+    except Exception as e:  # shapes, keys, or no state_dict at all (a foreign file)
         raise DLRMError(f"--load-model {path}: does not fit this model: {state_dict_problem(e)}")
+    not_finite = next((name for name, value in model.state_dict().items()
+                       if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    if not_finite is not None:
+        raise DLRMError(f"--load-model {path}: the saved {not_finite} holds NaN or infinite values (saved from a "
+                        "diverged run?); such a model can be neither trained nor evaluated")
     if optimizer is not None and checkpoint.get("opt_state_dict"):
         try:
             optimizer.load_state_dict(checkpoint["opt_state_dict"])
-        except (ValueError, KeyError) as e:
-            raise DLRMError(f"--load-model {path}: optimizer state does not fit --optimizer ({e})")
+        except Exception as e:  # another optimizer's state, or a malformed one
+            raise DLRMError(f"--load-model {path}: optimizer state does not fit --optimizer ({type(e).__name__}: "
+                            f"{state_dict_problem(e)})")
+    elif isinstance(optimizer, tuple(OPTIMIZERS[name] for name in ADAGRADS)):  # SGD keeps no state
+        print(f"note: --load-model {path} holds no optimizer state: Adagrad's sums of squared gradients start "
+              "from zero", file=sys.stderr)
     return state
 
 
@@ -1236,16 +1250,34 @@ def flag_text(value) -> str:
 
 
 def describe_arch_diff(saved: dict, current: dict) -> str:
-    for key in ("table_sizes", "embedding_dim", "interaction", "interaction_itself", "interaction_options", "layers"):
+    """The differences between a checkpoint's `model_arch` and the flags' model: each flag-level one (tables,
+    widths, interaction and its options); only when there is none, the parameters whose shapes differ (what
+    embedding tricks such as --qr-flag, --md-flag or --weighted-pooling change)."""
+    problems = []
+    for key in ("table_sizes", "embedding_dim", "interaction", "interaction_itself"):
         if saved.get(key) != current.get(key):
-            if key == "layers":
-                return "MLP layer shapes differ"
-            if key == "interaction_options":
-                old, new = saved.get(key) or {}, current.get(key) or {}
-                flag = next(name for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name))
-                return f"{flag}: saved {flag_text(old.get(flag))}, flags give {flag_text(new.get(flag))}"
-            return f"{key}: saved {saved.get(key)}, flags give {current.get(key)}"
-    return "unknown difference"
+            problems.append(f"{key}: saved {saved.get(key)}, flags give {current.get(key)}")
+    old, new = saved.get("interaction_options") or {}, current.get("interaction_options") or {}
+    if saved.get("interaction") == current.get("interaction"):
+        problems += [f"{flag}: saved {flag_text(old.get(flag))}, flags give {flag_text(new.get(flag))}"
+                     for flag in dict.fromkeys([*old, *new]) if old.get(flag) != new.get(flag)]
+    if problems:
+        return "; ".join(problems)
+    old, new = saved.get("layers") or {}, current.get("layers") or {}
+    names = [name for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name)]
+    if not names:
+        return "unknown difference"
+
+    def shape(name, layers):
+        return "x".join(map(str, layers[name])) if name in layers else "none"
+
+    shown = "; ".join(f"{name}: saved {shape(name, old)}, flags give {shape(name, new)}" for name in names[:3])
+    more = f"; and {len(names) - 3} more" if len(names) > 3 else ""
+    if all(name.startswith(("emb_l.", "pooling_weights.")) for name in names):
+        return f"the embedding tables' parameters differ ({shown}{more}; --qr-flag, --md-flag and " \
+               "--weighted-pooling change them)"
+    what = "MLP layer shapes" if all(name.startswith(("bot_l.", "top_l.")) for name in names) else "parameter shapes"
+    return f"{what} differ ({shown}{more})"
 
 
 # ============================================================================ setup helpers
@@ -1551,14 +1583,12 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
     guard = DivergenceGuard(args.loss_function, args.optimizer, args.learning_rate, args.loss_weights)
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
     accum = args.mlperf_grad_accum_iter
-    training = not args.inference_only
-    run_type = "inference" if args.inference_only else "training"
     pin = device.type == "cuda"
     world = ext_dist.world_size()
     # fp16 needs loss scaling; the optimizers take the scale and the inf/NaN flag on the device
-    scaler = torch.amp.GradScaler(device.type, enabled=training and args.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     stop = False
-    progress = ProgressBar(run_type, 0)  # one bar per epoch, on a terminal
+    progress = ProgressBar("training", 0)  # one bar per epoch, on a terminal
 
     def say(line):  # a printed line, with the progress bar out of its way
         with progress.write_mode():
@@ -1575,7 +1605,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-    model.train(training)
+    model.train()
     for epoch in range(state.epoch, args.nepochs):
         first = state.next_batch if epoch == state.epoch else 0
         state.epoch, state.next_batch = epoch, first
@@ -1591,7 +1621,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         source = dlrm_data.skip_within_batch(train_set, first, state.skip_samples)
         loader = dlrm_data.make_loader(source, first, args.num_workers, pin)
         # with a line per iteration the printed lines are the progress
-        progress = ProgressBar(f"{run_type} epoch {epoch}", nbatches, first,
+        progress = ProgressBar(f"training epoch {epoch}", nbatches, first,
                                show=ext_dist.is_rank0() and args.print_freq > 1)
         for j, batch in enumerate(device_batches(loader, device), start=first):
             if j >= nbatches:
@@ -1601,7 +1631,7 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 window_first_batch = j
             last_in_window = (j + 1) % accum == 0 or j + 1 == nbatches
 
-            with torch.set_grad_enabled(training), ext_dist.no_grad_sync(model, training and not last_in_window):
+            with ext_dist.no_grad_sync(model, not last_in_window):
                 with autocast(args.precision, device):
                     z = model_output(model, batch, f"training batch {j + 1} of epoch {epoch}")
                 # this process's samples; the sums of all processes make the global batch's
@@ -1612,24 +1642,23 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                         raise
                     raise DLRMError(guard.nan_predictions(j + 1, epoch)) from None
 
-            if training:
-                if accum_samples == 0:
-                    optimizer.zero_grad(set_to_none=True)
-                if last_in_window:  # the update's rate, before the backward: a fused table update happens there
-                    set_lr(state.updates + 1)
-                # the batch mean, or with accumulation the sum, divided by the window's samples at the step,
-                # so N micro-batches update exactly as one batch of all their samples. Times the world size:
-                # DDP averages MLP gradients over the processes and the embedding exchange divides by it,
-                # so both equal the single-process gradient of the global batch.
-                scaler.scale(loss_sum * (world / mbs if accum == 1 else world)).backward()
-                accum_samples += mbs
-                if last_in_window:
-                    if accum > 1:
-                        scale_gradients(model, 1.0 / accum_samples)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    state.updates += 1
-                    accum_samples = 0
+            if accum_samples == 0:
+                optimizer.zero_grad(set_to_none=True)
+            if last_in_window:  # the update's rate, before the backward: a fused table update happens there
+                set_lr(state.updates + 1)
+            # the batch mean, or with accumulation the sum, divided by the window's samples at the step,
+            # so N micro-batches update exactly as one batch of all their samples. Times the world size:
+            # DDP averages MLP gradients over the processes and the embedding exchange divides by it,
+            # so both equal the single-process gradient of the global batch.
+            scaler.scale(loss_sum * (world / mbs if accum == 1 else world)).backward()
+            accum_samples += mbs
+            if last_in_window:
+                if accum > 1:
+                    scale_gradients(model, 1.0 / accum_samples)
+                scaler.step(optimizer)
+                scaler.update()
+                state.updates += 1
+                accum_samples = 0
 
             window_loss += loss_sum.detach()
             window_samples += mbs
@@ -1646,25 +1675,25 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 ms_per_it = 1000.0 * (synced_time() - window_start) / window_iters if args.print_time else -1
                 state.train_loss = ext_dist.sum_across(window_loss).item() / window_samples
                 wall = f" ({time.strftime('%H:%M')})" if args.print_wall_time else ""
-                say(f"Finished {run_type} it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
+                say(f"Finished training it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
                     f"loss {state.train_loss:.6f}{wall}")
-                if training and not math.isfinite(state.train_loss):  # nothing more to learn: stop
+                if not math.isfinite(state.train_loss):  # nothing more to learn: stop
                     raise DLRMError(guard.non_finite_loss(state.train_loss, j + 1, epoch))
-                warning = guard.check(state.train_loss, j + 1, epoch) if training else None
+                warning = guard.check(state.train_loss, j + 1, epoch)
                 if warning and ext_dist.is_rank0():
                     with progress.write_mode():
                         print(warning, file=sys.stderr, flush=True)
                 seconds = max(time.perf_counter() - window_wall, 1e-9)
                 run_log.train_window(dict(
-                    mode=run_type, epoch=epoch, iteration=j + 1, nbatches=nbatches, global_iteration=epoch * nbatches + j + 1,
+                    epoch=epoch, iteration=j + 1, nbatches=nbatches, global_iteration=epoch * nbatches + j + 1,
                     loss=state.train_loss, samples=window_samples, seconds=seconds,
                     samples_per_second=window_samples / seconds,
-                    lr=optimizer.param_groups[0]["lr"] if optimizer is not None else None))
+                    lr=optimizer.param_groups[0]["lr"]))
                 window_loss.zero_()
                 window_samples = window_iters = 0
                 window_wall = time.perf_counter()
 
-            if should_test and training:
+            if should_test:
                 say(f"Testing at - {j + 1}/{nbatches} of epoch {epoch},")
                 stop = run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, say,
                                 run_log, epoch, j + 1)
@@ -1894,6 +1923,10 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
                 ("loss", last.loss, f"{last.loss:.6f}"), ("accuracy", last.accuracy, f"{last.accuracy * 100:3.3f} %"),
                 ("auc", last.auc, format_auc(last.auc))) if not math.isnan(value)]
             print("Testing state: " + ", ".join(known))
+        if not args.inference_only and (state.epoch, state.next_batch) >= (args.nepochs - 1, nbatches):
+            print(f"note: --load-model {args.load_model} is at epoch {state.epoch}, batch {state.next_batch}: with "
+                  f"--nepochs={args.nepochs} of {nbatches} batches there is nothing left to train (a larger "
+                  "--nepochs goes on)", file=sys.stderr)
 
     run_log.run_start(run_config(args, train_set, test_set, table_sizes))
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
@@ -1905,16 +1938,18 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
             model = quantize_if_asked(args, model)
             state = TrainState()
             print("time/loss/accuracy (if enabled):")
-            train(args, model, optimizer, train_set, test_set, device, state, nbatches, run_log=run_log)
-            print(f"Testing at - {nbatches}/{nbatches} of epoch {args.nepochs - 1},")
-            run_test(args, model, None, test_set, device, state, nbatches, loss_weights, log_line,
-                     run_log, args.nepochs - 1, nbatches)
+            print("Testing for inference only")  # as the original: the test set alone
+            run_test(args, model, None, test_set, device, state, nbatches, loss_weights, log_line, run_log)
         else:
             print("time/loss/accuracy (if enabled):")
             state = train(args, model, optimizer, train_set, test_set, device, state, nbatches, run_log=run_log)
-            if args.save_model and not state.saved:  # no test ran, or none improved on the best so far
+            # the final model when no test ran or none improved; but not over the better model a loaded checkpoint is
+            if args.save_model and not state.saved and (not testing(args) or not args.load_model):
                 print(f"Saving model to {args.save_model}")
                 save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
+            elif args.save_model and not state.saved:
+                print(f"note: no test of this run improved on the loaded checkpoint's best; {args.save_model} was not "
+                      "written", file=sys.stderr)
     if args.debug_mode and not args.inference_only:
         print_parameters(model, "updated parameters (weights and bias):")
     if args.plot_compute_graph:

@@ -4,9 +4,8 @@ TensorBoard scalars and MLPerf log lines. The training loop calls one `RunLog`:
     run_start(config)  epoch_start(epoch)  train_window(record)  test_start(epoch, iteration, nbatches)
     test_end(record)   epoch_end(epoch)    run_end(status)       close()
 
-train_window records: mode ("training" or "inference", for --inference-only passes), epoch,
-iteration (1-based, within the epoch), nbatches, global_iteration, loss, samples, seconds,
-samples_per_second, lr (None without an optimizer).
+train_window records: epoch, iteration (1-based, within the epoch), nbatches, global_iteration, loss,
+samples, seconds, samples_per_second, lr.
 test_end records: the same position plus loss, accuracy, auc, best_accuracy, best_auc, samples.
 """
 
@@ -84,7 +83,7 @@ def _clean(value):
 
 
 class MetricsLog(RunLog):
-    """One JSON object per line: {"event": "start" | "train" | "inference" | "test" | "end", "time": ..., ...}."""
+    """One JSON object per line: {"event": "start" | "train" | "test" | "end", "time": ..., ...}."""
 
     def __init__(self, path: str, append: bool = False):
         self.path = path
@@ -107,8 +106,7 @@ class MetricsLog(RunLog):
         self._write("start", {"config": config})
 
     def train_window(self, record):
-        record = dict(record)
-        self._write("train" if record.pop("mode", "training") == "training" else "inference", record)
+        self._write("train", dict(record))
 
     def test_end(self, record):
         self._write("test", record)
@@ -138,10 +136,6 @@ class TensorBoardLog(RunLog):
 
     def train_window(self, record):
         step = record["global_iteration"]
-        if record.get("mode", "training") != "training":
-            self.writer.add_scalar("Inference/Loss", record["loss"], step)
-            self.writer.add_scalar("Inference/SamplesPerSec", record["samples_per_second"], step)
-            return
         self.writer.add_scalar("Train/Loss", record["loss"], step)
         if record.get("lr") is not None:
             self.writer.add_scalar("Train/LR", record["lr"], step)

@@ -108,7 +108,6 @@ def test_raw_data_file_without_dataset_generation_is_an_error(cli):
     (["--mini-batch-size=0"], "--mini-batch-size must be at least 1"),
     (["--loss-function=wbce", "--loss-weights=1.0"], "--loss-weights needs two values"),
     (["--activation-function=tanh"], "--activation-function=tanh is not supported"),
-    (["--sync-dense-params=False"], "--sync-dense-params=False is not supported"),
     (["--arch-embedding-size=4-0-2"], "--arch-embedding-size: every value must be at least 1, got 4-0-2"),
     (["--arch-mlp-top=4-2-3"], "--arch-mlp-top must end in 1"),
     (["--num-workers=-1"], "--num-workers must be at least 0, got -1"),
@@ -117,6 +116,13 @@ def test_raw_data_file_without_dataset_generation_is_an_error(cli):
 def test_inconsistent_flags_are_one_line_errors(run_main, argv, message):
     code, out, err = run_main(*argv)
     assert code == 1 and message in err and err.count("\n") == 1
+
+
+def test_sync_dense_params_false_runs_as_the_original_with_one_device_and_says_it_has_no_effect(run_main):
+    code, out, err = run_main("--sync-dense-params=False", "--data-size=8", "--mini-batch-size=4")
+    assert code == 0 and out.count("Finished training it") == 2
+    assert err == ("note: --sync-dense-params=False has no effect: dense parameters are always kept in sync "
+                   "(each process holds one replica on one device)\n")
 
 
 def test_cat_interaction_allows_different_widths(run_main):

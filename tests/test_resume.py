@@ -151,3 +151,86 @@ def test_a_distributed_resume_with_another_batch_size_equals_the_single_process_
     assert [(e, j) for e, j, _ in expected] == [(0, 23), (0, 24)]
     for (_, _, loss), (_, _, reference) in zip(train_losses(out), expected, strict=True):
         assert loss == pytest.approx(reference, rel=1e-5, abs=1.1e-6)
+
+
+SMALL = ["--arch-embedding-size=50-40-30", "--arch-sparse-feature-size=4", "--arch-mlp-bot=3-4", "--arch-mlp-top=8-1",
+         "--data-size=64", "--mini-batch-size=16", "--loss-function=bce", "--round-targets"]
+
+
+@pytest.fixture(scope="module")
+def adagrad_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adagrad") / "m.pt"
+    assert dlrm.main([*SMALL, "--optimizer=adagrad", "--test-freq=2", f"--save-model={path}"]) == 0
+    return path
+
+
+def altered(checkpoint, path, change):
+    saved = torch.load(checkpoint, weights_only=False)
+    change(saved)
+    torch.save(saved, path)
+    return path
+
+
+def poisoned(saved):
+    saved["state_dict"] = {k: v.clone() for k, v in saved["state_dict"].items()}
+    saved["state_dict"]["top_l.0.weight"][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda saved: saved.update(state_dict=5), "does not fit this model: Expected state_dict to be dict-like"),
+    (poisoned, "the saved top_l.0.weight holds NaN or infinite values"),
+    (lambda saved: saved.update(opt_state_dict={"state": 3}), "optimizer state does not fit --optimizer (KeyError"),
+])
+def test_malformed_checkpoints_stop_with_one_line(adagrad_checkpoint, run_main, tmp_path, change, message):
+    path = altered(adagrad_checkpoint, tmp_path / "bad.pt", change)
+    code, out, err = run_main(*SMALL, "--optimizer=adagrad", "--nepochs=2", f"--load-model={path}")
+    assert code == 1 and message in err and len(err.splitlines()) == 1 and "Finished" not in out
+
+
+def test_a_checkpoint_without_optimizer_state_says_adagrad_starts_afresh(adagrad_checkpoint, run_main, tmp_path):
+    path = altered(adagrad_checkpoint, tmp_path / "weights.pt", lambda saved: saved.pop("opt_state_dict"))
+    code, out, err = run_main(*SMALL, "--optimizer=adagrad", "--nepochs=2", f"--load-model={path}")
+    assert code == 0 and f"note: --load-model {path} holds no optimizer state" in err
+
+
+def test_the_checkpoint_holds_the_keys_the_originals_loader_reads(adagrad_checkpoint):
+    saved = torch.load(adagrad_checkpoint, weights_only=False)
+    for key in ("state_dict", "iter", "epoch", "nepochs", "nbatches", "nbatches_test", "train_loss", "total_loss",
+                "test_acc", "opt_state_dict"):
+        assert key in saved, key
+
+
+@pytest.mark.parametrize("flags,difference", [
+    (["--qr-flag", "--qr-threshold=10"], "the embedding tables' parameters differ (emb_l.0.weight: saved 50x4, "
+                                         "flags give none;"),
+    (["--weighted-pooling=fixed"], "the embedding tables' parameters differ (pooling_weights.weight: saved none, "
+                                   "flags give 120x1; --qr-flag, --md-flag and --weighted-pooling change them)"),
+    (["--arch-mlp-top=16-1"], "MLP layer shapes differ (top_l.0.weight: saved 8x10, flags give 16x10;"),
+])
+def test_a_checkpoint_of_another_architecture_is_refused_with_the_difference_named(adagrad_checkpoint, run_main,
+                                                                                      flags, difference):
+    code, _, err = run_main(*SMALL, "--optimizer=adagrad", f"--load-model={adagrad_checkpoint}", *flags)
+    assert code == 1 and "saved with a different architecture than these flags (" + difference in err
+
+
+def test_every_changed_interaction_option_is_named(run_main, tmp_path):
+    path = tmp_path / "dcn.pt"
+    dcn = [*SMALL, "--arch-interaction-op=dcn"]
+    assert run_main(*dcn, "--dcn-num-layers=2", "--dcn-low-rank-dim=3", f"--save-model={path}")[0] == 0
+    code, _, err = run_main(*dcn, "--dcn-num-layers=1", "--dcn-low-rank-dim=4", f"--load-model={path}")
+    assert code == 1 and err.endswith("(--dcn-num-layers: saved 2, flags give 1; --dcn-low-rank-dim: saved 3, "
+                                      "flags give 4)\n")
+
+
+def test_a_resumed_run_whose_tests_do_not_improve_leaves_the_best_checkpoint_be(run_main, tmp_path):
+    path = tmp_path / "best.pt"
+    assert run_main(*SMALL, "--test-freq=2", f"--save-model={path}")[0] == 0
+    best = path.read_bytes()
+    code, out, err = run_main(*SMALL, "--test-freq=2", "--nepochs=2", "--learning-rate=0", f"--load-model={path}",
+                              f"--save-model={path}")
+    assert code == 0 and "Saving model" not in out and path.read_bytes() == best
+    assert f"note: no test of this run improved on the loaded checkpoint's best; {path} was not written" in err
+    code, out, err = run_main(*SMALL, f"--load-model={path}")  # at the end of epoch 0 of 1
+    assert code == 0 and "Finished training" not in out
+    assert f"note: --load-model {path} is at epoch 0, batch 4: with --nepochs=1 of 4 batches there is nothing left" \
+           in err
