@@ -76,6 +76,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 import zlib
 
 import numpy as np
@@ -260,9 +261,10 @@ def _parse_unsigned(block, ends, lengths):
         high, high_ok = _decimal8(_left_pad(block.windows[field_ends - 16], np.clip(field_lengths - 8, 0, 8)))
         long_values = np.minimum(high * _u64(100_000_000) + values[where], _u64(INT32_MAX))
         long_ok = high_ok & ok[where]
-        for k in np.flatnonzero(field_lengths > 16):
-            long_ok[k] = bytes(block.bytes[field_ends[k] - field_lengths[k] : field_ends[k]]).isdigit()
-            long_values[k] = INT32_MAX
+        for k in np.flatnonzero(field_lengths > 16):  # leading zeros may make a small value long
+            digits = bytes(block.bytes[field_ends[k] - field_lengths[k] : field_ends[k]])
+            long_ok[k] = digits.isdigit()
+            long_values[k] = min(int(digits), INT32_MAX) if long_ok[k] else INT32_MAX
         values[where], ok[where] = long_values, long_ok
     return values, ok
 
@@ -1061,19 +1063,26 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
                 raise DataError(f"--processed-data-file {path}: not an original processed file "
                                 f"(no {', '.join(missing)})")
             X_int, X_cat, y, counts = data["X_int"], data["X_cat"], data["y"], data["counts"]
-    except (OSError, ValueError, zlib.error) as e:
-        raise DataError(f"--processed-data-file {path}: not a readable .npz ({e})")
-    if not (X_int.ndim == 2 and X_cat.ndim == 2 and len(X_int) == len(X_cat) == len(y)):
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:  # truncated, not a zip
+        raise DataError(f"--processed-data-file {path}: not a readable .npz ({type(e).__name__}: {e})")
+    if not (X_int.ndim == 2 and X_cat.ndim == 2 and y.ndim == 1 and len(X_int) == len(X_cat) == len(y)
+            and X_int.shape[1] == NUM_DENSE and X_cat.shape[1] == NUM_SPARSE):
         raise DataError(f"--processed-data-file {path}: X_int {X_int.shape}, X_cat {X_cat.shape}, y {y.shape} "
-                        "do not fit together")
+                        f"do not fit together (rows of {NUM_DENSE} integers and {NUM_SPARSE} categoricals)")
+    if counts.shape != (X_cat.shape[1],):
+        raise DataError(f"--processed-data-file {path}: counts {counts.shape} should hold one table size per "
+                        f"categorical column ({X_cat.shape[1]})")
     days = None
     if raw_data_file:
         stem = raw_data_file.split("/")[-1]
         stem = stem.split(".")[0] if data_set == "kaggle" else stem
         count_file = os.path.join(os.path.dirname(raw_data_file), stem + "_day_count.npz")
         if os.path.exists(count_file):
-            with np.load(count_file) as data:
-                days = [int(n) for n in data["total_per_file"]]
+            try:
+                with np.load(count_file) as data:
+                    days = [int(n) for n in data["total_per_file"]]
+            except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+                raise DataError(f"{count_file}: not a readable day count file ({type(e).__name__}: {e})")
             if sum(days) != len(y):
                 days = None
     if days is None:

@@ -52,6 +52,16 @@ def test_edge_cases_of_integers_and_categoricals():
     assert (cats[1] == MISSING).all()
 
 
+def test_integers_longer_than_sixteen_characters_keep_their_value():
+    """Leading zeros make a small value long; only values above int32 max saturate."""
+    values = ["0" * 16 + "7", "+" + "0" * 18 + "42", "-" + "0" * 20 + "9", "0" * 15 + "2147483648", "0" * 30,
+              "1" * 20, "0" * 17 + "123456789", None, 1, 2, 3, 4, 5]
+    line = row_text(0, values, [None] * 26)
+    _, dense, _ = parse_all(line)
+    assert dense[0].tolist() == [7, 42, 0, 2147483647, 0, 2147483647, 123456789, 0, 1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(dense, [naive_row(line)[1]])
+
+
 def test_random_fields_agree_with_the_naive_reference():
     rng = np.random.default_rng(5)
     lines = []

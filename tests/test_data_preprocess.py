@@ -262,6 +262,32 @@ def test_original_npz_is_read(tmp_path, run_main):
     assert "Reading the original's processed data" in out and " auc " in out
 
 
+def damaged_original_npz(path, kind):
+    rng = np.random.default_rng(0)
+    arrays = dict(X_int=rng.integers(0, 100, (70, 13)).astype(np.int32), X_cat=rng.integers(0, 9, (70, 26)),
+                  y=rng.integers(0, 2, 70), counts=np.full(26, 9))
+    if kind == "few counts":
+        arrays["counts"] = arrays["counts"][:20]
+    if kind == "12 integers":
+        arrays["X_int"] = arrays["X_int"][:, :12]
+    np.savez_compressed(path, **arrays)
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", "not a readable .npz (BadZipFile"),
+    ("few counts", "counts (20,) should hold one table size per categorical column (26)"),
+    ("12 integers", "do not fit together (rows of 13 integers and 26 categoricals)"),
+])
+def test_a_damaged_original_npz_stops_with_one_line_naming_it(tmp_path, run_main, kind, message):
+    path = damaged_original_npz(tmp_path / "kaggleAdDisplayChallenge_processed.npz", kind)
+    code, out, err = run_main("--data-generation=dataset", f"--processed-data-file={path}", "--arch-mlp-bot=13-4-2")
+    assert code == 1 and err.startswith(f"dlrm_s_pytorch.py: error: --processed-data-file {path}: ")
+    assert message in err and len(err.splitlines()) == 1 and "Finished" not in out
+
+
 def test_fake_generator_is_deterministic_and_chunking_free(tmp_path):
     a = data_utils.format_rows(*data_utils.fake_rows(50, seed=3, first_row=0))
     b = data_utils.format_rows(*data_utils.fake_rows(50, seed=3, first_row=0))
