@@ -485,7 +485,7 @@ def processed_dir(processed_data_file: str, raw_data_file: str, data_set: str) -
     folder, name = os.path.split(raw_data_file.rstrip("/"))
     if name in STANDARD_RAW_NAMES[data_set]:
         return os.path.join(folder or ".", DEFAULT_NAMES[data_set])
-    return os.path.join(folder or ".", f"{os.path.splitext(name)[0] if data_set == 'kaggle' else name}_processed")
+    return os.path.join(folder or ".", f"{name}_processed")  # the whole name: clicks.txt and clicks.tsv differ
 
 
 def raw_day_files(raw_data_file: str, data_set: str) -> list[str]:
@@ -493,6 +493,10 @@ def raw_day_files(raw_data_file: str, data_set: str) -> list[str]:
     if data_set == "kaggle":
         if not os.path.isfile(raw_data_file):
             raise DataError(missing_raw_data(raw_data_file, data_set))
+        with open(raw_data_file, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":
+                raise DataError(f"{raw_data_file}: gzip-compressed; the kaggle train.txt must be decompressed first "
+                                "(gunzip)")
         return [raw_data_file]
     files = []
     for day in range(DAYS["terabyte"]):
@@ -526,7 +530,8 @@ def missing_raw_data(path: str, data_set: str) -> str:
         if _day_file(path, 0):
             return f"{flag}: no such file, but {_day_file(path, 0)} exists: --data-set=terabyte reads the {days}"
         if os.path.isfile(path + ".gz"):
-            return f"{flag}: no such file, but {path}.gz exists: use --raw-data-file={path}.gz (read as it is)"
+            return f"{flag}: no such file, but {path}.gz exists: decompress it first (gunzip {path}.gz; the kaggle " \
+                   "train.txt is read uncompressed)"
         return f"{flag}: no such file (--data-set=kaggle reads the Criteo Kaggle train.txt)"
     day_file = re.match(r"^(.*)_\d+(\.gz)?$", path)
     if os.path.isfile(path) and day_file and _day_file(day_file.group(1), 0):
@@ -798,9 +803,6 @@ def _day_tasks(sources, data_set, settings, work_dir, progress) -> list[DayTask]
         return [DayTask(d, path, 0, None, 1, rate if d < last else 0.0, max_ind_range, work_dir)
                 for d, path in enumerate(sources)]
     path = sources[0]
-    with open(path, "rb") as f:
-        if f.read(2) == b"\x1f\x8b":
-            raise DataError(f"{path}: gzip-compressed; the kaggle train.txt must be decompressed first (gunzip)")
     cached = load_json(os.path.join(work_dir, "days.json"))
     if cached is None:
         # a malformed file (commas for tabs, missing fields) is named by file:line before it is counted

@@ -367,6 +367,8 @@ def test_two_raw_files_in_one_folder_keep_their_own_processed_sets(tmp_path):
         _, said = preprocess_quietly(raw, data_utils.processed_dir("", raw, "kaggle"))
         messages.append(" ".join(said))
     assert all("Reading pre-processed" in m for m in messages[2:]) and not any("Rebuilding" in m for m in messages)
-    assert data_utils.processed_dir("", str(tmp_path / "clicks_a.txt"), "kaggle") == str(tmp_path / "clicks_a_processed")
+    assert data_utils.processed_dir("", str(tmp_path / "clicks_a.txt"), "kaggle") == str(tmp_path / "clicks_a.txt_processed")
+    # names that differ only in their extension (or in having one) keep their own sets too
+    assert len({data_utils.processed_dir("", f"input/clicks{ext}", "kaggle") for ext in ("", ".txt", ".tsv")}) == 3
     assert data_utils.processed_dir("", "input/train.txt", "kaggle") == "input/kaggleAdDisplayChallenge_processed"
     assert data_utils.processed_dir("", "input/day", "terabyte") == "input/terabyte_processed"

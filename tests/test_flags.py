@@ -385,7 +385,7 @@ def raw_files(tmp_path_factory):
     ("terabyte_dir", "terabyte", ["is a directory", "terabyte/day"]),
     ("empty", "terabyte", ["is a directory", "prefix"]),
     ("day_5", "terabyte", ["is one day file", "terabyte/day\n"]),
-    ("gzipped", "kaggle", ["no such file, but", "train.txt.gz exists", "--raw-data-file="]),
+    ("gzipped", "kaggle", ["no such file, but", "train.txt.gz exists: decompress it first (gunzip"]),
 ])
 def test_raw_data_errors_say_what_is_there_and_which_flags_read_it(raw_files, run_main, capsys, key, data_set, parts):
     path = raw_files[key]
@@ -394,6 +394,14 @@ def test_raw_data_errors_say_what_is_there_and_which_flags_read_it(raw_files, ru
     one_line_error(code, err, f"--raw-data-file {path}", *parts)
     assert data_utils.main(["preprocess", f"--data-set={data_set}", f"--raw-data-file={path}"]) == 1
     one_line_error(1, capsys.readouterr().err, *parts)
+
+
+def test_a_gzipped_kaggle_file_is_refused_before_anything_is_written(raw_files, run_main):
+    path = raw_files["gzipped"] + ".gz"
+    before = sorted(os.listdir(os.path.dirname(path)))
+    code, out, err = run_main("--data-generation=dataset", f"--raw-data-file={path}", "--arch-mlp-bot=13-4-2")
+    one_line_error(code, err, f"{path}: gzip-compressed; the kaggle train.txt must be decompressed first (gunzip)")
+    assert sorted(os.listdir(os.path.dirname(path))) == before  # no processed folder left behind
 
 
 def test_processed_data_file_that_is_a_raw_file_says_so(raw_files, run_main):
