@@ -697,6 +697,7 @@ def _adopt_single_set_layout(base_dir, can_rebuild: bool, log):
 def _damaged_output(out_dir, metadata):
     """What is wrong with the files that metadata.json lists, or None."""
     processed = ProcessedData(out_dir, metadata)
+    path = os.path.join(out_dir, "metadata.json")
     try:
         for day, rows in enumerate(processed.day_rows):
             for kind, row_shape in (("label", ()), ("dense", (NUM_DENSE,)), ("sparse", (NUM_SPARSE,))):
@@ -705,7 +706,7 @@ def _damaged_output(out_dir, metadata):
                 if array.shape != (rows,) + row_shape:
                     return f"{os.path.basename(path)} has shape {array.shape}, not {(rows,) + row_shape}"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{type(e).__name__}: {e}"
+        return f"{os.path.basename(path)}: {type(e).__name__}: {e}"
     return None
 
 
@@ -815,7 +816,8 @@ def _day_tasks(sources, data_set, settings, work_dir, progress) -> list[DayTask]
         if total == 0:
             raise DataError(f"{path}: empty file (no rows)")
         if total < DAYS["kaggle"]:
-            raise DataError(f"{path}: {total} rows are too few to cut into {DAYS['kaggle']} days")
+            raise DataError(f"{path}: {total} {'row is' if total == 1 else 'rows are'} too few to cut into "
+                            f"{DAYS['kaggle']} days")
         sizes = day_sizes(total, DAYS["kaggle"])
         first_lines = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         offsets = line_offsets(path, first_lines[:-1], block_lines, block_sizes) + [os.path.getsize(path)]
@@ -1010,9 +1012,27 @@ def _remap_day(job, report):
 _worker_progress = None  # in pool processes: a shared counter the parent turns into progress
 
 
-def _init_worker(counter):
+def _init_worker(counter, parent_pid):
     global _worker_progress
     _worker_progress = counter
+    _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid):
+    """Has Linux kill this worker when its parent dies (killed, out of memory, a scheduler's cancel): a pool worker
+    outlives it otherwise, holding the parent's pipes open. Elsewhere nothing is done."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _report_to_parent(n):
@@ -1037,7 +1057,7 @@ def run_tasks(fn, jobs, workers, bar):
 
     counter = mp.Value("q", 0)
     reported = 0
-    with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter,)) as pool:
+    with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter, os.getpid())) as pool:
         pending = [pool.submit(_call_in_worker, fn, job) for job in jobs]
         while pending:
             done, pending = wait(pending, timeout=0.3, return_when=FIRST_EXCEPTION)

@@ -117,6 +117,7 @@ def write_kaggle(tmp_path, content: bytes):
     (GOOD * 20 + b"1\t" + b"x\t" * 38 + b"y\n", "train.txt:21: field 2 (I1) is not an integer, found 'x'"),
     (b"", "train.txt: empty file (no rows)"),
     (GOOD * 5, "train.txt: 5 rows are too few to cut into 7 days"),
+    (GOOD, "train.txt: 1 row is too few to cut into 7 days"),
 ])
 def test_malformed_kaggle_file_is_a_one_line_error_and_leaves_nothing_complete(tmp_path, capsys, content, message):
     path = write_kaggle(tmp_path, content)

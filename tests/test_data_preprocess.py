@@ -3,6 +3,9 @@
 import gzip
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from hypothesis import strategies as st
 
 import data_utils
 import dlrm_s_pytorch as dlrm
-from conftest import CRITEO_SAMPLE
+from conftest import CRITEO_SAMPLE, ROOT
 from helpers import (MISSING, fake_kaggle, fake_terabyte, load_days, naive_ids, naive_key, naive_row,
                      preprocess_quietly, row_text)
 
@@ -314,7 +317,8 @@ def test_damaged_processed_files_are_rebuilt(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 104)
     rebuilt, messages = preprocess_quietly(raw, tmp_path / "out")
-    assert messages[0].startswith(f"Rebuilding processed data in {tmp_path / 'out' / 'kaggle-dictionary'}: ")
+    assert messages[0].startswith(f"Rebuilding processed data in {tmp_path / 'out' / 'kaggle-dictionary'}: "
+                                  "day_2_sparse.npy: ")  # the damaged file named
     assert np.load(rebuilt.day_file(2, "sparse")).shape == (100, 26)
 
 
@@ -372,3 +376,49 @@ def test_two_raw_files_in_one_folder_keep_their_own_processed_sets(tmp_path):
     assert len({data_utils.processed_dir("", f"input/clicks{ext}", "kaggle") for ext in ("", ".txt", ".tsv")}) == 3
     assert data_utils.processed_dir("", "input/train.txt", "kaggle") == "input/kaggleAdDisplayChallenge_processed"
     assert data_utils.processed_dir("", "input/day", "terabyte") == "input/terabyte_processed"
+
+
+WORKER_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import data_utils
+
+class Bar:
+    def update(self, n):
+        pass
+
+def sleeper(job, report):
+    with open(os.path.join({out!r}, f"worker{{job}}"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+data_utils.run_tasks(sleeper, [0, 1], 2, Bar())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_preprocessing_workers_die_with_their_parent(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT.format(root=ROOT, out=str(tmp_path))])
+    files = [tmp_path / "worker0", tmp_path / "worker1"]
+    deadline = time.time() + 30
+    while not all(f.exists() and f.read_text() for f in files) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = [int(f.read_text()) for f in files]
+    parent.kill()
+    parent.wait()
+
+    def running(pid):  # neither gone nor a zombie waiting to be reaped
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.05)
+    alive = [pid for pid in workers if running(pid)]
+    for pid in alive:
+        os.kill(pid, 9)
+    assert alive == []
