@@ -885,6 +885,9 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         )
     if args.inference_only and args.save_model:
         raise DLRMError("--save-model has nothing to save with --inference-only")
+    if args.mlperf_logging and importlib.util.find_spec("sklearn") is None:
+        raise DLRMError("--mlperf-logging needs scikit-learn for the original's test metrics (recall, precision, f1, "
+                        "ap): pip install scikit-learn")
     if args.embedding_precision == "bf16":
         check_bf16_tables(args)
     validate_quantization_args(args)
@@ -1006,6 +1009,12 @@ class TestMetrics:
     accuracy: float
     auc: float
     samples: int
+    # with --mlperf-logging, as the original prints them: at the 0.5 threshold (recall, precision, f1) and the
+    # average precision (sklearn.metrics); NaN otherwise
+    recall: float = float("nan")
+    precision: float = float("nan")
+    f1: float = float("nan")
+    ap: float = float("nan")
 
 
 def model_output(model, batch, where: str) -> torch.Tensor:
@@ -1018,8 +1027,9 @@ def model_output(model, batch, where: str) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, precision="fp32",
-             show_progress=False) -> TestMetrics:
-    """Loss, accuracy and AUC over every sample of `dataset` (read back once, at the end)."""
+             show_progress=False, classification=False) -> TestMetrics:
+    """Loss, accuracy and AUC over every sample of `dataset` (read back once, at the end); with `classification`
+    also recall, precision, F1 and average precision (the original's --mlperf-logging metrics)."""
     was_training = model.training
     model.eval()
     scores, targets = [], []
@@ -1041,7 +1051,29 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
                         f"of {scores.numel()}): its weights hold NaN or inf")
     loss = per_sample_loss(loss_kind, scores, targets, loss_weights).mean().item()
     accuracy = (torch.round(scores) == targets).double().mean().item()
-    return TestMetrics(loss, accuracy, roc_auc(scores, targets), targets.shape[0])
+    metrics = TestMetrics(loss, accuracy, roc_auc(scores, targets), targets.shape[0])
+    if classification:
+        metrics.recall, metrics.precision, metrics.f1, metrics.ap = classification_metrics(scores, targets)
+    return metrics
+
+
+def classification_metrics(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float, float]:
+    """Recall, precision and F1 of the predictions rounded at 0.5, and the average precision of the scores
+    (sklearn.metrics, as the original's --mlperf-logging test; 0 where a ratio has no denominator, NaN for
+    the average precision of a test set without positives). Labels binarised at 0.5."""
+    import warnings
+
+    from sklearn import metrics as sk
+
+    y_true = (targets.reshape(-1) >= 0.5).cpu().numpy().astype(np.int64)
+    y_score = scores.reshape(-1).double().cpu().numpy()
+    y_pred = np.round(y_score).astype(np.int64)
+    with warnings.catch_warnings():  # a test set without positives or without positive predictions
+        warnings.simplefilter("ignore")
+        ap = float(sk.average_precision_score(y_true, y_score)) if y_true.any() else float("nan")
+        return (float(sk.recall_score(y_true, y_pred, zero_division=0)),
+                float(sk.precision_score(y_true, y_pred, zero_division=0)),
+                float(sk.f1_score(y_true, y_pred, zero_division=0)), ap)
 
 
 def is_better(metrics: TestMetrics, best_auc: float, best_acc: float) -> bool:
@@ -1724,16 +1756,22 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     run_log.test_start(epoch, iteration, nbatches)
     t0 = time.perf_counter()
     metrics = evaluate(model, test_set, args.loss_function, loss_weights, device, args.test_num_workers,
-                       args.precision, show_progress=ext_dist.is_rank0())
+                       args.precision, show_progress=ext_dist.is_rank0(), classification=args.mlperf_logging)
     improved = is_better(metrics, state.best_auc, state.best_acc)
     state.best_acc = max(state.best_acc, metrics.accuracy)
     if not math.isnan(metrics.auc):
         state.best_auc = metrics.auc if math.isnan(state.best_auc) else max(state.best_auc, metrics.auc)
     state.last_test = metrics
     one_class = " (the test set has one class)" if math.isnan(metrics.auc) else ""
-    log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %, "
-        f"loss {metrics.loss:.6f}, auc {format_auc(metrics.auc)}{one_class}, best auc {format_auc(state.best_auc)}"
-        + (f", {time.perf_counter() - t0:.2f} s" if args.print_time else ""))
+    seconds = f", {time.perf_counter() - t0:.2f} s" if args.print_time else ""
+    if args.mlperf_logging:  # the original's line, then the loss
+        log(f"recall {metrics.recall:.4f}, precision {metrics.precision:.4f}, f1 {metrics.f1:.4f}, "
+            f"ap {metrics.ap:.4f}, auc {format_auc(metrics.auc)}{one_class}, best auc {format_auc(state.best_auc)}, "
+            f"accuracy {metrics.accuracy * 100:3.3f} %, best accuracy {state.best_acc * 100:3.3f} %, "
+            f"loss {metrics.loss:.6f}{seconds}")
+    else:
+        log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %, loss {metrics.loss:.6f}, "
+            f"auc {format_auc(metrics.auc)}{one_class}, best auc {format_auc(state.best_auc)}{seconds}")
     run_log.test_end(dict(epoch=epoch, iteration=iteration, nbatches=nbatches,
                           global_iteration=epoch * nbatches + iteration, loss=metrics.loss, accuracy=metrics.accuracy,
                           auc=metrics.auc, best_accuracy=state.best_acc, best_auc=state.best_auc,

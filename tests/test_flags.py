@@ -541,3 +541,12 @@ def test_a_test_pass_counts_on_top_of_the_training_batch_it_follows():
     without_tests = dlrm.estimate_memory(dlrm.parse_args(flags), 4, [1000, 1000, 1000])
     with_tests = dlrm.estimate_memory(dlrm.parse_args(flags + ["--test-freq=1"]), 4, [1000, 1000, 1000])
     assert with_tests.total > 1.8 * without_tests.total
+
+
+def test_mlperf_logging_without_scikit_learn_stops_naming_the_package(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    with pytest.raises(dlrm.DLRMError, match="--mlperf-logging needs scikit-learn .*pip install scikit-learn"):
+        dlrm.validate_args(dlrm.parse_args(["--mlperf-logging"]))

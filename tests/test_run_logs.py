@@ -303,3 +303,28 @@ def test_the_bf16_compute_graph_is_the_one_trained(run_main, tmp_path, monkeypat
         graphs[precision] = path.read_text()
     assert "ToCopyBackward" not in graphs["fp32"] and "ToCopyBackward" in graphs["bf16"]
     assert "emb_l.weight" in graphs["bf16"] and "top_l.0.weight" in graphs["bf16"]
+
+
+MLPERF_TEST_LINE = re.compile(r"^recall ([\d.]+), precision ([\d.]+), f1 ([\d.]+), ap ([\d.]+), auc ([\d.]+), "
+                              r"best auc [\d.]+, accuracy ([\d.]+) %, best accuracy [\d.]+ %, loss [\d.]+$")
+
+
+def test_mlperf_logging_prints_the_originals_test_line(run_main):
+    code, out, err = run_main("--mini-batch-size=16", "--data-size=256", "--test-freq=8", "--loss-function=bce",
+                              "--round-targets", "--mlperf-logging")
+    assert code == 0, err
+    lines = [MLPERF_TEST_LINE.match(line) for line in out.splitlines() if line.startswith("recall")]
+    assert len(lines) == 2 and all(lines) and not any(line.startswith(" accuracy") for line in out.splitlines())
+
+
+def test_classification_metrics_count_the_rounded_predictions():
+    import dlrm_s_pytorch as dlrm
+
+    scores = torch.tensor([0.9, 0.8, 0.4, 0.6, 0.2, 0.7, 0.1, 0.55])
+    targets = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    recall, precision, f1, ap = dlrm.classification_metrics(scores, targets)
+    # predicted positive: 0.9, 0.8, 0.6, 0.7, 0.55 -> 3 of the 4 positives, 3 of 5 predictions
+    assert (recall, precision) == (0.75, 0.6) and f1 == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    # ranked: 1 1 1 0 0 1 0 0 -> precision at each positive 1, 1, 1, 4/6; recall steps of 1/4
+    assert ap == pytest.approx((1 + 1 + 1 + 4 / 6) / 4)
+    assert dlrm.classification_metrics(scores, torch.zeros(8))[:3] == (0.0, 0.0, 0.0)
