@@ -523,7 +523,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g = parser.add_argument_group("loss")
     g.add_argument("--loss-function", type=str, default="mse", choices=["mse", "bce", "wbce"], help="loss")
     number(g, "--loss-weights", flags.dash_separated(float), "1.0-1.0", at_least(0),
-           "wbce weights of negatives-positives")
+           "wbce weights of negatives-positives (a sample's class: its target rounded at 0.5)")
     # from 0.5 on the clamp [t, 1-t] would be empty: every prediction the same
     number(g, "--loss-threshold", float, 0.0, between(0, 0.5, open_high=True),
            "clamp predictions to [t, 1-t] when t > 0")
@@ -535,7 +535,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     number(g, "--data-size", int, 1, at_least(1),
            "random or synthetic data: samples of the test set, and of the training set without --num-batches")
     number(g, "--num-batches", int, 0, at_least(0), "training batches per epoch (0: all)")
-    number(g, "--num-indices-per-lookup", int, 10, at_least(1), "random data: (max) ids per bag")
+    number(g, "--num-indices-per-lookup", int, 10, at_least(0), "random data: (max) ids per bag (0: one, or none with --num-indices-per-lookup-fixed)")
     flag(g, "--num-indices-per-lookup-fixed", False, "random data: every bag has exactly that many ids")
     g.add_argument("--rand-data-dist", type=str, default="uniform", choices=list(dlrm_data.RANDOM_DISTRIBUTIONS),
                    help="random data: distribution of the sparse ids")

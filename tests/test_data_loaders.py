@@ -237,6 +237,24 @@ def test_random_bags_hold_each_drawn_id_once_sorted(fixed, kernels, monkeypatch)
         assert len(bags) == 32 and all(bag.tolist() == sorted(set(bag.tolist())) for bag in bags)
 
 
+@pytest.mark.parametrize("kernels", ["native", "numpy"])
+def test_zero_ids_per_lookup_mean_one_id_or_with_fixed_none_as_in_the_original(kernels, monkeypatch):
+    from dlrmkit import kernels as native_kernels
+
+    if kernels == "numpy":
+        monkeypatch.setattr(native_kernels, "_library", lambda: (None, "switched off by the test"))
+
+    def batch(ids, fixed):
+        config = dlrm_data.RandomDataConfig(num_indices_per_lookup=ids, num_indices_per_lookup_fixed=fixed)
+        return dlrm_data.RandomDataset(3, [5, 1, 40], 64, 16, seed=3, config=config)[1]
+
+    one, zero = batch(1, False), batch(0, False)  # max(1, round(U * 0)): one id, the same draws as 1
+    assert torch.equal(one.sparse.indices, zero.sparse.indices) and torch.equal(one.dense_x, zero.dense_x)
+    empty = batch(0, True)  # every bag empty: the pooled embeddings are zeros
+    assert empty.sparse.indices.numel() == 0 and (empty.sparse.offsets == 0).all()
+    assert torch.equal(empty.dense_x, batch(5, True).dense_x)
+
+
 def test_random_bags_of_narrow_tables_are_not_padded_to_a_wide_tables_width(monkeypatch):
     """Consecutive tables share one padded matrix of bags only while padding costs little (or the matrix is
     small): three-row tables beside a million-row one with up to 1000 ids per bag are padded to 3, not 1000."""

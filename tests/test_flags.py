@@ -75,8 +75,7 @@ def test_data_utils_numeric_flags_are_checked_too(capsys, command, flag, value):
 
 @pytest.mark.parametrize("argv,message", [
     (["--learning-rate=-1"], "--learning-rate must be at least 0, got -1"),
-    (["--num-indices-per-lookup=0", "--num-indices-per-lookup-fixed=True"], "--num-indices-per-lookup must be at least 1, got 0"),
-    (["--num-indices-per-lookup=-3"], "--num-indices-per-lookup must be at least 1, got -3"),
+    (["--num-indices-per-lookup=-3"], "--num-indices-per-lookup must be at least 0, got -3"),
     (["--rand-data-min=5", "--rand-data-max=1"], "--rand-data-min 5 is above --rand-data-max 1"),
     (["--print-precision=-3"], "--print-precision must be in [0, 17], got -3"),
     (["--numpy-rand-seed=-1"], "--numpy-rand-seed must be in [0, 4294967295], got -1"),
