@@ -1149,11 +1149,13 @@ def model_arch(model: DLRM_Net) -> dict:
     return arch
 
 
-def load_checkpoint(path, model, optimizer, check=None) -> TrainState:
+def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainState:
     """Loads a checkpoint (ours or the original's) into model and optimizer; returns its TrainState.
-    check(state), when given, runs on the saved state before the model is compared and loaded."""
+    check(state), when given, runs on the saved state before the model is compared and loaded; `counts`, a dict,
+    receives the run's nepochs, nbatches and nbatches_test that the checkpoint records (rank 0's only)."""
     if isinstance(model, ext_dist.DistributedDLRM):  # rank 0 reads it whole and hands out the tables
-        return ext_dist.load_distributed(path, model, optimizer, functools.partial(load_checkpoint, check=check))
+        return ext_dist.load_distributed(path, model, optimizer,
+                                         functools.partial(load_checkpoint, check=check, counts=counts))
     if not os.path.isfile(path):
         raise DLRMError(f"--load-model {path}: no such file")
     try:
@@ -1162,6 +1164,9 @@ def load_checkpoint(path, model, optimizer, check=None) -> TrainState:
         raise DLRMError(f"--load-model {path}: not a readable checkpoint ({type(e).__name__}: {e})")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DLRMError(f"--load-model {path}: not a DLRM checkpoint (no state_dict)")
+    if counts is not None:
+        counts.update({key: checkpoint[key] for key in ("nepochs", "nbatches", "nbatches_test")
+                       if isinstance(checkpoint.get(key), int)})
     saved = dict(checkpoint.get("train_state") or {})
     if saved:
         last_test = saved.pop("last_test", None)
@@ -1948,13 +1953,15 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     if args.load_model:
         print(f"Loading saved model {args.load_model}")
         check = None if args.inference_only else lambda saved: check_data_order(saved, order, args.load_model)
-        state = load_checkpoint(args.load_model, model, optimizer, check)
+        saved = {}
+        state = load_checkpoint(args.load_model, model, optimizer, check, saved)
         state.saved = False  # whether *this* run saved: if it does not, the final model is saved
         if not args.inference_only:
             state = resume_position(state, args, order, args.load_model)
         last = state.last_test
-        print(f"Saved at: epoch = {state.epoch:d}/{args.nepochs:d}, batch = {state.next_batch:d}/{nbatches:d}, "
-              f"ntbatch = {len(test_set):d}")
+        print(f"Saved at: epoch = {state.epoch:d}/{saved.get('nepochs', args.nepochs):d}, batch = "
+              f"{state.next_batch:d}/{saved.get('nbatches', nbatches):d}, "
+              f"ntbatch = {saved.get('nbatches_test', len(test_set)):d}")  # the saving run's counts
         print(f"Training state: loss = {state.train_loss:.6f}")
         if last is not None:
             known = [f"{name} = {text}" for name, value, text in (

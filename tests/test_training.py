@@ -107,6 +107,10 @@ def test_loading_an_original_checkpoint_prints_its_stored_state(run_main, tmp_pa
     code, out, err = run_main("--mini-batch-size=2", "--data-size=8", "--test-freq=4", f"--load-model={path}")
     assert code == 0, err
     assert "Saved at: epoch = 0/1, batch = 2/4, ntbatch = 4" in out
+    original.update(nepochs=3, nbatches=7, nbatches_test=5)  # the saving run's counts, whatever this run's flags
+    torch.save(original, path)
+    assert "Saved at: epoch = 0/3, batch = 2/7, ntbatch = 5" in run_main("--mini-batch-size=2", "--data-size=8",
+                                                                        f"--load-model={path}", "--num-batches=1")[1]
     assert "Training state: loss = 0.312500" in out and "Testing state: accuracy = 75.000 %" in out
     assert out.count("Finished training it") == 2  # the rest of epoch 0
     best = re.search(r"best ([\d.]+) %", out).group(1)
