@@ -1020,7 +1020,9 @@ def _init_worker(counter, parent_pid):
 
 def _exit_with_parent(parent_pid):
     """Has Linux kill this worker when its parent dies (killed, out of memory, a scheduler's cancel): a pool worker
-    outlives it otherwise, holding the parent's pipes open. Elsewhere nothing is done."""
+    outlives it otherwise, holding the parent's pipes open. `parent_pid`: the pool's process, the worker's parent
+    under the fork and spawn start methods (under forkserver the parent is the fork server, which exits with the
+    pool's process). Elsewhere nothing is done."""
     import ctypes
     import signal
 
@@ -1031,8 +1033,10 @@ def _exit_with_parent(parent_pid):
             return
     except (OSError, AttributeError):  # not Linux
         return
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
+    import multiprocessing
+
+    if multiprocessing.get_start_method() != "forkserver" and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before the request took effect
 
 
 def _report_to_parent(n):

@@ -422,3 +422,28 @@ def test_preprocessing_workers_die_with_their_parent(tmp_path):
     for pid in alive:
         os.kill(pid, 9)
     assert alive == []
+
+
+POOL_SCRIPT = """
+import multiprocessing, sys
+sys.path.insert(0, {root!r})
+import data_utils
+
+class Bar:
+    def update(self, n):
+        pass
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method({method!r})
+    data_utils.run_tasks(print, [0, 1, 2], 2, Bar())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_preprocessing_pools_run_under_every_start_method(tmp_path, method):
+    script = tmp_path / "pool.py"
+    script.write_text(POOL_SCRIPT.format(root=ROOT, method=method))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(line.split()[0] for line in result.stdout.splitlines()) == ["0", "1", "2"]
