@@ -495,8 +495,8 @@ def raw_day_files(raw_data_file: str, data_set: str) -> list[str]:
             raise DataError(missing_raw_data(raw_data_file, data_set))
         with open(raw_data_file, "rb") as f:
             if f.read(2) == b"\x1f\x8b":
-                raise DataError(f"{raw_data_file}: gzip-compressed; the kaggle train.txt must be decompressed first "
-                                "(gunzip)")
+                raise DataError(f"--raw-data-file {raw_data_file}: gzip-compressed; the kaggle train.txt must be "
+                                "decompressed first (gunzip)")
         return [raw_data_file]
     files = []
     for day in range(DAYS["terabyte"]):
@@ -1106,9 +1106,13 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
         if os.path.exists(count_file):
             try:
                 with np.load(count_file) as data:
-                    days = [int(n) for n in data["total_per_file"]]
+                    sizes = np.asarray(data["total_per_file"])
             except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
                 raise DataError(f"{count_file}: not a readable day count file ({type(e).__name__}: {e})")
+            if sizes.ndim != 1 or sizes.dtype.kind not in "iu" or (sizes < 0).any():
+                raise DataError(f"{count_file}: total_per_file should be the rows of each day (integers, none "
+                                f"negative), found {sizes.dtype} {sizes.shape}")
+            days = [int(n) for n in sizes]
             if sum(days) != len(y):
                 days = None
     if days is None:

@@ -731,11 +731,10 @@ APPLIES_WHEN = {
     "--test-freq": (TRAINING,),  # --inference-only tests once
     "--nepochs": (TRAINING,),
     "--print-freq": (TRAINING,),
-    "--num-workers": (TRAINING,),  # the training data's loader; tests use --test-num-workers
     "--test-mini-batch-size": (TESTING,),
     "--test-num-workers": (TESTING,),
-    "--mlperf-acc-threshold": (TESTING,),
-    "--mlperf-auc-threshold": (TESTING,),
+    "--mlperf-acc-threshold": (TRAINING, TESTING),  # stops training
+    "--mlperf-auc-threshold": (TRAINING, TESTING),
     "--dist-backend": (DISTRIBUTED,),
     "--dist-timeout": (DISTRIBUTED,),
     "--local_rank": (DISTRIBUTED,),
@@ -1167,14 +1166,20 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
     if counts is not None:
         counts.update({key: checkpoint[key] for key in ("nepochs", "nbatches", "nbatches_test")
                        if isinstance(checkpoint.get(key), int)})
+    for key in ("train_state", "arch"):
+        if checkpoint.get(key) is not None and not isinstance(checkpoint[key], dict):
+            raise DLRMError(f"--load-model {path}: not a DLRM checkpoint ({key} is a {type(checkpoint[key]).__name__})")
     saved = dict(checkpoint.get("train_state") or {})
-    if saved:
-        last_test = saved.pop("last_test", None)
-        known = {field.name for field in dataclasses.fields(TrainState)}
-        state = TrainState(**{k: v for k, v in saved.items() if k in known})  # fields of other versions dropped
-        state.last_test = TestMetrics(**last_test) if last_test else None
-    else:
-        state = original_train_state(checkpoint)
+    try:
+        if saved:
+            last_test = saved.pop("last_test", None)
+            known = {field.name for field in dataclasses.fields(TrainState)}
+            state = TrainState(**{k: v for k, v in saved.items() if k in known})  # fields of other versions dropped
+            state.last_test = TestMetrics(**last_test) if last_test else None
+        else:
+            state = original_train_state(checkpoint)
+    except (TypeError, ValueError) as e:  # fields of the wrong kind
+        raise DLRMError(f"--load-model {path}: its training state cannot be read ({type(e).__name__}: {e})")
     if check is not None:
         check(state)
     saved_arch = checkpoint.get("arch")
@@ -1482,10 +1487,15 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     held = held_table_rows(args, table_sizes, local_tables)
     ids = ids_per_sample(args, table_sizes)
     sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
-    tests = testing(args)
-    # a test runs while the last training batch, its activations and gradients are still held
-    batch_size = args.mini_batch_size + (args.test_mini_batch_size if tests else 0)
-    workers = max(args.num_workers, args.test_num_workers if tests else 0)
+    train_batch, test_batch = args.mini_batch_size, args.test_mini_batch_size
+    if args.data_generation != "dataset":  # a batch holds at most the samples there are
+        samples, test_samples = generated_set_sizes(args)
+        train_batch, test_batch = min(train_batch, samples), min(test_batch, test_samples)
+    if args.inference_only:  # the test set alone
+        batch_size, workers = test_batch, args.test_num_workers
+    else:  # a test runs while the last training batch, its activations and gradients are still held
+        batch_size = train_batch + (test_batch if testing(args) else 0)
+        workers = max(args.num_workers, args.test_num_workers if testing(args) else 0)
     mlps = [widths for layers in dense_mlps(args, dense_dim, len(table_sizes)).values() for widths in layers]
     needed = memory.estimate_memory(held, sparse_dim, mlps, batch_size, ids,
                                     None if args.inference_only else args.optimizer, workers,
@@ -1522,13 +1532,16 @@ def memory_remedy(args, part: str, dense_dim: int, table_sizes, local_tables=Non
     if part in ("one batch", "batch inputs", "loader buffers"):
         ids = "--multi-hot-sizes" if args.multi_hot_sizes else (
             None if args.data_generation == "dataset" else "--num-indices-per-lookup")
-        others = ", ".join(flag for flag in ("--test-mini-batch-size", ids, "--num-workers") if flag)
+        batch_flags = ("--test-mini-batch-size", "--test-num-workers") if args.inference_only else (
+            "--mini-batch-size", "--num-workers")
+        others = ", ".join(flag for flag in ("--test-mini-batch-size", ids, batch_flags[1]) if flag not in
+                           (None, batch_flags[0]))
         units = {flags: sum(sum(widths) for widths in layers) for flags, layers in mlps.items()}
         flags = max(units, key=units.get)
         id_rows = ids_per_sample(args, table_sizes) * sparse_dim  # the embedding gradient's floats per sample
         if part == "one batch" and memory.ACTIVATION_COPIES * units[flags] > 2 * id_rows + sum(units.values()):
-            return f"a smaller {flags} or --mini-batch-size"  # one group of layers' activations are most of it
-        return f"a smaller --mini-batch-size (or {others})"
+            return f"a smaller {flags} or {batch_flags[0]}"  # one group of layers' activations are most of it
+        return f"a smaller {batch_flags[0]} (or {others})"
     if part == "data":
         return "a smaller --data-size (or --num-batches)"
     return "a machine with more memory for this checkpoint"
@@ -1785,6 +1798,8 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
         log(f"Saving model to {args.save_model}")
         save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
         state.saved = True
+    if args.inference_only:  # nothing to stop
+        return False
     if args.mlperf_acc_threshold > 0 and state.best_acc >= args.mlperf_acc_threshold:
         log(f"MLPerf testing accuracy threshold {args.mlperf_acc_threshold} reached, stop training")
         return True

@@ -14,6 +14,7 @@ GIB = 1 << 30
 FLOAT = 4  # bytes of a float32 (parameters, optimizer state, activations)
 ID_BYTES = 48  # per id of a batch: int64 ids and offsets, and NumPy's temporaries while a batch is made
 ACTIVATION_COPIES = 3  # per unit and sample: the output, what autograd saves of it, and its gradient
+INFERENCE_COPIES = 1  # per unit and sample without training: the outputs alone (no autograd, no gradients)
 LOADER_BATCHES_PER_WORKER = 3  # two batches prefetched (PyTorch's prefetch_factor) and one being made
 
 
@@ -52,7 +53,8 @@ def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample:
         optimizer state = adagrad: as much again as tables and MLP weights; rwsadagrad: 4 per table
                           row plus the MLP weights; sgd, or None (no training): 0
         batch inputs    = batch_size * (48 * ids + 4 * (dense features + 1))
-        one batch       = batch inputs + batch_size * (2 * 4 * dim * ids + 3 * 4 * (units + (tables + 1) * dim))
+        one batch       = batch inputs + batch_size * (2 * 4 * dim * ids + 3 * 4 * (units + (tables + 1) * dim));
+                          without an optimizer (no training) batch inputs + batch_size * 4 * (units + (tables + 1) * dim)
         loader buffers  = num_workers * 3 * batch inputs (two prefetched batches and one being made)
 
     Per id, 48 bytes: the int64 ids and offsets and the NumPy temporaries that make them; the
@@ -74,7 +76,10 @@ def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample:
     else:
         state = 0
     inputs = batch_size * (ID_BYTES * ids_per_sample + FLOAT * (mlps[0][0] + 1))
-    batch = int(inputs + batch_size * (2 * FLOAT * dim * ids_per_sample + ACTIVATION_COPIES * FLOAT * units))
+    if optimizer is None:
+        batch = int(inputs + batch_size * INFERENCE_COPIES * FLOAT * units)
+    else:
+        batch = int(inputs + batch_size * (2 * FLOAT * dim * ids_per_sample + ACTIVATION_COPIES * FLOAT * units))
     return MemoryEstimate(tables + 2 * FLOAT * weights, state, batch, int(num_workers * LOADER_BATCHES_PER_WORKER * inputs),
                           batch_inputs=int(inputs))
 

@@ -447,3 +447,17 @@ def test_preprocessing_pools_run_under_every_start_method(tmp_path, method):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert sorted(line.split()[0] for line in result.stdout.splitlines()) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("total_per_file,message", [
+    (np.array([[35, 35], [0, 0]]), "total_per_file should be the rows of each day (integers, none negative)"),
+    (np.array(70), "total_per_file should be the rows of each day"),
+    (np.array([80, -10]), "total_per_file should be the rows of each day"),
+    (np.array([35.0, 35.0]), "total_per_file should be the rows of each day"),
+])
+def test_a_damaged_day_count_file_stops_with_one_line_naming_it(tmp_path, run_main, total_per_file, message):
+    path = damaged_original_npz(tmp_path / "kaggleAdDisplayChallenge_processed.npz", "good")
+    np.savez(tmp_path / "train_day_count.npz", total_per_file=total_per_file)
+    code, out, err = run_main("--data-generation=dataset", f"--processed-data-file={path}", "--arch-mlp-bot=13-4-2",
+                              f"--raw-data-file={tmp_path / 'train.txt'}")
+    assert code == 1 and f"{tmp_path / 'train_day_count.npz'}: {message}" in err and len(err.splitlines()) == 1

@@ -327,19 +327,36 @@ def test_model_on_a_gpu_is_checked_against_the_gpu_and_its_inputs_against_host_m
 @pytest.mark.parametrize("flags,remedy", [
     (["--arch-interaction-op=dcn", "--dcn-low-rank-dim=300000000"], "a smaller --dcn-num-layers or --dcn-low-rank-dim"),
     (["--arch-interaction-op=projection", "--interaction-branch1-layer-sizes=400000000",
-      "--interaction-branch2-layer-sizes=4"], "--interaction-branch1-layer-sizes or --interaction-branch2"),
-    (["--arch-mlp-top=4000000000-1"], "a smaller --arch-mlp-top or --mini-batch-size"),
-    (["--multi-hot-sizes=30000000"], "a smaller --mini-batch-size (or --test-mini-batch-size, --multi-hot-sizes, "),
-    (["--mini-batch-size=300000000"], "(or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"),
-    (["--arch-embedding-size=20000000000-3"], "smaller tables (--arch-embedding-size"),
+      "--interaction-branch2-layer-sizes=4"],
+     "a smaller --interaction-branch1-layer-sizes or --interaction-branch2-layer-sizes"),
+    (["--arch-mlp-top=4000000000-1"], "a smaller --arch-mlp-top"),
+    (["--arch-mlp-top=200000000-1", "--mini-batch-size=64", "--data-size=64"],
+     "a smaller --arch-mlp-top or --mini-batch-size"),
+    (["--arch-mlp-top=200000000-1", "--mini-batch-size=64", "--data-size=64", "--inference-only"],
+     "a smaller --arch-mlp-top or --test-mini-batch-size"),  # no training: its test batch
+    (["--multi-hot-sizes=30000000"],
+     "a smaller --mini-batch-size (or --test-mini-batch-size, --multi-hot-sizes, --num-workers)"),
+    (["--mini-batch-size=300000000", "--data-size=300000000"],
+     "a smaller --mini-batch-size (or --test-mini-batch-size, --num-indices-per-lookup, --num-workers)"),
+    (["--mini-batch-size=300000000", "--data-size=300000000", "--test-mini-batch-size=1000", "--inference-only"],
+     None),  # the training batch does not count: no training
+    (["--test-mini-batch-size=300000000", "--data-size=300000000", "--inference-only"],
+     "a smaller --test-mini-batch-size (or --num-indices-per-lookup, --test-num-workers)"),
+    (["--mini-batch-size=300000000"], None),  # a batch holds at most --data-size samples
+    (["--arch-embedding-size=20000000000-3"],
+     "smaller tables (--arch-embedding-size, or --max-ind-range for a data set) or a smaller "
+     "--arch-sparse-feature-size"),
 ])
 def test_memory_error_names_the_flags_that_size_the_largest_part(flags, remedy, monkeypatch):
     monkeypatch.setattr(memory, "usable_memory", lambda: (memory.GIB, "a test limit"))
     args = dlrm.parse_args(["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--arch-embedding-size=20-30-40",
                             "--arch-mlp-top=8-1", "--mini-batch-size=8", *flags])
+    if remedy is None:  # fits
+        dlrm.check_memory(args, 5, args.arch_embedding_size)
+        return
     with pytest.raises(dlrm.DLRMError) as error:
         dlrm.check_memory(args, 5, args.arch_embedding_size)
-    assert str(error.value).endswith(remedy) or remedy in str(error.value)
+    assert str(error.value).split("; try ", 1)[1] == remedy
     assert "--num-indices-per-lookup" not in str(error.value) or not args.multi_hot_sizes
 
 
@@ -399,7 +416,8 @@ def test_a_gzipped_kaggle_file_is_refused_before_anything_is_written(raw_files, 
     path = raw_files["gzipped"] + ".gz"
     before = sorted(os.listdir(os.path.dirname(path)))
     code, out, err = run_main("--data-generation=dataset", f"--raw-data-file={path}", "--arch-mlp-bot=13-4-2")
-    one_line_error(code, err, f"{path}: gzip-compressed; the kaggle train.txt must be decompressed first (gunzip)")
+    one_line_error(code, err, f"--raw-data-file {path}: gzip-compressed; the kaggle train.txt must be decompressed "
+                   "first (gunzip)")
     assert sorted(os.listdir(os.path.dirname(path))) == before  # no processed folder left behind
 
 

@@ -180,6 +180,9 @@ def poisoned(saved):
     (lambda saved: saved.update(state_dict=5), "does not fit this model: Expected state_dict to be dict-like"),
     (poisoned, "the saved top_l.0.weight holds NaN or infinite values"),
     (lambda saved: saved.update(opt_state_dict={"state": 3}), "optimizer state does not fit --optimizer (KeyError"),
+    (lambda saved: saved.update(train_state="x"), "not a DLRM checkpoint (train_state is a str)"),
+    (lambda saved: saved.update(arch=5), "not a DLRM checkpoint (arch is a int)"),
+    (lambda saved: saved["train_state"].update(epoch="x", last_test=[1]), "its training state cannot be read"),
 ])
 def test_malformed_checkpoints_stop_with_one_line(adagrad_checkpoint, run_main, tmp_path, change, message):
     path = altered(adagrad_checkpoint, tmp_path / "bad.pt", change)
