@@ -1291,21 +1291,39 @@ def flag_text(value) -> str:
     return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
+ARCH_FLAGS = {"table_sizes": "--arch-embedding-size (the tables' rows)", "embedding_dim": "--arch-sparse-feature-size",
+              "interaction": "--arch-interaction-op", "interaction_itself": "--arch-interaction-itself"}
+
+
+def mlp_widths(layers: dict, prefix: str) -> list[int] | None:
+    """The widths (input first) of the MLP whose Linear weights are `layers`' `<prefix>.<k>.weight` shapes, in k
+    order; None when it has none."""
+    weights = sorted((int(name.split(".")[1]), shape) for name, shape in layers.items()
+                     if name.startswith(prefix + ".") and name.endswith(".weight") and len(shape) == 2)
+    if not weights:
+        return None
+    return [weights[0][1][1]] + [shape[0] for _, shape in weights]
+
+
 def describe_arch_diff(saved: dict, current: dict) -> str:
-    """The differences between a checkpoint's `model_arch` and the flags' model: each flag-level one (tables,
-    widths, interaction and its options); only when there is none, the parameters whose shapes differ (what
-    embedding tricks such as --qr-flag, --md-flag or --weighted-pooling change)."""
-    problems = []
-    for key in ("table_sizes", "embedding_dim", "interaction", "interaction_itself"):
-        if saved.get(key) != current.get(key):
-            problems.append(f"{key}: saved {saved.get(key)}, flags give {current.get(key)}")
+    """The differences between a checkpoint's `model_arch` and the flags' model, by flag: the tables, widths,
+    interaction and its options, and the MLPs' widths; only when none of these differ, the parameters whose
+    shapes differ (what embedding tricks such as --qr-flag, --md-flag or --weighted-pooling change)."""
+    problems = [f"{flag}: saved {flag_text(saved.get(key))}, flags give {flag_text(current.get(key))}"
+                for key, flag in ARCH_FLAGS.items() if saved.get(key) != current.get(key)]
     old, new = saved.get("interaction_options") or {}, current.get("interaction_options") or {}
     if saved.get("interaction") == current.get("interaction"):
         problems += [f"{flag}: saved {flag_text(old.get(flag))}, flags give {flag_text(new.get(flag))}"
                      for flag in dict.fromkeys([*old, *new]) if old.get(flag) != new.get(flag)]
+    old, new = saved.get("layers") or {}, current.get("layers") or {}
+    for prefix, flag in (("bot_l", "--arch-mlp-bot"), ("top_l", "--arch-mlp-top")):
+        before, after = mlp_widths(old, prefix), mlp_widths(new, prefix)
+        if before != after:  # the top MLP's input width follows the interaction: the flag leaves it out
+            shown = [w[1:] if w and prefix == "top_l" else w for w in (before, after)]
+            if shown[0] != shown[1] or not problems:
+                problems.append(f"{flag}: saved {flag_text(shown[0])}, flags give {flag_text(shown[1])}")
     if problems:
         return "; ".join(problems)
-    old, new = saved.get("layers") or {}, current.get("layers") or {}
     names = [name for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name)]
     if not names:
         return "unknown difference"
@@ -1318,8 +1336,7 @@ def describe_arch_diff(saved: dict, current: dict) -> str:
     if all(name.startswith(("emb_l.", "pooling_weights.")) for name in names):
         return f"the embedding tables' parameters differ ({shown}{more}; --qr-flag, --md-flag and " \
                "--weighted-pooling change them)"
-    what = "MLP layer shapes" if all(name.startswith(("bot_l.", "top_l.")) for name in names) else "parameter shapes"
-    return f"{what} differ ({shown}{more})"
+    return f"parameter shapes differ ({shown}{more})"
 
 
 # ============================================================================ setup helpers

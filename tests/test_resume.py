@@ -208,7 +208,11 @@ def test_the_checkpoint_holds_the_keys_the_originals_loader_reads(adagrad_checkp
                                          "flags give none;"),
     (["--weighted-pooling=fixed"], "the embedding tables' parameters differ (pooling_weights.weight: saved none, "
                                    "flags give 120x1; --qr-flag, --md-flag and --weighted-pooling change them)"),
-    (["--arch-mlp-top=16-1"], "MLP layer shapes differ (top_l.0.weight: saved 8x10, flags give 16x10;"),
+    (["--arch-mlp-top=16-1"], "--arch-mlp-top: saved 8-1, flags give 16-1)"),
+    (["--arch-mlp-bot=3-6-8", "--arch-sparse-feature-size=8", "--arch-embedding-size=50-40-31"],
+     "--arch-embedding-size (the tables' rows): saved 50-40-30, flags give 50-40-31; --arch-sparse-feature-size: "
+     "saved 4, flags give 8; --arch-mlp-bot: saved 3-4, flags give 3-6-8)"),  # every difference
+    (["--arch-interaction-op=cat"], "--arch-interaction-op: saved dot, flags give cat)"),
 ])
 def test_a_checkpoint_of_another_architecture_is_refused_with_the_difference_named(adagrad_checkpoint, run_main,
                                                                                       flags, difference):

@@ -219,7 +219,7 @@ def test_checkpoint_from_other_architecture_is_refused(run_main, tmp_path):
     path = tmp_path / "m.pt"
     assert run_main("--mini-batch-size=2", "--data-size=4", f"--save-model={path}")[0] == 0
     code, _, err = run_main("--mini-batch-size=2", "--data-size=4", "--arch-embedding-size=5-3-2", f"--load-model={path}")
-    assert code == 1 and "table_sizes: saved [4, 3, 2], flags give [5, 3, 2]" in err
+    assert code == 1 and "--arch-embedding-size (the tables' rows): saved 4-3-2, flags give 5-3-2)" in err
 
 
 @pytest.mark.parametrize("change,detail", [
