@@ -1125,7 +1125,8 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
         "nbatches": nbatches,
         "nbatches_test": nbatches_test,
         "train_loss": state.train_loss,
-        "total_loss": 0.0,  # the original's loss summed since its last printed line: 0 at its saves (tests print)
+        "total_loss": 0.0,  # the original's loss summed since its last progress line: 0 at its saves (every test
+        # prints a progress line first)
         "test_loss": state.last_test.loss if state.last_test else float("nan"),
         "test_acc": state.last_test.accuracy if state.last_test else 0.0,
         "test_auc": state.last_test.auc if state.last_test else float("nan"),
@@ -2020,13 +2021,15 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         else:
             print("time/loss/accuracy (if enabled):")
             state = train(args, model, optimizer, train_set, test_set, device, state, nbatches, run_log=run_log)
-            # the final model when no test ran or none improved; but not over the better model a loaded checkpoint is
-            if args.save_model and not state.saved and (not testing(args) or not args.load_model):
+            # the final model when no test ran or none improved; but not over the better model it was loaded from
+            keeps_loaded = bool(args.load_model) and testing(args) and os.path.exists(args.save_model) and \
+                os.path.samefile(args.save_model, args.load_model)
+            if args.save_model and not state.saved and not keeps_loaded:
                 print(f"Saving model to {args.save_model}")
                 save_checkpoint(args.save_model, model, optimizer, state, args, nbatches, len(test_set))
             elif args.save_model and not state.saved:
-                print(f"note: no test of this run improved on the loaded checkpoint's best; {args.save_model} was not "
-                      "written", file=sys.stderr)
+                print(f"note: no test of this run improved on the loaded checkpoint's best; {args.save_model} (the "
+                      "loaded checkpoint) was not written", file=sys.stderr)
     if args.debug_mode and not args.inference_only:
         print_parameters(model, "updated parameters (weights and bias):")
     if args.plot_compute_graph:

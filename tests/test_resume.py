@@ -236,7 +236,12 @@ def test_a_resumed_run_whose_tests_do_not_improve_leaves_the_best_checkpoint_be(
     code, out, err = run_main(*SMALL, "--test-freq=2", "--nepochs=2", "--learning-rate=0", f"--load-model={path}",
                               f"--save-model={path}")
     assert code == 0 and "Saving model" not in out and path.read_bytes() == best
-    assert f"note: no test of this run improved on the loaded checkpoint's best; {path} was not written" in err
+    assert f"note: no test of this run improved on the loaded checkpoint's best; {path} (the loaded checkpoint) was " \
+           "not written" in err
+    elsewhere = tmp_path / "final.pt"  # another file: the final model, as a run without improvement writes it
+    code, out, err = run_main(*SMALL, "--test-freq=2", "--nepochs=2", "--learning-rate=0", f"--load-model={path}",
+                              f"--save-model={elsewhere}")
+    assert code == 0 and f"Saving model to {elsewhere}" in out and elsewhere.exists()
     code, out, err = run_main(*SMALL, f"--load-model={path}")  # at the end of epoch 0 of 1
     assert code == 0 and "Finished training" not in out
     assert f"note: --load-model {path} is at epoch 0, batch 4: with --nepochs=1 of 4 batches there is nothing left" \
