@@ -181,6 +181,9 @@ def poisoned(saved):
     (poisoned, "the saved top_l.0.weight holds NaN or infinite values"),
     (lambda saved: saved.update(opt_state_dict={"state": 3}), "optimizer state does not fit --optimizer (KeyError"),
     (lambda saved: saved.update(train_state="x"), "not a DLRM checkpoint (train_state is a str)"),
+    (lambda saved: saved.update(opt_state_dict={"state": {}, "param_groups": [  # torch.optim.SGD's, the original's
+        {"lr": 0.1, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "params": [0, 1]}]}),
+     "optimizer state does not fit --optimizer (ValueError: the state was saved by torch.optim.SGD"),
     (lambda saved: saved.update(arch=5), "not a DLRM checkpoint (arch is a int)"),
     (lambda saved: saved["train_state"].update(epoch="x", last_test=[1]), "its training state cannot be read"),
 ])

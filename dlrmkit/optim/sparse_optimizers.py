@@ -103,6 +103,17 @@ def _group_by_device_and_dtype(*tensor_lists):
     return groups.values()
 
 
+def torch_optimizer_kind(param_groups) -> str | None:
+    """"SGD" or "Adagrad" (the original's rwsadagrad too) for the param_groups of a torch.optim-style state by
+    the settings they hold; None when they hold neither's."""
+    keys = set().union(*(group.keys() for group in param_groups)) if param_groups else set()
+    if keys & {"initial_accumulator_value", "lr_decay"}:
+        return "Adagrad"
+    if keys & {"momentum", "dampening", "nesterov"}:
+        return "SGD"
+    return None
+
+
 class _FusedSparseOptimizer:
     """Splits gradients into one foreach update of the dense ones and one fused update per sparse one.
 
@@ -165,6 +176,10 @@ class _FusedSparseOptimizer:
         saved_by = state_dict.get("optimizer", type(self).__name__)  # absent from torch's and older states
         if saved_by != type(self).__name__:
             raise ValueError(f"the state was saved by {saved_by}, not {type(self).__name__}")
+        kind = torch_optimizer_kind(saved_groups)  # torch.optim's (the original's checkpoints): by its settings
+        if "optimizer" not in state_dict and kind is not None and kind != self._torch_kind:
+            raise ValueError(f"the state was saved by torch.optim.{kind} (its settings "
+                             f"{sorted(k for k in saved_groups[0] if k != 'params')}), not {type(self).__name__}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("the saved state has a different number of parameter groups")
         by_number = {}
@@ -265,6 +280,7 @@ class SGD(_FusedSparseOptimizer):
     """Plain SGD (no momentum, no weight decay), p -= lr * g, as the original's torch.optim.SGD."""
 
     needs_coalesced_rows = False  # additive: duplicate rows are summed by add_rows_ itself
+    _torch_kind = "SGD"  # the torch.optim state it loads (torch_optimizer_kind)
     bags_dtypes = (torch.float32, torch.bfloat16)  # of the tables update_bags_ takes
 
     def __init__(self, params, lr=0.01, consume_grads=False):
@@ -301,6 +317,7 @@ ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's, the original's
 
 class _Adagrad(_FusedSparseOptimizer):
     row_wise_sparse = False
+    _torch_kind = "Adagrad"
 
     def __init__(self, params, lr=0.01, eps=ADAGRAD_EPS, initial_accumulator_value=0.0, consume_grads=False):
         if lr < 0.0:
