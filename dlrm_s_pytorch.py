@@ -401,6 +401,17 @@ def compile_dense(model: DLRM_Net, device: torch.device, backend: str = "inducto
     model.dense_forward = torch.compile(model.dense_forward, backend=backend)
 
 
+@contextlib.contextmanager
+def eager_dense(model: DLRM_Net):
+    """Inside, the model's own (uncompiled) dense part: what tracing for ONNX needs."""
+    compiled = model.__dict__.pop("dense_forward", None)
+    try:
+        yield model
+    finally:
+        if compiled is not None:
+            model.dense_forward = compiled
+
+
 def keep_freed_memory() -> bool:
     """Stops glibc returning big freed blocks to the OS; True when it applied.
 
@@ -2067,7 +2078,8 @@ def plot_compute_graph(args, model, batch, loss_weights):
 
 def save_onnx(model, batch, path):
     try:
-        difference = onnx_export.export_onnx(model, batch, path)
+        with eager_dense(model):  # --compile: the module's own forward is traced
+            difference = onnx_export.export_onnx(model, batch, path)
     except onnx_export.ExportError as e:
         raise DLRMError(str(e))
     except OSError as e:

@@ -13,11 +13,17 @@ scatter-add (no ONNX Loop), which needs opset >= 16. QR, MD and weighted-pooling
 export too; quantized models do not.
 
     export_onnx(model, batch, "dlrm_s_pytorch.onnx")   # -> max |onnx - torch| on `batch`
+
+A model over protobuf's 2 GiB limit (the Criteo Kaggle model's tables are 2.2 GB) keeps its weights
+in one file beside the graph, `<file>.data` (ONNX external data, read from there by onnx.load and
+onnxruntime); a compiled model (`torch.compile`) is exported as the module it wraps.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 
 import numpy as np
@@ -63,31 +69,45 @@ class FlatInputs(nn.Module):
         return self.model(dense_x, sparse)
 
 
-def export_onnx(model: nn.Module, batch, path: str, opset: int = OPSET) -> float:
-    """Writes `path` (atomically), checks it with onnx.checker and returns max |onnx - torch| on `batch`."""
+def export_onnx(model: nn.Module, batch, path: str, opset: int = OPSET, external_data: bool | None = None) -> float:
+    """Writes `path` (and `<path>.data` for external weights) through a temporary folder beside it, checks it with
+    onnx.checker and returns max |onnx - torch| on `batch`. `external_data`: keep the weights in `<path>.data`;
+    None: when the graph and its weights exceed protobuf's 2 GiB (the exporter writes them apart)."""
     onnx = require_onnx()
-    model = model.cpu().eval()
+    model = getattr(model, "_orig_mod", model).cpu().eval()  # a torch.compile wrapper: the module itself
     inputs = (batch.dense_x.cpu(), batch.offsets.cpu(), batch.indices.cpu())
-    directory = os.path.dirname(os.path.abspath(path))
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    work = tempfile.mkdtemp(dir=directory, prefix=f".{name}.export")
     try:
+        exported = os.path.join(work, name)
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notices
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                FlatInputs(model), inputs, tmp, dynamo=False, opset_version=opset,
+                FlatInputs(model), inputs, exported, dynamo=False, opset_version=opset,
                 input_names=INPUT_NAMES, output_names=["click_probability"],
                 dynamic_axes={"dense_x": {0: "batch"}, "offsets": {0: "bags_plus_one"},
                               "indices": {0: "lookups"}, "click_probability": {0: "batch"}},
             )
-        onnx.checker.check_model(onnx.load(tmp), full_check=True)
+        written_apart = len(os.listdir(work)) > 1  # the exporter's one file per tensor beside the graph
+        data = name + ".data"
+        if external_data or written_apart:  # every weight in one file named after the graph
+            graph = onnx.load(exported)
+            final = os.path.join(work, "graph.onnx")
+            onnx.save_model(graph, final, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                            size_threshold=0 if external_data else 1024)
+            del graph
+            exported = os.path.join(work, name)
+            os.replace(final, exported)
+        onnx.checker.check_model(exported, full_check=True)  # by path: models over 2 GiB too
         with torch.no_grad():
             expected = model(*inputs).numpy()
-        difference = float(np.abs(run_onnx(tmp, inputs) - expected).max())
-        os.replace(tmp, path)
+        difference = float(np.abs(run_onnx(exported, inputs) - expected).max())
+        if os.path.exists(os.path.join(work, data)):
+            os.replace(os.path.join(work, data), os.path.join(directory, data))
+        os.replace(exported, os.path.join(directory, name))
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(work, ignore_errors=True)
     return difference
 
 

@@ -57,6 +57,32 @@ def test_onnx_round_trip_matches_pytorch_for_any_batch(tmp_path, kwargs):
         np.testing.assert_allclose(onnx_export.run_onnx(str(path), inputs), expected, rtol=0, atol=1e-5)
 
 
+def test_weights_kept_apart_sit_in_one_file_beside_the_graph(tmp_path):
+    """What a model over protobuf's 2 GiB gets (forced here on a small one): <file>.data, read by onnx and onnxruntime;
+    nothing else left in the folder."""
+    net = make_net()
+    batch = dlrm_data.RandomDataset(3, TABLES, 8, 4, seed=1)[0]
+    path = tmp_path / "m.onnx"
+    assert onnx_export.export_onnx(net, batch, str(path), external_data=True) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").stat().st_size >= 4 * 4 * sum(TABLES)  # the tables' float32 rows
+    assert path.stat().st_size < 100_000
+    onnx.checker.check_model(str(path), full_check=True)
+    for other in batches_with_other_shapes():
+        inputs = (other.dense_x, other.offsets, other.indices)
+        with torch.no_grad():
+            expected = net(*inputs).numpy()
+        np.testing.assert_allclose(onnx_export.run_onnx(str(path), inputs), expected, rtol=0, atol=1e-5)
+
+
+def test_a_compiled_model_exports_the_module_it_wraps(tmp_path):
+    net = make_net()
+    batch = dlrm_data.RandomDataset(3, TABLES, 8, 4, seed=1)[0]
+    compiled = torch.compile(net)
+    assert onnx_export.export_onnx(compiled, batch, str(tmp_path / "m.onnx")) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_reference_evaluator_is_used_without_onnxruntime(tmp_path, monkeypatch):
     net = make_net()
     batch = dlrm_data.RandomDataset(3, TABLES, 5, 5, seed=2)[0]
@@ -84,3 +110,15 @@ def test_missing_onnx_package_is_a_clear_error_before_training(run_main, tmp_pat
     assert code == 1 and "Finished" not in out and not (tmp_path / "m.onnx").exists()
     assert err.strip() == ("dlrm_s_pytorch.py: error: --save-onnx needs the onnx package "
                            "(pip install onnx; onnxruntime is optional)")
+
+
+@pytest.mark.slow  # importing dynamo takes seconds
+def test_the_trainers_compiled_dense_part_exports_as_eager(tmp_path, capsys):
+    import dlrm_s_pytorch as dlrm
+
+    net = make_net()
+    dlrm.compile_dense(net, torch.device("cpu"), backend="eager")
+    batch = dlrm_data.RandomDataset(3, TABLES, 8, 4, seed=1)[0]
+    net(batch.dense_x, batch.sparse)  # compiled
+    dlrm.save_onnx(net, batch, str(tmp_path / "m.onnx"))
+    assert "Saved the ONNX model" in capsys.readouterr().out and "dense_forward" in net.__dict__  # compiled again
