@@ -21,6 +21,8 @@ def output_problem(path: str) -> str | None:
         return "empty file name"
     if os.path.isdir(path):
         return "is a directory"
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):  # a folder's name, existing or not
+        return "is a directory name"
     if os.path.exists(path) and not os.path.isfile(path):
         return "is not a regular file (a device, pipe or socket would be replaced by the output)"
     directory = os.path.dirname(os.path.abspath(path))
@@ -45,7 +47,7 @@ def check_output(what: str, path: str, example: str | None = None):
     problem = output_problem(path)
     if problem is None:
         return
-    if problem == "is a directory" and example:
+    if problem in ("is a directory", "is a directory name") and example:
         problem += f"; give a file name (e.g. {os.path.join(path, example)})"
     raise OutputError(f"{what} {path}: {problem}")
 
