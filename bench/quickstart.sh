@@ -40,6 +40,11 @@ if [[ -z $out ]]; then
   echo "quickstart.sh: error: --out is empty; give the folder for the outputs" >&2
   exit 2
 fi
+# the pictures need matplotlib: said before any work, not after the training
+if ! "$python_bin" -c "import matplotlib" 2>/dev/null; then
+  echo "quickstart.sh: error: the training curves and interaction maps need matplotlib (pip install matplotlib)" >&2
+  exit 1
+fi
 if [[ -z $raw && -f input/train.txt ]]; then
   raw=input/train.txt
 fi
@@ -96,8 +101,11 @@ tests = [r for r in map(json.loads, open(sys.argv[1])) if r.get("event") == "tes
 if not tests:
     sys.exit("quickstart.sh: error: the run wrote no test result")
 last = tests[-1]
-print(f"test accuracy {last['accuracy'] * 100:.3f} %, test AUC {last['auc']:.4f} "
-      f"(best {last['best_auc']:.4f}) on {last['samples']:,} test samples")
+def auc(value):  # null: a test set of one class has no AUC
+    return "undefined" if value is None else f"{value:.4f}"
+one_class = " (the test set has one class)" if last["auc"] is None else ""
+print(f"test accuracy {last['accuracy'] * 100:.3f} %, test AUC {auc(last['auc'])}{one_class} "
+      f"(best {auc(last['best_auc'])}) on {last['samples']:,} test samples")
 EOF
 "$python_bin" "$repo/tools/plot_metrics.py" "$metrics" -o "$curves" --labels "Criteo Kaggle model" > /dev/null
 # the checkpoint of the best test AUC: how strongly its features interact

@@ -103,9 +103,12 @@ def export_onnx(model: nn.Module, batch, path: str, opset: int = OPSET, external
         with torch.no_grad():
             expected = model(*inputs).numpy()
         difference = float(np.abs(run_onnx(exported, inputs) - expected).max())
-        if os.path.exists(os.path.join(work, data)):
-            os.replace(os.path.join(work, data), os.path.join(directory, data))
-        os.replace(exported, os.path.join(directory, name))
+        umask = os.umask(0)
+        os.umask(umask)
+        for produced in (os.path.join(work, data), exported):  # the weights first: the graph names them
+            if os.path.exists(produced):
+                os.chmod(produced, 0o666 & ~umask)  # as a file written in place (ONNX writes its data 0600)
+                os.replace(produced, os.path.join(directory, os.path.basename(produced)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return difference

@@ -67,6 +67,7 @@ def test_weights_kept_apart_sit_in_one_file_beside_the_graph(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert (tmp_path / "m.onnx.data").stat().st_size >= 4 * 4 * sum(TABLES)  # the tables' float32 rows
     assert path.stat().st_size < 100_000
+    assert (tmp_path / "m.onnx.data").stat().st_mode & 0o777 == path.stat().st_mode & 0o777  # as the graph's
     onnx.checker.check_model(str(path), full_check=True)
     for other in batches_with_other_shapes():
         inputs = (other.dense_x, other.offsets, other.indices)
