@@ -49,3 +49,15 @@ def test_quickstart_refuses_bad_options_before_any_work(tmp_path, option, messag
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"quickstart.sh: error: {message}") and result.stderr.count("\n") == 1
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_quickstart_reports_an_undefined_auc_of_a_one_class_test_set(tmp_path):
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "quickstart.sh"), "--rows=7"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert ("test AUC undefined (the test set has one class) (best undefined) on 1 test samples"
+            in result.stdout)
