@@ -1,7 +1,7 @@
 #!/bin/bash
 # DLRM-DCNv2, the MLPerf Training "dlrm_dcnv2" benchmark (the model of the original repository's
 # torchrec_dlrm/ directory), on Criteo Terabyte-format data, with the MLPerf log:
-#   bash bench/dlrm_dcnv2_terabyte.sh ["extra options"]   (run where ./input/day_0 .. day_23[.gz] are)
+#   bash bench/dlrm_dcnv2_terabyte.sh ["extra options" | extra options...]   (run where ./input/day_0 .. day_23[.gz] are)
 # Reference settings: embedding dim 128, bottom MLP 13-512-256-128, top MLP 1024-1024-512-256-1,
 # DCNv2 with 3 layers of rank 512, Adagrad at 0.005 (epsilon 1e-8), global batch 65536, tables capped at 40M rows,
 # multi-hot sizes 3,2,1,2,6,1,1,1,1,7,3,8,1,6,9,5,1,1,1,12,100,27,10,3,1,1 drawn uniformly, a test
@@ -18,10 +18,11 @@
 # Terabyte scripts). PYTHON overrides the interpreter. The log goes to ./run_dcnv2_terabyte_pt.log.
 set -o pipefail
 
+# extra options: one quoted string of flags, as the original takes them, or the flags one by one
 if [[ $# == 1 ]]; then
-    dlrm_extra_option=$1
+    read -r -a dlrm_extra_options <<< "$1"
 else
-    dlrm_extra_option=""
+    dlrm_extra_options=("$@")
 fi
 
 max_ind_range=${MAX_IND_RANGE:-40000000}
@@ -50,9 +51,9 @@ dlrm_args=("$(dirname "$0")/../dlrm_s_pytorch.py"
     --test-mini-batch-size="$test_batch" --mlperf-logging --mlperf-auc-threshold=0.80275)
 # the printed lines go to the log; on a terminal, progress bars and notes stay on the terminal
 if [[ -t 2 ]]; then
-    ${PYTHON:-python} "${dlrm_args[@]}" $dlrm_extra_option | tee run_dcnv2_terabyte_pt.log
+    ${PYTHON:-python} "${dlrm_args[@]}" "${dlrm_extra_options[@]}" | tee run_dcnv2_terabyte_pt.log
 else
-    ${PYTHON:-python} "${dlrm_args[@]}" $dlrm_extra_option 2>&1 | tee run_dcnv2_terabyte_pt.log
+    ${PYTHON:-python} "${dlrm_args[@]}" "${dlrm_extra_options[@]}" 2>&1 | tee run_dcnv2_terabyte_pt.log
 fi
 status=$?
 

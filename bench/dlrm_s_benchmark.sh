@@ -4,7 +4,7 @@
 # 1000 batches of random data), on CPU cores and on GPUs; one log per run and the best ms/it of each.
 #
 # Usage:
-#   bench/dlrm_s_benchmark.sh [extra dlrm_s_pytorch.py flags]      e.g. --precision=bf16
+#   bench/dlrm_s_benchmark.sh [extra dlrm_s_pytorch.py flags]      e.g. --precision=bf16, or "--precision=bf16 ..."
 #   SMALL=1 bench/dlrm_s_benchmark.sh                              sized down for small machines
 #   CPU=0 GPU=1 NGPUS="1 2" bench/dlrm_s_benchmark.sh --precision=bf16
 #
@@ -15,13 +15,18 @@
 #   NGPUS [1]    GPU counts to run, e.g. "1 2 4 8" as the original; more than one uses torchrun
 #   SMALL [0]    1: tables of 100K rows and 100 batches instead of 1M rows and 1000 batches
 #   NBATCHES, MB_SIZE, EMB_ROWS    override the corresponding settings
-#   PROFILE [0]  1: add --enable-profiling, as the original always did
+#   PROFILE [0]  1: add --enable-profiling, as the original always did (trace and tables beside each log)
 #   OUT [.]      directory of the logs (relative to where the script is started)
 set -euo pipefail
 start_dir=$PWD
 cd "$(dirname "$0")/.."
 
-extra_args=("$@")
+# extra options: one quoted string of flags, as the original takes them, or the flags one by one
+if [[ $# == 1 ]]; then
+  read -r -a extra_args <<< "$1"
+else
+  extra_args=("$@")
+fi
 python_bin=${PYTHON:-python}
 cpu=${CPU:-1}
 gpu=${GPU:-$($python_bin -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)}
@@ -57,9 +62,18 @@ args=(--num-batches="$nbatches" --data-generation=random --arch-mlp-bot="$bot_ml
       --arch-sparse-feature-size="$emb_size" --arch-embedding-size="$emb" --num-indices-per-lookup="$nindices"
       --arch-interaction-op="$interaction" --numpy-rand-seed="$rand_seed" --print-freq="$print_freq" --print-time
       --mini-batch-size="$mb_size" --test-mini-batch-size="$tmb_size" --test-num-workers="$tnworkers")
-if [[ ${PROFILE:-0} == 1 ]]; then
-  args+=(--enable-profiling)
-fi
+for setting in "NCORES=$ncores" "NBATCHES=$nbatches" "MB_SIZE=$mb_size" "EMB_ROWS=$emb_rows" $(printf "NGPUS=%s " $ngpus); do
+  if ! [[ ${setting#*=} =~ ^[1-9][0-9]*$ ]]; then
+    echo "dlrm_s_benchmark.sh: error: $setting: must be a positive whole number" >&2
+    exit 2
+  fi
+done
+
+profile() {  # the profiling flags of a run whose log is $1: the trace and tables beside the log
+  if [[ ${PROFILE:-0} == 1 ]]; then
+    echo "--enable-profiling --profiling-trace-file=${1%.log}.json"
+  fi
+}
 
 best_ms() {  # the fastest "N ms/it" of a log
   grep -o '[0-9.]* ms/it' "$1" | awk 'BEGIN {best = ""} {if (best == "" || $1 < best) best = $1} END {print best}'
@@ -83,8 +97,10 @@ if [[ $cpu == 1 ]]; then
   elif command -v taskset > /dev/null; then
     pin=(taskset -c "0-$((ncores - 1))")
   fi
-  OMP_NUM_THREADS=$ncores run "$out/model1_CPU_PT_$ncores.log" \
-    "${pin[@]}" "$python_bin" dlrm_s_pytorch.py "${args[@]}" "${extra_args[@]}"
+  log="$out/model1_CPU_PT_$ncores.log"
+  read -r -a profiling <<< "$(profile "$log")"
+  OMP_NUM_THREADS=$ncores run "$log" \
+    "${pin[@]}" "$python_bin" dlrm_s_pytorch.py "${args[@]}" "${profiling[@]}" "${extra_args[@]}"
 fi
 
 if [[ $gpu == 1 ]]; then
@@ -99,7 +115,9 @@ if [[ $gpu == 1 ]]; then
     else
       launch=(torchrun --standalone --nproc_per_node="$ng")
     fi
-    CUDA_VISIBLE_DEVICES=$gpus run "$out/model1_GPU_PT_$ng.log" \
-      "${launch[@]}" dlrm_s_pytorch.py "${args[@]}" --use-gpu "${extra_args[@]}"
+    log="$out/model1_GPU_PT_$ng.log"
+    read -r -a profiling <<< "$(profile "$log")"
+    CUDA_VISIBLE_DEVICES=$gpus run "$log" \
+      "${launch[@]}" dlrm_s_pytorch.py "${args[@]}" --use-gpu "${profiling[@]}" "${extra_args[@]}"
   done
 fi

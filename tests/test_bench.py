@@ -102,20 +102,22 @@ def test_harness_original_column_times_whole_programs_between_progress_lines(tmp
     assert "× original" in result.stdout
 
 
-def run_script_with_stub_python(script, tmp_path, env):
-    """Runs a bench script with PYTHON set to a stand-in that parses the trainer's flags with the
-    trainer's own parser and writes them as JSON: the script's command line, checked without training."""
+def run_script_with_stub_python(script, tmp_path, env, options=()):
+    """Runs a bench script (with `options` after it) with PYTHON set to a stand-in that parses the trainer's
+    flags with the trainer's own parser and writes them as JSON: the script's command line, checked without
+    training."""
     stub = tmp_path / "stub.py"
-    stub.write_text("import json, sys\n"
+    stub.write_text(f"#!{sys.executable}\n"
+                    "import json, sys\n"
                     f"sys.path.insert(0, {ROOT!r})\n"
                     "import dlrm_s_pytorch\n"
                     "args = dlrm_s_pytorch.build_parser().parse_args(sys.argv[2:])\n"
                     "print(json.dumps(vars(args)))\n")
-    result = subprocess.run(["bash", os.path.join(ROOT, "bench", script)], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path, env={**os.environ, **env,
-                                                            "PYTHON": f"{sys.executable} {stub}"})
+    stub.chmod(0o755)
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", script), *options], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path, env={**os.environ, **env, "PYTHON": str(stub)})
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[0])
+    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
 
 
 @pytest.mark.slow
@@ -144,3 +146,12 @@ def test_dcnv2_script_refuses_a_bad_size_in_one_line(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: BATCH=0: must be a positive whole number\n"
     assert not (tmp_path / "run_dcnv2_terabyte_pt.log").exists()
+
+
+@pytest.mark.parametrize("script", ["dlrm_s_criteo_kaggle.sh", "dlrm_s_criteo_terabyte.sh", "run_and_time.sh",
+                                    "dlrm_dcnv2_terabyte.sh"])
+@pytest.mark.parametrize("options", [["--num-batches=3 --print-freq=1"], ["--num-batches=3", "--print-freq=1"]],
+                         ids=["one quoted string", "one by one"])
+def test_data_set_scripts_pass_extra_options_as_the_original_or_one_by_one(tmp_path, script, options):
+    args = run_script_with_stub_python(script, tmp_path, {}, options)
+    assert (args["num_batches"], args["print_freq"]) == (3, 1)
