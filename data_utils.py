@@ -602,7 +602,7 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
                         "or the original's .npz); the raw data goes to --raw-data-file")
     out_dir = os.path.join(base_dir, settings_key(data_set, max_ind_range, sub_sample_rate))
     _adopt_single_set_layout(base_dir, bool(raw_data_file and _raw_data_present(raw_data_file, data_set)), log)
-    existing = _read_metadata(out_dir)
+    existing = read_set_metadata(out_dir)
     damage = _damaged_output(out_dir, existing) if existing is not None else None
     if damage:
         if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
@@ -614,7 +614,7 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
     if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
         wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
         if existing is None or any(existing["settings"].get(k) != wanted[k] for k in wanted if k != "sources"):
-            others = [m["settings"] for m in map(_read_metadata, _processed_sets(base_dir)) if m is not None]
+            others = [m["settings"] for m in map(read_set_metadata, processed_sets(base_dir)) if m is not None]
             if not others:
                 if raw_data_file:
                     raw_day_files(raw_data_file, data_set)  # says which file is missing
@@ -641,13 +641,13 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
     return _build(sources, out_dir, settings, workers, log, progress)
 
 
-def _read_metadata(out_dir):
+def read_set_metadata(out_dir):
     """metadata.json of a processed set, or None (none, or not ours)."""
     metadata = load_json(os.path.join(out_dir, "metadata.json"))
     return metadata if isinstance(metadata, dict) and isinstance(metadata.get("settings"), dict) else None
 
 
-def _processed_sets(base_dir) -> list[str]:
+def processed_sets(base_dir) -> list[str]:
     """The settings subdirectories of base_dir that hold a processed set."""
     if not os.path.isdir(base_dir):
         return []
@@ -663,7 +663,7 @@ def _adopt_single_set_layout(base_dir, can_rebuild: bool, log):
     subdirectory when its ids are still valid (dictionary ids: missing always had a key of its own);
     hashed ids (missing hashed like a value) are removed, as any stale processed set, when the raw data
     is there to rebuild them (else DataError)."""
-    legacy = _read_metadata(base_dir)
+    legacy = read_set_metadata(base_dir)
     if legacy is None:
         if os.path.isfile(os.path.join(base_dir, "work", "settings.json")):  # its unfinished work
             shutil.rmtree(os.path.join(base_dir, "work"), ignore_errors=True)
@@ -672,7 +672,7 @@ def _adopt_single_set_layout(base_dir, can_rebuild: bool, log):
     target = os.path.join(base_dir, settings_key(old.get("data_set"), old.get("max_ind_range", -1),
                                                  old.get("sub_sample_rate", 0.0)))
     if (old.get("format") == SINGLE_SET_FORMAT and old.get("max_ind_range") == -1 and old.get("data_set") in DAYS
-            and _read_metadata(target) is None):
+            and read_set_metadata(target) is None):
         os.makedirs(target, exist_ok=True)
         old["format"] = FORMAT
         marker = load_json(os.path.join(base_dir, "bin.json"))
@@ -685,7 +685,7 @@ def _adopt_single_set_layout(base_dir, can_rebuild: bool, log):
         save_json(os.path.join(target, "metadata.json"), legacy)
         log(f"Moved the processed data in {base_dir} into {target} (one directory per settings)")
     else:
-        why = (f"{target} already holds its settings" if _read_metadata(target) is not None
+        why = (f"{target} already holds its settings" if read_set_metadata(target) is not None
                else "its ids are stale: missing categoricals were hashed like values")
         if not can_rebuild:
             raise DataError(f"processed data in {base_dir} was written by an earlier version and is not used "

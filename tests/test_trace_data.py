@@ -149,3 +149,25 @@ def test_record_trace_reads_raw_values_as_the_preprocessing_does(tmp_path):
     path = tmp_path / "raw.txt"
     path.write_bytes(b"".join(row_text(0, cats=[c] * 26) for c in cats))
     assert read_columns(str(path), 100)[0].tolist() == [0, 0, 0, 1, 2, 1, 3]
+
+
+def test_record_trace_reads_the_trainers_processed_data_as_the_trainer_names_it(tmp_path, capsys):
+    from helpers import fake_kaggle, preprocess_quietly
+    from tools.record_trace import main as record_trace
+    from tools.record_trace import read_columns
+
+    raw = fake_kaggle(tmp_path, 700)
+    processed, _ = preprocess_quietly(raw, tmp_path / "small_processed")
+    from_text = read_columns(raw, 600)
+    for spelling in (tmp_path / "small_processed.npz", tmp_path / "small_processed", processed.out_dir):
+        columns = read_columns(str(spelling), 600)  # the days in order: the raw file's first 600 rows
+        assert len(columns) == 26 and all(c.size == 600 for c in columns)
+        for ours, text in zip(columns, from_text):  # other ids, the same reuse pattern
+            assert trace_data.distribution_from_trace(ours).distances.tolist() == \
+                trace_data.distribution_from_trace(text).distances.tolist()
+    (tmp_path / "small_processed" / "kaggle-hash10").mkdir()
+    (tmp_path / "small_processed" / "kaggle-hash10" / "metadata.json").write_text('{"settings": {}}')
+    assert record_trace([f"--input={tmp_path / 'small_processed.npz'}"]) == 1
+    assert "2 processed sets in" in capsys.readouterr().err
+    assert record_trace([f"--input={tmp_path}"]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path}: no processed data in {tmp_path}")

@@ -4,7 +4,9 @@ Reads the categorical ids of a data set in row order, one access trace per table
 writes each table's distribution file (the format of --data-trace-file, see dlrmkit/trace_data.py).
 
 Usage:
-    # from the original's processed Criteo file (arrays X_cat [rows, 26], ...)
+    # from processed Criteo data: this trainer's (--processed-data-file, as the trainer spells it, or one
+    # set's folder such as ./input/kaggleAdDisplayChallenge_processed/kaggle-dictionary) or the original's
+    # .npz (arrays X_cat [rows, 26], ...)
     python tools/record_trace.py --input=./input/kaggleAdDisplayChallenge_processed.npz \
         --output=./input/dist_emb_j.log --max-rows=1000000
     # from raw Criteo text (label, 13 integer and 26 categorical tab-separated columns)
@@ -87,7 +89,52 @@ def read_trace_text(path, max_rows):
     return [ids[:max_rows]]
 
 
+def processed_set_dir(path):
+    """The folder of this trainer's processed set that `path` names: the set's own folder (its metadata.json), the
+    folder --processed-data-file names (when it holds one set) or that flag's .npz spelling of it; None when
+    `path` names none (InputError when it names several or an empty folder)."""
+    import data_utils
+
+    base = path[:-4] if path.endswith(".npz") and not os.path.isfile(path) else path
+    if not os.path.isdir(base):
+        return None
+    if data_utils.read_set_metadata(base) is not None:
+        return base
+    sets = data_utils.processed_sets(base)
+    if not sets:
+        raise InputError(f"{path}: no processed data in {base}")
+    if len(sets) > 1:
+        raise InputError(f"{path}: {len(sets)} processed sets in {base} ({', '.join(map(os.path.basename, sets))}); "
+                         f"give one, e.g. --input={sets[0]}")
+    return sets[0]
+
+
+def read_processed_set(out_dir, max_rows):
+    """Per table, the ids of the first max_rows rows of a processed set (its days in order)."""
+    import data_utils
+
+    processed = data_utils.ProcessedData(out_dir, data_utils.read_set_metadata(out_dir))
+    parts, rows = [], 0
+    for day in range(len(processed.day_rows)):
+        if rows >= max_rows:
+            break
+        try:
+            sparse = np.load(processed.day_file(day, "sparse"), mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise InputError(f"{processed.day_file(day, 'sparse')}: cannot read ({e})")
+        parts.append(np.asarray(sparse[: max_rows - rows]))
+        rows += len(parts[-1])
+    ids = np.concatenate(parts) if parts else np.zeros((0, CRITEO_SPARSE), np.int64)
+    return [ids[:, t].astype(np.int64) for t in range(ids.shape[1])]
+
+
 def read_columns(path, max_rows):
+    out_dir = processed_set_dir(path)
+    if out_dir is not None:
+        return read_processed_set(out_dir, max_rows)
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory without processed data (expected a processed set, a .npz, "
+                         ".npy, raw Criteo text or a trace of ids)")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     if path.endswith(".npz"):
@@ -117,7 +164,8 @@ def parse_tables(text, count):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--input", required=True, help="processed .npz, .npy, raw Criteo text, or a trace of ids")
+    parser.add_argument("--input", required=True, help="processed data (this trainer's or the original's .npz), .npy, "
+                        "raw Criteo text, or a trace of ids")
     parser.add_argument("--output", default="./input/dist_emb_j.log", help="distribution file; j -> table number")
     parser.add_argument("--tables", default="all", help="tables to record, e.g. 0,3-5")
     parser.add_argument("--max-rows", type=int, default=1_000_000, help="rows read from the input (first rows)")
