@@ -93,3 +93,10 @@ def random_batch(batch_size=6, tables=(5, 1, 7, 3), max_bag=4, seed=0):
     indices = [rng.integers(0, n, int(l.sum())) for n, l in zip(tables, lengths)]
     target = rng.random(batch_size).round()
     return dlrm_data.batch_from_tables(rng.random((batch_size, 3)), lengths, indices, target)
+
+
+def write_job_file(path, report):
+    """A preprocessing-pool task for tests: writes the file `path` names (its process id in it), reports one."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    report(1)

@@ -426,16 +426,20 @@ def test_preprocessing_workers_die_with_their_parent(tmp_path):
 
 POOL_SCRIPT = """
 import multiprocessing, sys
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {tests!r}]
 import data_utils
+import helpers
 
 class Bar:
+    total = 0
+
     def update(self, n):
-        pass
+        Bar.total += n
 
 if __name__ == "__main__":
     multiprocessing.set_start_method({method!r})
-    data_utils.run_tasks(print, [0, 1, 2], 2, Bar())
+    data_utils.run_tasks(helpers.write_job_file, {jobs!r}, 2, Bar())
+    print(Bar.total)
 """
 
 
@@ -443,10 +447,11 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_preprocessing_pools_run_under_every_start_method(tmp_path, method):
     script = tmp_path / "pool.py"
-    script.write_text(POOL_SCRIPT.format(root=ROOT, method=method))
+    jobs = [str(tmp_path / f"job{k}") for k in range(3)]
+    script.write_text(POOL_SCRIPT.format(root=ROOT, tests=os.path.dirname(__file__), method=method, jobs=jobs))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert sorted(line.split()[0] for line in result.stdout.splitlines()) == ["0", "1", "2"]
+    assert all(os.path.exists(job) for job in jobs) and result.stdout.split() == ["3"]
 
 
 @pytest.mark.parametrize("total_per_file,message", [
