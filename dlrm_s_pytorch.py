@@ -1869,7 +1869,11 @@ def run(args) -> int:
             raise DLRMError(str(e))
     run_log = open_run_logs(args)
     try:
-        state = train_or_evaluate(args, run_log, launch)
+        try:
+            state = train_or_evaluate(args, run_log, launch)
+        except (KeyboardInterrupt, DLRMError, ext_dist.DistributedError, outputs.OutputError):
+            run_log.run_end("aborted")  # interrupted or stopped: the logs say how the run ended
+            raise
         run_log.run_end(run_status(args, state))
     finally:
         run_log.close()

@@ -328,3 +328,20 @@ def test_classification_metrics_count_the_rounded_predictions():
     # ranked: 1 1 1 0 0 1 0 0 -> precision at each positive 1, 1, 1, 4/6; recall steps of 1/4
     assert ap == pytest.approx((1 + 1 + 1 + 4 / 6) / 4)
     assert dlrm.classification_metrics(scores, torch.zeros(8))[:3] == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("stop,code", [(KeyboardInterrupt, 130), ("error", 1)])
+def test_a_run_that_stops_early_ends_its_metrics_log_as_aborted(run_main, tmp_path, monkeypatch, stop, code):
+    import dlrm_s_pytorch as dlrm
+
+    log = tmp_path / "metrics.jsonl"
+    real_test = dlrm.run_test
+
+    def stopping_test(*args, **kwargs):  # after the first test's record
+        real_test(*args, **kwargs)
+        raise KeyboardInterrupt if stop is KeyboardInterrupt else dlrm.DLRMError("stopped by the test")
+
+    monkeypatch.setattr(dlrm, "run_test", stopping_test)
+    assert run_main(*RUN, f"--metrics-log-file={log}")[0] == code
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["event"] for r in records][-2:] == ["test", "end"] and records[-1]["status"] == "aborted"
