@@ -22,6 +22,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dlrmkit import flags  # noqa: E402
+
 ORIGINAL_KAGGLE_FLAGS = [
     "--arch-sparse-feature-size=16", "--arch-mlp-bot=13-512-256-64-16", "--arch-mlp-top=512-256-1",
     "--data-generation=dataset", "--data-set=kaggle", "--loss-function=bce", "--round-targets=True",
@@ -63,20 +67,25 @@ def run_measured(cmd, env=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the generated Kaggle-format file")
+    parser = flags.CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags.add_number(parser, "--rows", int, 1_000_000, flags.at_least(7),
+                     "rows of the generated Kaggle-format file (cut into 7 days)")
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "input", "bench"), help="where files are kept")
     parser.add_argument("--multiprocessing", action="store_true", help="preprocess with --dataset-multiprocessing")
     parser.add_argument("--e2e", action="store_true", help="also time process start -> first training iteration")
-    parser.add_argument("--repeat", type=int, default=1, help="preprocessing runs (the best and all are printed)")
+    flags.add_number(parser, "--repeat", int, 1, flags.at_least(1), "preprocessing runs (the best and all are printed)")
     args = parser.parse_args()
+    problem = flags.check_ranges(parser, args)
+    if problem:
+        parser.error(problem)
 
     directory = os.path.join(args.data_dir, f"rows_{args.rows}")
     raw = os.path.join(directory, "train.txt")
     if not os.path.exists(raw):
         t = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(ROOT, "data_utils.py"), "make-fake", f"--rows={args.rows}",
-                        f"--out={raw}"], check=True)
+        if subprocess.run([sys.executable, os.path.join(ROOT, "data_utils.py"), "make-fake", f"--rows={args.rows}",
+                           f"--out={raw}"]).returncode != 0:
+            sys.exit(1)  # make-fake said why
         print(f"generated {raw} in {time.perf_counter() - t:.1f} s")
     size_mb = os.path.getsize(raw) / 1e6
     with open(raw, "rb") as f:  # read once: the timings measure processing, not the disk

@@ -11,7 +11,6 @@ measured in the same run (interleaved, best of --repeats).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dlrm_data  # noqa: E402
 import dlrm_s_pytorch as dlrm  # noqa: E402
-from dlrmkit import quantization  # noqa: E402
+from dlrmkit import flags, quantization  # noqa: E402
 from dlrmkit.optim import make_optimizer  # noqa: E402
 
 # Criteo Kaggle's 26 table sizes (as counted by the original's preprocessing) / 100, at least 3
@@ -55,27 +54,31 @@ def inference_ms(model, batches):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-samples", type=int, default=300_000)
-    parser.add_argument("--test-samples", type=int, default=100_000)
-    parser.add_argument("--rows-scale", type=float, default=0.01, help="table rows = Criteo Kaggle's x this")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--inference-batch-size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives the steadiest timings)")
+    parser = flags.CommandLineParser(description=__doc__.split("\n\n")[0])
+    flags.add_number(parser, "--train-samples", int, 300_000, flags.at_least(1), "planted-signal training samples")
+    flags.add_number(parser, "--test-samples", int, 100_000, flags.at_least(2), "test samples (both classes for AUC)")
+    flags.add_number(parser, "--rows-scale", float, 0.01, flags.positive(), "table rows = Criteo Kaggle's x this")
+    flags.add_number(parser, "--batch-size", int, 256, flags.at_least(1), "training mini-batch size")
+    flags.add_number(parser, "--inference-batch-size", int, 1024, flags.at_least(1), "timed inference batch size")
+    flags.add_number(parser, "--repeats", int, 5, flags.at_least(1), "timed passes over the test set per variant")
+    flags.add_number(parser, "--threads", int, 1, flags.at_least(1), "torch threads (1 gives the steadiest timings)")
     args = parser.parse_args(argv)
+    problem = flags.check_ranges(parser, args)
+    if problem:
+        parser.error(problem)
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     tables = [max(3, int(n * args.rows_scale)) for n in CRITEO_KAGGLE_ROWS]
-    flags = dlrm.parse_args(["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-512-256-64-16",
-                             "--arch-mlp-top=512-256-1", "--loss-function=bce", "--optimizer=sgd",
-                             "--learning-rate=0.1", f"--mini-batch-size={args.batch_size}", "--print-freq=100000"])
+    train_args = dlrm.parse_args(["--arch-sparse-feature-size=16", "--arch-mlp-bot=13-512-256-64-16",
+                                  "--arch-mlp-top=512-256-1", "--loss-function=bce", "--optimizer=sgd",
+                                  "--learning-rate=0.1", f"--mini-batch-size={args.batch_size}",
+                                  "--print-freq=100000"])
     train_set = planted_criteo(tables, args.train_samples, args.batch_size, seed=1)
     test_set = planted_criteo(tables, args.test_samples, args.inference_batch_size, seed=2)
-    model = dlrm.build_model(flags, 13, tables)
+    model = dlrm.build_model(train_args, 13, tables)
     start = time.perf_counter()
-    dlrm.train(flags, model, make_optimizer("sgd", model.parameters(), 0.1), train_set, test_set,
+    dlrm.train(train_args, model, make_optimizer("sgd", model.parameters(), 0.1), train_set, test_set,
                torch.device("cpu"), dlrm.TrainState(), len(train_set), log=lambda s: None)
     print(f"trained fp32 on {args.train_samples} samples, {sum(tables)} embedding rows, "
           f"{100 * train_set.labels.mean():.1f}% clicks, {time.perf_counter() - start:.0f} s; "

@@ -155,3 +155,16 @@ def test_dcnv2_script_refuses_a_bad_size_in_one_line(tmp_path):
 def test_data_set_scripts_pass_extra_options_as_the_original_or_one_by_one(tmp_path, script, options):
     args = run_script_with_stub_python(script, tmp_path, {}, options)
     assert (args["num_batches"], args["print_freq"]) == (3, 1)
+
+
+@pytest.mark.parametrize("tool,argv,message", [
+    ("bench/criteo_pipeline_bench.py", ["--rows=0"], "criteo_pipeline_bench.py: error: --rows must be at least 7, got 0"),
+    ("bench/quantization_bench.py", ["--train-samples=0"],
+     "quantization_bench.py: error: --train-samples must be at least 1, got 0"),
+    ("tools/flag_table.py", ["--check=/no/such/README.md"],
+     "flag_table.py: error: /no/such/README.md: cannot read (No such file or directory)"),
+])
+def test_tools_refuse_bad_values_in_one_line(tmp_path, tool, argv, message):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, tool), *argv], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode in (1, 2) and result.stderr == message + "\n" and os.listdir(tmp_path) == []
