@@ -55,6 +55,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dlrmkit.flags import CommandLineParser  # noqa: E402  (argument parsing only: no torch in this process)
 
 KAGGLE_TABLES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
                  5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
@@ -526,8 +529,9 @@ def original_rows(name, precisions, opts) -> list:
     for attempt in range(opts.repeat):
         for code, precision, path, argv in runs:
             try:
-                measured[(code, precision)].append(
-                    wall_ms_per_it(path, argv, opts.warmup, opts.iters, opts.timeout, os.path.dirname(path)))
+                with tempfile.TemporaryDirectory() as cwd:  # what a program writes there (the original: TensorBoard)
+                    measured[(code, precision)].append(
+                        wall_ms_per_it(path, argv, opts.warmup, opts.iters, opts.timeout, cwd))
             except RuntimeError as e:
                 errors[(code, precision)] = str(e)
             print(f"{name} [{code}, {precision}] try {attempt + 1}: "
@@ -611,8 +615,8 @@ def format_table(rows) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Run named DLRM configurations on random data and compare them.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = CommandLineParser(description="Run named DLRM configurations on random data and compare them.",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # one-line errors
     parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
                         help=f"configurations to run (default: {' '.join(CPU_DEFAULT)} on the CPU, "
                              "kaggle-16384 and benchmark on CUDA)")
@@ -645,6 +649,8 @@ def parse_args(argv=None):
     opts = parser.parse_args(argv)
     if min(opts.iters, opts.pool, opts.repeat) < 1:
         parser.error("--iters, --pool and --repeat must be at least 1")
+    if opts.original and not os.path.isfile(opts.original):
+        parser.error(f"--original {opts.original}: no such file (expected facebookresearch/dlrm's dlrm_s_pytorch.py)")
     opts.warmup = max(opts.warmup, opts.pool)
     opts.plain = [FLOOR if p == "floor" else p for p in opts.plain]
     if opts.configs is None:
