@@ -1387,7 +1387,13 @@ def format_rows(label, ints, cats) -> bytes:
 
 
 def make_fake(out, rows, days=1, seed=0, compress=False, log=print, progress=False):
-    """Writes `rows` fake rows to `out` (days == 1) or split over <out>_0 .. <out>_<days-1>."""
+    """Writes `rows` fake rows to `out` (days == 1) or split over <out>_0 .. <out>_<days-1> (`compress`: gzipped,
+    <out>_<day>.gz). DataError when a day would be empty, `compress` asks a single (kaggle) file to be gzipped,
+    or a file cannot be written."""
+    if days > 1 and rows < days:
+        raise DataError(f"--rows {rows} cannot fill {days} day files (a day file holds at least one row)")
+    if compress and days == 1:
+        raise DataError("--gzip compresses day files (--days > 1): the kaggle train.txt is read uncompressed")
     paths = [out] if days == 1 else [f"{out}_{d}" + (".gz" if compress else "") for d in range(days)]
     per_day = day_sizes(rows, days)
     for path in paths:  # before any work: each file can be created
