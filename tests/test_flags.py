@@ -74,6 +74,15 @@ def test_data_utils_numeric_flags_are_checked_too(capsys, command, flag, value):
 
 
 @pytest.mark.parametrize("argv,message", [
+    (["--rows=5", "--days=24"], "--rows 5 cannot fill 24 day files (a day file holds at least one row)"),
+    (["--rows=50", "--gzip"], "--gzip compresses day files (--days > 1): the kaggle train.txt is read uncompressed"),
+])
+def test_make_fake_refuses_files_it_could_not_make_useful(tmp_path, capsys, argv, message):
+    code = data_utils.main(["make-fake", f"--out={tmp_path / 'day'}", *argv])
+    assert code == 1 and capsys.readouterr().err == f"data_utils.py: error: {message}\n" and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv,message", [
     (["--learning-rate=-1"], "--learning-rate must be at least 0, got -1"),
     (["--num-indices-per-lookup=-3"], "--num-indices-per-lookup must be at least 0, got -3"),
     (["--rand-data-min=5", "--rand-data-max=1"], "--rand-data-min 5 is above --rand-data-max 1"),
