@@ -847,7 +847,7 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
             ("--save-model", args.save_model, bool(args.save_model), "model.pt"),
             ("--onnx-file", args.onnx_file, args.save_onnx, "model.onnx"),
             *[("--profiling-trace-file", file, args.enable_profiling, "trace.json")
-              for file in profiling.output_paths(args.profiling_trace_file).values()],
+              for file in profiling.output_paths(args.profiling_trace_file, rank=profiling_rank()).values()],
             ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph, "graph.dot"),
             ("--metrics-log-file", args.metrics_log_file, bool(args.metrics_log_file), "metrics.jsonl")):
         if wanted:
@@ -875,7 +875,6 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
     if world > 1:
         single_process_only = {"--precision=fp16": args.precision == "fp16",
                                "--save-onnx": args.save_onnx, "--plot-compute-graph": args.plot_compute_graph,
-                               "--enable-profiling": args.enable_profiling,
                                "--weighted-pooling": args.weighted_pooling is not None,
                                "--quantize-mlp-with-bit": args.quantize_mlp_with_bit != 32,
                                "--quantize-emb-with-bit": args.quantize_emb_with_bit != 32}
@@ -910,6 +909,12 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         notes.append("note: --sync-dense-params=False has no effect: dense parameters are always kept in sync "
                      "(each process holds one replica on one device)")
     return notes
+
+
+def profiling_rank() -> int | None:
+    """The rank that names a distributed process's profiling files; None in a single process."""
+    launch = ext_dist.launch_info()
+    return launch.rank if launch is not None and launch.world_size > 1 else None
 
 
 def check_bf16_tables(args):
@@ -2024,7 +2029,8 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     run_log.run_start(run_config(args, train_set, test_set, table_sizes))
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
     exported_model = model
-    with profiling.profiled(args.enable_profiling, args.profiling_trace_file, device.type == "cuda"):
+    with profiling.profiled(args.enable_profiling, args.profiling_trace_file, device.type == "cuda",
+                            rank=profiling_rank()):
         if args.inference_only:
             if args.save_onnx and (args.quantize_mlp_with_bit != 32 or args.quantize_emb_with_bit != 32):
                 exported_model = copy.deepcopy(model)  # ONNX gets the fp32 model

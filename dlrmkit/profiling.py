@@ -6,7 +6,9 @@ operator and input shape (`_shape.prof`) and one per operator (`_total.prof`); i
 prints the operators that took the most self time. Without --profiling-trace-file the files
 are the original's `dlrm_s_pytorch<timestamp>.json`, `..._shape.prof` and `..._total.prof`
 in the working directory; with it, the trace is that file and the tables lie next to it
-(`trace.json` -> `trace_shape.prof`, `trace_total.prof`). Profile a few batches
+(`trace.json` -> `trace_shape.prof`, `trace_total.prof`). In a distributed run every process
+profiles itself and writes its own three files, the rank before the extension (`trace.rank1.json`,
+`trace.rank1_shape.prof`, ...); rank 0 prints its top operators. Profile a few batches
 (--num-batches), not a whole data set: the trace grows with every operator call.
 """
 
@@ -21,16 +23,20 @@ import torch
 from dlrmkit import outputs
 
 
-def output_paths(trace_path: str = "", now: datetime.datetime | None = None) -> dict:
+def output_paths(trace_path: str = "", now: datetime.datetime | None = None, rank: int | None = None) -> dict:
     """{"trace", "shape", "total"}: the files written for --profiling-trace-file=trace_path
-    (empty: the original's names, stamped with the time `now`)."""
+    (empty: the original's names, stamped with the time `now`); `rank`: a distributed process's, in the names."""
     if not trace_path:
         stem = "dlrm_s_pytorch" + str(now or datetime.datetime.now()).replace(" ", "_")
-        trace_path = stem + ".json"
+        ext = ".json"
     else:
         stem, ext = os.path.splitext(trace_path)
-        stem = stem if ext in (".json", ".prof") else trace_path
-    return {"trace": trace_path, "shape": stem + "_shape.prof", "total": stem + "_total.prof"}
+        if ext not in (".json", ".prof"):
+            stem, ext = trace_path, ""
+    if rank is not None:
+        stem += f".rank{rank}"
+    trace = stem + (ext or "")
+    return {"trace": trace, "shape": stem + "_shape.prof", "total": stem + "_total.prof"}
 
 
 def _write_atomically(path, write):
@@ -39,9 +45,10 @@ def _write_atomically(path, write):
 
 
 @contextlib.contextmanager
-def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: int = 20, log=print):
-    """Profiles the body when `enabled`; then writes the files of output_paths(trace_path) and logs
-    the top operators."""
+def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: int = 20, log=print,
+             rank: int | None = None):
+    """Profiles the body when `enabled`; then writes the files of output_paths(trace_path, rank=rank) and logs
+    the top operators (a distributed process: `rank`, and `log` prints on rank 0 only)."""
     if not enabled:
         yield None
         return
@@ -51,8 +58,9 @@ def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: i
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         yield prof
     sort_by = "self_cuda_time_total" if use_cuda else "self_cpu_time_total"
-    log(prof.key_averages().table(sort_by=sort_by, row_limit=top))
-    paths = output_paths(trace_path)
+    if not rank:
+        log(prof.key_averages().table(sort_by=sort_by, row_limit=top))
+    paths = output_paths(trace_path, rank=rank)
 
     def table(group_by_input_shape):
         text = prof.key_averages(group_by_input_shape=group_by_input_shape).table(sort_by="self_cpu_time_total")
@@ -65,5 +73,7 @@ def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: i
     _write_atomically(paths["shape"], table(True))
     _write_atomically(paths["total"], table(False))
     _write_atomically(paths["trace"], prof.export_chrome_trace)
-    log(f"Wrote the profiler's Chrome trace to {paths['trace']} and its operator tables to {paths['shape']}, "
-        f"{paths['total']}")
+    if not rank:
+        others = " (each process its own, named by its rank)" if rank is not None else ""
+        log(f"Wrote the profiler's Chrome trace to {paths['trace']} and its operator tables to {paths['shape']}, "
+            f"{paths['total']}{others}")

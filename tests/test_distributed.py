@@ -9,6 +9,7 @@ Printed losses have six decimals: they are compared to 1e-5 relative plus the 1e
 the checkpoints written at the end are compared at full precision.
 """
 
+import json
 import os
 import re
 import signal
@@ -218,6 +219,20 @@ def test_a_missing_rank_is_an_error_after_the_timeout(tmp_path):
     assert code == 1 and time.monotonic() - started < 45
     assert err.strip().splitlines()[-1].startswith(
         "dlrm_s_pytorch.py: rank 0: error: could not set up the gloo process group of 2 processes at 127.0.0.1:")
+
+
+@pytest.mark.slow
+def test_each_process_of_a_profiled_run_writes_its_own_files(tmp_path):
+    args = ["--arch-embedding-size=10-20", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",
+            "--arch-mlp-top=8-1", "--data-size=32", "--mini-batch-size=8", "--enable-profiling",
+            f"--profiling-trace-file={tmp_path / 'prof' / 'trace.json'}"]
+    (_, out0, _), (_, out1, _) = launch(2, args, tmp_path)
+    for rank in (0, 1):
+        trace = json.loads((tmp_path / "prof" / f"trace.rank{rank}.json").read_text())
+        assert trace["traceEvents"]
+        for table in ("shape", "total"):
+            assert "Self CPU" in (tmp_path / "prof" / f"trace.rank{rank}_{table}.prof").read_text()
+    assert "(each process its own, named by its rank)" in out0 and "Wrote the profiler" not in out1
 
 
 @pytest.fixture
