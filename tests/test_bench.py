@@ -148,10 +148,12 @@ def test_dcnv2_script_refuses_a_bad_size_in_one_line(tmp_path):
     assert not (tmp_path / "run_dcnv2_terabyte_pt.log").exists()
 
 
-@pytest.mark.parametrize("script", ["dlrm_s_criteo_kaggle.sh", "dlrm_s_criteo_terabyte.sh", "run_and_time.sh",
-                                    "dlrm_dcnv2_terabyte.sh"])
-@pytest.mark.parametrize("options", [["--num-batches=3 --print-freq=1"], ["--num-batches=3", "--print-freq=1"]],
-                         ids=["one quoted string", "one by one"])
+@pytest.mark.parametrize("script,options", [
+    ("dlrm_s_criteo_kaggle.sh", ["--num-batches=3 --print-freq=1"]),  # one quoted string, as the original's
+    ("dlrm_s_criteo_kaggle.sh", ["--num-batches=3", "--print-freq=1"]),  # one by one
+    *(pytest.param(name, ["--num-batches=3", "--print-freq=1"], marks=pytest.mark.slow)
+      for name in ("dlrm_s_criteo_terabyte.sh", "run_and_time.sh", "dlrm_dcnv2_terabyte.sh")),
+])
 def test_data_set_scripts_pass_extra_options_as_the_original_or_one_by_one(tmp_path, script, options):
     args = run_script_with_stub_python(script, tmp_path, {}, options)
     assert (args["num_batches"], args["print_freq"]) == (3, 1)
@@ -159,10 +161,11 @@ def test_data_set_scripts_pass_extra_options_as_the_original_or_one_by_one(tmp_p
 
 @pytest.mark.parametrize("tool,argv,message", [
     ("bench/criteo_pipeline_bench.py", ["--rows=0"], "criteo_pipeline_bench.py: error: --rows must be at least 7, got 0"),
-    ("bench/quantization_bench.py", ["--train-samples=0"],
-     "quantization_bench.py: error: --train-samples must be at least 1, got 0"),
-    ("tools/flag_table.py", ["--check=/no/such/README.md"],
-     "flag_table.py: error: /no/such/README.md: cannot read (No such file or directory)"),
+    pytest.param("bench/quantization_bench.py", ["--train-samples=0"],
+                 "quantization_bench.py: error: --train-samples must be at least 1, got 0", marks=pytest.mark.slow),
+    pytest.param("tools/flag_table.py", ["--check=/no/such/README.md"],
+                 "flag_table.py: error: /no/such/README.md: cannot read (No such file or directory)",
+                 marks=pytest.mark.slow),  # each imports torch
 ])
 def test_tools_refuse_bad_values_in_one_line(tmp_path, tool, argv, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, tool), *argv], capture_output=True, text=True,

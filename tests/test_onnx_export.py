@@ -76,6 +76,7 @@ def test_weights_kept_apart_sit_in_one_file_beside_the_graph(tmp_path):
         np.testing.assert_allclose(onnx_export.run_onnx(str(path), inputs), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # importing dynamo takes seconds
 def test_a_compiled_model_exports_the_module_it_wraps(tmp_path):
     net = make_net()
     batch = dlrm_data.RandomDataset(3, TABLES, 8, 4, seed=1)[0]
