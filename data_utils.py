@@ -1021,8 +1021,8 @@ def _init_worker(counter, parent_pid):
 def _exit_with_parent(parent_pid):
     """Has Linux kill this worker when its parent dies (killed, out of memory, a scheduler's cancel): a pool worker
     outlives it otherwise, holding the parent's pipes open. `parent_pid`: the pool's process, the worker's parent
-    under the fork and spawn start methods (under forkserver the parent is the fork server, which exits with the
-    pool's process). Elsewhere nothing is done."""
+    under the fork and spawn start methods; under forkserver the parent is the fork server, which lives on while
+    workers hold its pipe, so a thread watches the pool's process instead. Elsewhere nothing is done."""
     import ctypes
     import signal
 
@@ -1034,9 +1034,25 @@ def _exit_with_parent(parent_pid):
     except (OSError, AttributeError):  # not Linux
         return
     import multiprocessing
+    import threading
+    import time
 
-    if multiprocessing.get_start_method() != "forkserver" and os.getppid() != parent_pid:
-        os._exit(1)  # the parent died before the request took effect
+    if multiprocessing.get_start_method() != "forkserver":
+        if os.getppid() != parent_pid:
+            os._exit(1)  # the parent died before the request took effect
+        return
+
+    def watch():  # the fork server outlives the pool's process: look for that process itself
+        while True:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, another user's: cannot be ours
+                pass
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _report_to_parent(n):

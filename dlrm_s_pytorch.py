@@ -1054,7 +1054,7 @@ def evaluate(model, dataset, loss_kind, loss_weights, device, num_workers=0, pre
         with autocast(precision, device):
             z = model_output(model, batch, f"test batch {k + 1}")
         scores.append(z.float())
-        targets.append(batch.target)
+        targets.append(batch.target.clone())  # a loader worker's tensor holds a file descriptor while kept
         progress.step(batch.global_batch_size)
     progress.close()
     model.train(was_training)
@@ -1876,8 +1876,11 @@ def run(args) -> int:
     try:
         try:
             state = train_or_evaluate(args, run_log, launch)
-        except (KeyboardInterrupt, DLRMError, ext_dist.DistributedError, outputs.OutputError):
-            run_log.run_end("aborted")  # interrupted or stopped: the logs say how the run ended
+        except BaseException:
+            try:
+                run_log.run_end("aborted")  # interrupted or stopped: the logs say how the run ended
+            except Exception:  # the log itself failing must not hide why the run stopped
+                pass
             raise
         run_log.run_end(run_status(args, state))
     finally:

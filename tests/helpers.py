@@ -2,6 +2,7 @@
 Criteo lines, small generated Criteo files. (pytest fixtures are in conftest.py.)"""
 
 import os
+import time
 
 import numpy as np
 
@@ -100,3 +101,9 @@ def write_job_file(path, report):
     with open(path, "w") as f:
         f.write(str(os.getpid()))
     report(1)
+
+
+def write_job_file_and_wait(path, report):
+    """A preprocessing-pool task for tests that never ends by itself: writes its process id to `path`, sleeps."""
+    write_job_file(path, report)
+    time.sleep(60)

@@ -379,28 +379,28 @@ def test_two_raw_files_in_one_folder_keep_their_own_processed_sets(tmp_path):
 
 
 WORKER_SCRIPT = """
-import os, sys, time
-sys.path.insert(0, {root!r})
+import multiprocessing, sys
+sys.path[:0] = [{root!r}, {tests!r}]
 import data_utils
+import helpers
 
 class Bar:
     def update(self, n):
         pass
 
-def sleeper(job, report):
-    with open(os.path.join({out!r}, f"worker{{job}}"), "w") as f:
-        f.write(str(os.getpid()))
-    time.sleep(60)
-
-data_utils.run_tasks(sleeper, [0, 1], 2, Bar())
+if __name__ == "__main__":
+    multiprocessing.set_start_method({method!r})
+    data_utils.run_tasks(helpers.write_job_file_and_wait, {jobs!r}, 2, Bar())
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_preprocessing_workers_die_with_their_parent(tmp_path):
-    parent = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT.format(root=ROOT, out=str(tmp_path))])
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_preprocessing_workers_die_with_their_parent(tmp_path, method):
     files = [tmp_path / "worker0", tmp_path / "worker1"]
+    script = WORKER_SCRIPT.format(root=ROOT, tests=os.path.dirname(__file__), method=method, jobs=list(map(str, files)))
+    parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 30
     while not all(f.exists() and f.read_text() for f in files) and time.time() < deadline:
         time.sleep(0.05)

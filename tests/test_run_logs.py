@@ -330,7 +330,7 @@ def test_classification_metrics_count_the_rounded_predictions():
     assert dlrm.classification_metrics(scores, torch.zeros(8))[:3] == (0.0, 0.0, 0.0)
 
 
-@pytest.mark.parametrize("stop,code", [(KeyboardInterrupt, 130), ("error", 1)])
+@pytest.mark.parametrize("stop,code", [(KeyboardInterrupt, 130), ("error", 1), ("bug", None)])
 def test_a_run_that_stops_early_ends_its_metrics_log_as_aborted(run_main, tmp_path, monkeypatch, stop, code):
     import dlrm_s_pytorch as dlrm
 
@@ -339,9 +339,15 @@ def test_a_run_that_stops_early_ends_its_metrics_log_as_aborted(run_main, tmp_pa
 
     def stopping_test(*args, **kwargs):  # after the first test's record
         real_test(*args, **kwargs)
-        raise KeyboardInterrupt if stop is KeyboardInterrupt else dlrm.DLRMError("stopped by the test")
+        if stop is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        raise dlrm.DLRMError("stopped by the test") if stop == "error" else RuntimeError("an unexpected fault")
 
     monkeypatch.setattr(dlrm, "run_test", stopping_test)
-    assert run_main(*RUN, f"--metrics-log-file={log}")[0] == code
+    if code is None:
+        with pytest.raises(RuntimeError, match="an unexpected fault"):
+            run_main(*RUN, f"--metrics-log-file={log}")
+    else:
+        assert run_main(*RUN, f"--metrics-log-file={log}")[0] == code
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["event"] for r in records][-2:] == ["test", "end"] and records[-1]["status"] == "aborted"

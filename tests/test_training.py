@@ -1,12 +1,16 @@
 """Training behaviour: learning, accumulation, evaluation, checkpoints, early stop."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import dlrm_s_pytorch as dlrm
+from conftest import ROOT
 from dlrmkit.optim import make_optimizer
 from helpers import PLANTED_TABLES, planted_dataset
 
@@ -257,3 +261,13 @@ def test_save_model_saves_the_final_model_when_no_test_improved(run_main, tmp_pa
     code, out, err = run_main("--num-batches=3", "--test-freq=2", f"--save-model={path}")
     assert code == 0 and "auc undefined" in out
     assert path.exists() and out.count("Saving model") == 1
+
+
+@pytest.mark.slow
+def test_testing_with_loader_workers_keeps_no_file_per_batch_open(tmp_path):
+    """Each worker batch's tensors hold a file descriptor while kept: the test targets are copied."""
+    command = (f"ulimit -n 200 && exec {sys.executable} {os.path.join(ROOT, 'dlrm_s_pytorch.py')} --data-size=600 "
+               "--test-mini-batch-size=1 --test-num-workers=1 --inference-only --arch-embedding-size=10-10")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Testing for inference only\n accuracy" in result.stdout
