@@ -1128,6 +1128,10 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
             if sizes.ndim != 1 or sizes.dtype.kind not in "iu" or (sizes < 0).any():
                 raise DataError(f"{count_file}: total_per_file should be the rows of each day (integers, none "
                                 f"negative), found {sizes.dtype} {sizes.shape}")
+            if len(sizes) != DAYS[data_set] or sizes[-1] == 0:
+                last = int(sizes[-1]) if len(sizes) else 0
+                raise DataError(f"{count_file}: {data_set} data has {DAYS[data_set]} days, the last one the test "
+                                f"day (not empty); found {len(sizes)} day counts, the last {last}")
             days = [int(n) for n in sizes]
             if sum(days) != len(y):
                 days = None

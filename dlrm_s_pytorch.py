@@ -846,6 +846,8 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
     for flag, path, wanted, example in (
             ("--save-model", args.save_model, bool(args.save_model), "model.pt"),
             ("--onnx-file", args.onnx_file, args.save_onnx, "model.onnx"),
+            ("--profiling-trace-file", args.profiling_trace_file, args.enable_profiling and args.profiling_trace_file,
+             "trace.json"),  # the name as given, before a distributed run's rank is added to it
             *[("--profiling-trace-file", file, args.enable_profiling, "trace.json")
               for file in profiling.output_paths(args.profiling_trace_file, rank=profiling_rank()).values()],
             ("--compute-graph-file", args.compute_graph_file, args.plot_compute_graph, "graph.dot"),
@@ -1195,13 +1197,20 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
             state.last_test = TestMetrics(**last_test) if last_test else None
         else:
             state = original_train_state(checkpoint)
+        for field in ("epoch", "next_batch", "updates", "batch_size", "skip_samples"):
+            if not isinstance(getattr(state, field, 0), int):
+                raise TypeError(f"{field} is {getattr(state, field)!r}, not a whole number")
     except (TypeError, ValueError) as e:  # fields of the wrong kind
         raise DLRMError(f"--load-model {path}: its training state cannot be read ({type(e).__name__}: {e})")
     if check is not None:
         check(state)
     saved_arch = checkpoint.get("arch")
     if saved_arch is not None and saved_arch != model_arch(model):
-        raise DLRMError(f"--load-model {path}: saved with a different architecture than these flags ({describe_arch_diff(saved_arch, model_arch(model))})")
+        try:
+            difference = describe_arch_diff(saved_arch, model_arch(model))
+        except (TypeError, AttributeError, ValueError, IndexError):  # fields of the wrong kind
+            difference = "its architecture record cannot be read"
+        raise DLRMError(f"--load-model {path}: saved with a different architecture than these flags ({difference})")
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except Exception as e:  # shapes, keys, or no state_dict at all (a foreign file)

@@ -69,9 +69,10 @@ for setting in "NCORES=$ncores" "NBATCHES=$nbatches" "MB_SIZE=$mb_size" "EMB_ROW
   fi
 done
 
-profile() {  # the profiling flags of a run whose log is $1: the trace and tables beside the log
+profile() {  # sets `profiling`, the flags of a run whose log is $1: the trace and tables beside the log
+  profiling=()
   if [[ ${PROFILE:-0} == 1 ]]; then
-    echo "--enable-profiling --profiling-trace-file=${1%.log}.json"
+    profiling=(--enable-profiling "--profiling-trace-file=${1%.log}.json")
   fi
 }
 
@@ -98,7 +99,7 @@ if [[ $cpu == 1 ]]; then
     pin=(taskset -c "0-$((ncores - 1))")
   fi
   log="$out/model1_CPU_PT_$ncores.log"
-  read -r -a profiling <<< "$(profile "$log")"
+  profile "$log"
   OMP_NUM_THREADS=$ncores run "$log" \
     "${pin[@]}" "$python_bin" dlrm_s_pytorch.py "${args[@]}" "${profiling[@]}" "${extra_args[@]}"
 fi
@@ -116,7 +117,7 @@ if [[ $gpu == 1 ]]; then
       launch=(torchrun --standalone --nproc_per_node="$ng")
     fi
     log="$out/model1_GPU_PT_$ng.log"
-    read -r -a profiling <<< "$(profile "$log")"
+    profile "$log"
     CUDA_VISIBLE_DEVICES=$gpus run "$log" \
       "${launch[@]}" dlrm_s_pytorch.py "${args[@]}" --use-gpu "${profiling[@]}" "${extra_args[@]}"
   done

@@ -40,6 +40,10 @@ if [[ -z $out ]]; then
   echo "quickstart.sh: error: --out is empty; give the folder for the outputs" >&2
   exit 2
 fi
+if ! command -v "$python_bin" > /dev/null; then
+  echo "quickstart.sh: error: no Python interpreter '$python_bin' (PYTHON)" >&2
+  exit 1
+fi
 # the pictures need matplotlib: said before any work, not after the training
 if ! "$python_bin" -c "import matplotlib" 2>/dev/null; then
   echo "quickstart.sh: error: the training curves and interaction maps need matplotlib (pip install matplotlib)" >&2

@@ -103,6 +103,9 @@ def export_onnx(model: nn.Module, batch, path: str, opset: int = OPSET, external
         with torch.no_grad():
             expected = model(*inputs).numpy()
         difference = float(np.abs(run_onnx(exported, inputs) - expected).max())
+        stale = os.path.join(directory, data)
+        if not os.path.exists(os.path.join(work, data)) and os.path.exists(stale):
+            os.remove(stale)  # a previous export's weights: this graph holds its own
         umask = os.umask(0)
         os.umask(umask)
         for produced in (os.path.join(work, data), exported):  # the weights first: the graph names them

@@ -21,8 +21,8 @@ def output_problem(path: str) -> str | None:
         return "empty file name"
     if os.path.isdir(path):
         return "is a directory"
-    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):  # a folder's name, existing or not
-        return "is a directory name"
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)) or os.path.basename(path) in (".", ".."):
+        return "is a directory name"  # a folder's name, existing or not
     if os.path.exists(path) and not os.path.isfile(path):
         return "is not a regular file (a device, pipe or socket would be replaced by the output)"
     directory = os.path.dirname(os.path.abspath(path))
@@ -64,6 +64,8 @@ def write_atomically(what: str, path: str, write):
     try:
         os.makedirs(directory, exist_ok=True)
         write(tmp)
+        if os.path.exists(target):  # a replaced file keeps its permissions
+            os.chmod(tmp, os.stat(target).st_mode & 0o7777)
         os.replace(tmp, target)
     except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
         text = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -459,6 +459,8 @@ def test_preprocessing_pools_run_under_every_start_method(tmp_path, method):
     (np.array(70), "total_per_file should be the rows of each day"),
     (np.array([80, -10]), "total_per_file should be the rows of each day"),
     (np.array([35.0, 35.0]), "total_per_file should be the rows of each day"),
+    (np.array([70]), "kaggle data has 7 days, the last one the test day (not empty); found 1 day counts, the last 70"),
+    (np.array([70, 0, 0, 0, 0, 0, 0]), "kaggle data has 7 days, the last one the test day (not empty); found 7"),
 ])
 def test_a_damaged_day_count_file_stops_with_one_line_naming_it(tmp_path, run_main, total_per_file, message):
     path = damaged_original_npz(tmp_path / "kaggleAdDisplayChallenge_processed.npz", "good")

@@ -69,6 +69,9 @@ def test_weights_kept_apart_sit_in_one_file_beside_the_graph(tmp_path):
     assert path.stat().st_size < 100_000
     assert (tmp_path / "m.onnx.data").stat().st_mode & 0o777 == path.stat().st_mode & 0o777  # as the graph's
     onnx.checker.check_model(str(path), full_check=True)
+    assert onnx_export.export_onnx(net, batch, str(path)) < 1e-5  # again, self-contained: the old weights go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert onnx_export.export_onnx(net, batch, str(path), external_data=True) < 1e-5
     for other in batches_with_other_shapes():
         inputs = (other.dense_x, other.offsets, other.indices)
         with torch.no_grad():

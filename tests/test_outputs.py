@@ -30,6 +30,7 @@ def test_unwritable_trainer_outputs_are_refused_before_training(run_main, argv, 
 
 @pytest.mark.parametrize("argv,flag,example", [
     (["--save-onnx", "--onnx-file=out/"], "--onnx-file", "model.onnx"),
+    (["--save-model=out/."], "--save-model", "model.pt"),
     (["--save-model=out/"], "--save-model", "model.pt"),
     (["--plot-compute-graph", "--compute-graph-file=out/"], "--compute-graph-file", "graph.dot"),
     (["--enable-profiling", "--profiling-trace-file=out/"], "--profiling-trace-file", "trace.json"),
@@ -37,8 +38,9 @@ def test_unwritable_trainer_outputs_are_refused_before_training(run_main, argv, 
 def test_an_output_named_as_a_folder_is_refused_before_training(run_main, tmp_path, monkeypatch, argv, flag, example):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_main(*SMALL, *argv)
-    assert code == 1 and err == (f"dlrm_s_pytorch.py: error: {flag} out/: is a directory name; give a file name "
-                                 f"(e.g. out/{example})\n")
+    given = argv[-1].split("=", 1)[1]
+    assert code == 1 and err == (f"dlrm_s_pytorch.py: error: {flag} {given}: is a directory name; give a file name "
+                                 f"(e.g. {os.path.join(given, example)})\n")
     assert "time/loss/accuracy" not in out and not os.path.exists(tmp_path / "out")
 
 

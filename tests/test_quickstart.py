@@ -61,3 +61,10 @@ def test_quickstart_reports_an_undefined_auc_of_a_one_class_test_set(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert ("test AUC undefined (the test set has one class) (best undefined) on 1 test samples"
             in result.stdout)
+
+
+def test_quickstart_names_a_missing_interpreter_before_any_work(tmp_path):
+    result = subprocess.run(["bash", os.path.join(ROOT, "bench", "quickstart.sh")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHON": "no-such-python3"})
+    assert result.returncode == 1 and os.listdir(tmp_path) == []
+    assert result.stderr == "quickstart.sh: error: no Python interpreter 'no-such-python3' (PYTHON)\n"

@@ -183,9 +183,11 @@ def poisoned(saved):
     (lambda saved: saved.update(train_state="x"), "not a DLRM checkpoint (train_state is a str)"),
     (lambda saved: saved.update(opt_state_dict={"state": {}, "param_groups": [  # torch.optim.SGD's, the original's
         {"lr": 0.1, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "params": [0, 1]}]}),
-     "optimizer state does not fit --optimizer (ValueError: the state was saved by torch.optim.SGD"),
+     "optimizer state does not fit --optimizer (ValueError: the state was saved by an SGD-like optimizer"),
     (lambda saved: saved.update(arch=5), "not a DLRM checkpoint (arch is a int)"),
     (lambda saved: saved["train_state"].update(epoch="x", last_test=[1]), "its training state cannot be read"),
+    (lambda saved: saved["train_state"].update(epoch="abc"), "its training state cannot be read (TypeError: epoch"),
+    (lambda saved: saved["arch"].update(layers=[1]), "(its architecture record cannot be read)"),
 ])
 def test_malformed_checkpoints_stop_with_one_line(adagrad_checkpoint, run_main, tmp_path, change, message):
     path = altered(adagrad_checkpoint, tmp_path / "bad.pt", change)

@@ -104,8 +104,8 @@ def _group_by_device_and_dtype(*tensor_lists):
 
 
 def torch_optimizer_kind(param_groups) -> str | None:
-    """"SGD" or "Adagrad" (the original's rwsadagrad too) for the param_groups of a torch.optim-style state by
-    the settings they hold; None when they hold neither's."""
+    """"SGD" or "Adagrad" (torch.optim's, or the original's RWSAdagrad) for the param_groups of a torch.optim-style
+    state by the settings they hold; None when they hold neither's."""
     keys = set().union(*(group.keys() for group in param_groups)) if param_groups else set()
     if keys & {"initial_accumulator_value", "lr_decay"}:
         return "Adagrad"
@@ -178,7 +178,7 @@ class _FusedSparseOptimizer:
             raise ValueError(f"the state was saved by {saved_by}, not {type(self).__name__}")
         kind = torch_optimizer_kind(saved_groups)  # torch.optim's (the original's checkpoints): by its settings
         if "optimizer" not in state_dict and kind is not None and kind != self._torch_kind:
-            raise ValueError(f"the state was saved by torch.optim.{kind} (its settings "
+            raise ValueError(f"the state was saved by an {kind}-like optimizer (its settings "
                              f"{sorted(k for k in saved_groups[0] if k != 'params')}), not {type(self).__name__}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("the saved state has a different number of parameter groups")
