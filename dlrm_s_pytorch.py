@@ -1565,8 +1565,7 @@ def memory_remedy(args, part: str, dense_dim: int, table_sizes, local_tables=Non
     sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
     if part in ("parameters", "optimizer state"):
         tables = table_element_bytes(args) * sparse_dim * sum(held_table_rows(args, table_sizes, local_tables))
-        weights = {flags: sum(a * b + b for widths in layers for a, b in zip(widths[:-1], widths[1:]))
-                   for flags, layers in mlps.items()}
+        weights = {flags: memory.weight_count(layers) for flags, layers in mlps.items()}
         flags = max(weights, key=weights.get)
         if 2 * memory.FLOAT * weights[flags] > tables:
             return f"a smaller {flags}"
@@ -1579,7 +1578,7 @@ def memory_remedy(args, part: str, dense_dim: int, table_sizes, local_tables=Non
             "--mini-batch-size", "--num-workers")
         others = ", ".join(flag for flag in ("--test-mini-batch-size", ids, batch_flags[1]) if flag not in
                            (None, batch_flags[0]))
-        units = {flags: sum(sum(widths) for widths in layers) for flags, layers in mlps.items()}
+        units = {flags: memory.unit_count(layers) for flags, layers in mlps.items()}
         flags = max(units, key=units.get)
         id_rows = ids_per_sample(args, table_sizes) * sparse_dim  # the embedding gradient's floats per sample
         if part == "one batch" and memory.ACTIVATION_COPIES * units[flags] > 2 * id_rows + sum(units.values()):

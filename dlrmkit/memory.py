@@ -45,6 +45,16 @@ class MemoryEstimate:
         return {**self.on_device(), **parts}
 
 
+def weight_count(mlps) -> int:
+    """Weights and biases of MLPs given as widths, input first: sum of a * b + b over their layers a -> b."""
+    return sum(a * b + b for widths in mlps for a, b in zip(widths[:-1], widths[1:]))
+
+
+def unit_count(mlps) -> int:
+    """Units of MLPs given as widths, input first (the activations a sample keeps per copy)."""
+    return sum(sum(widths) for widths in mlps)
+
+
 def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample: float, optimizer: str | None,
                     num_workers: int = 0, table_element_bytes: int = 4) -> MemoryEstimate:
     """Bytes a run needs, by part (all float32, the tables' rows table_element_bytes each: 2 in bfloat16):
@@ -66,8 +76,8 @@ def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample:
     each MLP's widths, input first; `ids_per_sample`: ids looked up per sample, all tables together;
     `optimizer`: the --optimizer name, or None without training."""
     rows = sum(int(n) for n in table_rows)
-    weights = sum(a * b + b for widths in mlps for a, b in zip(widths[:-1], widths[1:]))
-    units = sum(sum(widths) for widths in mlps) + (len(table_rows) + 1) * dim
+    weights = weight_count(mlps)
+    units = unit_count(mlps) + (len(table_rows) + 1) * dim
     tables = table_element_bytes * dim * rows
     if optimizer == "adagrad":
         state = tables + FLOAT * weights
