@@ -48,6 +48,7 @@ import copy
 import ctypes
 import ctypes.util
 import dataclasses
+import datetime
 import functools
 import importlib.metadata
 import importlib.util
@@ -1530,10 +1531,7 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     held = held_table_rows(args, table_sizes, local_tables)
     ids = ids_per_sample(args, table_sizes)
     sparse_dim = embedding_output_dim(args.arch_sparse_feature_size, args.qr_flag, args.qr_operation)
-    train_batch, test_batch = args.mini_batch_size, args.test_mini_batch_size
-    if args.data_generation != "dataset":  # a batch holds at most the samples there are
-        samples, test_samples = generated_set_sizes(args)
-        train_batch, test_batch = min(train_batch, samples), min(test_batch, test_samples)
+    train_batch, test_batch = held_batch_sizes(args)
     if args.inference_only:  # the test set alone
         batch_size, workers = test_batch, args.test_num_workers
     else:  # a test runs while the last training batch, its activations and gradients are still held
@@ -1552,6 +1550,15 @@ def estimate_memory(args, dense_dim: int, table_sizes, local_tables=None) -> mem
     if args.load_model and os.path.isfile(args.load_model) and ext_dist.rank() == 0:  # rank 0 reads it for all
         needed.checkpoint = os.path.getsize(args.load_model)
     return needed
+
+
+def held_batch_sizes(args) -> tuple[int, int]:
+    """(training, test) samples per batch as held in memory: generated data's batches hold at most its samples."""
+    train_batch, test_batch = args.mini_batch_size, args.test_mini_batch_size
+    if args.data_generation != "dataset":
+        samples, test_samples = generated_set_sizes(args)
+        train_batch, test_batch = min(train_batch, samples), min(test_batch, test_samples)
+    return train_batch, test_batch
 
 
 def table_element_bytes(args) -> int:
@@ -1574,10 +1581,13 @@ def memory_remedy(args, part: str, dense_dim: int, table_sizes, local_tables=Non
     if part in ("one batch", "batch inputs", "loader buffers"):
         ids = "--multi-hot-sizes" if args.multi_hot_sizes else (
             None if args.data_generation == "dataset" else "--num-indices-per-lookup")
-        batch_flags = ("--test-mini-batch-size", "--test-num-workers") if args.inference_only else (
-            "--mini-batch-size", "--num-workers")
-        others = ", ".join(flag for flag in ("--test-mini-batch-size", ids, batch_flags[1]) if flag not in
-                           (None, batch_flags[0]))
+        train_batch, test_batch = held_batch_sizes(args)
+        if args.inference_only or (testing(args) and test_batch > train_batch):  # the test batch is most of it
+            batch_flags = ("--test-mini-batch-size", "--test-num-workers")
+        else:
+            batch_flags = ("--mini-batch-size", "--num-workers")
+        batch_others = () if args.inference_only else ("--mini-batch-size", "--test-mini-batch-size")
+        others = ", ".join(flag for flag in (*batch_others, ids, batch_flags[1]) if flag not in (None, batch_flags[0]))
         units = {flags: memory.unit_count(layers) for flags, layers in mlps.items()}
         flags = max(units, key=units.get)
         id_rows = ids_per_sample(args, table_sizes) * sparse_dim  # the embedding gradient's floats per sample
@@ -2040,8 +2050,10 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     run_log.run_start(run_config(args, train_set, test_set, table_sizes))
     loss_weights = torch.tensor(args.loss_weights, dtype=torch.float32, device=device)
     exported_model = model
+    # without --profiling-trace-file the processes of a run stamp their files with the same (rank 0's) time
+    stamp = ext_dist.rank0_value(datetime.datetime.now()) if args.enable_profiling else None
     with profiling.profiled(args.enable_profiling, args.profiling_trace_file, device.type == "cuda",
-                            rank=profiling_rank()):
+                            rank=profiling_rank(), now=stamp):
         if args.inference_only:
             if args.save_onnx and (args.quantize_mlp_with_bit != 32 or args.quantize_emb_with_bit != 32):
                 exported_model = copy.deepcopy(model)  # ONNX gets the fp32 model

@@ -630,6 +630,15 @@ def gather_to_rank0(model: DistributedDLRM, optimizer):
     return full, full_optimizer
 
 
+def rank0_value(value):
+    """Rank 0's `value` on every rank (a picklable object; every rank calls this); `value` itself in one process."""
+    if not is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def load_distributed(path, model: DistributedDLRM, optimizer, load_single):
     """Every rank calls this: rank 0 reads the checkpoint with `load_single(path, model, optimizer)`
     into a whole single-process model and hands each rank its tables; returns the TrainState."""

@@ -59,7 +59,8 @@ def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample:
                     num_workers: int = 0, table_element_bytes: int = 4) -> MemoryEstimate:
     """Bytes a run needs, by part (all float32, the tables' rows table_element_bytes each: 2 in bfloat16):
 
-        parameters      = E * dim * sum(table_rows) + 2 * 4 * MLP weights (with their gradients)
+        parameters      = E * dim * sum(table_rows) + 2 * 4 * MLP weights (with their gradients);
+                          without an optimizer (no training) E * dim * sum(table_rows) + 4 * MLP weights
         optimizer state = adagrad: as much again as tables and MLP weights; rwsadagrad: 4 per table
                           row plus the MLP weights; sgd, or None (no training): 0
         batch inputs    = batch_size * (48 * ids + 4 * (dense features + 1))
@@ -90,7 +91,8 @@ def estimate_memory(table_rows, dim: int, mlps, batch_size: int, ids_per_sample:
         batch = int(inputs + batch_size * INFERENCE_COPIES * FLOAT * units)
     else:
         batch = int(inputs + batch_size * (2 * FLOAT * dim * ids_per_sample + ACTIVATION_COPIES * FLOAT * units))
-    return MemoryEstimate(tables + 2 * FLOAT * weights, state, batch, int(num_workers * LOADER_BATCHES_PER_WORKER * inputs),
+    weight_copies = 1 if optimizer is None else 2  # the weights, and their gradients when training
+    return MemoryEstimate(tables + weight_copies * FLOAT * weights, state, batch, int(num_workers * LOADER_BATCHES_PER_WORKER * inputs),
                           batch_inputs=int(inputs))
 
 

@@ -8,8 +8,9 @@ are the original's `dlrm_s_pytorch<timestamp>.json`, `..._shape.prof` and `..._t
 in the working directory; with it, the trace is that file and the tables lie next to it
 (`trace.json` -> `trace_shape.prof`, `trace_total.prof`). In a distributed run every process
 profiles itself and writes its own three files, the rank before the extension (`trace.rank1.json`,
-`trace.rank1_shape.prof`, ...); rank 0 prints its top operators. Profile a few batches
-(--num-batches), not a whole data set: the trace grows with every operator call.
+`trace.rank1_shape.prof`, ...; the default names all carry rank 0's time stamp); rank 0 prints its top
+operators. Profile a few batches (--num-batches), not a whole data set: the trace grows with every
+operator call.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def _write_atomically(path, write):
 
 @contextlib.contextmanager
 def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: int = 20, log=print,
-             rank: int | None = None):
-    """Profiles the body when `enabled`; then writes the files of output_paths(trace_path, rank=rank) and logs
-    the top operators (a distributed process: `rank`, and `log` prints on rank 0 only)."""
+             rank: int | None = None, now: datetime.datetime | None = None):
+    """Profiles the body when `enabled`; then writes the files of output_paths(trace_path, now, rank) and logs
+    the top operators (a distributed process: `rank`, and `log` prints on rank 0 only; `now`: the time that
+    stamps the default names, the same in every process of a run)."""
     if not enabled:
         yield None
         return
@@ -60,7 +62,7 @@ def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: i
     sort_by = "self_cuda_time_total" if use_cuda else "self_cpu_time_total"
     if not rank:
         log(prof.key_averages().table(sort_by=sort_by, row_limit=top))
-    paths = output_paths(trace_path, rank=rank)
+    paths = output_paths(trace_path, now, rank)
 
     def table(group_by_input_shape):
         text = prof.key_averages(group_by_input_shape=group_by_input_shape).table(sort_by="self_cpu_time_total")

@@ -51,7 +51,7 @@ def launcher_env(world, rank, port):
     return env
 
 
-def start(world, args, tmp_path, ranks=None):
+def start(world, args, tmp_path, ranks=None, cwd=ROOT):
     """Starts ranks (default: all) of a `world`-process run, as torchrun would; returns (process, out, err)."""
     port = free_port()
     runs = []
@@ -59,7 +59,7 @@ def start(world, args, tmp_path, ranks=None):
         out, err = tmp_path / f"out.{rank}", tmp_path / f"err.{rank}"
         with open(out, "w") as out_file, open(err, "w") as err_file:
             process = subprocess.Popen([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *args],
-                                       cwd=ROOT, env=launcher_env(world, rank, port), stdout=out_file,
+                                       cwd=cwd, env=launcher_env(world, rank, port), stdout=out_file,
                                        stderr=err_file)
         runs.append((process, out, err))
     return runs
@@ -79,8 +79,8 @@ def finish(runs, timeout=120):
     return [(p.returncode, out.read_text(), err.read_text()) for p, out, err in runs]
 
 
-def launch(world, args, tmp_path, timeout=120):
-    results = finish(start(world, args, tmp_path), timeout)
+def launch(world, args, tmp_path, timeout=120, cwd=ROOT):
+    results = finish(start(world, args, tmp_path, cwd=cwd), timeout)
     for rank, (code, out, err) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{err[-3000:]}"
     return results
@@ -223,15 +223,18 @@ def test_a_missing_rank_is_an_error_after_the_timeout(tmp_path):
 
 @pytest.mark.slow
 def test_each_process_of_a_profiled_run_writes_its_own_files(tmp_path):
+    """Without --profiling-trace-file: the original's time-stamped names, one time stamp for the whole run."""
     args = ["--arch-embedding-size=10-20", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",
-            "--arch-mlp-top=8-1", "--data-size=32", "--mini-batch-size=8", "--enable-profiling",
-            f"--profiling-trace-file={tmp_path / 'prof' / 'trace.json'}"]
-    (_, out0, _), (_, out1, _) = launch(2, args, tmp_path)
-    for rank in (0, 1):
-        trace = json.loads((tmp_path / "prof" / f"trace.rank{rank}.json").read_text())
-        assert trace["traceEvents"]
+            "--arch-mlp-top=8-1", "--data-size=32", "--mini-batch-size=8", "--enable-profiling"]
+    (tmp_path / "prof").mkdir()
+    (_, out0, _), (_, out1, _) = launch(2, args, tmp_path, cwd=tmp_path / "prof")
+    traces = sorted((tmp_path / "prof").glob("dlrm_s_pytorch*.json"))
+    assert [t.name.rsplit(".", 2)[1] for t in traces] == ["rank0", "rank1"]
+    assert traces[0].name.replace("rank0", "rank1") == traces[1].name  # the same time stamp
+    for trace in traces:
+        assert json.loads(trace.read_text())["traceEvents"]
         for table in ("shape", "total"):
-            assert "Self CPU" in (tmp_path / "prof" / f"trace.rank{rank}_{table}.prof").read_text()
+            assert "Self CPU" in trace.with_name(trace.name[:-len(".json")] + f"_{table}.prof").read_text()
     assert "(each process its own, named by its rank)" in out0 and "Wrote the profiler" not in out1
 
 

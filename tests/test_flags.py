@@ -284,6 +284,9 @@ def test_memory_estimate_counts_batch_ids_and_optimizer_state():
     assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 4.0, "sgd").batch > small.batch
     assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 2.0, "adagrad").optimizer_state >= 16000
     assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 2.0, "sgd", num_workers=2).loader == 6 * 10 * (96 + 20)
+    # 1000 * 4 table floats, 4 * 4 + 4 MLP weights; their gradients only when training
+    assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 2.0, "sgd").parameters == 4 * (4000 + 2 * 20)
+    assert memory.estimate_memory([1000], 4, [[4, 4]], 10, 2.0, None).parameters == 4 * (4000 + 20)
     assert memory.mean_bag_size(4, 50, False) == 2.125 and memory.mean_bag_size(4, 50, True) == 50
     assert memory.mean_bag_size(1, 10, False) == memory.mean_bag_size(10, 1, False) == 1
 
@@ -351,6 +354,8 @@ def test_model_on_a_gpu_is_checked_against_the_gpu_and_its_inputs_against_host_m
      None),  # the training batch does not count: no training
     (["--test-mini-batch-size=300000000", "--data-size=300000000", "--inference-only"],
      "a smaller --test-mini-batch-size (or --num-indices-per-lookup, --test-num-workers)"),
+    (["--test-mini-batch-size=300000000", "--data-size=300000000", "--test-freq=1"],
+     "a smaller --test-mini-batch-size (or --mini-batch-size, --num-indices-per-lookup, --test-num-workers)"),
     (["--mini-batch-size=300000000"], None),  # a batch holds at most --data-size samples
     (["--arch-embedding-size=20000000000-3"],
      "smaller tables (--arch-embedding-size, or --max-ind-range for a data set) or a smaller "

@@ -1,5 +1,6 @@
 """Profiling, compute graph, TensorBoard, MLPerf log lines, the metrics log and its plot."""
 
+import datetime
 import json
 import os
 import re
@@ -47,6 +48,15 @@ def test_profiling_trace_file_names_the_trace_with_the_tables_next_to_it(run_mai
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name", "").startswith("aten::embedding_bag") for e in events)
     assert sorted(os.listdir(tmp_path / "prof")) == ["trace.json", "trace_shape.prof", "trace_total.prof"]
+
+
+def test_a_distributed_process_names_its_profiling_files_by_its_rank():
+    from dlrmkit import profiling
+
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    assert profiling.output_paths("out/trace.json", rank=1) == {
+        "trace": "out/trace.rank1.json", "shape": "out/trace.rank1_shape.prof", "total": "out/trace.rank1_total.prof"}
+    assert profiling.output_paths("", now, 0)["trace"] == "dlrm_s_pytorch2026-01-02_03:04:05.rank0.json"
 
 
 @pytest.mark.parametrize("torchviz_present", [True, False])
