@@ -1223,7 +1223,7 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
                         "diverged run?); such a model can be neither trained nor evaluated")
     if optimizer is not None and checkpoint.get("opt_state_dict"):
         try:
-            optimizer.load_state_dict(checkpoint["opt_state_dict"])
+            optimizer.load_state_dict(batched_table_state(checkpoint["opt_state_dict"], model))
         except Exception as e:  # another optimizer's state, or a malformed one
             raise DLRMError(f"--load-model {path}: optimizer state does not fit --optimizer ({type(e).__name__}: "
                             f"{state_dict_problem(e)})")
@@ -1231,6 +1231,39 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
         print(f"note: --load-model {path} holds no optimizer state: Adagrad's sums of squared gradients start "
               "from zero", file=sys.stderr)
     return state
+
+
+def batched_table_state(opt_state: dict, model: DLRM_Net) -> dict:
+    """`opt_state` for `model`: the original's torch.optim state, with one parameter per table (`emb_l.0.weight`,
+    ...) ahead of the MLPs' in one parameter group, has its tables' entries merged into the state of the model's
+    one batched table weight (`BatchedEmbeddingBags`): each tensor (Adagrad's `sum` [rows, dim], RWSAdagrad's
+    per-row `momentum` [rows], kept as `sum`) concatenated in table order, the largest `step`. Any other
+    state is returned as it is (`load_state_dict` checks it). ValueError when only some tables have state."""
+    emb = model.emb_l
+    if not isinstance(emb, BatchedEmbeddingBags) or not isinstance(opt_state, dict) or "optimizer" in opt_state:
+        return opt_state  # per-table modules, or our own optimizer's state
+    groups, state = opt_state.get("param_groups"), opt_state.get("state")
+    tables, ours = len(emb.table_sizes), len(list(model.parameters()))
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and isinstance(state, dict)
+            and tables > 1 and len(groups[0].get("params", ())) == ours + tables - 1):
+        return opt_state
+    numbers = list(groups[0]["params"])
+    per_table = [state.get(number) or {} for number in numbers[:tables]]
+    merged = {}
+    if any(per_table):
+        if not all(per_table) or any(set(entry) != set(per_table[0]) for entry in per_table):
+            raise ValueError("the saved state holds optimizer state for some tables but not for all")
+        for key in per_table[0]:
+            values = [entry[key] for entry in per_table]
+            if key == "step":
+                merged[key] = max(values, key=float)
+            elif all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values):
+                merged["sum" if key == "momentum" else key] = torch.cat(values)
+            else:
+                raise ValueError(f"the saved tables' '{key}' cannot be merged into one table's")
+    merged_state = {0: merged} if merged else {}
+    merged_state.update({k: state[number] for k, number in enumerate(numbers[tables:], 1) if number in state})
+    return {"state": merged_state, "param_groups": [{**groups[0], "params": list(range(ours))}]}
 
 
 def state_dict_problem(error: Exception, limit: int = 200) -> str:

@@ -251,3 +251,40 @@ def test_a_resumed_run_whose_tests_do_not_improve_leaves_the_best_checkpoint_be(
     assert code == 0 and "Finished training" not in out
     assert f"note: --load-model {path} is at epoch 0, batch 4: with --nepochs=1 of 4 batches there is nothing left" \
            in err
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")  # torch.optim.Adagrad's own sparse tensors
+def test_the_originals_per_table_adagrad_state_resumes_in_the_batched_tables():
+    """The original's checkpoints hold torch.optim.Adagrad's state of one parameter per table, then the MLPs'."""
+    torch.manual_seed(0)
+    model = dlrm.DLRM_Net(4, np.array([5, 7, 3]), np.array([4, 8, 4]), np.array([10, 1]))
+    sizes, starts = [5, 7, 3], [0, 5, 12]
+    dense = list(model.parameters())[1:]
+    tables = [w.detach().clone().requires_grad_() for w in model.emb_l.weight.split(sizes)]
+    original = torch.optim.Adagrad([*tables, *(p.detach().clone().requires_grad_() for p in dense)], lr=0.1)
+    ours = dlrm.make_optimizer("adagrad", model.parameters(), 0.1)
+    for _ in range(3):  # the same gradients for both
+        rows = [torch.randint(0, n, (4,)) for n in sizes]
+        values = [torch.randn(4, 4) for _ in sizes]
+        for table, r, v, n in zip(tables, rows, values, sizes):
+            table.grad = torch.sparse_coo_tensor(r[None], v, (n, 4), check_invariants=True)
+        model.emb_l.weight.grad = torch.sparse_coo_tensor(
+            torch.cat([r + s for r, s in zip(rows, starts)])[None], torch.cat(values), (15, 4), check_invariants=True)
+        for mine, theirs in zip(dense, original.param_groups[0]["params"][3:]):
+            mine.grad = torch.randn_like(mine)
+            theirs.grad = mine.grad.clone()
+        original.step()
+        ours.step()
+    resumed = dlrm.make_optimizer("adagrad", model.parameters(), 0.1)
+    resumed.load_state_dict(dlrm.batched_table_state(original.state_dict(), model))
+    for p in model.parameters():
+        torch.testing.assert_close(resumed.state[p]["sum"], ours.state[p]["sum"])
+
+    rws = {"state": {t: {"step": 2, "momentum": torch.full((n,), float(t))} for t, n in enumerate(sizes)},
+           "param_groups": [{"lr": 0.1, "lr_decay": 0, "eps": 1e-10, "params": list(range(3 + len(dense)))}]}
+    resumed = dlrm.make_optimizer("rwsadagrad", model.parameters(), 0.1)  # the original's RWSAdagrad: per-row sums
+    resumed.load_state_dict(dlrm.batched_table_state(rws, model))
+    assert resumed.state[model.emb_l.weight]["sum"].tolist() == [0.0] * 5 + [1.0] * 7 + [2.0] * 3
+    del rws["state"][1]
+    with pytest.raises(ValueError, match="optimizer state for some tables but not for all"):
+        dlrm.batched_table_state(rws, model)
