@@ -66,6 +66,7 @@ batches of on-the-fly expansion from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -533,6 +534,13 @@ def missing_raw_data(path: str, data_set: str) -> str:
             return f"{flag}: no such file, but {path}.gz exists: decompress it first (gunzip {path}.gz; the kaggle " \
                    "train.txt is read uncompressed)"
         return f"{flag}: no such file (--data-set=kaggle reads the Criteo Kaggle train.txt)"
+    memory_mapped = [f"{path}_{name}" for name in ("0_reordered.npz", "fea_count.npz")
+                     if os.path.isfile(f"{path}_{name}")]
+    if memory_mapped and not _day_file(path, 0):
+        return (f"{flag}: day file {path}_0 (or .gz) not found; {memory_mapped[0]} is the original's --memory-map "
+                f"output, which this trainer does not read: give the raw day files (preprocessed once into "
+                f"{DEFAULT_NAMES['terabyte']}/), or the original's {DEFAULT_NAMES['terabyte']}.npz with "
+                f"--processed-data-file")
     day_file = re.match(r"^(.*)_\d+(\.gz)?$", path)
     if os.path.isfile(path) and day_file and _day_file(day_file.group(1), 0):
         return f"{flag}: is one day file; --data-set=terabyte reads the {days}: use --raw-data-file={day_file.group(1)}"
@@ -585,11 +593,44 @@ def settings_key(data_set, max_ind_range, sub_sample_rate) -> str:
 
 def preprocess(raw_data_file, base_dir, data_set="kaggle", max_ind_range=-1, sub_sample_rate=0.0,
                workers=1, log=print, progress=True) -> ProcessedData:
-    """Raw Criteo file(s) -> processed arrays in base_dir/<settings_key>, reusing a matching earlier result."""
+    """Raw Criteo file(s) -> processed arrays in base_dir/<settings_key>, reusing a matching earlier result.
+
+    `base_dir` may also be one set's own folder (base_dir/<settings_key> of an earlier run): that set is
+    read, or rebuilt in place when its raw data changed; other settings than its own are a DataError.
+    Processes preprocessing into one `base_dir` take turns (a lock file there): the later one waits, then
+    reads what the first built."""
     try:
-        return _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress)
+        if not os.path.isdir(base_dir) and not _raw_data_usable(raw_data_file, data_set):  # nothing to build or read
+            return _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rate, workers, log,
+                               progress)
+        with _exclusive(base_dir, log):
+            return _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rate, workers, log,
+                               progress)
     except OSError as e:  # disk full, permissions, ...
         raise DataError(f"preprocessing into {base_dir} failed: {e.filename or ''}: {e.strerror or e}")
+
+
+LOCK_FILE = ".preprocessing.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(base_dir, log):
+    """Holds an exclusive lock on base_dir's lock file (made with base_dir when missing), waiting for it."""
+    import fcntl
+
+    if os.path.isfile(base_dir):  # _preprocess names the problem
+        yield
+        return
+    os.makedirs(base_dir, exist_ok=True)
+    with open(os.path.join(base_dir, LOCK_FILE), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"Waiting for another process preprocessing into {base_dir}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: go on unguarded, as without this lock
+            pass
+        yield
 
 
 def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress):
@@ -600,8 +641,17 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
     if os.path.isfile(base_dir):
         raise DataError(f"--processed-data-file: {base_dir} is a file, not processed data (a directory, "
                         "or the original's .npz); the raw data goes to --raw-data-file")
-    out_dir = os.path.join(base_dir, settings_key(data_set, max_ind_range, sub_sample_rate))
-    _adopt_single_set_layout(base_dir, bool(raw_data_file and _raw_data_present(raw_data_file, data_set)), log)
+    own = read_set_metadata(base_dir)
+    if own is not None and own["settings"].get("format") == FORMAT:  # one set's own folder, named directly
+        out_dir = base_dir
+        wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
+        if any(own["settings"].get(k) != wanted[k] for k in ("data_set", "max_ind_range", "sub_sample_rate")):
+            raise DataError(f"--processed-data-file {base_dir}: holds the processed set of other settings "
+                            f"({describe_change(own['settings'], wanted)}); name the folder above it "
+                            f"({os.path.dirname(os.path.abspath(base_dir))}) to keep one set per setting")
+    else:
+        out_dir = os.path.join(base_dir, settings_key(data_set, max_ind_range, sub_sample_rate))
+        _adopt_single_set_layout(base_dir, bool(raw_data_file and _raw_data_present(raw_data_file, data_set)), log)
     existing = read_set_metadata(out_dir)
     damage = _damaged_output(out_dir, existing) if existing is not None else None
     if damage:
@@ -630,7 +680,14 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
                             f"(--raw-data-file {raw_data_file or 'not given'})")
         log(f"Reading pre-processed data={out_dir} (raw data not found: not checked against it)")
         return ProcessedData(out_dir, existing)
-    sources = raw_day_files(raw_data_file, data_set)
+    try:
+        sources = raw_day_files(raw_data_file, data_set)
+    except DataError as missing:  # some raw files gone (removed to free disk once processed?): the set stands
+        wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
+        if existing is None or any(existing["settings"].get(k) != wanted[k] for k in wanted if k != "sources"):
+            raise
+        log(f"Reading pre-processed data={out_dir} (not checked against the raw data: {missing})")
+        return ProcessedData(out_dir, existing)
     settings = settings_for(data_set, sources, max_ind_range, sub_sample_rate)
     if existing is not None:
         if existing.get("settings") == settings:
@@ -710,6 +767,14 @@ def _damaged_output(out_dir, metadata):
     return None
 
 
+def _raw_data_usable(raw_data_file, data_set) -> bool:
+    """Whether the raw data can be preprocessed (raw_day_files finds every file)."""
+    try:
+        return bool(raw_data_file) and bool(raw_day_files(raw_data_file, data_set))
+    except DataError:
+        return False
+
+
 def _raw_data_present(raw_data_file, data_set) -> bool:
     if data_set == "kaggle":
         return os.path.exists(raw_data_file)
@@ -749,15 +814,18 @@ def _build(sources, out_dir, settings, workers, log, progress) -> ProcessedData:
 
     # phase 1: parse each day into labels, integers, chunk-local categorical ids + each chunk's distinct values
     todo = [t for t in tasks if not _day_parsed(t)]
+    fresh = {t.day for t in todo}
     if len(todo) < len(tasks):
         log(f"Resuming: {len(tasks) - len(todo)} of {len(tasks)} days already parsed")
     with tqdm(desc="parse", unit=" rows", unit_scale=True, disable=not progress, mininterval=0.5) as bar:
         run_tasks(_parse_day, todo, workers, bar)
     parsed = [load_json(_marker(t.work_dir, t.day, "parsed")) for t in tasks]
     day_rows = [p["rows"] for p in parsed]
-    for p, task in zip(parsed, tasks):
-        if p["lines"] == 0:
-            raise DataError(f"{task.path}: empty file (no rows)")
+    if parsed[-1]["lines"] == 0:
+        raise DataError(f"{tasks[-1].path}: empty file (no rows)"
+                        + ("; the last day holds the test and validation rows" if len(tasks) > 1 else ""))
+    if sum(p["lines"] for p in parsed[:-1]) == 0:
+        raise DataError(f"{tasks[0].path} .. {os.path.basename(tasks[-2].path)}: every training day is empty")
 
     # phase 2: per categorical feature, number its distinct values
     with tqdm(desc="dictionaries", total=NUM_SPARSE, unit=" features", disable=not progress) as bar:
@@ -787,7 +855,9 @@ def _build(sources, out_dir, settings, workers, log, progress) -> ProcessedData:
     shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.perf_counter() - started
     lines = sum(p["lines"] for p in parsed)
-    log(f"Processed {lines} rows ({sum(day_rows)} kept) in {elapsed:.1f} s ({lines / max(elapsed, 1e-9):,.0f} rows/s); "
+    parsed_now = sum(p["lines"] for p, t in zip(parsed, tasks) if t.day in fresh)  # a resumed run: its own share
+    log(f"Processed {lines} rows ({sum(day_rows)} kept) in {elapsed:.1f} s ({parsed_now / max(elapsed, 1e-9):,.0f} "
+        f"rows/s{'' if parsed_now == lines else f' over the {parsed_now} rows parsed by this run'}); "
         f"table sizes {counts}")
     return ProcessedData(out_dir, metadata)
 
@@ -798,9 +868,8 @@ def _day_tasks(sources, data_set, settings, work_dir, progress) -> list[DayTask]
     rate, max_ind_range = settings["sub_sample_rate"], settings["max_ind_range"]
     last = DAYS[data_set] - 1
     if data_set == "terabyte":
-        for path in sources:
-            if os.path.getsize(path) == 0:
-                raise DataError(f"{path}: empty file (no rows)")
+        if os.path.getsize(sources[last]) == 0:  # empty training days are days without rows, as in the original
+            raise DataError(f"{sources[last]}: empty file (no rows); the last day holds the test and validation rows")
         return [DayTask(d, path, 0, None, 1, rate if d < last else 0.0, max_ind_range, work_dir)
                 for d, path in enumerate(sources)]
     path = sources[0]
@@ -1096,8 +1165,9 @@ def run_tasks(fn, jobs, workers, bar):
 def load_original_npz(path, raw_data_file="", data_set="kaggle"):
     """The original's processed file (X_int, X_cat, y, counts) and its day sizes.
 
-    Day sizes come from the original's <raw>_day_count.npz when present, else the
-    kaggle/terabyte cut of all rows into equal consecutive days."""
+    Day sizes come from the original's <raw>_day_count.npz when present (DataError when it counts
+    other rows), else for Kaggle the original's cut of all rows into equal consecutive days;
+    Terabyte's days differ, so without the file it is a DataError."""
     try:
         with np.load(path) as data:
             missing = [k for k in ("X_int", "X_cat", "y", "counts") if k not in data.files]
@@ -1114,7 +1184,7 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
     if counts.shape != (X_cat.shape[1],):
         raise DataError(f"--processed-data-file {path}: counts {counts.shape} should hold one table size per "
                         f"categorical column ({X_cat.shape[1]})")
-    days = None
+    days = count_file = None
     if raw_data_file:
         stem = raw_data_file.split("/")[-1]
         stem = stem.split(".")[0] if data_set == "kaggle" else stem
@@ -1134,8 +1204,14 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
                                 f"day (not empty); found {len(sizes)} day counts, the last {last}")
             days = [int(n) for n in sizes]
             if sum(days) != len(y):
-                days = None
-    if days is None:
+                raise DataError(f"{count_file}: its days hold {sum(days)} rows, {path} holds {len(y)}: the day counts "
+                                "of other data")
+    if days is None and data_set == "terabyte":  # unequal days: an equal cut would test on other days' rows
+        where = count_file or "<prefix>_day_count.npz beside the raw day files"
+        raise DataError(f"--processed-data-file {path}: the original's Terabyte data is cut into its days by the "
+                        f"original's day counts ({where}), not found; give --raw-data-file=<prefix of the raw day "
+                        f"files> where that file lies")
+    if days is None:  # Kaggle's days are the original's equal cut of train.txt
         days = day_sizes(len(y), DAYS[data_set])
     dense = np.maximum(X_int, 0).astype(np.int32, copy=False)
     return np.asarray(y).astype(np.uint8), dense, X_cat.astype(np.int32, copy=False), [int(c) for c in counts], days
@@ -1145,28 +1221,47 @@ def write_bin_files(processed: ProcessedData, log=print) -> dict:
     """The one-file-per-split binary format (int32 records [label, 13 integers, 26 ids]) of the
     original's --mlperf-bin-loader, built once from the processed days; returns split -> path."""
     paths = {split: os.path.join(processed.out_dir, f"{split}.bin") for split in ("train", "test", "val")}
+    splits = split_days(processed.day_rows)
+    sizes = {split: 4 * NUM_FIELDS * sum(stop - start for _, start, stop in ranges) for split, ranges in splits.items()}
     stamp = {"settings": processed.metadata["settings"], "days": processed.metadata["days"]}
     marker = os.path.join(processed.out_dir, "bin.json")
-    if load_json(marker) == stamp and all(os.path.exists(p) for p in paths.values()):
-        return paths
+    if load_json(marker) == stamp:
+        wrong = [p for split, p in paths.items() if not os.path.isfile(p) or os.path.getsize(p) != sizes[split]]
+        if not wrong:
+            return paths
+        damaged = [(p, split) for split, p in paths.items() if p in wrong and os.path.isfile(p)]
+        if damaged:
+            path, split = damaged[0]
+            log(f"Rewriting the --mlperf-bin-loader files: {path} holds {os.path.getsize(path)} bytes, not the "
+                f"{sizes[split]} of its rows")
     log(f"Writing {', '.join(paths.values())}")
-    for split, ranges in split_days(processed.day_rows).items():
-        tmp = paths[split] + ".tmp"
-        with open(tmp, "wb") as f:
-            for day, start, stop in ranges:
-                label = np.load(processed.day_file(day, "label"), mmap_mode="r")
-                dense = np.load(processed.day_file(day, "dense"), mmap_mode="r")
-                sparse = np.load(processed.day_file(day, "sparse"), mmap_mode="r")
-                for lo in range(start, stop, 1 << 18):
-                    hi = min(stop, lo + (1 << 18))
-                    records = np.empty((hi - lo, NUM_FIELDS), dtype=np.int32)
-                    records[:, 0] = label[lo:hi]
-                    records[:, 1 : 1 + NUM_DENSE] = dense[lo:hi]
-                    records[:, 1 + NUM_DENSE :] = sparse[lo:hi]
-                    f.write(records.data)
-        os.replace(tmp, paths[split])
-    save_json(marker, stamp)
+    tmp = None
+    try:
+        _remove_if_present(marker)
+        for split, ranges in splits.items():
+            tmp = paths[split] + ".tmp"
+            with open(tmp, "wb") as f:
+                for day, start, stop in ranges:
+                    label = np.load(processed.day_file(day, "label"), mmap_mode="r")
+                    dense = np.load(processed.day_file(day, "dense"), mmap_mode="r")
+                    sparse = np.load(processed.day_file(day, "sparse"), mmap_mode="r")
+                    for lo in range(start, stop, 1 << 18):
+                        hi = min(stop, lo + (1 << 18))
+                        records = np.empty((hi - lo, NUM_FIELDS), dtype=np.int32)
+                        records[:, 0] = label[lo:hi]
+                        records[:, 1 : 1 + NUM_DENSE] = dense[lo:hi]
+                        records[:, 1 + NUM_DENSE :] = sparse[lo:hi]
+                        f.write(records.data)
+            os.replace(tmp, paths[split])
+            tmp = None
+        save_json(marker, stamp)
+    except OSError as e:  # disk full, a file size limit, a read-only folder
+        if tmp is not None:
+            _remove_if_present(tmp)
+        raise DataError(f"writing the --mlperf-bin-loader files into {processed.out_dir} failed: "
+                        f"{e.filename or tmp or ''}: {e.strerror or e}")
     return paths
+
 
 
 # ============================================================================ multi-hot data
@@ -1450,8 +1545,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "1: one file (kaggle train.txt); 24: terabyte day files")
     flags.add_number(fake, "--seed", int, 0, flags.at_least(0), "random seed")
     fake.add_argument("--gzip", action="store_true", help="gzip the day files (with --days > 1)")
-    prep = commands.add_parser("preprocess", help="raw Criteo data -> processed arrays (as the trainer on first use)")
+    prep = commands.add_parser("preprocess", help="raw Criteo data -> processed arrays (as the trainer on first use); "
+                                                  "the default command: the original's `data_utils.py --flags` works")
     flags.add_data_flags(prep, list(DAYS), raw_required=True)
+    prep.add_argument("--data-randomize", type=str, default="total", choices=["total", "day", "none"],
+                      help="the original's; no effect here: the trainer orders the rows as it reads them")
+    flags.add_bool_flag(prep, "--memory-map", False, "the original's; no effect here: the trainer's --memory-map "
+                                                     "reads the same processed set")
     hot = commands.add_parser("multi-hot", help="write the multi-hot expansion of a processed set once "
                                                  "(the trainer reads it with --processed-data-file=OUT)")
     flags.add_data_flags(hot, list(DAYS), bin_loader=False)
@@ -1462,6 +1562,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("--") and argv[0] != "--help":  # the original's command line: no command
+        argv = ["preprocess", *argv]
     args = parser.parse_args(argv)
     try:
         problem = flags.check_ranges(parser, args)
@@ -1473,6 +1576,10 @@ def main(argv=None) -> int:
         if args.command == "multi-hot":
             materialize_multi_hot(args, progress=sys.stderr.isatty())
             return 0
+        for flag, given in (("--data-randomize", args.data_randomize != "total"), ("--memory-map", args.memory_map)):
+            if given:
+                print(f"note: {flag} has no effect on preprocessing (it is the trainer's: the processed set serves "
+                      "every order and both loaders)", file=sys.stderr)
         out_dir = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
         processed = preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
                                args.data_sub_sample_rate, os.cpu_count() if args.dataset_multiprocessing else 1,

@@ -1311,11 +1311,14 @@ def data_order(args, train_set) -> dict:
     return order
 
 
-def check_data_order(state: TrainState, order: dict, path: str, log=print):
+def check_data_order(state: TrainState, order: dict, path: str, log=print, epoch_batches: int | None = None):
     """Raises DLRMError when a flag that decides the rows still to train in the checkpoint's epoch
-    differs from the checkpoint's (see data_order); at an epoch's start a change is only noted (later
-    epochs follow the new value). Checkpoints that do not record the order pass."""
-    inside_epoch = state.next_batch > 0 or state.skip_samples > 0
+    differs from the checkpoint's (see data_order); at an epoch's start or end a change is only noted (later
+    epochs follow the new value). `epoch_batches`: the saving run's batches per epoch, when the checkpoint
+    records them. Checkpoints that do not record the order pass."""
+    at_end = bool(epoch_batches) and state.next_batch >= epoch_batches and not state.skip_samples
+    inside_epoch = (state.next_batch > 0 or state.skip_samples > 0) and not at_end
+    where = f"the end of epoch {state.epoch}" if at_end else f"the start of epoch {state.epoch}"
     for key in dict.fromkeys([*state.data_order, *order]) if state.data_order else ():
         old, new = state.data_order.get(key, "not in effect"), order.get(key, "not in effect")
         if old == new:
@@ -1325,7 +1328,7 @@ def check_data_order(state: TrainState, order: dict, path: str, log=print):
                 "skip or repeat rows"
             raise DLRMError(f"--load-model {path}: {key} was {old}, now {new}: the rest of epoch {state.epoch} "
                             f"would {what}; resume with the checkpoint's value")
-        log(f"note: {key} was {old} in the checkpoint, now {new} (it is at the start of epoch {state.epoch})")
+        log(f"note: {key} was {old} in the checkpoint, now {new} (it is at {where})")
 
 
 def resume_position(state: TrainState, args, order: dict, path: str, log=print) -> TrainState:
@@ -2059,8 +2062,9 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     state = TrainState(batch_size=args.mini_batch_size, data_order=order)
     if args.load_model:
         print(f"Loading saved model {args.load_model}")
-        check = None if args.inference_only else lambda saved: check_data_order(saved, order, args.load_model)
-        saved = {}
+        saved = {}  # the saving run's counts, filled before `check` runs
+        check = None if args.inference_only else lambda state: check_data_order(
+            state, order, args.load_model, epoch_batches=saved.get("nbatches"))
         state = load_checkpoint(args.load_model, model, optimizer, check, saved)
         state.saved = False  # whether *this* run saved: if it does not, the final model is saved
         if not args.inference_only:

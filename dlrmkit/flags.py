@@ -239,15 +239,16 @@ def add_data_flags(group, data_sets, raw_required: bool = False, bin_loader: boo
                       "the binary one-file-per-split format (train/test/val.bin next to the processed data)")
 
 
+MULTI_HOT_DISTRIBUTIONS = ("uniform", "pareto")  # dlrmkit.multihot's, named here so parsing needs no torch
+
+
 def add_multi_hot_flags(group, required: bool = False):
     """--multi-hot-sizes and --multi-hot-distribution-type (dlrmkit.multihot), for both command lines."""
-    from dlrmkit import multihot
-
     add_number(group, "--multi-hot-sizes", dash_separated(int, commas=True), "" if not required else None, at_least(1),
                "multi-hot bag size of each table, dash- or comma-separated (one value: all tables); each id "
                "becomes itself plus size-1 synthetic ids (MLPerf DLRMv2)" + ("" if required else ". Empty: one-hot"),
                required=required)
-    group.add_argument("--multi-hot-distribution-type", type=str, default="uniform", choices=list(multihot.DISTRIBUTIONS),
+    group.add_argument("--multi-hot-distribution-type", type=str, default="uniform", choices=list(MULTI_HOT_DISTRIBUTIONS),
                        help="distribution of the synthetic ids: uniform over the table, or Pareto (a=0.25) "
                             "modulo its rows")
 

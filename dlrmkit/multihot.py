@@ -45,10 +45,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dlrmkit.flags import MULTI_HOT_DISTRIBUTIONS as DISTRIBUTIONS
 from dlrmkit.hashing import GOLDEN_GAMMA, splitmix64, unit_interval
 from dlrmkit.sparse import SparseFeatures
 
-DISTRIBUTIONS = ("uniform", "pareto")
 PARETO_SHAPE = 0.25  # the reference's a
 SEED = 0  # the reference's np.random.seed(0): fixed, independent of --numpy-rand-seed
 SCHEME = "splitmix64-v1"  # recorded with materialized data: bags written by another scheme differ

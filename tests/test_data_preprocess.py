@@ -162,7 +162,7 @@ def test_a_single_set_of_an_earlier_version_is_moved_or_removed(tmp_path):
                                 "(one directory per settings)", f"Reading pre-processed data={base / 'kaggle-dictionary'}"]
         else:
             assert messages[0].startswith(f"Removing the processed data of an earlier version in {base}: ")
-        assert sorted(os.listdir(base)) == ["kaggle-dictionary"]
+        assert sorted(os.listdir(base)) == [data_utils.LOCK_FILE, "kaggle-dictionary"]
         for a, b in zip(load_days(processed), load_days(fresh)):
             np.testing.assert_array_equal(a, b)
 
@@ -468,3 +468,131 @@ def test_a_damaged_day_count_file_stops_with_one_line_naming_it(tmp_path, run_ma
     code, out, err = run_main("--data-generation=dataset", f"--processed-data-file={path}", "--arch-mlp-bot=13-4-2",
                               f"--raw-data-file={tmp_path / 'train.txt'}")
     assert code == 1 and f"{tmp_path / 'train_day_count.npz'}: {message}" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture
+def terabyte_set(tmp_path):
+    """(raw prefix, processed base folder, ProcessedData) of 24 small fake days."""
+    os.makedirs(tmp_path / "raw")
+    prefix = fake_terabyte(tmp_path / "raw", 24 * 20, seed=2)
+    processed, _ = preprocess_quietly(prefix, tmp_path / "out", "terabyte")
+    return prefix, tmp_path / "out", processed
+
+
+def test_naming_one_sets_own_folder_reads_that_set_and_never_removes_it(terabyte_set):
+    prefix, base, processed = terabyte_set
+    files = sorted(os.listdir(processed.out_dir)) + [data_utils.LOCK_FILE]  # a lock file joins: runs take turns
+    for raw in (prefix, ""):
+        again, messages = preprocess_quietly(raw, processed.out_dir, "terabyte")
+        assert again.out_dir == processed.out_dir and messages[0].startswith(f"Reading pre-processed data={again.out_dir}")
+    assert sorted(os.listdir(processed.out_dir)) == sorted(files)  # no set removed, none nested inside
+    with pytest.raises(data_utils.DataError, match=r"holds the processed set of other settings \(--max-ind-range was "
+                                                   r"-1, now 100\); name the folder above it"):
+        preprocess_quietly(prefix, processed.out_dir, "terabyte", max_ind_range=100)
+    assert sorted(os.listdir(processed.out_dir)) == sorted(files)
+
+
+def test_a_processed_set_stands_when_some_raw_days_are_removed(terabyte_set):
+    prefix, base, processed = terabyte_set
+    for day in range(4):  # freeing disk space, day by day
+        os.remove(f"{prefix}_{day}")
+    again, messages = preprocess_quietly(prefix, base, "terabyte")
+    assert again.metadata == processed.metadata
+    assert messages == [f"Reading pre-processed data={processed.out_dir} (not checked against the raw data: "
+                        f"--raw-data-file {prefix}: day file {prefix}_0 (or .gz) not found (--data-set=terabyte reads "
+                        "the 24 day files <prefix>_0 .. <prefix>_23))"]
+    with pytest.raises(data_utils.DataError, match="day file .*_0 \\(or .gz\\) not found"):  # other settings: a build
+        preprocess_quietly(prefix, base, "terabyte", max_ind_range=50)
+
+
+def test_empty_training_days_are_days_without_rows_and_an_empty_test_day_is_refused(tmp_path):
+    prefix = fake_terabyte(tmp_path, 24 * 20, seed=2)
+    open(f"{prefix}_7", "wb").close()
+    processed, _ = preprocess_quietly(prefix, tmp_path / "out", "terabyte")
+    assert processed.day_rows == [20] * 7 + [0] + [20] * 16
+    assert data_utils.split_days(processed.day_rows)["train"][7] == (7, 0, 0)
+    open(f"{prefix}_23", "wb").close()
+    with pytest.raises(data_utils.DataError, match=r"day_23: empty file \(no rows\); the last day holds the test"):
+        preprocess_quietly(prefix, tmp_path / "out", "terabyte")
+    for day in range(23):
+        open(f"{prefix}_{day}", "wb").close()
+    with open(f"{prefix}_23", "wb") as f:
+        f.write(row_text(1) * 3)
+    with pytest.raises(data_utils.DataError, match=r"day_0 \.\. day_22: every training day is empty"):
+        preprocess_quietly(prefix, tmp_path / "out", "terabyte")
+
+
+def test_bin_files_of_the_wrong_size_are_rewritten_and_a_failed_write_is_one_line(terabyte_set, monkeypatch):
+    _, _, processed = terabyte_set
+    messages = []
+    paths = data_utils.write_bin_files(processed, log=messages.append)
+    whole = open(paths["train"], "rb").read()
+    assert len(whole) == 4 * data_utils.NUM_FIELDS * 23 * 20
+    with open(paths["train"], "r+b") as f:
+        f.truncate(len(whole) - 160)  # damaged: a cut copy
+    messages.clear()
+    data_utils.write_bin_files(processed, log=messages.append)
+    assert messages[0] == (f"Rewriting the --mlperf-bin-loader files: {paths['train']} holds {len(whole) - 160} "
+                           f"bytes, not the {len(whole)} of its rows")
+    assert open(paths["train"], "rb").read() == whole
+    os.remove(paths["test"])
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device", src)
+
+    monkeypatch.setattr(data_utils.os, "replace", full_disk)
+    with pytest.raises(data_utils.DataError, match=r"writing the --mlperf-bin-loader files into .* failed: "
+                                                   r".*train\.bin\.tmp: No space left on device"):
+        data_utils.write_bin_files(processed, log=messages.append)
+    assert not [name for name in os.listdir(processed.out_dir) if name.endswith(".tmp")]
+
+
+def test_the_originals_terabyte_npz_is_cut_by_its_day_counts_only(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "terabyte_processed.npz"
+    np.savez(path, X_int=rng.integers(0, 9, (130, 13)), X_cat=rng.integers(0, 9, (130, 26)),
+             y=rng.integers(0, 2, 130), counts=np.full(26, 9))
+    with pytest.raises(data_utils.DataError, match="Terabyte data is cut into its days by the original's day counts "
+                                                   r"\(<prefix>_day_count.npz beside the raw day files\), not found"):
+        data_utils.load_original_npz(str(path), "", "terabyte")
+    days = [5] * 23 + [15]
+    np.savez(tmp_path / "day_day_count.npz", total_per_file=np.array(days))
+    assert data_utils.load_original_npz(str(path), str(tmp_path / "day"), "terabyte")[4] == days
+    np.savez(tmp_path / "day_day_count.npz", total_per_file=np.array([5] * 24))
+    with pytest.raises(data_utils.DataError, match=r"day_day_count.npz: its days hold 120 rows, .* holds 130: the day "
+                                                   "counts of other data"):
+        data_utils.load_original_npz(str(path), str(tmp_path / "day"), "terabyte")
+
+
+def test_the_originals_memory_map_output_is_named_when_the_raw_days_are_gone(tmp_path):
+    for name in ("day_0_reordered.npz", "day_fea_count.npz"):
+        (tmp_path / name).write_bytes(b"")
+    message = data_utils.missing_raw_data(str(tmp_path / "day"), "terabyte")
+    assert "day_0_reordered.npz is the original's --memory-map output, which this trainer does not read" in message
+
+
+def test_data_utils_takes_the_originals_command_line(tmp_path, capsys):
+    raw = fake_kaggle(tmp_path, 700)
+    assert data_utils.main(["--data-set=kaggle", f"--raw-data-file={raw}", "--memory-map",
+                            "--data-randomize=total"]) == 0
+    assert "note: --memory-map has no effect on preprocessing" in capsys.readouterr().err
+    assert data_utils.read_set_metadata(tmp_path / "kaggleAdDisplayChallenge_processed" / "kaggle-dictionary")
+
+
+def test_two_preprocessing_runs_into_one_folder_take_turns(tmp_path):
+    import fcntl
+    import threading
+
+    raw = fake_kaggle(tmp_path, 700)
+    os.makedirs(tmp_path / "out")
+    messages, results = [], []
+    with open(tmp_path / "out" / data_utils.LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process preprocessing
+        worker = threading.Thread(target=lambda: results.append(data_utils.preprocess(
+            raw, str(tmp_path / "out"), log=messages.append, progress=False)))
+        worker.start()
+        time.sleep(0.3)
+        assert messages == [f"Waiting for another process preprocessing into {tmp_path / 'out'}"] and not results
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    worker.join(60)
+    assert results and messages[1].startswith("Preprocessing kaggle")

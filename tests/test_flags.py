@@ -114,8 +114,8 @@ def test_data_flags_are_the_same_in_the_trainer_and_data_utils():
     shared = [a for a in preprocess_parser()._actions if a.option_strings and a.option_strings[0] != "-h"]
     assert {a.option_strings[0] for a in shared} == {
         "--data-set", "--raw-data-file", "--processed-data-file", "--max-ind-range", "--data-sub-sample-rate",
-        "--dataset-multiprocessing", "--mlperf-bin-loader"}
-    for action in shared:
+        "--dataset-multiprocessing", "--mlperf-bin-loader", "--data-randomize", "--memory-map"}  # the last two: the
+    for action in shared:  # original's data_utils.py command line
         mine = trainer[action.option_strings[0]]
         assert (mine.default, mine.choices, getattr(mine, "valid_range", None), mine.const, mine.nargs) == (
             action.default, action.choices, getattr(action, "valid_range", None), action.const, action.nargs)

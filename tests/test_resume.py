@@ -288,3 +288,14 @@ def test_the_originals_per_table_adagrad_state_resumes_in_the_batched_tables():
     del rws["state"][1]
     with pytest.raises(ValueError, match="optimizer state for some tables but not for all"):
         dlrm.batched_table_state(rws, model)
+
+
+def test_a_checkpoint_at_the_end_of_an_epoch_takes_changes_for_the_next(run_main, tmp_path):
+    path = tmp_path / "end.pt"
+    code, _, err = run_main(*SMALL, "--test-freq=4", f"--save-model={path}")  # tests (and saves) after batch 4 of 4
+    assert code == 0, err
+    assert torch.load(path, weights_only=False)["iter"] == 4
+    code, out, err = run_main(*SMALL, "--nepochs=2", "--numpy-rand-seed=5", "--print-freq=4", f"--load-model={path}")
+    assert code == 0, err
+    assert "note: --numpy-rand-seed was 123 in the checkpoint, now 5 (it is at the end of epoch 0)" in out
+    assert "Finished training it 4/4 of epoch 1" in out
