@@ -714,7 +714,21 @@ def _open_multi_hot(args, out_dir, splits, log, progress) -> CriteoData:
     if damage:
         raise data_utils.DataError(f"{where}: damaged multi-hot data ({damage}); rerun python data_utils.py multi-hot")
     multi_hot = MultiHot(recorded["sizes"], processed.counts, recorded["distribution"], recorded["seed"])
-    log(f"Reading multi-hot data={out_dir} ({recorded['distribution']}, {multi_hot.ids_per_sample} ids per sample)")
+    unchecked = ""
+    if args.raw_data_file:  # the set records the raw files it was built from
+        try:
+            sources = data_utils.raw_day_files(args.raw_data_file, metadata["source"]["data_set"])
+        except data_utils.DataError as missing:
+            unchecked = f"; not checked against the raw data: {missing}"
+        else:
+            now = data_utils.settings_for(metadata["source"]["data_set"], sources, metadata["source"]["max_ind_range"],
+                                          metadata["source"]["sub_sample_rate"])
+            if now["sources"] != metadata["source"].get("sources"):
+                raise data_utils.DataError(
+                    f"{where}: built from other raw data than --raw-data-file {args.raw_data_file} "
+                    f"({data_utils.describe_change(metadata['source'], now)}); rerun python data_utils.py multi-hot")
+    log(f"Reading multi-hot data={out_dir} ({recorded['distribution']}, {multi_hot.ids_per_sample} ids per sample"
+        f"{unchecked})")
     splits = {name: ranges for name, ranges in data_utils.split_days(processed.day_rows).items() if name in splits}
     if not args.memory_map:  # a multi-hot set is ~15x its one-hot set: loaded whole only when it fits
         rows = sum(stop - start for ranges in splits.values() for _, start, stop in ranges)

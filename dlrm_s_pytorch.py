@@ -486,7 +486,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The trainer's flags: the original's (spelling, meaning, defaults), each number with its valid range."""
     prog = prog or flags.program_name("dlrm_s_pytorch.py")
     parser = flags.CommandLineParser(
-        prog=prog,
+        prog=prog, foreign_flags=flags.TORCHREC_FLAGS, foreign_program="torchrec_dlrm/dlrm_main.py",
         description="Train the Deep Learning Recommendation Model (DLRM)",
         epilog=EXAMPLES.format(command=prog if prog.startswith("dlrm") and not prog.endswith(".py") else f"python {prog}"),
     )

@@ -83,9 +83,9 @@ TERABYTE_SMALL = ["--arch-sparse-feature-size=128", "--arch-mlp-bot=13-512-256-1
 # MLPerf DLRMv2 (DLRM-DCNv2): the Terabyte model's MLPs and dimension with the cross network, Adagrad, and
 # the benchmark's multi-hot bags (214 ids per sample)
 MLPERF_MULTI_HOT_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
-DCNV2_SMALL = TERABYTE_SMALL + ["--arch-interaction-op=dcn", "--dcn-num-layers=3", "--dcn-low-rank-dim=512",
-                                "--optimizer=adagrad", "--learning-rate=0.005", "--adagrad-eps=1e-8",
-                                f"--multi-hot-sizes={dashed(MLPERF_MULTI_HOT_SIZES)}"]
+DCNV2_SMALL = [f for f in TERABYTE_SMALL if not f.startswith(("--learning-rate", "--num-indices-per-lookup"))] + [
+    "--arch-interaction-op=dcn", "--dcn-num-layers=3", "--dcn-low-rank-dim=512", "--optimizer=adagrad",
+    "--learning-rate=0.005", "--adagrad-eps=1e-8", f"--multi-hot-sizes={dashed(MLPERF_MULTI_HOT_SIZES)}"]
 BENCHMARK = ["--mini-batch-size=2048", "--arch-mlp-bot=512-512-64", "--arch-mlp-top=1024-1024-1024-1",
              "--arch-sparse-feature-size=64", f"--arch-embedding-size={dashed([1000000] * 8)}",
              "--num-indices-per-lookup=100", "--arch-interaction-op=dot", "--numpy-rand-seed=727"]

@@ -168,17 +168,58 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
 
 
 # ============================================================================ the parser and its flags
-class CommandLineParser(argparse.ArgumentParser):
-    """Errors as one line `prog: error: ...` (exit 2); an unknown flag names the closest known one."""
+# torchrec_dlrm/dlrm_main.py's flags (the MLPerf DLRMv2 reference) and what this trainer takes instead
+TORCHREC_FLAGS = {
+    "--interaction_type": "--arch-interaction-op=dcn / projection / dot (its original)",
+    "--dcn_num_layers": "--dcn-num-layers", "--dcn_low_rank_dim": "--dcn-low-rank-dim",
+    "--interaction_branch1_layer_sizes": "--interaction-branch1-layer-sizes (widths joined by dashes)",
+    "--interaction_branch2_layer_sizes": "--interaction-branch2-layer-sizes (widths joined by dashes)",
+    "--embedding_dim": "--arch-sparse-feature-size",
+    "--dense_arch_layer_sizes": "--arch-mlp-bot (the 13 dense features first, widths joined by dashes)",
+    "--over_arch_layer_sizes": "--arch-mlp-top (widths joined by dashes)",
+    "--num_embeddings_per_feature": "--max-ind-range (one cap for every table)",
+    "--adagrad": "--optimizer=adagrad --adagrad-eps=1e-8", "--learning_rate": "--learning-rate",
+    "--batch_size": "--mini-batch-size (all processes together)",
+    "--lr_warmup_steps": "--lr-num-warmup-steps", "--lr_decay_start": "--lr-decay-start-step",
+    "--lr_decay_steps": "--lr-num-decay-steps", "--epochs": "--nepochs", "--seed": "--numpy-rand-seed",
+    "--test_batch_size": "--test-mini-batch-size", "--validation_freq_within_epoch": "--test-freq",
+    "--multi_hot_sizes": "--multi-hot-sizes", "--multi_hot_distribution_type": "--multi-hot-distribution-type",
+    "--dataset_name": "--data-set=terabyte / kaggle with --data-generation=dataset",
+    "--in_memory_binary_criteo_path": "--raw-data-file and --processed-data-file (preprocessed here, once)",
+    "--synthetic_multi_hot_criteo_path": "--processed-data-file of a set written by `python data_utils.py multi-hot`",
+    "--mmap_mode": "--memory-map", "--shuffle_training_set": "--data-randomize=total",
+    "--limit_train_batches": "--num-batches",
+    "--undersampling_rate": "--data-sub-sample-rate=1-r (the share of negatives dropped, not kept)",
+    "--pin_memory": "no flag (pinned memory is automatic with --use-gpu)",
+    **{flag: None for flag in ("--limit_val_batches", "--limit_test_batches", "--print_lr", "--allow_tf32",
+                               "--print_sharding_plan", "--collect_multi_hot_freqs_stats",
+                               "--drop_last_training_batch", "--shuffle_batches")},
+}
 
-    def __init__(self, *args, **kwargs):
+
+class CommandLineParser(argparse.ArgumentParser):
+    """Errors as one line `prog: error: ...` (exit 2); an unknown flag names the closest known one.
+    `foreign_flags`: {flag of the program `foreign_program`: what to use instead (None: nothing)}, named when
+    given (before argparse would take one as an abbreviation of a flag here, as `--adagrad` of `--adagrad-eps`)."""
+
+    def __init__(self, *args, foreign_flags=None, foreign_program="", **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.foreign_flags, self.foreign_program = foreign_flags or {}, foreign_program
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def parse_args(self, args=None, namespace=None):
+        words = sys.argv[1:] if args is None else list(args)
+        for word in words:
+            if word == "--":
+                break
+            name = word.split("=", 1)[0]
+            if name in self.foreign_flags:
+                instead = self.foreign_flags[name]
+                self.error(f"{name} is a flag of {self.foreign_program}; "
+                           + (f"here: {instead}" if instead else "this trainer has no counterpart"))
         args, unknown = self.parse_known_args(args, namespace)
         if unknown:
             self.error(self.unknown_message(unknown))

@@ -498,6 +498,21 @@ def test_unknown_flag_suggests_the_closest(capsys):
     assert "did you mean --mini-batch-size?" in err and "--mini-bach-size" in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--optimizer=adagrad", "--adagrad"], "--adagrad is a flag of torchrec_dlrm/dlrm_main.py; here: "
+                                           "--optimizer=adagrad --adagrad-eps=1e-8"),  # not --adagrad-eps abbreviated
+    (["--adagrad=1"], "--adagrad is a flag of torchrec_dlrm/dlrm_main.py; here: --optimizer=adagrad"),
+    (["--over_arch_layer_sizes", "1024,1"], "here: --arch-mlp-top (widths joined by dashes)"),
+    (["--embedding_dim=128"], "here: --arch-sparse-feature-size"),
+    (["--allow_tf32"], "--allow_tf32 is a flag of torchrec_dlrm/dlrm_main.py; this trainer has no counterpart"),
+])
+def test_torchrec_flags_name_what_this_trainer_takes(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        dlrm.parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.count("\n") == 1
+
+
 def test_unknown_data_utils_flag_suggests_the_closest(capsys):
     with pytest.raises(SystemExit) as stop:
         data_utils.main(["preprocess", "--raw-data-file=x", "--dataset-multiprocesing"])

@@ -4,6 +4,7 @@ Criteo data, random data, the flags, the memory estimate, resumes, ONNX export a
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -240,6 +241,20 @@ def test_the_trainer_reads_a_materialized_set_and_refuses_flags_that_disagree(ma
                            (["--mlperf-bin-loader"], "--mlperf-bin-loader: not available for multi-hot data")):
         code, stdout, err = run_main(*TRAIN, f"--processed-data-file={out}", *extra)
         assert code == 1 and message in err and err.count("\n") == 1 and stdout == "", (extra, err)
+
+
+def test_a_materialized_set_is_checked_against_a_given_raw_file(materialized, kaggle_file, run_main, tmp_path):
+    _, out = materialized
+    raw = tmp_path / "train.txt"
+    shutil.copy2(kaggle_file, raw)  # the same file: name, size and modification time
+    code, stdout, err = run_main(*TRAIN, f"--processed-data-file={out}", f"--raw-data-file={raw}")
+    assert code == 0, err
+    with open(raw, "ab") as f:
+        f.write(open(kaggle_file, "rb").readline())
+    code, stdout, err = run_main(*TRAIN, f"--processed-data-file={out}", f"--raw-data-file={raw}")
+    assert code == 1 and err.count("\n") == 1 and "Finished" not in stdout
+    assert (f"--processed-data-file {out}: built from other raw data than --raw-data-file {raw} (raw file train.txt "
+            "changed (size or modification time)); rerun python data_utils.py multi-hot") in err
 
 
 @pytest.mark.parametrize("argv,message", [
