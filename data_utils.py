@@ -639,7 +639,7 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
     if not 0.0 <= sub_sample_rate <= 1.0:
         raise DataError(f"--data-sub-sample-rate must be in [0, 1], got {sub_sample_rate}")
     if os.path.isfile(base_dir):
-        raise DataError(f"--processed-data-file: {base_dir} is a file, not processed data (a directory, "
+        raise DataError(f"--processed-data-file: its folder {base_dir} is a file, not processed data (a directory, "
                         "or the original's .npz); the raw data goes to --raw-data-file")
     own = read_set_metadata(base_dir)
     if own is not None and own["settings"].get("format") == FORMAT:  # one set's own folder, named directly

@@ -190,6 +190,25 @@ def _unique_within_bags(ids, sizes, rows):
     return _distinct_within_bags(bags, full, rows)
 
 
+def _gaussian_bags(values, sizes, rows):
+    """(lengths [n] int64, ids int64) of bags of `sizes` consecutive gaussian `values` (float64, clipped): as the
+    original's np.unique(values).astype(int64), each bag's distinct values sorted, then truncated to ids, so
+    values that truncate alike give repeated ids. ValueError for an id outside [0, rows)."""
+    n = len(sizes)
+    width = int(sizes.max()) if n else 0
+    if n == 0 or width == 0:
+        return np.zeros(n, np.int64), np.zeros(0, np.int64)
+    bags = np.full((n, width), np.inf)
+    bags[np.arange(width) < sizes[:, None]] = values
+    bags.sort(axis=1)
+    keep = np.isfinite(bags)
+    keep[:, 1:] &= bags[:, 1:] != bags[:, :-1]
+    ids = bags[keep].astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+        raise ValueError(f"gaussian ids {ids.min()} .. {ids.max()} outside a table of {rows} rows")
+    return keep.sum(axis=1, dtype=np.int64), ids
+
+
 def _distinct_within_bags(bags, full, pad):
     """(lengths [n] int64, ids) of the bags in the rows of the [n, width] matrix `bags`, each row bag b's ids
     then `pad` (above every id) in the rest (none if `full`), with repeats dropped and each bag's ids sorted.
@@ -225,9 +244,10 @@ class RandomDataset(Dataset):
     - dense features U[0, 1) (float32 draws);
     - for each table, its bag sizes: fixed `num_indices_per_lookup`, or round(max(1, U * min(rows, k)));
       then its ids: uniform rint(U * (rows - 1)), or gaussian N(mu, sigma) clipped to
-      [rand_min, rand_max] (mu = -1 means their midpoint) and to the table;
+      [rand_min, rand_max] (mu = -1 means their midpoint), each bag's distinct values truncated to ids
+      (repeats possible, as the original's np.unique before the cast);
     - targets U[0, 1) (float32 draws; rounded with round_targets).
-    Ids are unique within a bag (sorted), so a bag may shrink, as in the original. The native kernels
+    Uniform ids are unique within a bag (sorted), so a bag may shrink, as in the original. The native kernels
     draw the dense features and the uniform ids (`kernels.pcg64_random_f32`, `kernels.uniform_bags`; on
     PyTorch's threads from `kernels.RANDOM_OPENMP_MIN_WORDS` draws, each thread from its own place in
     the stream): the same numbers as NumPy's.
@@ -287,10 +307,12 @@ class RandomDataset(Dataset):
                 ids.append(_uniform_ids(rng, count, rows))
             else:
                 mu = (cfg.rand_max + cfg.rand_min) / 2.0 if cfg.rand_mu == -1 else cfg.rand_mu
-                values = np.clip(rng.normal(mu, cfg.rand_sigma, count), cfg.rand_min, cfg.rand_max)
-                ids.append(np.clip(values.astype(np.int64), 0, rows - 1))
+                ids.append(np.clip(rng.normal(mu, cfg.rand_sigma, count), cfg.rand_min, cfg.rand_max))
         if natively:
             return self._uniform_bags_natively(sizes, states, bit_generator.state["state"]["inc"], n)
+        if cfg.distribution == "gaussian":
+            return _concatenated([_gaussian_bags(values, bag_sizes, rows)
+                                  for values, bag_sizes, rows in zip(ids, sizes, self.table_sizes)], copy=False)
         return _concatenated([_unique_within_bags(*table) for table in zip(ids, sizes, self.table_sizes)], copy=False)
 
     def _uniform_bags_natively(self, sizes, states, inc, n):

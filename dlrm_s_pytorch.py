@@ -535,7 +535,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g = parser.add_argument_group("loss")
     g.add_argument("--loss-function", type=str, default="mse", choices=["mse", "bce", "wbce"], help="loss")
     number(g, "--loss-weights", flags.dash_separated(float), "1.0-1.0", at_least(0),
-           "wbce weights of negatives-positives (a sample's class: its target rounded at 0.5)")
+           "wbce weights of negatives-positives (a sample's class: its target truncated, as the original: "
+           "below 1 a negative)")
     # from 0.5 on the clamp [t, 1-t] would be empty: every prediction the same
     number(g, "--loss-threshold", float, 0.0, between(0, 0.5, open_high=True),
            "clamp predictions to [t, 1-t] when t > 0")
@@ -844,6 +845,10 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         raise DLRMError(dense_features_problem(data_utils.NUM_DENSE, args.arch_mlp_bot[0]))
     if args.rand_data_min > args.rand_data_max:
         raise DLRMError(f"--rand-data-min {args.rand_data_min:g} is above --rand-data-max {args.rand_data_max:g}")
+    if args.data_generation == "random" and args.rand_data_dist == "gaussian":
+        problem = gaussian_ids_problem(args.rand_data_min, args.rand_data_max, min(args.arch_embedding_size))
+        if problem:
+            raise DLRMError(problem)
     for flag, path, wanted, example in (
             ("--save-model", args.save_model, bool(args.save_model), "model.pt"),
             ("--onnx-file", args.onnx_file, args.save_onnx, "model.onnx"),
@@ -912,6 +917,19 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         notes.append("note: --sync-dense-params=False has no effect: dense parameters are always kept in sync "
                      "(each process holds one replica on one device)")
     return notes
+
+
+def gaussian_ids_problem(low: float, high: float, rows: int) -> str | None:
+    """What is wrong with gaussian random ids in [low, high] (--rand-data-min/max) for tables of at least `rows`
+    rows, or None: the ids are the clipped values truncated to integers, as the original, and must be rows."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"--rand-data-min {low:g} / --rand-data-max {high:g}: gaussian ids need finite bounds"
+    first, last = float(math.trunc(low)), float(math.trunc(high))
+    if first < 0 or last > rows - 1:
+        return (f"--rand-data-min {low:g} / --rand-data-max {high:g}: gaussian ids are the values between them "
+                f"truncated ({first:.15g} .. {last:.15g}), but the smallest table of --arch-embedding-size has {rows} rows "
+                f"(ids 0 .. {rows - 1})")
+    return None
 
 
 def profiling_rank() -> int | None:
@@ -996,12 +1014,13 @@ def lr_for_update(update: int, base_lr: float, warmup: int, decay_start: int, nu
 
 
 def per_sample_loss(kind: str, z, target, loss_weights=None):
-    """Per-sample loss, [B, 1]: mse, bce, or wbce (bce times the weight of each sample's class)."""
+    """Per-sample loss, [B, 1]: mse, bce, or wbce (bce times the weight of each sample's class: its target
+    truncated to an integer, as the original's `loss_ws[T.long()]`, so a target below 1 is a negative)."""
     if kind == "mse":
         return (z - target) ** 2
     bce = F.binary_cross_entropy(z, target, reduction="none")
     if kind == "wbce":
-        return loss_weights[target.round().long()] * bce
+        return loss_weights[target.long()] * bce
     return bce
 
 
@@ -1213,7 +1232,7 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
             difference = "its architecture record cannot be read"
         raise DLRMError(f"--load-model {path}: saved with a different architecture than these flags ({difference})")
     try:
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(from_original_keys(checkpoint["state_dict"], model))
     except Exception as e:  # shapes, keys, or no state_dict at all (a foreign file)
         raise DLRMError(f"--load-model {path}: does not fit this model: {state_dict_problem(e)}")
     not_finite = next((name for name, value in model.state_dict().items()
@@ -1231,6 +1250,30 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
         print(f"note: --load-model {path} holds no optimizer state: Adagrad's sums of squared gradients start "
               "from zero", file=sys.stderr)
     return state
+
+
+def from_original_keys(state_dict, model: DLRM_Net):
+    """`state_dict` with the original's names of embedding tricks' parameters renamed to the model's: QR tables'
+    `emb_l.<k>.weight_q` / `weight_r` -> `emb_l.<k>.embs_q.weight` / `embs_r.weight`; learned pooling weights
+    `v_W_l.<k>` ([rows of table k]) -> `pooling_weights.weight` ([all rows, 1], tables in order); fixed pooling
+    weights, which the original does not save (all ones), taken from the model. Other mappings pass unchanged."""
+    if not isinstance(state_dict, dict):
+        return state_dict  # load_state_dict names the problem
+    ours = model.state_dict()
+    renamed = {}
+    for key, value in state_dict.items():
+        for old, new in ((".weight_q", ".embs_q.weight"), (".weight_r", ".embs_r.weight")):
+            if key.startswith("emb_l.") and key.endswith(old) and key not in ours and key[: -len(old)] + new in ours:
+                key = key[: -len(old)] + new
+        renamed[key] = value
+    pooled = sorted((int(key.split(".")[1]), key) for key in renamed
+                    if key.startswith("v_W_l.") and key.split(".")[1].isdigit())
+    if pooled and "pooling_weights.weight" in ours and "pooling_weights.weight" not in renamed:
+        renamed["pooling_weights.weight"] = torch.cat([renamed.pop(key).reshape(-1) for _, key in pooled]).unsqueeze(1)
+    if ("pooling_weights.weight" in ours and "pooling_weights.weight" not in renamed
+            and not model.pooling_weights.learned and any(key.startswith("emb_l.") for key in renamed)):
+        renamed["pooling_weights.weight"] = ours["pooling_weights.weight"]  # the original's fixed weights: ones
+    return renamed
 
 
 def batched_table_state(opt_state: dict, model: DLRM_Net) -> dict:

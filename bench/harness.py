@@ -286,7 +286,7 @@ def plain_pytorch_steps(kind, args, train_set, dense_dim, table_sizes, device, t
             return F.mse_loss(z, target)
         per_sample = F.binary_cross_entropy(z, target, reduction="none")
         if args.loss_function == "wbce":
-            per_sample = weights[target.round().long()] * per_sample
+            per_sample = weights[target.long()] * per_sample
         return per_sample.mean()
 
     def autocast():

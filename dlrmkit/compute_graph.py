@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 
 import torch
 
@@ -56,8 +57,12 @@ def graph_source(output: torch.Tensor, params: dict) -> str:
     return make_dot(output, params=params).source
 
 
-def write_compute_graph(output: torch.Tensor, params: dict, path: str, log=print) -> str | None:
-    """Writes the .dot source to `path`; renders `path` with .pdf when `dot` exists. Returns the PDF path or None."""
+def write_compute_graph(output: torch.Tensor, params: dict, path: str, log=print, note=None) -> str | None:
+    """Writes the .dot source to `path`; renders `path` with .pdf when `dot` exists. Returns the PDF path or None.
+    `log` says what was written; `note` (default: standard error) why no PDF was."""
+    if note is None:
+        def note(text):
+            print(text, file=sys.stderr)
     source = graph_source(output, params)
 
     def write(tmp):
@@ -68,13 +73,13 @@ def write_compute_graph(output: torch.Tensor, params: dict, path: str, log=print
     dot = shutil.which("dot")
     pdf = os.path.splitext(path)[0] + ".pdf"
     if dot is None:
-        log(f"note: Graphviz `dot` not found, so no PDF; render it with: dot -Tpdf {shlex.quote(path)} "
+        note(f"note: Graphviz `dot` not found, so no PDF; render it with: dot -Tpdf {shlex.quote(path)} "
             f"-o {shlex.quote(pdf)}")
         return None
     result = subprocess.run([dot, "-Tpdf", path, "-o", pdf], capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit status {result.returncode}"
-        log(f"note: `dot` could not render {path}: {reason}")
+        note(f"note: `dot` could not render {path}: {reason}")
         return None
     log(f"Rendered the compute graph to {pdf}")
     return pdf

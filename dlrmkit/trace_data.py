@@ -71,7 +71,7 @@ def _numbers(text: str, kind, path: str, line: int):
     try:
         values = [kind(v) for v in text.replace(",", " ").split()]
         return np.array(values, dtype=np.float64 if kind is float else np.int64)
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:  # not a number, or an id beyond int64
         raise TraceFileError(f"{path}:{line}: expected comma-separated {kind.__name__}s ({e})")
 
 
@@ -81,6 +81,8 @@ def read_trace_distribution(path: str) -> TraceDistribution:
             lines = f.read().splitlines()
     except OSError as e:
         raise TraceFileError(f"{path}: cannot read the trace distribution ({e.strerror or e})")
+    except UnicodeDecodeError as e:
+        raise TraceFileError(f"{path}: not a text file of a trace distribution (byte {e.start}: {e.reason})")
     lines = [line for line in lines if line.strip()]
     if len(lines) != 3:
         raise TraceFileError(f"{path}: expected 3 lines (ids, stack distances, cumulative probabilities), "
@@ -96,6 +98,8 @@ def read_trace_distribution(path: str) -> TraceDistribution:
         raise TraceFileError(f"{path}:2: stack distance {distances[-1]} exceeds the {ids.size} distinct ids of line 1")
     if cumulative.size != distances.size:
         raise TraceFileError(f"{path}:3: {cumulative.size} probabilities for {distances.size} stack distances")
+    if not np.isfinite(cumulative).all():
+        raise TraceFileError(f"{path}:3: the cumulative probabilities must be numbers (found nan or inf)")
     if (np.diff(cumulative) < 0).any() or cumulative[0] < 0 or abs(cumulative[-1] - 1.0) > 1e-3:
         raise TraceFileError(f"{path}:3: cumulative probabilities must be non-decreasing and end at 1 "
                              f"(ends at {cumulative[-1]})")

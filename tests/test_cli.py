@@ -156,7 +156,7 @@ def test_same_seed_same_losses_different_seed_different(run_main):
 
 @pytest.mark.parametrize("dist", ["uniform", "gaussian"])
 def test_random_distributions_and_fixed_lookups_run(run_main, dist):
-    code, out, _ = run_main("--rand-data-dist=" + dist, "--rand-data-min=0", "--rand-data-max=3",
+    code, out, _ = run_main("--rand-data-dist=" + dist, "--rand-data-min=0", "--rand-data-max=1.5",
                             "--num-indices-per-lookup=3", "--num-indices-per-lookup-fixed=True",
                             "--mini-batch-size=4", "--data-size=8")
     assert code == 0 and out.count("Finished training it") == 2

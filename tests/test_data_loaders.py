@@ -314,11 +314,10 @@ def reference_random_batch(dataset, j):
             draws = [float(np.rint(u * (rows - 1))) for u in rng.random(sum(sizes))]
         else:
             mu = (cfg.rand_max + cfg.rand_min) / 2.0 if cfg.rand_mu == -1 else cfg.rand_mu
-            draws = [min(max(int(v), 0), rows - 1)
-                     for v in np.clip(rng.normal(mu, cfg.rand_sigma, sum(sizes)), cfg.rand_min, cfg.rand_max)]
+            draws = list(np.clip(rng.normal(mu, cfg.rand_sigma, sum(sizes)), cfg.rand_min, cfg.rand_max))
         start = 0
-        for size in sizes:
-            bag = sorted(set(int(d) for d in draws[start:start + size]))
+        for size in sizes:  # the original's np.unique of the bag's values, then its cast to integers
+            bag = [int(d) for d in sorted(set(draws[start:start + size]))]
             lengths.append(len(bag))
             indices.extend(bag)
             start += size
@@ -341,7 +340,9 @@ def test_random_batches_are_the_documented_draws_on_any_number_of_threads(kernel
     cases = [  # dense_dim, tables, samples, batch size, config
         (13, [1000, 7, 1, 2**31, 2**40], 75, 37, dict(num_indices_per_lookup=6)),  # odd dense draws: a half word kept
         (4, [50, 3], 20, 8, dict(num_indices_per_lookup=5, num_indices_per_lookup_fixed=True, round_targets=True)),
-        (3, [100, 9], 9, 9, dict(distribution="gaussian", rand_min=0, rand_max=60, rand_sigma=20)),
+        (3, [100, 9], 9, 9, dict(distribution="gaussian", rand_min=0, rand_max=8.5, rand_sigma=20)),  # clipped
+        (3, [100, 9], 9, 9, dict(distribution="gaussian", rand_min=0, rand_max=2, rand_sigma=1,  # repeated ids
+                                 num_indices_per_lookup=8, num_indices_per_lookup_fixed=True)),
         (5, [30, 2**33], 16, 16, dict(num_indices_per_lookup=40)),  # bags of up to the table's size
     ]
     previous = torch.get_num_threads()

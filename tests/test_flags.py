@@ -96,6 +96,10 @@ def test_make_fake_refuses_files_it_could_not_make_useful(tmp_path, capsys, argv
     (["--arch-mlp-bot=4-0-2"], "--arch-mlp-bot: every value must be at least 1, got 4-0-2"),
     (["--mini-batch-size=99999999999999999999"], "--mini-batch-size: 99999999999999999999 does not fit a 64-bit integer"),
     (["--loss-function=wbce", "--loss-weights=0-0"], "--loss-weights: at least one weight must be positive"),
+    (["--rand-data-dist=gaussian", "--rand-data-max=100", "--arch-embedding-size=4-50"],
+     "gaussian ids are the values between them truncated (0 .. 100), but the smallest table of --arch-embedding-size "
+     "has 4 rows"),  # the original: an index error; clamped silently before
+    (["--rand-data-dist=gaussian", "--rand-data-max=1e300"], "gaussian ids are the values between them truncated"),
     (["--lr-num-warmup-steps=5", "--lr-num-decay-steps=3", "--lr-decay-start-step=1"],
      "--lr-decay-start-step 1 is before the end of warmup"),
 ])
@@ -163,7 +167,7 @@ CONDITION_CASES = {
 
 def another_value(action) -> str:
     """A valid value of the flag other than its default."""
-    special = {"--rand-data-min": "-3", "--dist-backend": "gloo",
+    special = {"--rand-data-min": "0.5", "--rand-data-max": "1.5", "--dist-backend": "gloo",  # gaussian ids: rows
                "--test-num-workers": "1", "--test-mini-batch-size": "3",  # defaults: -1, the training value
                # ending in a multiple of the embedding dimension
                "--interaction-branch1-layer-sizes": "6-4", "--interaction-branch2-layer-sizes": "6-4"}

@@ -195,3 +195,15 @@ def test_click_probability_takes_the_plain_sigmoid_when_no_logit_is_near_saturat
     z = torch.tensor([[10.0]], dtype=torch.bfloat16, requires_grad=True)  # p rounds to 1 in bfloat16
     ClickProbability()(z).sum().backward()
     assert z.grad.item() > 0  # the BCE epsilon's slope, not sigmoid's 0
+
+
+def test_wbce_weighs_a_sample_by_its_target_truncated_as_the_original():
+    """The original's loss_ws[T.long()]: targets below 1 (random data's) count as negatives."""
+    z = torch.tensor([[0.3], [0.6], [0.9], [0.2]])
+    target = torch.tensor([[0.0], [0.7], [1.0], [0.49]])
+    weights = torch.tensor([0.25, 4.0])
+    bce = -(target * torch.log(z) + (1 - target) * torch.log(1 - z))
+    expected = torch.tensor([[0.25], [0.25], [4.0], [0.25]]) * bce
+    from dlrm_s_pytorch import per_sample_loss
+
+    torch.testing.assert_close(per_sample_loss("wbce", z, target, weights), expected)

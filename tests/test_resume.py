@@ -299,3 +299,28 @@ def test_a_checkpoint_at_the_end_of_an_epoch_takes_changes_for_the_next(run_main
     assert code == 0, err
     assert "note: --numpy-rand-seed was 123 in the checkpoint, now 5 (it is at the end of epoch 0)" in out
     assert "Finished training it 4/4 of epoch 1" in out
+
+
+@pytest.mark.parametrize("trick", [["--weighted-pooling=learned"], ["--weighted-pooling=fixed"],
+                                   ["--qr-flag", "--qr-threshold=15"]])
+def test_the_originals_names_of_embedding_tricks_load(trick):
+    """The original saves learned pooling weights as v_W_l.<k> ([rows]), fixed ones not at all, QR tables as
+    emb_l.<k>.weight_q / weight_r."""
+    args = dlrm.parse_args(["--arch-embedding-size=10-20-30", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",
+                            "--arch-mlp-top=8-1", *trick])
+    torch.manual_seed(1)
+    saved = dlrm.build_model(args, 4, [10, 20, 30]).state_dict()
+    if "pooling_weights.weight" in saved:
+        saved["pooling_weights.weight"] = torch.rand_like(saved["pooling_weights.weight"])
+    original = {}
+    for key, value in saved.items():
+        if key == "pooling_weights.weight":
+            if "learned" in trick[0]:
+                original.update({f"v_W_l.{k}": rows.reshape(-1) for k, rows in enumerate(value.split([10, 20, 30]))})
+            continue
+        original[key.replace(".embs_q.weight", ".weight_q").replace(".embs_r.weight", ".weight_r")] = value
+    model = dlrm.build_model(args, 4, [10, 20, 30])
+    model.load_state_dict(dlrm.from_original_keys(original, model))
+    for key, value in model.state_dict().items():
+        expected = torch.ones_like(value) if key == "pooling_weights.weight" and "fixed" in trick[0] else saved[key]
+        assert torch.equal(value, expected), key

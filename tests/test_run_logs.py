@@ -73,7 +73,7 @@ def test_compute_graph_source_is_written_and_rendered_only_with_dot(run_main, tm
     assert source.startswith("digraph") and "emb_l.weight" in source and "bot_l.0.weight" in source
     # the lookup: EmbeddingBagBackward, or with SGD the lookup whose backward updates the rows
     assert "AddmmBackward" in source and re.search(r"EmbeddingBag(FusedUpdate)?Backward", source)
-    assert "note: Graphviz `dot` not found" in out and not (tmp_path / "graph.pdf").exists()
+    assert "note: Graphviz `dot` not found" in err and not (tmp_path / "graph.pdf").exists()  # notes: stderr
 
 
 def test_compute_graph_is_rendered_to_pdf_when_dot_exists(tmp_path, monkeypatch):

@@ -75,10 +75,13 @@ def test_distribution_file_round_trip_and_table_numbering(tmp_path):
     ("1, 2\n1, 2\n0.5, 1.0\n", ":2: the stack distances must be ascending and start with 0"),
     ("1, 2\n0, 1\n0.5\n", ":3: 1 probabilities for 2 stack distances"),
     ("1, 2\n0, 1\n0.5, 0.7\n", ":3: cumulative probabilities must be non-decreasing and end at 1"),
+    ("99999999999999999999999, 2\n0, 1\n0.5, 1.0\n", ":1: expected comma-separated ints"),  # beyond int64
+    ("1, 2\n0, 1\nnan, 1.0\n", ":3: the cumulative probabilities must be numbers"),
+    (b"\xff\xfe1, 2\n", "not a text file of a trace distribution"),
 ])
 def test_malformed_distribution_files_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "dist_emb_0.log"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(trace_data.TraceFileError, match=message) as error:
         trace_data.read_trace_distribution(str(path))
     assert str(path) in str(error.value)
