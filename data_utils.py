@@ -74,6 +74,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -621,8 +622,10 @@ def _exclusive(base_dir, log):
     if os.path.isfile(base_dir):  # _preprocess names the problem
         yield
         return
+    created = not os.path.isdir(base_dir)
     os.makedirs(base_dir, exist_ok=True)
-    with open(os.path.join(base_dir, LOCK_FILE), "a") as lock:
+    lock_path = os.path.join(base_dir, LOCK_FILE)
+    with open(lock_path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -630,7 +633,13 @@ def _exclusive(base_dir, log):
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError:  # a file system without locks: go on unguarded, as without this lock
             pass
-        yield
+        try:
+            yield
+        finally:
+            if created and os.listdir(base_dir) == [LOCK_FILE]:  # nothing was built: no folder left behind
+                with contextlib.suppress(OSError):
+                    os.remove(lock_path)
+                    os.rmdir(base_dir)
 
 
 def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rate, workers, log, progress):
@@ -695,7 +704,13 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
             return ProcessedData(out_dir, existing)
         log(f"Rebuilding processed data in {out_dir}: {describe_change(existing['settings'], settings)}")
         remove_outputs(out_dir)
-    return _build(sources, out_dir, settings, workers, log, progress)
+    try:
+        return _build(sources, out_dir, settings, workers, log, progress)
+    except DataError:  # bad raw data: its unfinished work is of no use (a fixed file is another file)
+        remove_outputs(out_dir)
+        with contextlib.suppress(OSError):
+            os.rmdir(out_dir)  # when empty
+        raise
 
 
 def read_set_metadata(out_dir):
@@ -1084,6 +1099,7 @@ _worker_progress = None  # in pool processes: a shared counter the parent turns 
 def _init_worker(counter, parent_pid):
     global _worker_progress
     _worker_progress = counter
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler: the pool stops its workers so
     _exit_with_parent(parent_pid)
 
 

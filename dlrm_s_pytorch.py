@@ -55,7 +55,9 @@ import importlib.util
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -1940,14 +1942,39 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     return False
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system, or torchrun stopping the other processes when one fails): unwound and
+    cleaned up as Ctrl-C is (temporary files removed, run logs ended as aborted); a KeyboardInterrupt, so that
+    loader workers that inherit the handler stop quietly too."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While the body runs (in the main thread): SIGTERM raises Terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        with ext_dist.session(args.dist_timeout):  # tears down a process group, names a lost peer
+        with sigterm_unwinds(), ext_dist.session(args.dist_timeout):  # a lost peer named, the group torn down
             return run(args)
-    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
-        print(f"{flags.program_name('dlrm_s_pytorch.py')}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, the shell's status for the signal
+        terminated = isinstance(e, Terminated)
+        print(f"{flags.program_name('dlrm_s_pytorch.py')}: {'terminated' if terminated else 'interrupted'}",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except (DLRMError, ext_dist.DistributedError, outputs.OutputError, RunLogError) as e:
         print(f"{flags.program_name('dlrm_s_pytorch.py')}: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
         if isinstance(e, ext_dist.DistributedError) and ext_dist.is_initialized():

@@ -182,13 +182,17 @@ def init_distributed(backend: str, use_gpu: bool, local_rank_flag: int, timeout_
 def _default_master_address(info: LaunchInfo):
     """torchrun sets MASTER_ADDR/PORT; under mpirun they default to this machine when all ranks are here."""
     os.environ.setdefault("MASTER_PORT", "29500")
+    port = os.environ["MASTER_PORT"].strip()
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise DistributedError(f"MASTER_PORT={os.environ['MASTER_PORT']} is not a port number (1 to 65535)")
     if "MASTER_ADDR" in os.environ:
         return
     if info.launcher == "torchrun" or info.world_size == 1 or info.local_world_size == info.world_size:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         return
     raise DistributedError(f"MASTER_ADDR is not set: with {info.launcher} on several machines set it to the "
-                           "address of rank 0's machine (e.g. mpirun -x MASTER_ADDR=10.0.0.1 -x MASTER_PORT=29500)")
+                           "address of rank 0's machine (Open MPI: mpirun -x MASTER_ADDR=10.0.0.1 -x MASTER_PORT=29500; "
+                           "MPICH: mpirun -genv MASTER_ADDR 10.0.0.1 -genv MASTER_PORT 29500)")
 
 
 _saved_stdout = []
@@ -217,7 +221,8 @@ def is_rank0() -> bool:
 
 
 COMMUNICATION_FAILURES = ("Connection closed", "Connection reset", "Connection refused", "Broken pipe",
-                          "timed out", "Timed out", "NCCL", "gloo", "Gloo", "peer")
+                          "timed out", "Timed out", "Application timeout", "pair closure", "NCCL", "gloo", "Gloo",
+                          "peer")
 
 
 def _is_communication_failure(error: BaseException) -> bool:

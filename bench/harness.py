@@ -57,6 +57,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dlrmkit import outputs  # noqa: E402  (no torch in this process)
 from dlrmkit.flags import CommandLineParser  # noqa: E402  (argument parsing only: no torch in this process)
 
 KAGGLE_TABLES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
@@ -627,7 +628,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="add --compile to every run of this code")
     parser.add_argument("--baseline", default=None, metavar="REV",
                         help="also run each configuration and precision with git revision REV of this repository")
-    parser.add_argument("--plain", nargs="*", default=[REFERENCE, FLOOR], choices=["reference", "floor"],
+    parser.add_argument("--plain", nargs="*", default=["reference", "floor"], choices=["reference", "floor"],
                         help="plain-PyTorch runs measured next to ours (none: --plain without values)")
     parser.add_argument("--iters", type=int, default=20, help="measured iterations per run")
     parser.add_argument("--warmup", type=int, default=5, help="iterations before measuring (at least --pool)")
@@ -651,6 +652,16 @@ def parse_args(argv=None):
         parser.error("--iters, --pool and --repeat must be at least 1")
     if opts.original and not os.path.isfile(opts.original):
         parser.error(f"--original {opts.original}: no such file (expected facebookresearch/dlrm's dlrm_s_pytorch.py)")
+    if opts.device == "cpu" and "fp16" in opts.precisions:
+        parser.error("--precisions fp16: float16 runs on CUDA only (--device cuda)")
+    if opts.device == "cuda" and not opts.list and opts.child is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here")
+    problem = outputs.output_problem(opts.json) if opts.json else None
+    if problem:
+        parser.error(f"--json {opts.json}: {problem}")
     opts.warmup = max(opts.warmup, opts.pool)
     opts.plain = [FLOOR if p == "floor" else p for p in opts.plain]
     if opts.configs is None:
@@ -708,12 +719,15 @@ def main(argv=None) -> int:
               "progress lines (data generation included), medians of alternating runs; × original: the original's "
               "wall ms/it (fp32: it has no --precision) over ours.")
     if opts.json:
-        tmp = f"{opts.json}.tmp{os.getpid()}"
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump({"argv": sys.argv[1:], "host": platform.node(), "cpus": os.cpu_count(), "machine": header,
-                       "rows": rows, "original": original}, f, indent=1)
-        os.replace(tmp, opts.json)
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump({"argv": sys.argv[1:], "host": platform.node(), "cpus": os.cpu_count(), "machine": header,
+                           "rows": rows, "original": original}, f, indent=1)
+        try:
+            outputs.write_atomically("--json", opts.json, write)
+        except outputs.OutputError as e:
+            print(f"harness.py: error: {e}", file=sys.stderr)
+            return 1
     return 0 if all("error" not in r for r in rows + original) else 1
 
 

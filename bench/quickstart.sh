@@ -83,7 +83,7 @@ metrics="$out/metrics.jsonl"
 model="$out/model.pt"
 curves="$out/training_curves.png"
 interactions="$out/feature_interactions.png"
-rm -f "$metrics"
+rm -f "$metrics" "$model" "$curves" "$interactions"  # a failed rerun leaves none of an earlier run's outputs
 say "Training the Criteo Kaggle model (preprocessing first when the data is new)"
 args=(--arch-sparse-feature-size=16 --arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1
       --data-generation=dataset --data-set=kaggle --raw-data-file="$raw" --processed-data-file="$processed"

@@ -8,6 +8,7 @@ it creates a temporary file in the folder and removes it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 
@@ -70,6 +71,10 @@ def write_atomically(what: str, path: str, write):
     except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = e.strerror if isinstance(e, OSError) and e.strerror else text
+        if isinstance(e, RuntimeError) and "unexpected pos" in text:  # torch.save's short write
+            free = shutil.disk_usage(directory).free if os.path.isdir(directory) else 0
+            reason = (f"the write stopped short: no space left on the device ({free:,} bytes free) or a file "
+                      "size limit (ulimit -f)")
         raise OutputError(f"{what} {path}: cannot write ({reason})") from None
     finally:
         if os.path.exists(tmp):

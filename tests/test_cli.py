@@ -1,5 +1,6 @@
 """The command line: the original's flags and scripts, errors, output formats."""
 
+import json
 import os
 import re
 import signal
@@ -173,22 +174,25 @@ def test_readme_documents_every_flag_and_the_ci_test_command():
     assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
 
 
-def test_ctrl_c_during_training_is_one_line_and_exit_130():
+@pytest.mark.parametrize("stop,status,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_during_training_is_one_line_and_ends_the_logs(tmp_path, stop, status, said):
+    log = tmp_path / "metrics.jsonl"
     run = subprocess.Popen([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), "--data-size=1000000",
-                            "--mini-batch-size=4", "--print-freq=1"], cwd=ROOT, text=True,
+                            "--mini-batch-size=4", "--print-freq=1", f"--metrics-log-file={log}"], cwd=ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     try:
         for line in run.stdout:
             if line.startswith("Finished training it"):
                 break
-        run.send_signal(signal.SIGINT)
+        run.send_signal(stop)
         out, err = run.communicate(timeout=60)
     finally:
         if run.poll() is None:
             run.kill()
-    assert run.returncode == 130
-    assert err == "dlrm_s_pytorch.py: interrupted\n", err
+    assert run.returncode == status
+    assert err == f"dlrm_s_pytorch.py: {said}\n", err
+    assert json.loads(log.read_text().splitlines()[-1])["status"] == "aborted"
 
 
 def test_ids_outside_their_table_stop_the_run_with_one_line_naming_the_batch(run_main, monkeypatch):

@@ -596,3 +596,11 @@ def test_two_preprocessing_runs_into_one_folder_take_turns(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_UN)
     worker.join(60)
     assert results and messages[1].startswith("Preprocessing kaggle")
+
+
+def test_bad_raw_data_leaves_no_folders_behind(tmp_path):
+    raw = tmp_path / "train.txt"
+    raw.write_bytes(row_text(1) * 6)
+    with pytest.raises(data_utils.DataError, match="6 rows are too few to cut into 7 days"):
+        preprocess_quietly(str(raw), tmp_path / "out")
+    assert os.listdir(tmp_path) == ["train.txt"]  # no processed folder with unfinished work in it

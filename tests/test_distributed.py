@@ -272,6 +272,13 @@ def test_mpirun_on_several_machines_needs_master_addr(run_main, launched):
              OMPI_COMM_WORLD_LOCAL_SIZE=2)
     code, _, err = run_main("--mini-batch-size=4")
     assert code == 1 and "MASTER_ADDR is not set" in err and "mpirun -x MASTER_ADDR=" in err
+    assert "MPICH: mpirun -genv MASTER_ADDR 10.0.0.1" in err
+
+
+def test_a_master_port_that_is_not_a_number_is_named(run_main, launched):
+    launched(WORLD_SIZE=2, RANK=0, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT="abc")
+    code, _, err = run_main("--mini-batch-size=4")
+    assert code == 1 and err.count("\n") == 1 and "MASTER_PORT=abc is not a port number (1 to 65535)" in err
 
 
 def test_dist_backend_in_a_single_process_is_a_note(run_main, launched):
@@ -417,3 +424,13 @@ def test_sharded_dataset_follows_the_epoch_of_a_reshuffled_dataset():
     shard.set_epoch(1)
     assert data.epoch == 1
     torch.testing.assert_close(shard[2].dense_x, data[2].dense_x[2:4])
+
+
+@pytest.mark.parametrize("message", [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234",
+    "Application timeout caused pair closure",  # gloo, a peer that stopped answering
+    "Timed out waiting 10000ms for send operation to complete",
+])
+def test_gloo_failures_count_as_a_lost_peer(message):
+    assert ext_dist._is_communication_failure(RuntimeError(message))
+    assert not ext_dist._is_communication_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

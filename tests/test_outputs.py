@@ -118,3 +118,16 @@ def test_an_output_through_a_symbolic_link_is_written_to_its_target(run_main, tm
     code, out, err = run_main("--mini-batch-size=2", "--data-size=4", f"--save-model={link}")
     assert code == 0, err
     assert link.is_symlink() and target.stat().st_size > 3
+
+
+def test_a_short_write_of_torch_save_names_its_likely_causes(tmp_path):
+    from dlrmkit import outputs
+
+    def full_disk(tmp):
+        open(tmp, "wb").close()
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3136 vs 3030")
+
+    with pytest.raises(outputs.OutputError, match=r"--save-model .*m.pt: cannot write \(the write stopped short: no "
+                                                  r"space left on the device \([\d,]+ bytes free\) or a file size"):
+        outputs.write_atomically("--save-model", str(tmp_path / "m.pt"), full_disk)
+    assert os.listdir(tmp_path) == []

@@ -77,7 +77,9 @@ def plot(runs, output):
     loss_functions = set()
     for label, (train, test, loss_function) in runs:
         loss_functions.add(loss_function)
-        line = ax_loss.plot(*series(train, "loss"), label=f"{label} (training)")[0]
+        x, y = series(train, "loss")
+        line = ax_loss.plot(x, y, marker="o" if len(x) == 1 else None, markersize=3,  # one point: a marker
+                            label=f"{label} (training)")[0]
         ax_loss.plot(*series(test, "loss"), "o--", color=line.get_color(), label=f"{label} (test)", markersize=3)
         ax_acc.plot(*series(test, "accuracy", 100.0), "o-", color=line.get_color(), label=label, markersize=3)
         ax_auc.plot(*series(test, "auc"), "o-", color=line.get_color(), label=label, markersize=3)
