@@ -174,7 +174,8 @@ def test_readme_documents_every_flag_and_the_ci_test_command():
     assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
 
 
-@pytest.mark.parametrize("stop,status,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("stop,status,said", [(signal.SIGINT, 130, "interrupted"),
+                                               pytest.param(signal.SIGTERM, 143, "terminated", marks=pytest.mark.slow)])
 def test_ctrl_c_or_sigterm_during_training_is_one_line_and_ends_the_logs(tmp_path, stop, status, said):
     log = tmp_path / "metrics.jsonl"
     run = subprocess.Popen([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), "--data-size=1000000",

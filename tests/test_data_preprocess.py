@@ -479,6 +479,7 @@ def terabyte_set(tmp_path):
     return prefix, tmp_path / "out", processed
 
 
+@pytest.mark.slow
 def test_naming_one_sets_own_folder_reads_that_set_and_never_removes_it(terabyte_set):
     prefix, base, processed = terabyte_set
     files = sorted(os.listdir(processed.out_dir)) + [data_utils.LOCK_FILE]  # a lock file joins: runs take turns
@@ -522,6 +523,7 @@ def test_empty_training_days_are_days_without_rows_and_an_empty_test_day_is_refu
         preprocess_quietly(prefix, tmp_path / "out", "terabyte")
 
 
+@pytest.mark.slow
 def test_bin_files_of_the_wrong_size_are_rewritten_and_a_failed_write_is_one_line(terabyte_set, monkeypatch):
     _, _, processed = terabyte_set
     messages = []

@@ -253,6 +253,7 @@ def test_a_resumed_run_whose_tests_do_not_improve_leaves_the_best_checkpoint_be(
            in err
 
 
+@pytest.mark.slow  # torch.optim imports torch._dynamo: seconds
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")  # torch.optim.Adagrad's own sparse tensors
 def test_the_originals_per_table_adagrad_state_resumes_in_the_batched_tables():
     """The original's checkpoints hold torch.optim.Adagrad's state of one parameter per table, then the MLPs'."""
