@@ -1285,8 +1285,14 @@ def batched_table_state(opt_state: dict, model: DLRM_Net) -> dict:
     per-row `momentum` [rows], kept as `sum`) concatenated in table order, the largest `step`. Any other
     state is returned as it is (`load_state_dict` checks it). ValueError when only some tables have state."""
     emb = model.emb_l
-    if not isinstance(emb, BatchedEmbeddingBags) or not isinstance(opt_state, dict) or "optimizer" in opt_state:
-        return opt_state  # per-table modules, or our own optimizer's state
+    if not isinstance(opt_state, dict) or "optimizer" in opt_state:
+        return opt_state  # our own optimizer's state
+    if not isinstance(emb, BatchedEmbeddingBags):  # per-table modules: RWSAdagrad's per-row `momentum` is our `sum`
+        state = opt_state.get("state")
+        if isinstance(state, dict):
+            opt_state = {**opt_state, "state": {number: {("sum" if k == "momentum" else k): v for k, v in entry.items()}
+                                                if isinstance(entry, dict) else entry for number, entry in state.items()}}
+        return opt_state
     groups, state = opt_state.get("param_groups"), opt_state.get("state")
     tables, ours = len(emb.table_sizes), len(list(model.parameters()))
     if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and isinstance(state, dict)
@@ -1943,9 +1949,9 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, a batch system, or torchrun stopping the other processes when one fails): unwound and
-    cleaned up as Ctrl-C is (temporary files removed, run logs ended as aborted); a KeyboardInterrupt, so that
-    loader workers that inherit the handler stop quietly too."""
+    """SIGTERM (kill, a batch system, or torchrun stopping the other processes when one fails) in a run without
+    loader worker processes: unwound and cleaned up as Ctrl-C is (temporary files removed, run logs ended as
+    aborted)."""
 
 
 def _terminate(signum, frame):
@@ -1953,9 +1959,9 @@ def _terminate(signum, frame):
 
 
 @contextlib.contextmanager
-def sigterm_unwinds():
-    """While the body runs (in the main thread): SIGTERM raises Terminated."""
-    if threading.current_thread() is not threading.main_thread():
+def sigterm_unwinds(enabled: bool = True):
+    """While the body runs (in the main thread, when `enabled`): SIGTERM raises Terminated."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -1968,7 +1974,9 @@ def sigterm_unwinds():
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        with sigterm_unwinds(), ext_dist.session(args.dist_timeout):  # a lost peer named, the group torn down
+        # loader worker processes die by SIGTERM as before: unwinding around them can wait on a dead worker
+        with sigterm_unwinds(args.num_workers == 0 and args.test_num_workers <= 0), \
+                ext_dist.session(args.dist_timeout):  # a lost peer named, the group torn down
             return run(args)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, the shell's status for the signal
         terminated = isinstance(e, Terminated)
@@ -2133,8 +2141,9 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     if args.load_model:
         print(f"Loading saved model {args.load_model}")
         saved = {}  # the saving run's counts, filled before `check` runs
-        check = None if args.inference_only else lambda state: check_data_order(
-            state, order, args.load_model, epoch_batches=saved.get("nbatches"))
+        check = None if args.inference_only else lambda state: check_data_order(  # at the end of an epoch only if
+            state, order, args.load_model,  # it has as many batches in this run (--num-batches can shorten one)
+            epoch_batches=saved.get("nbatches") if saved.get("nbatches") == nbatches else None)
         state = load_checkpoint(args.load_model, model, optimizer, check, saved)
         state.saved = False  # whether *this* run saved: if it does not, the final model is saved
         if not args.inference_only:

@@ -57,6 +57,8 @@ mkdir -p "$out"
 say() { printf '\n== %s\n' "$*"; }
 
 started=$SECONDS
+# a rerun that fails leaves none of an earlier run's outputs looking current
+rm -f "$out/train.log" "$out/metrics.jsonl" "$out/model.pt" "$out/training_curves.png" "$out/feature_interactions.png"
 if [[ -n $raw ]]; then
   [[ -f $raw ]] || { echo "quickstart.sh: error: no such file: $raw" >&2; exit 1; }
   say "Data: $raw"
@@ -83,7 +85,6 @@ metrics="$out/metrics.jsonl"
 model="$out/model.pt"
 curves="$out/training_curves.png"
 interactions="$out/feature_interactions.png"
-rm -f "$metrics" "$model" "$curves" "$interactions"  # a failed rerun leaves none of an earlier run's outputs
 say "Training the Criteo Kaggle model (preprocessing first when the data is new)"
 args=(--arch-sparse-feature-size=16 --arch-mlp-bot=13-512-256-64-16 --arch-mlp-top=512-256-1
       --data-generation=dataset --data-set=kaggle --raw-data-file="$raw" --processed-data-file="$processed"

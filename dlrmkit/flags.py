@@ -179,6 +179,7 @@ TORCHREC_FLAGS = {
     "--over_arch_layer_sizes": "--arch-mlp-top (widths joined by dashes)",
     "--num_embeddings_per_feature": "--max-ind-range (one cap for every table)",
     "--adagrad": "--optimizer=adagrad --adagrad-eps=1e-8", "--learning_rate": "--learning-rate",
+    "--eps": "--adagrad-eps (with --optimizer=adagrad)", "--num_embeddings": "--arch-embedding-size (random data)",
     "--batch_size": "--mini-batch-size (all processes together)",
     "--lr_warmup_steps": "--lr-num-warmup-steps", "--lr_decay_start": "--lr-decay-start-step",
     "--lr_decay_steps": "--lr-num-decay-steps", "--epochs": "--nepochs", "--seed": "--numpy-rand-seed",

@@ -100,7 +100,9 @@ def read_trace_distribution(path: str) -> TraceDistribution:
         raise TraceFileError(f"{path}:3: {cumulative.size} probabilities for {distances.size} stack distances")
     if not np.isfinite(cumulative).all():
         raise TraceFileError(f"{path}:3: the cumulative probabilities must be numbers (found nan or inf)")
-    if (np.diff(cumulative) < 0).any() or cumulative[0] < 0 or abs(cumulative[-1] - 1.0) > 1e-3:
+    if cumulative[0] < 0:
+        raise TraceFileError(f"{path}:3: cumulative probabilities cannot be negative (the first is {cumulative[0]})")
+    if (np.diff(cumulative) < 0).any() or abs(cumulative[-1] - 1.0) > 1e-3:
         raise TraceFileError(f"{path}:3: cumulative probabilities must be non-decreasing and end at 1 "
                              f"(ends at {cumulative[-1]})")
     return TraceDistribution(ids, distances, cumulative / cumulative[-1])

@@ -606,3 +606,18 @@ def test_bad_raw_data_leaves_no_folders_behind(tmp_path):
     with pytest.raises(data_utils.DataError, match="6 rows are too few to cut into 7 days"):
         preprocess_quietly(str(raw), tmp_path / "out")
     assert os.listdir(tmp_path) == ["train.txt"]  # no processed folder with unfinished work in it
+
+
+def test_a_processed_set_in_a_folder_that_cannot_be_written_is_read(tmp_path, monkeypatch):
+    raw = fake_kaggle(tmp_path, 700)
+    processed, _ = preprocess_quietly(raw, tmp_path / "out")
+    real_open = open
+
+    def read_only(path, *args, **kwargs):  # a read-only mount: the lock file cannot be opened for writing
+        if str(path).endswith(data_utils.LOCK_FILE):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    again, messages = preprocess_quietly(raw, tmp_path / "out")
+    assert messages == [f"Reading pre-processed data={processed.out_dir}"]

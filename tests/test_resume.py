@@ -300,6 +300,11 @@ def test_a_checkpoint_at_the_end_of_an_epoch_takes_changes_for_the_next(run_main
     assert code == 0, err
     assert "note: --numpy-rand-seed was 123 in the checkpoint, now 5 (it is at the end of epoch 0)" in out
     assert "Finished training it 4/4 of epoch 1" in out
+    path = tmp_path / "short.pt"  # --num-batches shortened the saving run's epoch: the rest of it is still to train
+    code, _, err = run_main(*SMALL, "--test-freq=2", "--num-batches=2", f"--save-model={path}")
+    assert code == 0, err
+    code, out, err = run_main(*SMALL, "--numpy-rand-seed=5", f"--load-model={path}")
+    assert code == 1 and "--numpy-rand-seed was 123, now 5: the rest of epoch 0 would skip or repeat rows" in err
 
 
 @pytest.mark.parametrize("trick", [["--weighted-pooling=learned"], ["--weighted-pooling=fixed"],
