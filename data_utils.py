@@ -659,7 +659,7 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
     if own is not None and own["settings"].get("format") == FORMAT:  # one set's own folder, named directly
         out_dir = base_dir
         wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
-        if any(own["settings"].get(k) != wanted[k] for k in ("data_set", "max_ind_range", "sub_sample_rate")):
+        if not _built_with(own, wanted):
             raise DataError(f"--processed-data-file {base_dir}: holds the processed set of other settings "
                             f"({describe_change(own['settings'], wanted)}); name the folder above it "
                             f"({os.path.dirname(os.path.abspath(base_dir))}) to keep one set per setting")
@@ -677,7 +677,7 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
         existing = None
     if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
         wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
-        if existing is None or any(existing["settings"].get(k) != wanted[k] for k in wanted if k != "sources"):
+        if existing is None or not _built_with(existing, wanted):
             others = [m["settings"] for m in map(read_set_metadata, processed_sets(base_dir)) if m is not None]
             if not others:
                 if raw_data_file:
@@ -698,7 +698,7 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
         sources = raw_day_files(raw_data_file, data_set)
     except DataError as missing:  # some raw files gone (removed to free disk once processed?): the set stands
         wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
-        if existing is None or any(existing["settings"].get(k) != wanted[k] for k in wanted if k != "sources"):
+        if existing is None or not _built_with(existing, wanted):
             raise
         log(f"Reading pre-processed data={out_dir} (not checked against the raw data: {missing})")
         return ProcessedData(out_dir, existing)
@@ -716,6 +716,11 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
         with contextlib.suppress(OSError):
             os.rmdir(out_dir)  # when empty
         raise
+
+
+def _built_with(metadata: dict, wanted: dict) -> bool:
+    """Whether a set's metadata records the settings `wanted` (settings_for's) apart from the raw files."""
+    return all(metadata["settings"].get(k) == wanted[k] for k in wanted if k != "sources")
 
 
 def read_set_metadata(out_dir):
@@ -1104,7 +1109,7 @@ _worker_progress = None  # in pool processes: a shared counter the parent turns 
 def _init_worker(counter, parent_pid):
     global _worker_progress
     _worker_progress = counter
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler: the pool stops its workers so
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a worker forked from the trainer: not its unwinding handler
     _exit_with_parent(parent_pid)
 
 
@@ -1247,14 +1252,13 @@ def write_bin_files(processed: ProcessedData, log=print) -> dict:
     stamp = {"settings": processed.metadata["settings"], "days": processed.metadata["days"]}
     marker = os.path.join(processed.out_dir, "bin.json")
     if load_json(marker) == stamp:
-        wrong = [p for split, p in paths.items() if not os.path.isfile(p) or os.path.getsize(p) != sizes[split]]
-        if not wrong:
+        found = {split: os.path.getsize(p) if os.path.isfile(p) else None for split, p in paths.items()}
+        if found == sizes:
             return paths
-        damaged = [(p, split) for split, p in paths.items() if p in wrong and os.path.isfile(p)]
+        damaged = [split for split, size in found.items() if size is not None and size != sizes[split]]
         if damaged:
-            path, split = damaged[0]
-            log(f"Rewriting the --mlperf-bin-loader files: {path} holds {os.path.getsize(path)} bytes, not the "
-                f"{sizes[split]} of its rows")
+            log(f"Rewriting the --mlperf-bin-loader files: {paths[damaged[0]]} holds {found[damaged[0]]} bytes, not "
+                f"the {sizes[damaged[0]]} of its rows")
     log(f"Writing {', '.join(paths.values())}")
     tmp = None
     try:
@@ -1282,7 +1286,6 @@ def write_bin_files(processed: ProcessedData, log=print) -> dict:
         raise DataError(f"writing the --mlperf-bin-loader files into {processed.out_dir} failed: "
                         f"{e.filename or tmp or ''}: {e.strerror or e}")
     return paths
-
 
 
 # ============================================================================ multi-hot data

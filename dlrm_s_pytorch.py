@@ -1287,13 +1287,14 @@ def batched_table_state(opt_state: dict, model: DLRM_Net) -> dict:
     emb = model.emb_l
     if not isinstance(opt_state, dict) or "optimizer" in opt_state:
         return opt_state  # our own optimizer's state
-    if not isinstance(emb, BatchedEmbeddingBags):  # per-table modules: RWSAdagrad's per-row `momentum` is our `sum`
-        state = opt_state.get("state")
-        if isinstance(state, dict):
-            opt_state = {**opt_state, "state": {number: {("sum" if k == "momentum" else k): v for k, v in entry.items()}
-                                                if isinstance(entry, dict) else entry for number, entry in state.items()}}
+    state = opt_state.get("state")
+    if isinstance(state, dict):  # RWSAdagrad's per-row `momentum` is our `sum`
+        state = {number: {("sum" if k == "momentum" else k): v for k, v in entry.items()}
+                 if isinstance(entry, dict) else entry for number, entry in state.items()}
+        opt_state = {**opt_state, "state": state}
+    if not isinstance(emb, BatchedEmbeddingBags):  # per-table modules: parameters one to one
         return opt_state
-    groups, state = opt_state.get("param_groups"), opt_state.get("state")
+    groups = opt_state.get("param_groups")
     tables, ours = len(emb.table_sizes), len(list(model.parameters()))
     if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and isinstance(state, dict)
             and tables > 1 and len(groups[0].get("params", ())) == ours + tables - 1):
@@ -1309,7 +1310,7 @@ def batched_table_state(opt_state: dict, model: DLRM_Net) -> dict:
             if key == "step":
                 merged[key] = max(values, key=float)
             elif all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values):
-                merged["sum" if key == "momentum" else key] = torch.cat(values)
+                merged[key] = torch.cat(values)
             else:
                 raise ValueError(f"the saved tables' '{key}' cannot be merged into one table's")
     merged_state = {0: merged} if merged else {}
