@@ -1244,7 +1244,8 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
                         "diverged run?); such a model can be neither trained nor evaluated")
     if optimizer is not None and checkpoint.get("opt_state_dict"):
         try:
-            optimizer.load_state_dict(batched_table_state(checkpoint["opt_state_dict"], model))
+            optimizer.load_state_dict(from_original_optimizer_state(
+                checkpoint["opt_state_dict"], model, getattr(optimizer, "row_wise_sparse", False)))
         except Exception as e:  # another optimizer's state, or a malformed one
             raise DLRMError(f"--load-model {path}: optimizer state does not fit --optimizer ({type(e).__name__}: "
                             f"{state_dict_problem(e)})")
@@ -1278,13 +1279,16 @@ def from_original_keys(state_dict, model: DLRM_Net):
     return renamed
 
 
-def batched_table_state(opt_state: dict, model: DLRM_Net) -> dict:
-    """`opt_state` for `model`: the original's torch.optim state, with one parameter per table (`emb_l.0.weight`,
-    ...) ahead of the MLPs' in one parameter group, has its tables' entries merged into the state of the model's
-    one batched table weight (`BatchedEmbeddingBags`): each tensor (Adagrad's `sum` [rows, dim], RWSAdagrad's
-    per-row `momentum` [rows], kept as `sum`) concatenated in table order, the largest `step`. Any other
-    state is returned as it is (`load_state_dict` checks it). ValueError when only some tables have state."""
-    emb = model.emb_l
+def from_original_optimizer_state(opt_state: dict, model: DLRM_Net, row_wise_sparse: bool = False) -> dict:
+    """`opt_state` for `model`'s parameters: the original's torch.optim state (one parameter group in
+    `model.parameters()` order, with one parameter per table, `emb_l.<k>.weight`, and with learned pooling one
+    per table's weights, `v_W_l.<k>`) has the entries of the parameters that the model holds as one merged:
+    the tables' into the one batched table weight (`BatchedEmbeddingBags`), the pooling weights' into
+    `pooling_weights.weight`. Each state tensor is concatenated in table order and shaped as the model's
+    optimizer keeps it (Adagrad's `sum` as the parameter; with `row_wise_sparse`, RWSAdagrad's, one value per
+    row), the largest `step` kept; RWSAdagrad's per-row `momentum` becomes `sum`. Any other state is
+    returned as it is (`load_state_dict` checks it). ValueError when only some tables have state, or a
+    merged state does not fit the parameter."""
     if not isinstance(opt_state, dict) or "optimizer" in opt_state:
         return opt_state  # our own optimizer's state
     state = opt_state.get("state")
@@ -1292,30 +1296,47 @@ def batched_table_state(opt_state: dict, model: DLRM_Net) -> dict:
         state = {number: {("sum" if k == "momentum" else k): v for k, v in entry.items()}
                  if isinstance(entry, dict) else entry for number, entry in state.items()}
         opt_state = {**opt_state, "state": state}
-    if not isinstance(emb, BatchedEmbeddingBags):  # per-table modules: parameters one to one
+    params, tables = list(model.parameters()), len(model.table_sizes)
+    if isinstance(model.emb_l, BatchedEmbeddingBags):  # the original's tables in our one weight
+        spans = [tables] + [1] * (len(params) - 1)
+    elif model.pooling_weights is not None and model.pooling_weights.learned:  # its v_W_l.<k> in our one weight
+        before = len(list(model.emb_l.parameters()))
+        spans = [1] * before + [tables] + [1] * (len(params) - before - 1)
+    else:  # parameters one to one
         return opt_state
     groups = opt_state.get("param_groups")
-    tables, ours = len(emb.table_sizes), len(list(model.parameters()))
     if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and isinstance(state, dict)
-            and tables > 1 and len(groups[0].get("params", ())) == ours + tables - 1):
+            and tables > 1 and len(groups[0].get("params", ())) == sum(spans)):
         return opt_state
     numbers = list(groups[0]["params"])
-    per_table = [state.get(number) or {} for number in numbers[:tables]]
-    merged = {}
-    if any(per_table):
-        if not all(per_table) or any(set(entry) != set(per_table[0]) for entry in per_table):
+    merged_state, first = {}, 0
+    for ours, (p, span) in enumerate(zip(params, spans)):
+        entries = [state.get(number) or {} for number in numbers[first:first + span]]
+        first += span
+        if span == 1:
+            if numbers[first - 1] in state:
+                merged_state[ours] = state[numbers[first - 1]]
+            continue
+        if not any(entries):
+            continue
+        if not all(entries) or any(set(entry) != set(entries[0]) for entry in entries):
             raise ValueError("the saved state holds optimizer state for some tables but not for all")
-        for key in per_table[0]:
-            values = [entry[key] for entry in per_table]
+        merged = {}
+        for key in entries[0]:
+            values = [entry[key] for entry in entries]
             if key == "step":
                 merged[key] = max(values, key=float)
             elif all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values):
-                merged[key] = torch.cat(values)
+                value = torch.cat([v.reshape(v.shape[0], -1) for v in values])
+                shape = p.shape[:1] if row_wise_sparse else p.shape
+                if value.numel() != math.prod(shape):
+                    raise ValueError(f"the saved tables' '{key}' ({value.numel()} values) does not fit "
+                                     f"{list(shape)}")
+                merged[key] = value.reshape(shape)
             else:
                 raise ValueError(f"the saved tables' '{key}' cannot be merged into one table's")
-    merged_state = {0: merged} if merged else {}
-    merged_state.update({k: state[number] for k, number in enumerate(numbers[tables:], 1) if number in state})
-    return {"state": merged_state, "param_groups": [{**groups[0], "params": list(range(ours))}]}
+        merged_state[ours] = merged
+    return {"state": merged_state, "param_groups": [{**groups[0], "params": list(range(len(params)))}]}
 
 
 def state_dict_problem(error: Exception, limit: int = 200) -> str:
@@ -1959,13 +1980,20 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _die_by_signal(signum, frame):
+    outputs.remove_partial_outputs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 @contextlib.contextmanager
-def sigterm_unwinds(enabled: bool = True):
-    """While the body runs (in the main thread, when `enabled`): SIGTERM raises Terminated."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
+def sigterm_unwinds(unwind: bool = True):
+    """While the body runs (in the main thread): SIGTERM raises Terminated when `unwind`; else the process dies
+    by it at once, as without a handler, after removing the temporary files of the outputs being written."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate if unwind else _die_by_signal)
     try:
         yield
     finally:
@@ -1975,7 +2003,7 @@ def sigterm_unwinds(enabled: bool = True):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        # loader worker processes die by SIGTERM as before: unwinding around them can wait on a dead worker
+        # with loader worker processes, no unwinding: around dying workers it can wait on a dead one
         with sigterm_unwinds(args.num_workers == 0 and args.test_num_workers <= 0), \
                 ext_dist.session(args.dist_timeout):  # a lost peer named, the group torn down
             return run(args)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dlrmkit import outputs
 from dlrmkit.sparse import SparseFeatures
 
 OPSET = 17
@@ -79,41 +80,42 @@ def export_onnx(model: nn.Module, batch, path: str, opset: int = OPSET, external
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     work = tempfile.mkdtemp(dir=directory, prefix=f".{name}.export")
-    try:
-        exported = os.path.join(work, name)
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notices
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                FlatInputs(model), inputs, exported, dynamo=False, opset_version=opset,
-                input_names=INPUT_NAMES, output_names=["click_probability"],
-                dynamic_axes={"dense_x": {0: "batch"}, "offsets": {0: "bags_plus_one"},
-                              "indices": {0: "lookups"}, "click_probability": {0: "batch"}},
-            )
-        written_apart = len(os.listdir(work)) > 1  # the exporter's one file per tensor beside the graph
-        data = name + ".data"
-        if external_data or written_apart:  # every weight in one file named after the graph
-            graph = onnx.load(exported)
-            final = os.path.join(work, "graph.onnx")
-            onnx.save_model(graph, final, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                            size_threshold=0 if external_data else 1024)
-            del graph
+    with outputs.partial_output(work):
+        try:
             exported = os.path.join(work, name)
-            os.replace(final, exported)
-        onnx.checker.check_model(exported, full_check=True)  # by path: models over 2 GiB too
-        with torch.no_grad():
-            expected = model(*inputs).numpy()
-        difference = float(np.abs(run_onnx(exported, inputs) - expected).max())
-        stale = os.path.join(directory, data)
-        if not os.path.exists(os.path.join(work, data)) and os.path.exists(stale):
-            os.remove(stale)  # a previous export's weights: this graph holds its own
-        umask = os.umask(0)
-        os.umask(umask)
-        for produced in (os.path.join(work, data), exported):  # the weights first: the graph names them
-            if os.path.exists(produced):
-                os.chmod(produced, 0o666 & ~umask)  # as a file written in place (ONNX writes its data 0600)
-                os.replace(produced, os.path.join(directory, os.path.basename(produced)))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notices
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    FlatInputs(model), inputs, exported, dynamo=False, opset_version=opset,
+                    input_names=INPUT_NAMES, output_names=["click_probability"],
+                    dynamic_axes={"dense_x": {0: "batch"}, "offsets": {0: "bags_plus_one"},
+                                  "indices": {0: "lookups"}, "click_probability": {0: "batch"}},
+                )
+            written_apart = len(os.listdir(work)) > 1  # the exporter's one file per tensor beside the graph
+            data = name + ".data"
+            if external_data or written_apart:  # every weight in one file named after the graph
+                graph = onnx.load(exported)
+                final = os.path.join(work, "graph.onnx")
+                onnx.save_model(graph, final, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                                size_threshold=0 if external_data else 1024)
+                del graph
+                exported = os.path.join(work, name)
+                os.replace(final, exported)
+            onnx.checker.check_model(exported, full_check=True)  # by path: models over 2 GiB too
+            with torch.no_grad():
+                expected = model(*inputs).numpy()
+            difference = float(np.abs(run_onnx(exported, inputs) - expected).max())
+            stale = os.path.join(directory, data)
+            if not os.path.exists(os.path.join(work, data)) and os.path.exists(stale):
+                os.remove(stale)  # a previous export's weights: this graph holds its own
+            umask = os.umask(0)
+            os.umask(umask)
+            for produced in (os.path.join(work, data), exported):  # the weights first: the graph names them
+                if os.path.exists(produced):
+                    os.chmod(produced, 0o666 & ~umask)  # as a file written in place (ONNX writes its data 0600)
+                    os.replace(produced, os.path.join(directory, os.path.basename(produced)))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return difference
 
 

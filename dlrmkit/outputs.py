@@ -7,9 +7,12 @@ it creates a temporary file in the folder and removes it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+
+_PARTIAL: set = set()  # temporary files and folders of the outputs being written now
 
 
 class OutputError(ValueError):
@@ -53,6 +56,28 @@ def check_output(what: str, path: str, example: str | None = None):
     raise OutputError(f"{what} {path}: {problem}")
 
 
+@contextlib.contextmanager
+def partial_output(path: str):
+    """While the body runs, `path` (a temporary file or folder of an output being written) is one that
+    `remove_partial_outputs` removes."""
+    _PARTIAL.add(path)
+    try:
+        yield path
+    finally:
+        _PARTIAL.discard(path)
+
+
+def remove_partial_outputs() -> None:
+    """Removes the temporary files and folders of the outputs being written: for a process about to die by a
+    signal without unwinding (a half-written checkpoint can be hundreds of MB)."""
+    for path in list(_PARTIAL):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 def write_atomically(what: str, path: str, write):
     """write(tmp_path), then rename to `path`: never a half-written file under its name; a failure is
     an OutputError naming `what` and `path` (the temporary file removed)."""
@@ -62,23 +87,24 @@ def write_atomically(what: str, path: str, write):
     target = os.path.realpath(path)  # through a symbolic link to its target, not over the link
     directory = os.path.dirname(target)
     tmp = os.path.join(directory, f".{os.path.basename(target)}.tmp{os.getpid()}")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        write(tmp)
-        if os.path.exists(target):  # a replaced file keeps its permissions
-            os.chmod(tmp, os.stat(target).st_mode & 0o7777)
-        os.replace(tmp, target)
-    except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else text
-        if isinstance(e, RuntimeError) and "unexpected pos" in text:  # torch.save's short write
-            free = shutil.disk_usage(directory).free if os.path.isdir(directory) else 0
-            reason = (f"the write stopped short: no space left on the device ({free:,} bytes free) or a file "
-                      "size limit (ulimit -f)")
-        raise OutputError(f"{what} {path}: cannot write ({reason})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with partial_output(tmp):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            write(tmp)
+            if os.path.exists(target):  # a replaced file keeps its permissions
+                os.chmod(tmp, os.stat(target).st_mode & 0o7777)
+            os.replace(tmp, target)
+        except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else text
+            if isinstance(e, RuntimeError) and "unexpected pos" in text:  # torch.save's short write
+                free = shutil.disk_usage(directory).free if os.path.isdir(directory) else 0
+                reason = (f"the write stopped short: no space left on the device ({free:,} bytes free) or a file "
+                          "size limit (ulimit -f)")
+            raise OutputError(f"{what} {path}: cannot write ({reason})") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def save_figure(what: str, path: str, figure) -> None:

@@ -196,6 +196,30 @@ def test_ctrl_c_or_sigterm_during_training_is_one_line_and_ends_the_logs(tmp_pat
     assert json.loads(log.read_text().splitlines()[-1])["status"] == "aborted"
 
 
+@pytest.mark.slow
+def test_sigterm_in_a_run_with_loader_workers_removes_the_checkpoint_being_written(tmp_path):
+    """Such runs die by SIGTERM at once (no unwinding around dying workers), but not leaving a half-written
+    checkpoint (hundreds of MB) behind."""
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {ROOT!r})
+import dlrm_s_pytorch
+from dlrmkit import outputs
+
+def write(tmp):
+    with open(tmp, "wb") as f:
+        f.write(bytes(1 << 20))
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+with dlrm_s_pytorch.sigterm_unwinds(False):
+    outputs.write_atomically("--save-model", {str(tmp_path / "model.pt")!r}, write)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == -signal.SIGTERM, run.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_ids_outside_their_table_stop_the_run_with_one_line_naming_the_batch(run_main, monkeypatch):
     import dlrm_data
 

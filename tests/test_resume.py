@@ -277,18 +277,47 @@ def test_the_originals_per_table_adagrad_state_resumes_in_the_batched_tables():
         original.step()
         ours.step()
     resumed = dlrm.make_optimizer("adagrad", model.parameters(), 0.1)
-    resumed.load_state_dict(dlrm.batched_table_state(original.state_dict(), model))
+    resumed.load_state_dict(dlrm.from_original_optimizer_state(original.state_dict(), model))
     for p in model.parameters():
         torch.testing.assert_close(resumed.state[p]["sum"], ours.state[p]["sum"])
 
     rws = {"state": {t: {"step": 2, "momentum": torch.full((n,), float(t))} for t, n in enumerate(sizes)},
            "param_groups": [{"lr": 0.1, "lr_decay": 0, "eps": 1e-10, "params": list(range(3 + len(dense)))}]}
     resumed = dlrm.make_optimizer("rwsadagrad", model.parameters(), 0.1)  # the original's RWSAdagrad: per-row sums
-    resumed.load_state_dict(dlrm.batched_table_state(rws, model))
+    resumed.load_state_dict(dlrm.from_original_optimizer_state(rws, model, row_wise_sparse=True))
     assert resumed.state[model.emb_l.weight]["sum"].tolist() == [0.0] * 5 + [1.0] * 7 + [2.0] * 3
     del rws["state"][1]
     with pytest.raises(ValueError, match="optimizer state for some tables but not for all"):
-        dlrm.batched_table_state(rws, model)
+        dlrm.from_original_optimizer_state(rws, model, row_wise_sparse=True)
+
+
+@pytest.mark.parametrize("name", ["adagrad", "rwsadagrad"])
+def test_the_originals_adagrad_state_with_learned_pooling_weights_resumes(name):
+    """With --weighted-pooling=learned the original's parameters are its tables, then one v_W_l.<k> [rows] per
+    table (dense gradients: a `sum` of their shape in both Adagrads), then the MLPs'."""
+    args = dlrm.parse_args(["--arch-embedding-size=5-7-3", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",
+                            "--arch-mlp-top=16-1", "--weighted-pooling=learned", f"--optimizer={name}"])
+    model = dlrm.build_model(args, 4, [5, 7, 3])
+    params = list(model.parameters())
+    assert [tuple(p.shape) for p in params[:4]] == [(5, 4), (7, 4), (3, 4), (15, 1)]
+    sizes, mlps = [5, 7, 3], params[4:]
+    table_sum = (lambda t, n: torch.full((n,), 10.0 + t)) if name == "rwsadagrad" else \
+        (lambda t, n: torch.full((n, 4), 10.0 + t))
+    state = {t: {"step": torch.tensor(3.0), ("momentum" if name == "rwsadagrad" else "sum"): table_sum(t, n)}
+             for t, n in enumerate(sizes)}
+    state.update({3 + t: {"step": torch.tensor(3.0), "sum": torch.full((n,), 20.0 + t)} for t, n in enumerate(sizes)})
+    state.update({6 + k: {"step": torch.tensor(3.0), "sum": torch.full_like(p, 30.0 + k)} for k, p in enumerate(mlps)})
+    saved = {"state": state, "param_groups": [{"lr": 0.1, "lr_decay": 0, "eps": 1e-10, "weight_decay": 0,
+                                               "params": list(range(6 + len(mlps)))}]}
+    optimizer = dlrm.make_optimizer(name, params, 0.1)
+    optimizer.load_state_dict(dlrm.from_original_optimizer_state(saved, model, optimizer.row_wise_sparse))
+    for t, table in enumerate(params[:3]):
+        assert torch.equal(optimizer.state[table]["sum"], table_sum(t, sizes[t]))
+    pooling = optimizer.state[params[3]]["sum"]
+    assert pooling.shape == ((15,) if name == "rwsadagrad" else (15, 1))
+    assert pooling.reshape(-1).tolist() == [20.0] * 5 + [21.0] * 7 + [22.0] * 3
+    for k, p in enumerate(mlps):
+        assert torch.equal(optimizer.state[p]["sum"], torch.full_like(p, 30.0 + k))
 
 
 def test_a_checkpoint_at_the_end_of_an_epoch_takes_changes_for_the_next(run_main, tmp_path):
