@@ -540,8 +540,10 @@ def missing_raw_data(path: str, data_set: str) -> str:
     if memory_mapped and not _day_file(path, 0):
         return (f"{flag}: day file {path}_0 (or .gz) not found; {memory_mapped[0]} is the original's --memory-map "
                 f"output, which this trainer does not read: give the raw day files (preprocessed once into "
-                f"{DEFAULT_NAMES['terabyte']}/), or the original's {DEFAULT_NAMES['terabyte']}.npz with "
-                f"--processed-data-file")
+                f"{DEFAULT_NAMES['terabyte']}/), the original's {DEFAULT_NAMES['terabyte']}.npz with "
+                f"--processed-data-file, or with --mlperf-bin-loader its .bin files "
+                f"(--processed-data-file=<folder>/{DEFAULT_NAMES['terabyte']}.npz for "
+                f"{DEFAULT_NAMES['terabyte']}_train.bin and _test.bin)")
     day_file = re.match(r"^(.*)_\d+(\.gz)?$", path)
     if os.path.isfile(path) and day_file and _day_file(day_file.group(1), 0):
         return f"{flag}: is one day file; --data-set=terabyte reads the {days}: use --raw-data-file={day_file.group(1)}"
@@ -1188,6 +1190,33 @@ def run_tasks(fn, jobs, workers, bar):
 
 
 # ============================================================================ other formats
+def original_day_counts(raw_data_file: str, data_set: str) -> tuple[str | None, list[int] | None]:
+    """(path, rows of each day) of the original's day count file beside the raw data (`<raw>_day_count.npz`,
+    for Kaggle `<raw name up to its first dot>_day_count.npz`); the rows are None when it does not exist
+    (path None without a raw data file). DataError when it is not DAYS[data_set] counts, the last (the
+    test day) not empty."""
+    if not raw_data_file:
+        return None, None
+    stem = raw_data_file.split("/")[-1]
+    stem = stem.split(".")[0] if data_set == "kaggle" else stem
+    count_file = os.path.join(os.path.dirname(raw_data_file), stem + "_day_count.npz")
+    if not os.path.exists(count_file):
+        return count_file, None
+    try:
+        with np.load(count_file) as data:
+            sizes = np.asarray(data["total_per_file"])
+    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise DataError(f"{count_file}: not a readable day count file ({type(e).__name__}: {e})")
+    if sizes.ndim != 1 or sizes.dtype.kind not in "iu" or (sizes < 0).any():
+        raise DataError(f"{count_file}: total_per_file should be the rows of each day (integers, none "
+                        f"negative), found {sizes.dtype} {sizes.shape}")
+    if len(sizes) != DAYS[data_set] or sizes[-1] == 0:
+        last = int(sizes[-1]) if len(sizes) else 0
+        raise DataError(f"{count_file}: {data_set} data has {DAYS[data_set]} days, the last one the test "
+                        f"day (not empty); found {len(sizes)} day counts, the last {last}")
+    return count_file, [int(n) for n in sizes]
+
+
 def load_original_npz(path, raw_data_file="", data_set="kaggle"):
     """The original's processed file (X_int, X_cat, y, counts) and its day sizes.
 
@@ -1210,28 +1239,10 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
     if counts.shape != (X_cat.shape[1],):
         raise DataError(f"--processed-data-file {path}: counts {counts.shape} should hold one table size per "
                         f"categorical column ({X_cat.shape[1]})")
-    days = count_file = None
-    if raw_data_file:
-        stem = raw_data_file.split("/")[-1]
-        stem = stem.split(".")[0] if data_set == "kaggle" else stem
-        count_file = os.path.join(os.path.dirname(raw_data_file), stem + "_day_count.npz")
-        if os.path.exists(count_file):
-            try:
-                with np.load(count_file) as data:
-                    sizes = np.asarray(data["total_per_file"])
-            except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-                raise DataError(f"{count_file}: not a readable day count file ({type(e).__name__}: {e})")
-            if sizes.ndim != 1 or sizes.dtype.kind not in "iu" or (sizes < 0).any():
-                raise DataError(f"{count_file}: total_per_file should be the rows of each day (integers, none "
-                                f"negative), found {sizes.dtype} {sizes.shape}")
-            if len(sizes) != DAYS[data_set] or sizes[-1] == 0:
-                last = int(sizes[-1]) if len(sizes) else 0
-                raise DataError(f"{count_file}: {data_set} data has {DAYS[data_set]} days, the last one the test "
-                                f"day (not empty); found {len(sizes)} day counts, the last {last}")
-            days = [int(n) for n in sizes]
-            if sum(days) != len(y):
-                raise DataError(f"{count_file}: its days hold {sum(days)} rows, {path} holds {len(y)}: the day counts "
-                                "of other data")
+    count_file, days = original_day_counts(raw_data_file, data_set)
+    if days is not None and sum(days) != len(y):
+        raise DataError(f"{count_file}: its days hold {sum(days)} rows, {path} holds {len(y)}: the day counts "
+                        "of other data")
     if days is None and data_set == "terabyte":  # unequal days: an equal cut would test on other days' rows
         where = count_file or "<prefix>_day_count.npz beside the raw day files"
         raise DataError(f"--processed-data-file {path}: the original's Terabyte data is cut into its days by the "
@@ -1241,6 +1252,61 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
         days = day_sizes(len(y), DAYS[data_set])
     dense = np.maximum(X_int, 0).astype(np.int32, copy=False)
     return np.asarray(y).astype(np.uint8), dense, X_cat.astype(np.int32, copy=False), [int(c) for c in counts], days
+
+
+def original_bin_files(processed_data_file: str, raw_data_file: str, data_set: str) -> dict | None:
+    """The original's --mlperf-bin-loader files of Criteo Terabyte (its --memory-map --mlperf-logging flow), or
+    None when there are none: split -> path of `<folder>/<stem>_train.bin` and `_test.bin` (`_val.bin` when
+    present), where `<stem>` is --processed-data-file's name up to its first dot, and "counts" ->
+    `<raw>_fea_count.npz` (the table sizes). DataError when only some of them exist."""
+    if data_set != "terabyte" or not processed_data_file:
+        return None
+    folder, name = os.path.split(processed_data_file)
+    stem = os.path.join(folder, name.split(".")[0])
+    files = {split: f"{stem}_{split}.bin" for split in ("train", "test", "val")}
+    if not (os.path.isfile(files["train"]) or os.path.isfile(files["test"])):
+        return None
+    missing = next((path for split, path in files.items() if split != "val" and not os.path.isfile(path)), None)
+    if missing:
+        raise DataError(f"--processed-data-file {processed_data_file}: the original's --mlperf-bin-loader file "
+                        f"{missing} is missing (found {files['train' if missing == files['test'] else 'test']})")
+    if not os.path.isfile(files["val"]):
+        del files["val"]
+    files["counts"] = f"{raw_data_file}_fea_count.npz"
+    if not raw_data_file or not os.path.isfile(files["counts"]):
+        raise DataError(f"--processed-data-file {processed_data_file}: the original's {files['train']} needs its "
+                        f"table sizes, <raw>_fea_count.npz"
+                        + (f" ({files['counts']} not found)" if raw_data_file else "")
+                        + ": give --raw-data-file=<the prefix of the raw day files the original was given>")
+    return files
+
+
+def read_original_bin_files(files: dict) -> tuple[dict, list[int]]:
+    """(split -> rows, table sizes) of the original's --mlperf-bin-loader files (`original_bin_files`):
+    int32 records [label, 13 integers, 26 ids] and the `counts` of its fea_count.npz. DataError (one
+    line) when a file is not a whole number of records, the test file is empty, or the counts are not
+    26 positive integers."""
+    record = 4 * NUM_FIELDS
+    rows = {}
+    for split, path in files.items():
+        if split == "counts":
+            continue
+        size = os.path.getsize(path)
+        if size % record:
+            raise DataError(f"{path}: {size} bytes is not a whole number of {record}-byte records (label, "
+                            f"{NUM_DENSE} integers, {NUM_SPARSE} ids as int32): truncated?")
+        rows[split] = size // record
+    if rows["test"] == 0 or rows["train"] == 0:
+        raise DataError(f"{files['test' if rows['test'] == 0 else 'train']}: empty")
+    try:
+        with np.load(files["counts"]) as data:
+            counts = np.asarray(data["counts"])
+    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise DataError(f"{files['counts']}: not the original's table sizes file ({type(e).__name__}: {e})")
+    if counts.shape != (NUM_SPARSE,) or counts.dtype.kind not in "iu" or (counts <= 0).any():
+        raise DataError(f"{files['counts']}: counts should be {NUM_SPARSE} positive integers (one table size per "
+                        f"categorical feature), found {counts.dtype} {counts.shape}")
+    return rows, [int(c) for c in counts]
 
 
 def write_bin_files(processed: ProcessedData, log=print) -> dict:

@@ -485,6 +485,8 @@ class FeistelPermutation:
 class ArrayPart:
     """Rows of label [n], dense [n, 13] and sparse [n, 26] arrays held in memory."""
 
+    id_modulus = 0
+
     def __init__(self, label, dense, sparse):
         self.label, self.dense, self.sparse = label, dense, sparse
         self.rows = len(label)
@@ -498,11 +500,13 @@ class MappedPart:
 
     Pickles as file names (not data), so DataLoader workers open their own maps whatever
     the multiprocessing start method. kind "npy": day_<d>_{label,dense,sparse}.npy files;
-    kind "bin": one file of int32 records [label, 13 integers, 26 ids].
+    kind "bin": one file of int32 records [label, 13 integers, 26 ids]. `id_modulus` M > 0: the ids are folded
+    into [0, M) when read (the original's .bin files hold its dictionaries' ids, folded when used).
     """
 
-    def __init__(self, kind, paths, start, stop):
+    def __init__(self, kind, paths, start, stop, id_modulus: int = 0):
         self.kind, self.paths, self.start, self.stop = kind, paths, int(start), int(stop)
+        self.id_modulus = int(id_modulus)
         self.rows = self.stop - self.start
         self._arrays = None
 
@@ -628,7 +632,8 @@ class CriteoDataset(Dataset):
                 continue
             if local[-1] - local[0] + 1 == len(local):  # contiguous rows: a slice reads less
                 local = slice(int(local[0]), int(local[-1]) + 1)
-            pieces.append([a[local] for a in part.arrays()])
+            label, dense, sparse = (a[local] for a in part.arrays())
+            pieces.append([label, dense, np.remainder(sparse, part.id_modulus) if part.id_modulus else sparse])
         label, dense, sparse = (np.concatenate(p) if len(pieces) > 1 else p[0] for p in zip(*pieces))
         return criteo_batch(label, dense, sparse, self.multi_hot)
 
@@ -636,12 +641,14 @@ class CriteoDataset(Dataset):
 @dataclasses.dataclass
 class CriteoData:
     """Parts and day sizes of each split (train, test, val) and the embedding table sizes; `multi_hot`:
-    the expansion that the parts' sparse arrays hold already (a materialized set), else None."""
+    the expansion that the parts' sparse arrays hold already (a materialized set), else None; `shuffled`:
+    the rows were shuffled when written (the original's .bin files): read in order, --data-randomize aside."""
 
     parts: dict
     day_rows: dict
     table_sizes: list
     multi_hot: MultiHot | None = None
+    shuffled: bool = False
 
 
 def _split_day_rows(ranges):
@@ -651,10 +658,15 @@ def _split_day_rows(ranges):
 def open_criteo(args, splits=("train", "test", "val"), log=print, progress=True) -> CriteoData:
     """The processed data named by the flags, preprocessing the raw data when needed.
 
-    --processed-data-file naming an existing .npz: the original's processed file.
+    --processed-data-file naming an existing .npz: the original's processed file; with --mlperf-bin-loader
+    and Terabyte data, the original's .bin files of that name when they exist (`_open_original_bin`).
     Otherwise our processed directory (see data_utils.py), built from --raw-data-file if
     missing or stale; then held in memory, memory-mapped, or as .bin files."""
     processed_file = args.processed_data_file
+    if args.mlperf_bin_loader:
+        original_bins = data_utils.original_bin_files(processed_file, args.raw_data_file, args.data_set)
+        if original_bins is not None:
+            return _open_original_bin(args, original_bins, splits, log)
     if processed_file.endswith(".npz") and os.path.isfile(processed_file):
         return _open_original_npz(args, splits, log)
     out_dir = data_utils.processed_dir(processed_file, args.raw_data_file, args.data_set)
@@ -793,6 +805,29 @@ def _open_original_npz(args, splits, log) -> CriteoData:
     return CriteoData(parts, rows, counts)
 
 
+def _open_original_bin(args, files, splits, log) -> CriteoData:
+    """The original's Terabyte --mlperf-bin-loader files (data_utils.original_bin_files), memory-mapped: train
+    days 0-22, test and validation the halves of day 23, ids folded by --max-ind-range when read, rows in
+    the files' order (its preprocessing shuffled them), as the original's CriteoBinDataset."""
+    rows, counts = data_utils.read_original_bin_files(files)
+    log(f"Reading the original's --mlperf-bin-loader data={files['train']} ({rows['train']} rows), "
+        f"{files['test']} ({rows['test']} rows), in their order; table sizes from {files['counts']}")
+    modulus = max(args.max_ind_range, 0)
+    if modulus:
+        counts = [min(c, modulus) for c in counts]
+    if args.data_sub_sample_rate > 0:
+        print("note: --data-sub-sample-rate has no effect on the original's .bin files: they hold the rows its "
+              "preprocessing kept", file=sys.stderr)
+    missing = [name for name in splits if name not in rows]
+    if missing:
+        raise data_utils.DataError(f"--processed-data-file {args.processed_data_file}: the original's "
+                                   f"{missing[0]} split is not there ({files['train'][:-len('train.bin')]}"
+                                   f"{missing[0]}.bin)")
+    day_rows = {name: [rows[name]] for name in splits}
+    parts = {name: [MappedPart("bin", [files[name]], 0, rows[name], id_modulus=modulus)] for name in day_rows}
+    return CriteoData(parts, day_rows, counts, shuffled=True)
+
+
 def make_criteo_datasets(args, log=print, progress=True):
     """(train, test, table sizes) for --data-generation=dataset, multi-hot with --multi-hot-sizes (expanded
     on the fly) or when --processed-data-file is a materialized multi-hot set; raises data_utils.DataError."""
@@ -800,7 +835,8 @@ def make_criteo_datasets(args, log=print, progress=True):
     if sum(data.day_rows["train"]) == 0:
         raise data_utils.DataError("the training split is empty (all rows sub-sampled away?)")
     shuffle_batches = args.mlperf_bin_loader and args.mlperf_bin_shuffle
-    train = CriteoDataset(data.parts["train"], args.mini_batch_size, args.data_randomize, args.numpy_rand_seed,
+    randomize = "none" if data.shuffled else args.data_randomize
+    train = CriteoDataset(data.parts["train"], args.mini_batch_size, randomize, args.numpy_rand_seed,
                           data.day_rows["train"], shuffle_batches=shuffle_batches, multi_hot=data.multi_hot)
     test = CriteoDataset(data.parts["test"], args.test_mini_batch_size, "none", args.numpy_rand_seed,
                          data.day_rows["test"], multi_hot=data.multi_hot)

@@ -1373,13 +1373,15 @@ def data_order(args, train_set) -> dict:
             order["--data-trace-file"] = args.data_trace_file
         return order
     bin_shuffle = bool(args.mlperf_bin_loader and args.mlperf_bin_shuffle)
+    rows = getattr(train_set, "dataset", train_set)
+    randomize = rows.randomize  # "none" for data shuffled when written, whatever the flag
     order.update({"--data-set": args.data_set,
                   "--data-sub-sample-rate": args.data_sub_sample_rate,
                   "--raw-data-file / --processed-data-file (training rows)":
-                      f"{dataset_samples(train_set, 1)} rows, digest {getattr(train_set, 'dataset', train_set).fingerprint()}",
-                  "--data-randomize": args.data_randomize,
+                      f"{dataset_samples(train_set, 1)} rows, digest {rows.fingerprint()}",
+                  "--data-randomize": randomize,
                   "--mlperf-bin-shuffle": bin_shuffle})
-    if args.data_randomize != "none" or bin_shuffle:
+    if randomize != "none" or bin_shuffle:
         order["--numpy-rand-seed"] = args.numpy_rand_seed
     return order
 

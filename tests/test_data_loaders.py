@@ -136,6 +136,96 @@ def test_terabyte_memory_mapped_batches_cross_day_boundaries(tmp_path):
     assert_same_batches(batches(mapped), batches(in_memory))
 
 
+def write_original_bin_files(folder, rows=(300, 50, 50), seed=0):
+    """The original's Terabyte --mlperf-bin-loader files: <folder>/terabyte_processed_{train,test,val}.bin of
+    int32 records [label, 13 integers, 26 ids] and the table sizes <folder>/day_fea_count.npz."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(5, 2000, 26)
+    records = {}
+    for split, n in zip(("train", "test", "val"), rows):
+        records[split] = np.concatenate([rng.integers(0, 2, (n, 1)), rng.integers(0, 1000, (n, 13)),
+                                         rng.integers(0, counts, (n, 26))], axis=1).astype(np.int32)
+        records[split].tofile(folder / f"terabyte_processed_{split}.bin")
+    np.savez(folder / "day_fea_count.npz", counts=counts)
+    return records, counts
+
+
+ORIGINAL_BIN_FLAGS = ["--data-generation=dataset", "--data-set=terabyte", "--mlperf-bin-loader",
+                      "--mini-batch-size=64", "--test-mini-batch-size=32"]
+
+
+@pytest.mark.parametrize("max_ind_range", [-1, 700])
+def test_the_originals_terabyte_bin_files_are_read_as_the_original_reads_them(tmp_path, max_ind_range):
+    """Its CriteoBinDataset: batches of consecutive records in file order (its preprocessing shuffled them),
+    dense log(x + 1), ids folded by --max-ind-range when read, the tables its counts (at most M)."""
+    records, counts = write_original_bin_files(tmp_path)
+    args = dlrm.parse_args([*ORIGINAL_BIN_FLAGS, f"--raw-data-file={tmp_path / 'day'}", f"--max-ind-range={max_ind_range}",
+                            f"--processed-data-file={tmp_path / 'terabyte_processed.npz'}", "--data-randomize=total"])
+    messages = []
+    train, test, sizes = dlrm_data.make_criteo_datasets(args, log=messages.append, progress=False)
+    assert messages == [f"Reading the original's --mlperf-bin-loader data={tmp_path / 'terabyte_processed_train.bin'} "
+                        f"(300 rows), {tmp_path / 'terabyte_processed_test.bin'} (50 rows), in their order; table "
+                        f"sizes from {tmp_path / 'day_fea_count.npz'}"]
+    fold = max_ind_range if max_ind_range > 0 else None
+    assert sizes == [min(int(c), fold or int(c)) for c in counts]
+    for dataset, split, size in ((train, "train", 64), (test, "test", 32)):
+        assert len(dataset) == -(-len(records[split]) // size)
+        for j in range(len(dataset)):
+            rows = records[split][j * size : (j + 1) * size]
+            batch = dataset[j]
+            ids = rows[:, 14:] % fold if fold else rows[:, 14:]
+            assert torch.equal(batch.dense_x, torch.log(torch.tensor(rows[:, 1:14], dtype=torch.float32) + 1))
+            assert batch.target.view(-1).tolist() == rows[:, 0].tolist()
+            assert batch.indices.tolist() == ids.T.reshape(-1).tolist()  # table after table
+            assert batch.offsets.tolist() == list(range(0, 26 * len(rows) + 1))
+
+
+def test_the_originals_bin_files_train_and_resume(tmp_path, run_main):
+    write_original_bin_files(tmp_path)
+    flags = [*ORIGINAL_BIN_FLAGS, f"--raw-data-file={tmp_path / 'day'}", "--arch-sparse-feature-size=4",
+             "--arch-mlp-bot=13-4", "--arch-mlp-top=8-1", "--mlperf-bin-shuffle", "--print-freq=1",
+             f"--processed-data-file={tmp_path / 'terabyte_processed.npz'}", "--max-ind-range=500"]
+    code, full, err = run_main(*flags)
+    assert code == 0, err
+    assert "Finished training it 5/5 of epoch 0" in full
+    code, _, err = run_main(*flags, "--num-batches=2", f"--save-model={tmp_path / 'm.pt'}", "--test-freq=2")
+    assert code == 0, err
+    code, resumed, err = run_main(*flags, f"--load-model={tmp_path / 'm.pt'}")
+    assert code == 0, err
+    losses = [line for line in full.splitlines() if line.startswith("Finished training it")]
+    assert losses[2:] == [line for line in resumed.splitlines() if line.startswith("Finished training it")]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", "terabyte_processed_train.bin: 47999 bytes is not a whole number of 160-byte records"),
+    ("no test", "the original's --mlperf-bin-loader file {tmp}/terabyte_processed_test.bin is missing (found "
+                "{tmp}/terabyte_processed_train.bin)"),
+    ("no counts", "the original's {tmp}/terabyte_processed_train.bin needs its table sizes, <raw>_fea_count.npz "
+                  "({tmp}/day_fea_count.npz not found): give --raw-data-file=<the prefix of the raw day files the "
+                  "original was given>"),
+    ("bad counts", "day_fea_count.npz: counts should be 26 positive integers"),
+    ("empty test", "terabyte_processed_test.bin: empty"),
+])
+def test_damaged_or_incomplete_original_bin_files_are_one_line(tmp_path, run_main, damage, message):
+    write_original_bin_files(tmp_path)
+    train, test = tmp_path / "terabyte_processed_train.bin", tmp_path / "terabyte_processed_test.bin"
+    if damage == "truncated":
+        train.write_bytes(train.read_bytes()[:-1])
+    elif damage == "no test":
+        test.unlink()
+    elif damage == "no counts":
+        (tmp_path / "day_fea_count.npz").unlink()
+    elif damage == "bad counts":
+        np.savez(tmp_path / "day_fea_count.npz", counts=np.arange(26) - 1)
+    else:
+        test.write_bytes(b"")
+    code, _, err = run_main(*ORIGINAL_BIN_FLAGS, f"--raw-data-file={tmp_path / 'day'}", "--arch-mlp-bot=13-2",
+                            f"--processed-data-file={tmp_path / 'terabyte_processed.npz'}")
+    assert code == 1 and "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("dlrm_s_pytorch.py: error: ") and message.format(tmp=tmp_path) in last, err
+
+
 def test_test_split_is_whole_whatever_num_batches(kaggle_file):
     train, test, _ = quiet_datasets(dataset_args(kaggle_file, "--num-batches=2"))
     assert test.num_rows == 500 and len(test) == 4 and test.samples_in_batch(3) == 500 - 3 * 128
