@@ -41,6 +41,7 @@ import inspect
 import os
 import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -168,7 +169,8 @@ def init_distributed(backend: str, use_gpu: bool, local_rank_flag: int, timeout_
         if backend == "nccl":
             kwargs["device_id"] = device_id
     try:
-        dist.init_process_group(backend, **kwargs)
+        with _stderr_replayed_on_success():
+            dist.init_process_group(backend, **kwargs)
     except (RuntimeError, ValueError) as e:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if backend != "mpi" else "MPI"
         raise DistributedError(f"could not set up the {backend} process group of "
@@ -177,6 +179,37 @@ def init_distributed(backend: str, use_gpu: bool, local_rank_flag: int, timeout_
     if info.rank != 0:
         _silence_stdout()
     return info
+
+
+@contextlib.contextmanager
+def _stderr_replayed_on_success():
+    """Holds what is written to file descriptor 2 while the body runs: written out after it when it succeeds,
+    dropped when it raises. A rendezvous that fails logs each failed connection attempt from PyTorch's C++
+    library with 20-50 lines of stack frames; the error it raises says the same in one line."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+        held = tempfile.TemporaryFile()
+    except OSError:  # no descriptors to spare: nothing held
+        yield
+        return
+    with held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            raise
+        else:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            for block in iter(lambda: held.read(1 << 16), b""):
+                while block:
+                    block = block[os.write(2, block):]
+        finally:
+            os.close(saved)
 
 
 def _default_master_address(info: LaunchInfo):
