@@ -534,14 +534,18 @@ def missing_raw_data(path: str, data_set: str) -> str:
         if os.path.isfile(path + ".gz"):
             return f"{flag}: no such file, but {path}.gz exists: decompress it first (gunzip {path}.gz; the kaggle " \
                    "train.txt is read uncompressed)"
+        reordered = f"{os.path.splitext(path)[0]}_day_0_reordered.npz"  # the original's names: train_day_0_...
+        if os.path.isfile(reordered):
+            return (f"{flag}: no such file; {reordered} is the original's --memory-map output, which this trainer "
+                    f"does not read: give the raw train.txt (preprocessed once into {DEFAULT_NAMES['kaggle']}/), "
+                    f"or the original's {DEFAULT_NAMES['kaggle']}.npz with --processed-data-file")
         return f"{flag}: no such file (--data-set=kaggle reads the Criteo Kaggle train.txt)"
-    memory_mapped = [f"{path}_{name}" for name in ("0_reordered.npz", "fea_count.npz")
-                     if os.path.isfile(f"{path}_{name}")]
-    if memory_mapped and not _day_file(path, 0):
-        return (f"{flag}: day file {path}_0 (or .gz) not found; {memory_mapped[0]} is the original's --memory-map "
+    reordered = f"{path}_0_reordered.npz"
+    if os.path.isfile(reordered) and not _day_file(path, 0):
+        return (f"{flag}: day file {path}_0 (or .gz) not found; {reordered} is the original's --memory-map "
                 f"output, which this trainer does not read: give the raw day files (preprocessed once into "
                 f"{DEFAULT_NAMES['terabyte']}/), the original's {DEFAULT_NAMES['terabyte']}.npz with "
-                f"--processed-data-file, or with --mlperf-bin-loader its .bin files "
+                f"--processed-data-file, or with --mlperf-bin-loader the original's .bin files made from it "
                 f"(--processed-data-file=<folder>/{DEFAULT_NAMES['terabyte']}.npz for "
                 f"{DEFAULT_NAMES['terabyte']}_train.bin and _test.bin)")
     day_file = re.match(r"^(.*)_\d+(\.gz)?$", path)
@@ -655,6 +659,11 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
     if not 0.0 <= sub_sample_rate <= 1.0:
         raise DataError(f"--data-sub-sample-rate must be in [0, 1], got {sub_sample_rate}")
     if os.path.isfile(base_dir):
+        split_file = re.match(r"^(.*)_(train|test|val)\.bin$", base_dir)
+        if split_file:
+            raise DataError(f"--processed-data-file {base_dir}: one of the original's --mlperf-bin-loader files; "
+                            f"they are read with --mlperf-bin-loader --data-set=terabyte "
+                            f"--processed-data-file={split_file.group(1)}.npz")
         raise DataError(f"--processed-data-file: its folder {base_dir} is a file, not processed data (a directory, "
                         "or the original's .npz); the raw data goes to --raw-data-file")
     own = read_set_metadata(base_dir)
@@ -1190,6 +1199,16 @@ def run_tasks(fn, jobs, workers, bar):
 
 
 # ============================================================================ other formats
+def npz_problem(error: Exception) -> str:
+    """Why np.load could not read an .npz, in a few words: NumPy takes a file that is not a zip archive for a
+    pickle and advises loading it unsafely, which is not what to do with a damaged data file."""
+    if isinstance(error, ValueError) and "allow_pickle" in str(error):
+        return "not a NumPy .npz archive"
+    if isinstance(error, KeyError) and error.args:
+        return f"KeyError: {error.args[0]}"
+    return f"{type(error).__name__}: {error}"
+
+
 def original_day_counts(raw_data_file: str, data_set: str) -> tuple[str | None, list[int] | None]:
     """(path, rows of each day) of the original's day count file beside the raw data (`<raw>_day_count.npz`,
     for Kaggle `<raw name up to its first dot>_day_count.npz`); the rows are None when it does not exist
@@ -1206,7 +1225,7 @@ def original_day_counts(raw_data_file: str, data_set: str) -> tuple[str | None, 
         with np.load(count_file) as data:
             sizes = np.asarray(data["total_per_file"])
     except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-        raise DataError(f"{count_file}: not a readable day count file ({type(e).__name__}: {e})")
+        raise DataError(f"{count_file}: not a readable day count file ({npz_problem(e)})")
     if sizes.ndim != 1 or sizes.dtype.kind not in "iu" or (sizes < 0).any():
         raise DataError(f"{count_file}: total_per_file should be the rows of each day (integers, none "
                         f"negative), found {sizes.dtype} {sizes.shape}")
@@ -1217,12 +1236,13 @@ def original_day_counts(raw_data_file: str, data_set: str) -> tuple[str | None, 
     return count_file, [int(n) for n in sizes]
 
 
-def load_original_npz(path, raw_data_file="", data_set="kaggle"):
+def load_original_npz(path, raw_data_file="", data_set="kaggle", sub_sample_rate=0.0, note=print):
     """The original's processed file (X_int, X_cat, y, counts) and its day sizes.
 
     Day sizes come from the original's <raw>_day_count.npz when present (DataError when it counts
-    other rows), else for Kaggle the original's cut of all rows into equal consecutive days;
-    Terabyte's days differ, so without the file it is a DataError."""
+    other rows), else for Kaggle the original's cut of all rows into equal consecutive days (said through
+    `note`); Terabyte's days differ, and so do sub-sampled Kaggle data's (`sub_sample_rate` > 0), so
+    without the file it is a DataError."""
     try:
         with np.load(path) as data:
             missing = [k for k in ("X_int", "X_cat", "y", "counts") if k not in data.files]
@@ -1231,7 +1251,7 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
                                 f"(no {', '.join(missing)})")
             X_int, X_cat, y, counts = data["X_int"], data["X_cat"], data["y"], data["counts"]
     except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:  # truncated, not a zip
-        raise DataError(f"--processed-data-file {path}: not a readable .npz ({type(e).__name__}: {e})")
+        raise DataError(f"--processed-data-file {path}: not a readable .npz ({npz_problem(e)})")
     if not (X_int.ndim == 2 and X_cat.ndim == 2 and y.ndim == 1 and len(X_int) == len(X_cat) == len(y)
             and X_int.shape[1] == NUM_DENSE and X_cat.shape[1] == NUM_SPARSE):
         raise DataError(f"--processed-data-file {path}: X_int {X_int.shape}, X_cat {X_cat.shape}, y {y.shape} "
@@ -1243,13 +1263,21 @@ def load_original_npz(path, raw_data_file="", data_set="kaggle"):
     if days is not None and sum(days) != len(y):
         raise DataError(f"{count_file}: its days hold {sum(days)} rows, {path} holds {len(y)}: the day counts "
                         "of other data")
-    if days is None and data_set == "terabyte":  # unequal days: an equal cut would test on other days' rows
-        where = count_file or "<prefix>_day_count.npz beside the raw day files"
-        raise DataError(f"--processed-data-file {path}: the original's Terabyte data is cut into its days by the "
-                        f"original's day counts ({where}), not found; give --raw-data-file=<prefix of the raw day "
-                        f"files> where that file lies")
+    if days is None and (data_set == "terabyte" or sub_sample_rate > 0):
+        # unequal days (sub-sampling shortens the training days): an equal cut would test on other days' rows
+        where = count_file or ("<prefix>_day_count.npz beside the raw day files" if data_set == "terabyte"
+                               else "<raw name>_day_count.npz beside the raw train.txt")
+        which = "Terabyte data" if data_set == "terabyte" else f"data of --data-sub-sample-rate={sub_sample_rate:g}"
+        raw = "<prefix of the raw day files>" if data_set == "terabyte" else "<the raw train.txt>"
+        raise DataError(f"--processed-data-file {path}: the original's {which} is cut into its days by the "
+                        f"original's day counts ({where}), not found; give --raw-data-file={raw} where that file "
+                        "lies")
     if days is None:  # Kaggle's days are the original's equal cut of train.txt
         days = day_sizes(len(y), DAYS[data_set])
+        where = count_file or "<raw name>_day_count.npz beside the raw train.txt, given --raw-data-file"
+        note(f"note: {path}: without the original's day counts ({where}) its {len(y)} rows are cut into "
+             f"{DAYS[data_set]} equal days, as the original cut train.txt: right for data processed without "
+             "--data-sub-sample-rate")
     dense = np.maximum(X_int, 0).astype(np.int32, copy=False)
     return np.asarray(y).astype(np.uint8), dense, X_cat.astype(np.int32, copy=False), [int(c) for c in counts], days
 
@@ -1259,21 +1287,23 @@ def original_bin_files(processed_data_file: str, raw_data_file: str, data_set: s
     None when there are none: split -> path of `<folder>/<stem>_train.bin` and `_test.bin` (`_val.bin` when
     present), where `<stem>` is --processed-data-file's name up to its first dot, and "counts" ->
     `<raw>_fea_count.npz` (the table sizes). DataError when only some of them exist."""
-    if data_set != "terabyte" or not processed_data_file:
+    if data_set != "terabyte" or not processed_data_file.rstrip("/"):
         return None
-    folder, name = os.path.split(processed_data_file)
+    folder, name = os.path.split(processed_data_file.rstrip("/"))
     stem = os.path.join(folder, name.split(".")[0])
     files = {split: f"{stem}_{split}.bin" for split in ("train", "test", "val")}
-    if not (os.path.isfile(files["train"]) or os.path.isfile(files["test"])):
+    found = [path for path in files.values() if os.path.exists(path)]
+    if not found:
         return None
-    missing = next((path for split, path in files.items() if split != "val" and not os.path.isfile(path)), None)
+    missing = next((path for split, path in files.items() if split != "val" and not os.path.exists(path)), None)
     if missing:
         raise DataError(f"--processed-data-file {processed_data_file}: the original's --mlperf-bin-loader file "
-                        f"{missing} is missing (found {files['train' if missing == files['test'] else 'test']})")
-    if not os.path.isfile(files["val"]):
+                        f"{missing} is missing (found {', '.join(found)}): restore it, or move the original's .bin "
+                        "files away to preprocess the raw day files instead")
+    if not os.path.exists(files["val"]):
         del files["val"]
     files["counts"] = f"{raw_data_file}_fea_count.npz"
-    if not raw_data_file or not os.path.isfile(files["counts"]):
+    if not raw_data_file or not os.path.exists(files["counts"]):
         raise DataError(f"--processed-data-file {processed_data_file}: the original's {files['train']} needs its "
                         f"table sizes, <raw>_fea_count.npz"
                         + (f" ({files['counts']} not found)" if raw_data_file else "")
@@ -1281,32 +1311,53 @@ def original_bin_files(processed_data_file: str, raw_data_file: str, data_set: s
     return files
 
 
-def read_original_bin_files(files: dict) -> tuple[dict, list[int]]:
-    """(split -> rows, table sizes) of the original's --mlperf-bin-loader files (`original_bin_files`):
-    int32 records [label, 13 integers, 26 ids] and the `counts` of its fea_count.npz. DataError (one
-    line) when a file is not a whole number of records, the test file is empty, or the counts are not
-    26 positive integers."""
+def read_original_bin_files(files: dict, splits=("train", "test"), max_ind_range=-1,
+                            checked_rows=4096) -> tuple[dict, list[int]]:
+    """(split -> rows, table sizes) of the original's --mlperf-bin-loader files (`original_bin_files`) of
+    `splits`: int32 records [label, 13 integers, 26 ids], and the `counts` of its fea_count.npz, at most
+    `max_ind_range` when it is above 0 (the original folds the ids into it when they are used). DataError (one
+    line) when a split has no file, a file is not a whole number of records, the training or test file is
+    empty, the counts are not 26 positive integers, or an id of `checked_rows` rows spread over each file lies
+    outside its table."""
     record = 4 * NUM_FIELDS
     rows = {}
-    for split, path in files.items():
-        if split == "counts":
-            continue
+    for split in splits:
+        path = files.get(split)
+        if path is None:
+            raise DataError(f"the original's {split} split is not there ({files['train'][:-len('train.bin')]}"
+                            f"{split}.bin)")
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: not a file")
         size = os.path.getsize(path)
         if size % record:
             raise DataError(f"{path}: {size} bytes is not a whole number of {record}-byte records (label, "
                             f"{NUM_DENSE} integers, {NUM_SPARSE} ids as int32): truncated?")
         rows[split] = size // record
-    if rows["test"] == 0 or rows["train"] == 0:
-        raise DataError(f"{files['test' if rows['test'] == 0 else 'train']}: empty")
+    empty = next((files[split] for split in ("train", "test") if rows.get(split) == 0), None)
+    if empty:
+        raise DataError(f"{empty}: empty")
     try:
         with np.load(files["counts"]) as data:
             counts = np.asarray(data["counts"])
     except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-        raise DataError(f"{files['counts']}: not the original's table sizes file ({type(e).__name__}: {e})")
+        raise DataError(f"{files['counts']}: not the original's table sizes file ({npz_problem(e)})")
     if counts.shape != (NUM_SPARSE,) or counts.dtype.kind not in "iu" or (counts <= 0).any():
         raise DataError(f"{files['counts']}: counts should be {NUM_SPARSE} positive integers (one table size per "
                         f"categorical feature), found {counts.dtype} {counts.shape}")
-    return rows, [int(c) for c in counts]
+    tables = np.minimum(counts, max_ind_range) if max_ind_range > 0 else counts
+    for split, n in rows.items():
+        records = np.memmap(files[split], dtype=np.int32, mode="r").reshape(-1, NUM_FIELDS)
+        sampled = np.unique(np.linspace(0, n - 1, min(n, checked_rows)).astype(np.int64))
+        ids = records[sampled, 1 + NUM_DENSE :].astype(np.int64)
+        if max_ind_range > 0:
+            ids %= max_ind_range
+        outside = np.argwhere((ids < 0) | (ids >= tables))
+        if len(outside):
+            k, t = outside[0]
+            raise DataError(f"{files[split]}: row {sampled[k]} holds id {ids[k, t]} of categorical feature {t}, "
+                            f"outside the {tables[t]} rows of its table by {files['counts']}: the table sizes "
+                            "of other data?")
+    return rows, [int(c) for c in tables]
 
 
 def write_bin_files(processed: ProcessedData, log=print) -> dict:

@@ -782,17 +782,22 @@ def _open_multi_hot(args, out_dir, splits, log, progress) -> CriteoData:
                       multi_hot)
 
 
+def _note(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def _open_original_npz(args, splits, log) -> CriteoData:
     path = args.processed_data_file
     log(f"Reading the original's processed data={path}")
-    label, dense, sparse, counts, day_rows = data_utils.load_original_npz(path, args.raw_data_file, args.data_set)
+    label, dense, sparse, counts, day_rows = data_utils.load_original_npz(
+        path, args.raw_data_file, args.data_set, args.data_sub_sample_rate, note=_note)
     if args.max_ind_range > 0:  # as the original: ids folded into [0, M) when the data is used
         np.remainder(sparse, args.max_ind_range, out=sparse)
         counts = [min(c, args.max_ind_range) for c in counts]
-    for flag, on in (("--memory-map", args.memory_map), ("--mlperf-bin-loader", args.mlperf_bin_loader)):
-        if on:
-            print(f"note: {flag} has no effect with the original's .npz (compressed: it is loaded in memory)",
-                  file=sys.stderr)
+    # with both, --memory-map was noted as having no effect with --mlperf-bin-loader
+    flag = "--mlperf-bin-loader" if args.mlperf_bin_loader else "--memory-map" if args.memory_map else None
+    if flag:
+        _note(f"note: {flag} has no effect with the original's .npz (compressed: it is loaded in memory)")
     starts = np.concatenate([[0], np.cumsum(day_rows)])
     parts, rows = {}, {}
     for name, ranges in data_utils.split_days(day_rows).items():
@@ -809,20 +814,13 @@ def _open_original_bin(args, files, splits, log) -> CriteoData:
     """The original's Terabyte --mlperf-bin-loader files (data_utils.original_bin_files), memory-mapped: train
     days 0-22, test and validation the halves of day 23, ids folded by --max-ind-range when read, rows in
     the files' order (its preprocessing shuffled them), as the original's CriteoBinDataset."""
-    rows, counts = data_utils.read_original_bin_files(files)
+    rows, counts = data_utils.read_original_bin_files(files, tuple(splits), args.max_ind_range)
     log(f"Reading the original's --mlperf-bin-loader data={files['train']} ({rows['train']} rows), "
         f"{files['test']} ({rows['test']} rows), in their order; table sizes from {files['counts']}")
     modulus = max(args.max_ind_range, 0)
-    if modulus:
-        counts = [min(c, modulus) for c in counts]
     if args.data_sub_sample_rate > 0:
-        print("note: --data-sub-sample-rate has no effect on the original's .bin files: they hold the rows its "
-              "preprocessing kept", file=sys.stderr)
-    missing = [name for name in splits if name not in rows]
-    if missing:
-        raise data_utils.DataError(f"--processed-data-file {args.processed_data_file}: the original's "
-                                   f"{missing[0]} split is not there ({files['train'][:-len('train.bin')]}"
-                                   f"{missing[0]}.bin)")
+        _note("note: --data-sub-sample-rate has no effect on the original's .bin files: they hold the rows its "
+              "preprocessing kept")
     day_rows = {name: [rows[name]] for name in splits}
     parts = {name: [MappedPart("bin", [files[name]], 0, rows[name], id_modulus=modulus)] for name in day_rows}
     return CriteoData(parts, day_rows, counts, shuffled=True)

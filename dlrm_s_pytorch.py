@@ -1891,7 +1891,9 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 say(f"Finished training it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
                     f"loss {state.train_loss:.6f}{wall}")
                 if not math.isfinite(state.train_loss):  # nothing more to learn: stop
-                    raise DLRMError(guard.non_finite_loss(state.train_loss, j + 1, epoch))
+                    bad_input = first_non_finite_input(train_set, j + 1 - window_iters, j)
+                    raise DLRMError(guard.non_finite_loss(state.train_loss, j + 1, epoch,
+                                                          None if bad_input is None else bad_input + 1))
                 warning = guard.check(state.train_loss, j + 1, epoch)
                 if warning and ext_dist.is_rank0():
                     with progress.write_mode():
@@ -1922,6 +1924,18 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         state.next_batch = state.skip_samples = 0
         state.epoch = epoch + 1
     return state
+
+
+def first_non_finite_input(dataset, first: int, last: int) -> int | None:
+    """The first of batches first..last of `dataset` whose dense features are not all finite, else None (also
+    for a dataset that cannot be indexed). Read again only after a run diverged, to name the cause."""
+    try:
+        for k in range(first, last + 1):
+            if not bool(torch.isfinite(dataset[k].dense_x).all()):
+                return k
+    except (TypeError, IndexError, NotImplementedError):
+        pass
+    return None
 
 
 def scale_gradients(model, factor):

@@ -148,10 +148,13 @@ class DivergenceGuard:
         self.warned = True
         return f"warning: training diverged: {what}; {self.likely_cause()}"
 
-    def non_finite_loss(self, loss: float, iteration: int, epoch: int) -> str:
-        """The error when the training loss became NaN or inf (the weights are lost: the run stops)."""
-        return (f"training diverged: the loss is {loss} at iteration {iteration} of epoch {epoch}; "
-                f"{self.likely_cause()}")
+    def non_finite_loss(self, loss: float, iteration: int, epoch: int, bad_input_batch: int | None = None) -> str:
+        """The error when the training loss became NaN or inf (the weights are lost: the run stops);
+        `bad_input_batch`: the number of a batch of the printed window whose dense features are not finite,
+        then the cause named is the data, not the learning rate."""
+        cause = (f"training batch {bad_input_batch}'s dense features hold NaN or infinite values (log(x + 1) of an "
+                 "integer feature below 0: damaged data?)" if bad_input_batch is not None else self.likely_cause())
+        return f"training diverged: the loss is {loss} at iteration {iteration} of epoch {epoch}; {cause}"
 
     def nan_predictions(self, iteration: int, epoch: int) -> str:
         """The error when the model's predictions became NaN (a loss cannot be computed any more)."""

@@ -238,6 +238,26 @@ def test_ids_outside_their_table_stop_the_run_with_one_line_naming_the_batch(run
                         r"for table 2 \(300 rows\)\n", err), err
 
 
+def test_a_loss_made_nan_by_the_data_names_the_batch_not_the_learning_rate(run_main, monkeypatch):
+    import dlrm_data
+
+    make_batch = dlrm_data.RandomDataset.__getitem__
+
+    def nan_dense_features_in_batch_2(dataset, j):
+        batch = make_batch(dataset, j)
+        if j == 1 and batch.batch_size == 64:
+            batch.dense_x[5, 0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(dlrm_data.RandomDataset, "__getitem__", nan_dense_features_in_batch_2)
+    code, out, err = run_main("--arch-embedding-size=100-200", "--data-size=256", "--mini-batch-size=64",
+                              "--print-freq=3", "--learning-rate=0.0001")
+    assert code == 1
+    assert err == ("dlrm_s_pytorch.py: error: training diverged: the loss is nan at iteration 3 of epoch 0; training "
+                   "batch 2's dense features hold NaN or infinite values (log(x + 1) of an integer feature below 0: "
+                   "damaged data?)\n")
+
+
 def test_ids_outside_their_table_in_a_test_batch_name_it(run_main, monkeypatch):
     import dlrm_data
 

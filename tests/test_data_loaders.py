@@ -199,7 +199,13 @@ def test_the_originals_bin_files_train_and_resume(tmp_path, run_main):
 @pytest.mark.parametrize("damage,message", [
     ("truncated", "terabyte_processed_train.bin: 47999 bytes is not a whole number of 160-byte records"),
     ("no test", "the original's --mlperf-bin-loader file {tmp}/terabyte_processed_test.bin is missing (found "
-                "{tmp}/terabyte_processed_train.bin)"),
+                "{tmp}/terabyte_processed_train.bin, {tmp}/terabyte_processed_val.bin): restore it, or move the "
+                "original's .bin files away to preprocess the raw day files instead"),
+    ("only val", "the original's --mlperf-bin-loader file {tmp}/terabyte_processed_train.bin is missing (found "
+                 "{tmp}/terabyte_processed_val.bin)"),
+    ("junk counts", "day_fea_count.npz: not the original's table sizes file (not a NumPy .npz archive)"),
+    ("counts of other data", "terabyte_processed_train.bin: row 0 holds id 64 of categorical feature 0, outside the "
+                             "10 rows of its table by {tmp}/day_fea_count.npz: the table sizes of other data?"),
     ("no counts", "the original's {tmp}/terabyte_processed_train.bin needs its table sizes, <raw>_fea_count.npz "
                   "({tmp}/day_fea_count.npz not found): give --raw-data-file=<the prefix of the raw day files the "
                   "original was given>"),
@@ -213,6 +219,16 @@ def test_damaged_or_incomplete_original_bin_files_are_one_line(tmp_path, run_mai
         train.write_bytes(train.read_bytes()[:-1])
     elif damage == "no test":
         test.unlink()
+    elif damage == "only val":
+        train.unlink()
+        test.unlink()
+    elif damage == "junk counts":
+        (tmp_path / "day_fea_count.npz").write_bytes(b"not an archive")
+    elif damage == "counts of other data":
+        records = np.fromfile(train, dtype=np.int32).reshape(-1, 40)
+        records[0, 14] = 64
+        records.tofile(train)
+        np.savez(tmp_path / "day_fea_count.npz", counts=np.full(26, 10))
     elif damage == "no counts":
         (tmp_path / "day_fea_count.npz").unlink()
     elif damage == "bad counts":
@@ -224,6 +240,25 @@ def test_damaged_or_incomplete_original_bin_files_are_one_line(tmp_path, run_mai
     assert code == 1 and "Traceback" not in err
     last = err.splitlines()[-1]
     assert last.startswith("dlrm_s_pytorch.py: error: ") and message.format(tmp=tmp_path) in last, err
+
+
+def test_the_originals_validation_bin_file_is_not_read_when_unused(tmp_path):
+    write_original_bin_files(tmp_path)
+    (tmp_path / "terabyte_processed_val.bin").write_bytes(b"damaged")
+    args = dlrm.parse_args([*ORIGINAL_BIN_FLAGS, f"--raw-data-file={tmp_path / 'day'}",
+                            f"--processed-data-file={tmp_path / 'terabyte_processed.npz/'}"])
+    train, test, _ = quiet_datasets(args)
+    assert train.num_rows == 300 and test.num_rows == 50
+
+
+def test_one_of_the_originals_bin_files_given_as_processed_data_names_the_flags(tmp_path, run_main):
+    write_original_bin_files(tmp_path)
+    code, _, err = run_main(*ORIGINAL_BIN_FLAGS, "--arch-mlp-bot=13-2", f"--raw-data-file={tmp_path / 'day'}",
+                            f"--processed-data-file={tmp_path / 'terabyte_processed_train.bin'}")
+    assert code == 1 and err.splitlines()[-1] == (
+        f"dlrm_s_pytorch.py: error: --processed-data-file {tmp_path / 'terabyte_processed_train.bin'}: one of the "
+        "original's --mlperf-bin-loader files; they are read with --mlperf-bin-loader --data-set=terabyte "
+        f"--processed-data-file={tmp_path / 'terabyte_processed'}.npz")
 
 
 def test_test_split_is_whole_whatever_num_batches(kaggle_file):

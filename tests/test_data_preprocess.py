@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -566,11 +567,38 @@ def test_the_originals_terabyte_npz_is_cut_by_its_day_counts_only(tmp_path):
         data_utils.load_original_npz(str(path), str(tmp_path / "day"), "terabyte")
 
 
-def test_the_originals_memory_map_output_is_named_when_the_raw_days_are_gone(tmp_path):
-    for name in ("day_0_reordered.npz", "day_fea_count.npz"):
+def test_the_originals_memory_map_output_is_named_when_the_raw_data_is_gone(tmp_path):
+    for name in ("day_0_reordered.npz", "day_fea_count.npz", "train_day_0_reordered.npz", "train_fea_count.npz"):
         (tmp_path / name).write_bytes(b"")
     message = data_utils.missing_raw_data(str(tmp_path / "day"), "terabyte")
     assert "day_0_reordered.npz is the original's --memory-map output, which this trainer does not read" in message
+    assert "with --mlperf-bin-loader the original's .bin files made from it" in message
+    message = data_utils.missing_raw_data(str(tmp_path / "train.txt"), "kaggle")
+    assert message == (f"--raw-data-file {tmp_path / 'train.txt'}: no such file; {tmp_path / 'train_day_0_reordered.npz'} "
+                       "is the original's --memory-map output, which this trainer does not read: give the raw "
+                       "train.txt (preprocessed once into kaggleAdDisplayChallenge_processed/), or the original's "
+                       "kaggleAdDisplayChallenge_processed.npz with --processed-data-file")
+    (tmp_path / "day_fea_count.npz").unlink()  # the table sizes of the original's .bin files are not its output
+    assert "memory-map" not in data_utils.missing_raw_data(str(tmp_path / "other"), "terabyte")
+
+
+def test_the_originals_kaggle_npz_without_day_counts_is_cut_equally_only_without_sub_sampling(tmp_path):
+    path = damaged_original_npz(tmp_path / "kaggleAdDisplayChallenge_processed.npz", "none")
+    notes = []
+    days = data_utils.load_original_npz(str(path), "", "kaggle", note=notes.append)[4]
+    assert days == [10] * 7 and notes == [
+        f"note: {path}: without the original's day counts (<raw name>_day_count.npz beside the raw train.txt, given "
+        "--raw-data-file) its 70 rows are cut into 7 equal days, as the original cut train.txt: right for data "
+        "processed without --data-sub-sample-rate"]
+    with pytest.raises(data_utils.DataError, match=re.escape(
+            f"--processed-data-file {path}: the original's data of --data-sub-sample-rate=0.5 is cut into its days "
+            f"by the original's day counts ({tmp_path / 'train_day_count.npz'}), not found; give "
+            "--raw-data-file=<the raw train.txt> where that file lies")):
+        data_utils.load_original_npz(str(path), str(tmp_path / "train.txt"), "kaggle", sub_sample_rate=0.5)
+    np.savez(tmp_path / "train_day_count.npz", total_per_file=np.array([12, 12, 11, 11, 8, 6, 10]))
+    assert data_utils.load_original_npz(str(path), str(tmp_path / "train.txt"), "kaggle", sub_sample_rate=0.5,
+                                        note=notes.append)[4] == [12, 12, 11, 11, 8, 6, 10]
+    assert len(notes) == 1
 
 
 def test_data_utils_takes_the_originals_command_line(tmp_path, capsys):
