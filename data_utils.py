@@ -1312,7 +1312,7 @@ def original_bin_files(processed_data_file: str, raw_data_file: str, data_set: s
 
 
 def read_original_bin_files(files: dict, splits=("train", "test"), max_ind_range=-1,
-                            checked_rows=4096) -> tuple[dict, list[int]]:
+                            checked_rows=256) -> tuple[dict, list[int]]:
     """(split -> rows, table sizes) of the original's --mlperf-bin-loader files (`original_bin_files`) of
     `splits`: int32 records [label, 13 integers, 26 ids], and the `counts` of its fea_count.npz, at most
     `max_ind_range` when it is above 0 (the original folds the ids into it when they are used). DataError (one
