@@ -1154,7 +1154,7 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
         if model is None:
             return
     checkpoint = {
-        "state_dict": model.state_dict(),
+        "state_dict": to_original_keys(model.state_dict(), model),
         "opt_state_dict": optimizer.state_dict() if optimizer is not None else None,
         "train_state": dataclasses.asdict(state),
         "arch": model_arch(model),
@@ -1253,6 +1253,27 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
         print(f"note: --load-model {path} holds no optimizer state: Adagrad's sums of squared gradients start "
               "from zero", file=sys.stderr)
     return state
+
+
+def to_original_keys(state_dict: dict, model: DLRM_Net) -> dict:
+    """`state_dict` (the model's) under the original's names, so that the original loads our checkpoints: QR
+    tables' `emb_l.<k>.embs_q.weight` / `embs_r.weight` -> `emb_l.<k>.weight_q` / `weight_r`; learned pooling
+    weights `pooling_weights.weight` ([all rows, 1]) -> one `v_W_l.<k>` [rows of table k] per table; fixed ones
+    left out when all are 1 (the original does not save them), else kept as they are. `from_original_keys`
+    reverses it."""
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith("emb_l.") and key.endswith((".embs_q.weight", ".embs_r.weight")):
+            key = key[: -len(".embs_q.weight")] + (".weight_q" if key.endswith(".embs_q.weight") else ".weight_r")
+        renamed[key] = value
+    pooling = renamed.pop("pooling_weights.weight", None)
+    if pooling is not None:
+        if model.pooling_weights.learned:
+            for k, rows in enumerate(pooling.split(model.table_sizes)):
+                renamed[f"v_W_l.{k}"] = rows.reshape(-1)
+        elif not bool((pooling == 1).all()):  # chosen fixed weights: ours only
+            renamed["pooling_weights.weight"] = pooling
+    return renamed
 
 
 def from_original_keys(state_dict, model: DLRM_Net):

@@ -336,6 +336,27 @@ def test_a_checkpoint_at_the_end_of_an_epoch_takes_changes_for_the_next(run_main
     assert code == 1 and "--numpy-rand-seed was 123, now 5: the rest of epoch 0 would skip or repeat rows" in err
 
 
+@pytest.mark.parametrize("trick,keys", [
+    (["--weighted-pooling=learned"], {"v_W_l.0": [10], "v_W_l.1": [20], "v_W_l.2": [30]}),
+    (["--weighted-pooling=fixed"], {}),
+    (["--qr-flag", "--qr-threshold=15"], {"emb_l.1.weight_q": [5, 4], "emb_l.1.weight_r": [4, 4],  # 4 collisions
+                                           "emb_l.2.weight_q": [8, 4], "emb_l.2.weight_r": [4, 4]}),
+])
+def test_checkpoints_name_embedding_tricks_as_the_original_and_load_back(run_main, tmp_path, trick, keys):
+    """The original loads our checkpoints (strictly): its names, and no fixed pooling weights (all 1)."""
+    flags = ["--arch-embedding-size=10-20-30", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",
+             "--arch-mlp-top=8-1", "--data-size=64", "--mini-batch-size=16", *trick]
+    code, _, err = run_main(*flags, "--num-batches=2", f"--save-model={tmp_path / 'm.pt'}", "--test-freq=2")
+    assert code == 0, err
+    saved = torch.load(tmp_path / "m.pt", weights_only=False)["state_dict"]
+    tricks = {k: list(v.shape) for k, v in saved.items() if k.startswith("v_W_l") or k.endswith(("_q", "_r"))}
+    assert tricks == keys and not any(k.startswith("pooling_weights") or ".embs_" in k for k in saved)
+    code, resumed, err = run_main(*flags, "--print-freq=1", f"--load-model={tmp_path / 'm.pt'}")
+    code_full, full, _ = run_main(*flags, "--print-freq=1")
+    assert code == code_full == 0, err
+    assert resumed.splitlines()[-2:] == full.splitlines()[-2:]
+
+
 @pytest.mark.parametrize("trick", [["--weighted-pooling=learned"], ["--weighted-pooling=fixed"],
                                    ["--qr-flag", "--qr-threshold=15"]])
 def test_the_originals_names_of_embedding_tricks_load(trick):
