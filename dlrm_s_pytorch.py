@@ -77,7 +77,7 @@ from dlrmkit.optim import ADAGRAD_EPS, OPTIMIZERS, make_optimizer
 from dlrmkit.progress import DivergenceGuard, ProgressBar, stderr_is_terminal
 from dlrmkit.run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
 from dlrmkit.sparse import SparseFeatures
-from dlrmkit.tricks import PoolingWeights, embedding_output_dim, table_factory
+from dlrmkit.tricks import PoolingWeights, QREmbeddingBag, embedding_output_dim, table_factory
 
 
 interaction_width = interactions.interaction_width  # importable from here too, with DLRM_Net
@@ -1219,6 +1219,12 @@ def load_checkpoint(path, model, optimizer, check=None, counts=None) -> TrainSta
             state.last_test = TestMetrics(**last_test) if last_test else None
         else:
             state = original_train_state(checkpoint)
+            if any(getattr(module, "operation", None) == "mult" for module in model.emb_l.modules()
+                   if isinstance(module, QREmbeddingBag)):
+                print(f"note: --load-model {path}: the original's QR tables (--qr-operation=mult) multiply a bag's "
+                      "pooled quotient and remainder embeddings; this trainer pools their products per id (the "
+                      "paper's): the same for bags of one id (Criteo data), other values for larger bags",
+                      file=sys.stderr)
         for field in ("epoch", "next_batch", "updates", "batch_size", "skip_samples"):
             if not isinstance(getattr(state, field, 0), int):
                 raise TypeError(f"{field} is {getattr(state, field)!r}, not a whole number")

@@ -357,6 +357,20 @@ def test_checkpoints_name_embedding_tricks_as_the_original_and_load_back(run_mai
     assert resumed.splitlines()[-2:] == full.splitlines()[-2:]
 
 
+@pytest.mark.parametrize("operation,noted", [("mult", True), ("add", False)])
+def test_loading_the_originals_qr_mult_checkpoint_notes_how_bags_differ(run_main, tmp_path, operation, noted):
+    flags = ["--arch-embedding-size=10-20-30", "--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4",
+             "--arch-mlp-top=8-1", "--data-size=64", "--mini-batch-size=16", "--qr-flag", "--qr-threshold=15",
+             f"--qr-operation={operation}"]
+    model = dlrm.build_model(dlrm.parse_args(flags), 4, [10, 20, 30])
+    torch.save({"state_dict": dlrm.to_original_keys(model.state_dict(), model), "epoch": 0, "iter": 0},
+               tmp_path / "original.pt")  # the original's checkpoint: no train_state
+    code, _, err = run_main(*flags, "--inference-only", f"--load-model={tmp_path / 'original.pt'}")
+    assert code == 0, err
+    assert ("note: --load-model " + str(tmp_path / "original.pt") + ": the original's QR tables (--qr-operation=mult) "
+            "multiply a bag's pooled quotient and remainder embeddings" in err) == noted
+
+
 @pytest.mark.parametrize("trick", [["--weighted-pooling=learned"], ["--weighted-pooling=fixed"],
                                    ["--qr-flag", "--qr-threshold=15"]])
 def test_the_originals_names_of_embedding_tricks_load(trick):
