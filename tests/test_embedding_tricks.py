@@ -81,6 +81,8 @@ def test_md_solver_follows_the_alpha_power_rule():
     # powers of two, never above the base dimension: 7 -> 8, 12 -> 16 capped at 12
     assert md_solver([10, 30], alpha=0.5, d0=12) == [12, 7]
     assert md_solver([10, 30], alpha=0.5, d0=12, round_dim=True) == [12, 8]
+    # float32 as the original: 8 * sqrt(5400 / 55296) is 2.5 in exact arithmetic, just above it in float32
+    assert md_solver([5400, 21211, 55296], alpha=0.5, d0=8) == [8, 4, 3]
 
 
 @pytest.mark.slow

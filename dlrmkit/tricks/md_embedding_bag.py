@@ -12,24 +12,27 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 def md_solver(table_sizes, alpha: float, d0: int, round_dim: bool = False, frequencies=None) -> list[int]:
-    """Dimension of each table (in the given order) by the alpha-power rule, each in [1, d0]."""
-    n = np.asarray([int(v) for v in table_sizes], dtype=np.float64)
+    """Dimension of each table (in the given order) by the alpha-power rule, each in [1, d0]: the smallest table
+    (per query, with `frequencies`) keeps d0, table i gets round(d0 * n_min^alpha * n_i^-alpha), with `round_dim`
+    the nearest power of two. In float32 and in that order, as the original's md_solver: a dimension that lands
+    on .5 rounds as it does there."""
+    n = torch.tensor([int(v) for v in table_sizes], dtype=torch.float32)
     if frequencies is not None:
-        n = n / np.asarray(frequencies, dtype=np.float64)
-    if n.size == 0:
+        n = n / torch.tensor(frequencies, dtype=torch.float32)
+    if n.numel() == 0:
         return []
-    dims = d0 * (n.min() / n) ** float(alpha)
-    dims = np.maximum(1.0, np.round(dims))
+    dims = d0 * (n.min() ** float(alpha)) * n ** (-float(alpha))
+    dims[int(torch.argmin(n))] = d0
+    dims = torch.round(torch.clamp(dims, min=1.0))
     if round_dim:
-        dims = 2.0 ** np.round(np.log2(dims))
-    return [int(min(d0, d)) for d in dims]
+        dims = 2 ** torch.round(torch.log2(dims))
+    return [int(min(d0, d)) for d in dims.tolist()]
 
 
 class PrEmbeddingBag(nn.Module):
