@@ -798,12 +798,14 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
 
     `distributed`: launched by torchrun/mpirun (default: read from the environment)."""
     parser = build_parser()
-    problem = flags.check_ranges(parser, args)
-    if problem:
-        raise DLRMError(problem)
     if distributed is None:
         distributed = ext_dist.launch_info() is not None
     ineffective = flags.ineffective_flags(parser, args, APPLIES_WHEN, distributed, DERIVED_DEFAULTS)
+    # with --inference-only the training flags are unused whatever their values (--nepochs=0): noted, not checked
+    unused = [name for name, condition in ineffective if condition is TRAINING]
+    problem = flags.check_ranges(parser, args, unused)
+    if problem:
+        raise DLRMError(problem)
     for name, condition in ineffective:
         if name in REFUSED_WITHOUT_EFFECT:
             raise DLRMError(f"{name} needs {condition.needs} (it is {args.data_generation})")
@@ -845,9 +847,9 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
         raise DLRMError(problem)
     if dataset and args.arch_mlp_bot[0] != data_utils.NUM_DENSE:
         raise DLRMError(dense_features_problem(data_utils.NUM_DENSE, args.arch_mlp_bot[0]))
-    if args.rand_data_min > args.rand_data_max:
-        raise DLRMError(f"--rand-data-min {args.rand_data_min:g} is above --rand-data-max {args.rand_data_max:g}")
     if args.data_generation == "random" and args.rand_data_dist == "gaussian":
+        if args.rand_data_min > args.rand_data_max:
+            raise DLRMError(f"--rand-data-min {args.rand_data_min:g} is above --rand-data-max {args.rand_data_max:g}")
         problem = gaussian_ids_problem(args.rand_data_min, args.rand_data_max, min(args.arch_embedding_size))
         if problem:
             raise DLRMError(problem)

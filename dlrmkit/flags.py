@@ -143,17 +143,18 @@ def _one_of(values) -> str:
     return texts[0] if len(texts) == 1 else f"{', '.join(texts[:-1])} or {texts[-1]}"
 
 
-def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace, unused=()) -> str | None:
     """The first flag value of `args` outside its declared range, as a one-line message, or None
-    (the flags of a chosen sub-command included)."""
+    (the flags of a chosen sub-command included); flags in `unused` (without effect in this run: their
+    value is noted, not used) are not checked."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
-            problem = check_ranges(action.choices[getattr(args, action.dest)], args)
+            problem = check_ranges(action.choices[getattr(args, action.dest)], args, unused)
             if problem:
                 return problem
         valid = getattr(action, "valid_range", None)
         value = getattr(args, action.dest, None)
-        if valid is None or value is None or isinstance(value, str):
+        if valid is None or value is None or isinstance(value, str) or set(action.option_strings) & set(unused):
             continue
         flag = action.option_strings[0]
         values = value if isinstance(value, list) else [value]

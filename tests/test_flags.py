@@ -85,7 +85,7 @@ def test_make_fake_refuses_files_it_could_not_make_useful(tmp_path, capsys, argv
 @pytest.mark.parametrize("argv,message", [
     (["--learning-rate=-1"], "--learning-rate must be at least 0, got -1"),
     (["--num-indices-per-lookup=-3"], "--num-indices-per-lookup must be at least 0, got -3"),
-    (["--rand-data-min=5", "--rand-data-max=1"], "--rand-data-min 5 is above --rand-data-max 1"),
+    (["--rand-data-dist=gaussian", "--rand-data-min=5", "--rand-data-max=1"], "--rand-data-min 5 is above --rand-data-max 1"),
     (["--print-precision=-3"], "--print-precision must be in [0, 17], got -3"),
     (["--numpy-rand-seed=-1"], "--numpy-rand-seed must be in [0, 4294967295], got -1"),
     (["--loss-threshold=0.7"], "--loss-threshold must be in [0, 0.5), got 0.7"),
@@ -237,10 +237,14 @@ def test_flags_given_their_default_value_get_no_note():
       "--mini-batch-size = 8 samples"]),
     (["--lr-decay-start-step=5"], ["--lr-decay-start-step has no effect without --lr-num-decay-steps"]),
     (["--mini-batch-size=2", "--test-mini-batch-size=4"], ["--test-mini-batch-size has no effect without --test-freq"]),
+    # a value the flag could not take when it has an effect: noted as well (the original ignores it)
+    (["--rand-data-min=5"], ["--rand-data-min has no effect without --rand-data-dist=gaussian"]),
+    (["--inference-only", "--nepochs=0", "--print-freq=0"], ["--nepochs has no effect with --inference-only",
+                                                             "--print-freq has no effect with --inference-only"]),
 ])
 def test_notes_go_to_stderr_and_the_run_goes_on(run_main, argv, notes):
     code, out, err = run_main(*argv)
-    assert code == 0 and "Finished training it" in out
+    assert code == 0 and ("Finished training it" in out or "Testing for inference only" in out)
     for note in notes:
         assert f"note: {note}" in err and note not in out
 
