@@ -489,6 +489,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     prog = prog or flags.program_name("dlrm_s_pytorch.py")
     parser = flags.CommandLineParser(
         prog=prog, foreign_flags=flags.TORCHREC_FLAGS, foreign_program="torchrec_dlrm/dlrm_main.py",
+        established_flags=flags.ORIGINAL_FLAGS,
         description="Train the Deep Learning Recommendation Model (DLRM)",
         epilog=EXAMPLES.format(command=prog if prog.startswith("dlrm") and not prog.endswith(".py") else f"python {prog}"),
     )
@@ -2162,9 +2163,11 @@ def dataset_samples(dataset, batch_size: int) -> int:
 
 
 def run_status(args, state: TrainState) -> str:
-    """MLPerf run status: success when a target is reached, or when none was set and the run completed."""
+    """MLPerf run status: success when a target is reached, or when none applies (none set, or no test during
+    training to reach it: the thresholds have no effect then) and the run completed."""
     targets = [(args.mlperf_auc_threshold, state.best_auc), (args.mlperf_acc_threshold, state.best_acc)]
-    targets = [(target, best) for target, best in targets if target > 0]
+    checked = not args.inference_only and testing(args)
+    targets = [(target, best) for target, best in targets if target > 0 and checked]
     if not targets:
         return "success"
     return "success" if any(best >= target for target, best in targets) else "aborted"

@@ -199,15 +199,44 @@ TORCHREC_FLAGS = {
 }
 
 
+# the original dlrm_s_pytorch.py's flags: their abbreviations keep the meaning they had there
+ORIGINAL_FLAGS = """--arch-sparse-feature-size --arch-embedding-size --arch-mlp-bot --arch-mlp-top
+--arch-interaction-op --arch-interaction-itself --weighted-pooling --md-flag --md-threshold --md-temperature
+--md-round-dims --qr-flag --qr-threshold --qr-operation --qr-collisions --activation-function --loss-function
+--loss-weights --loss-threshold --round-targets --data-size --num-batches --data-generation --rand-data-dist
+--rand-data-min --rand-data-max --rand-data-mu --rand-data-sigma --data-trace-file --data-set --raw-data-file
+--processed-data-file --data-randomize --data-trace-enable-padding --max-ind-range --data-sub-sample-rate
+--num-indices-per-lookup --num-indices-per-lookup-fixed --num-workers --memory-map --mini-batch-size --nepochs
+--learning-rate --print-precision --numpy-rand-seed --sync-dense-params --optimizer --dataset-multiprocessing
+--inference-only --quantize-mlp-with-bit --quantize-emb-with-bit --save-onnx --use-gpu --local_rank
+--dist-backend --print-freq --test-freq --test-mini-batch-size --test-num-workers --print-time --print-wall-time
+--debug-mode --enable-profiling --plot-compute-graph --tensor-board-filename --save-model --load-model
+--mlperf-logging --mlperf-acc-threshold --mlperf-auc-threshold --mlperf-bin-loader --mlperf-bin-shuffle
+--mlperf-grad-accum-iter --lr-num-warmup-steps --lr-decay-start-step --lr-num-decay-steps""".split()
+
+
 class CommandLineParser(argparse.ArgumentParser):
     """Errors as one line `prog: error: ...` (exit 2); an unknown flag names the closest known one.
     `foreign_flags`: {flag of the program `foreign_program`: what to use instead (None: nothing)}, named when
-    given (before argparse would take one as an abbreviation of a flag here, as `--adagrad` of `--adagrad-eps`)."""
+    given (before argparse would take one as an abbreviation of a flag here, as `--adagrad` of `--adagrad-eps`).
+    `established_flags`: flags whose abbreviations must keep their meaning when flags are added (an abbreviation
+    that matches several flags, only one of them established, is that one)."""
 
-    def __init__(self, *args, foreign_flags=None, foreign_program="", **kwargs):
+    def __init__(self, *args, foreign_flags=None, foreign_program="", established_flags=(), **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.foreign_flags, self.foreign_program = foreign_flags or {}, foreign_program
+        self.established_flags = set(established_flags)
+
+    def _get_option_tuples(self, option_string):
+        # argparse's matches of an abbreviation; ambiguous only when they are several flags, not one flag's
+        # spellings (--local: --local_rank, --local-rank), and not when one of them is established
+        tuples = super()._get_option_tuples(option_string)
+        if len({id(t[0]) for t in tuples}) > 1:
+            established = [t for t in tuples if t[1] in self.established_flags]
+            if len({id(t[0]) for t in established}) == 1:
+                tuples = established
+        return tuples[:1] if len({id(t[0]) for t in tuples}) == 1 else tuples
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -11,20 +11,9 @@ import pytest
 
 from conftest import ROOT
 from dlrm_s_pytorch import build_parser, parse_args
+from dlrmkit import flags
 
-ORIGINAL_FLAGS = """--arch-sparse-feature-size --arch-embedding-size --arch-mlp-bot --arch-mlp-top
---arch-interaction-op --arch-interaction-itself --weighted-pooling --md-flag --md-threshold --md-temperature
---md-round-dims --qr-flag --qr-threshold --qr-operation --qr-collisions --activation-function --loss-function
---loss-weights --loss-threshold --round-targets --data-size --num-batches --data-generation --rand-data-dist
---rand-data-min --rand-data-max --rand-data-mu --rand-data-sigma --data-trace-file --data-set --raw-data-file
---processed-data-file --data-randomize --data-trace-enable-padding --max-ind-range --data-sub-sample-rate
---num-indices-per-lookup --num-indices-per-lookup-fixed --num-workers --memory-map --mini-batch-size --nepochs
---learning-rate --print-precision --numpy-rand-seed --sync-dense-params --optimizer --dataset-multiprocessing
---inference-only --quantize-mlp-with-bit --quantize-emb-with-bit --save-onnx --use-gpu --local_rank
---dist-backend --print-freq --test-freq --test-mini-batch-size --test-num-workers --print-time --print-wall-time
---debug-mode --enable-profiling --plot-compute-graph --tensor-board-filename --save-model --load-model
---mlperf-logging --mlperf-acc-threshold --mlperf-auc-threshold --mlperf-bin-loader --mlperf-bin-shuffle
---mlperf-grad-accum-iter --lr-num-warmup-steps --lr-decay-start-step --lr-num-decay-steps""".split()
+ORIGINAL_FLAGS = flags.ORIGINAL_FLAGS
 
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/(\d+) of epoch (\d+), (-?[\d.]+) ms/it, loss ([\d.]+)$")
 
@@ -34,6 +23,24 @@ def test_every_original_flag_is_accepted():
     known = {opt for action in build_parser()._actions for opt in action.option_strings}
     assert [f for f in ORIGINAL_FLAGS if f not in known] == []
     assert parse_args(["--local-rank=2"]).local_rank == 2
+
+
+@pytest.mark.parametrize("abbreviation,dest,value", [
+    ("--local=3", "local_rank", 3),  # one flag's two spellings
+    ("--dist=gloo", "dist_backend", "gloo"),  # the original's --dist-backend, not --dist-timeout
+    ("--pro=x.npz", "processed_data_file", "x.npz"),  # not --profiling-trace-file
+    ("--in", "inference_only", True),  # not --interaction-branch1-layer-sizes
+    ("--me", "memory_map", True),  # not --metrics-log-file
+    ("--o=adagrad", "optimizer", "adagrad"),  # not --onnx-file
+])
+def test_abbreviations_of_the_originals_flags_keep_their_meaning(abbreviation, dest, value):
+    assert getattr(parse_args([abbreviation]), dest) == value
+
+
+def test_an_abbreviation_of_several_new_flags_is_still_ambiguous(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--dcn=2"])  # --dcn-num-layers, --dcn-low-rank-dim
+    assert "ambiguous option: --dcn=2 could match --dcn-num-layers, --dcn-low-rank-dim" in capsys.readouterr().err
 
 
 def test_original_defaults():

@@ -229,6 +229,13 @@ def test_mlperf_run_stop_is_aborted_when_the_target_is_missed(run_main):
     assert parse_mllog(out.splitlines())[-1]["metadata"]["status"] == "aborted"
 
 
+@pytest.mark.parametrize("mode", [["--inference-only"], ["--test-freq=0"]])
+def test_a_threshold_without_effect_leaves_the_run_a_success(run_main, mode):
+    code, out, err = run_main(*RUN, "--mlperf-logging", "--mlperf-auc-threshold=0.999", *mode)
+    assert code == 0 and "note: --mlperf-auc-threshold has no effect" in err
+    assert parse_mllog(out.splitlines())[-1]["metadata"]["status"] == "success"
+
+
 def test_metrics_log_and_plot_script(run_main, tmp_path, capsys):
     log = tmp_path / "metrics.jsonl"
     code, _, err = run_main(*RUN, "--nepochs=2", f"--metrics-log-file={log}")
