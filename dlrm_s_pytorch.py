@@ -77,7 +77,7 @@ from dlrmkit.optim import ADAGRAD_EPS, OPTIMIZERS, make_optimizer
 from dlrmkit.progress import DivergenceGuard, ProgressBar, stderr_is_terminal
 from dlrmkit.run_logs import MetricsLog, MLPerfLog, RunLog, RunLogError, RunLogs, TensorBoardLog
 from dlrmkit.sparse import SparseFeatures
-from dlrmkit.tricks import PoolingWeights, QREmbeddingBag, embedding_output_dim, table_factory
+from dlrmkit.tricks import PoolingWeights, QREmbeddingBag, embedding_output_dim, md_solver, table_factory
 
 
 interaction_width = interactions.interaction_width  # importable from here too, with DLRM_Net
@@ -916,7 +916,7 @@ def validate_args(args, distributed: bool | None = None) -> list[str]:
     if distributed:
         ext_dist.choose_backend(args.dist_backend, args.use_gpu)  # one that cannot work fails before joining
     elif args.dist_backend and args.dist_backend not in ext_dist.BACKENDS:
-        raise DLRMError(f"--dist-backend={args.dist_backend} is not one of {', '.join(ext_dist.BACKENDS)}")
+        raise DLRMError(f"--dist-backend {args.dist_backend!r} is not one of {', '.join(ext_dist.BACKENDS)}")
     notes = [f"note: {name} has no effect {condition.unless(args)}" for name, condition in ineffective]
     if not args.sync_dense_params:  # the original's False only changed its several-GPUs-in-one-process mode
         notes.append("note: --sync-dense-params=False has no effect: dense parameters are always kept in sync "
@@ -1773,7 +1773,10 @@ def build_optimizer(args, model: nn.Module):
     return optimizer
 
 
-def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
+def print_debug_arch(model: DLRM_Net, ln_bot, ln_top, sparse_dims=None):
+    """The original's --debug-mode architecture lines; `sparse_dims`: the tables' mixed dimensions (--md-flag),
+    printed as the original does, else the one embedding dimension."""
+    sparse = model.embedding_dim if sparse_dims is None else list(sparse_dims)
     print("model arch:")
     print(f"mlp top arch {len(ln_top) - 1} layers, with input to output dimensions:")
     print(np.array(ln_top))
@@ -1790,8 +1793,8 @@ def print_debug_arch(model: DLRM_Net, ln_bot, ln_top):
     print("dense feature size")
     print(ln_bot[0])
     print("sparse feature size")
-    print(model.embedding_dim)
-    print(f"# of embeddings (= # of sparse features) {len(model.table_sizes)}, with dimensions {model.embedding_dim}x:")
+    print(sparse)
+    print(f"# of embeddings (= # of sparse features) {len(model.table_sizes)}, with dimensions {sparse}x:")
     print(np.array(model.table_sizes))
 
 
@@ -2162,6 +2165,20 @@ def dataset_samples(dataset, batch_size: int) -> int:
     return len(dataset) * batch_size
 
 
+def mixed_dimensions_problem(args, table_sizes) -> str | None:
+    """Why --md-flag changes no table of these sizes (each table is QR above --qr-threshold, else MD above
+    --md-threshold, as the original), or None."""
+    if not args.md_flag:
+        return None
+    largest = args.qr_threshold if args.qr_flag else math.inf
+    if any(args.md_threshold < n <= largest for n in table_sizes):
+        return None
+    if args.qr_flag and any(n > args.md_threshold for n in table_sizes):
+        return (f"the tables with more than --md-threshold={args.md_threshold} rows have more than "
+                f"--qr-threshold={args.qr_threshold}: QR tables")
+    return f"no table has more than --md-threshold={args.md_threshold} rows"
+
+
 def run_status(args, state: TrainState) -> str:
     """MLPerf run status: success when a target is reached, or when none applies (none set, or no test during
     training to reach it: the thresholds have no effect then) and the run completed."""
@@ -2192,6 +2209,9 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     if args.data_generation == "dataset":  # once the data's table sizes are known
         check_memory(args, dense_dim, table_sizes, ext_dist.tables_of_this_process(table_sizes, args.arch_sparse_feature_size),
                      device)
+    problem = mixed_dimensions_problem(args, table_sizes)
+    if problem and ext_dist.is_rank0():
+        print(f"note: --md-flag has no effect: {problem}", file=sys.stderr)
     embeddings = None
     if launch:  # this process's tables, pooled for the whole batch and exchanged with the other processes
         embeddings = ext_dist.ModelParallelEmbeddings(
@@ -2199,7 +2219,9 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     model = build_model(args, dense_dim, table_sizes, embeddings)
     if args.debug_mode:
         ln_top = [model.top_l[0].in_features] + list(args.arch_mlp_top)
-        print_debug_arch(model, args.arch_mlp_bot, ln_top)
+        md_dims = md_solver(table_sizes, args.md_temperature, args.arch_sparse_feature_size,
+                            args.md_round_dims) if args.md_flag else None
+        print_debug_arch(model, args.arch_mlp_bot, ln_top, md_dims)
         print_debug_data(train_set, nbatches)
         print_parameters(model, "initial parameters (weights and bias):")
     model.to(device)

@@ -131,7 +131,7 @@ def choose_backend(requested: str, use_gpu: bool, cuda_available: bool | None = 
     """--dist-backend, checked; by default nccl for GPU runs, gloo otherwise."""
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if requested and requested not in BACKENDS:
-        raise DistributedError(f"--dist-backend={requested} is not one of {', '.join(BACKENDS)}")
+        raise DistributedError(f"--dist-backend {requested!r} is not one of {', '.join(BACKENDS)}")
     backend = requested or ("nccl" if use_gpu and cuda_available else "gloo")
     if backend == "nccl" and not (use_gpu and cuda_available):
         raise DistributedError("--dist-backend=nccl needs --use-gpu and CUDA"

@@ -257,7 +257,7 @@ def launched(monkeypatch):
     (["--mini-batch-size=4"], "--mini-batch-size 4 is not divisible by the 3 processes of this run"),
     (["--mini-batch-size=6", "--test-mini-batch-size=10"], "--test-mini-batch-size 10 is not divisible by the 3"),
     (["--mini-batch-size=6", "--dist-backend=nccl"], "--dist-backend=nccl needs --use-gpu and CUDA"),
-    (["--mini-batch-size=6", "--dist-backend=tcp"], "--dist-backend=tcp is not one of gloo, nccl, mpi"),
+    (["--mini-batch-size=6", "--dist-backend=tcp"], "--dist-backend 'tcp' is not one of gloo, nccl, mpi"),
 ])
 def test_bad_distributed_flags_are_one_line_errors(run_main, launched, argv, message):
     launched(WORLD_SIZE=3, RANK=0, LOCAL_RANK=0)

@@ -241,6 +241,10 @@ def test_flags_given_their_default_value_get_no_note():
     (["--rand-data-min=5"], ["--rand-data-min has no effect without --rand-data-dist=gaussian"]),
     (["--inference-only", "--nepochs=0", "--print-freq=0"], ["--nepochs has no effect with --inference-only",
                                                              "--print-freq has no effect with --inference-only"]),
+    (["--md-flag"], ["--md-flag has no effect: no table has more than --md-threshold=200 rows"]),
+    (["--md-flag", "--md-threshold=0", "--qr-flag", "--qr-threshold=0"],
+     ["--md-flag has no effect: the tables with more than --md-threshold=0 rows have more than --qr-threshold=0: "
+      "QR tables"]),
 ])
 def test_notes_go_to_stderr_and_the_run_goes_on(run_main, argv, notes):
     code, out, err = run_main(*argv)
