@@ -20,7 +20,8 @@ class OutputError(ValueError):
 
 
 def output_problem(path: str) -> str | None:
-    """Why a file cannot be written at `path`, or None when it can (its missing folder is created)."""
+    """Why a file cannot be written at `path`, or None when it can (tried in its folder: missing folders are
+    created for the try and removed after it, so that a run stopped before writing leaves none behind)."""
     if not path:
         return "empty file name"
     if os.path.isdir(path):
@@ -32,17 +33,27 @@ def output_problem(path: str) -> str | None:
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.exists(directory) and not os.path.isdir(directory):
         return f"{directory} is not a folder"
+    created = []  # the missing folders, deepest first
+    folder = directory
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        created.append(folder)
+        folder = os.path.dirname(folder)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         return f"cannot create folder {directory} ({e.strerror or e})"
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-check", dir=directory)
-    except OSError as e:
-        return f"cannot create a file in {directory} ({e.strerror or e})"
-    os.close(fd)
-    os.remove(probe)
-    return None
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-check", dir=directory)
+        except OSError as e:
+            return f"cannot create a file in {directory} ({e.strerror or e})"
+        os.close(fd)
+        os.remove(probe)
+        return None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty: another process writes there now
+                os.rmdir(folder)
 
 
 def check_output(what: str, path: str, example: str | None = None):

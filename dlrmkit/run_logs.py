@@ -83,17 +83,22 @@ def _clean(value):
 
 
 class MetricsLog(RunLog):
-    """One JSON object per line: {"event": "start" | "train" | "test" | "end", "time": ..., ...}."""
+    """One JSON object per line: {"event": "start" | "train" | "test" | "end", "time": ..., ...}. The file is
+    opened (replaced, or with `append` appended to) at the run's start: a run stopped before it (bad flags,
+    too little memory, a checkpoint that does not fit) leaves an earlier log as it was."""
 
     def __init__(self, path: str, append: bool = False):
-        self.path = path
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "a" if append else "w")
-        except OSError as e:
-            raise RunLogError(f"--metrics-log-file {path}: cannot write ({e.strerror or e})")
+        self.path, self.append, self.file = path, append, None
 
     def _write(self, event, record):
+        if self.file is None:
+            if event != "start":
+                return  # before the run started: nothing to record
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self.file = open(self.path, "a" if self.append else "w")
+            except OSError as e:
+                raise RunLogError(f"--metrics-log-file {self.path}: cannot write ({e.strerror or e})") from None
         line = {"event": event, "time": round(time.time(), 3)}
         line.update({k: _clean(v) for k, v in record.items()})
         try:
@@ -115,6 +120,8 @@ class MetricsLog(RunLog):
         self._write("end", {"status": status})
 
     def close(self):
+        if self.file is None:
+            return
         try:
             self.file.close()
         except OSError as e:
@@ -129,10 +136,13 @@ class TensorBoardLog(RunLog):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise RunLogError("--tensor-board-filename needs the tensorboard package (pip install tensorboard)")
+        self.log_dir, self.writer_class, self.writer = log_dir, SummaryWriter, None
+
+    def run_start(self, config):  # the event file is created here: none for a run stopped before its start
         try:
-            self.writer = SummaryWriter(log_dir=log_dir)
+            self.writer = self.writer_class(log_dir=self.log_dir)
         except OSError as e:
-            raise RunLogError(f"--tensor-board-filename {log_dir}: cannot write ({e.strerror or e})")
+            raise RunLogError(f"--tensor-board-filename {self.log_dir}: cannot write ({e.strerror or e})") from None
 
     def train_window(self, record):
         step = record["global_iteration"]
@@ -150,7 +160,8 @@ class TensorBoardLog(RunLog):
         self.writer.flush()
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class MLPerfLog(RunLog):

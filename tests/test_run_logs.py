@@ -1,6 +1,7 @@
 """Profiling, compute graph, TensorBoard, MLPerf log lines, the metrics log and its plot."""
 
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -234,6 +235,23 @@ def test_a_threshold_without_effect_leaves_the_run_a_success(run_main, mode):
     code, out, err = run_main(*RUN, "--mlperf-logging", "--mlperf-auc-threshold=0.999", *mode)
     assert code == 0 and "note: --mlperf-auc-threshold has no effect" in err
     assert parse_mllog(out.splitlines())[-1]["metadata"]["status"] == "success"
+
+
+def test_a_run_stopped_before_its_start_leaves_the_logs_of_an_earlier_run(run_main, tmp_path):
+    log, board = tmp_path / "metrics.jsonl", tmp_path / "tb" / "run"
+    flags = [*RUN, f"--metrics-log-file={log}"]
+    code, _, err = run_main(*flags)
+    assert code == 0, err
+    earlier = log.read_text()
+    late_errors = [["--precision=fp16"],  # CPU: refused once the device is known
+                   ["--load-model=" + str(tmp_path / "missing.pt")]]
+    if importlib.util.find_spec("tensorboard"):
+        late_errors = [[*argv, f"--tensor-board-filename={board}"] for argv in late_errors]
+    for argv in late_errors:
+        code, _, err = run_main(*flags, *argv)
+        assert code == 1 and err.count("\n") == 1, err
+        assert log.read_text() == earlier
+        assert not (tmp_path / "tb").exists()
 
 
 def test_metrics_log_and_plot_script(run_main, tmp_path, capsys):
