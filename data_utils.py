@@ -83,7 +83,7 @@ import zlib
 
 import numpy as np
 
-from dlrmkit import flags, outputs
+from dlrmkit import flags, outputs, signals
 from dlrmkit.hashing import splitmix64, unit_interval
 
 NUM_DENSE = 13
@@ -1185,17 +1185,21 @@ def run_tasks(fn, jobs, workers, bar):
     reported = 0
     with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter, os.getpid())) as pool:
         pending = [pool.submit(_call_in_worker, fn, job) for job in jobs]
-        while pending:
-            done, pending = wait(pending, timeout=0.3, return_when=FIRST_EXCEPTION)
-            bar.update(counter.value - reported)
-            reported = counter.value
-            for f in done:
-                if f.exception() is not None:
-                    for other in pending:
-                        other.cancel()
-                    if isinstance(f.exception(), BrokenProcessPool):
-                        raise DataError("a preprocessing process died (out of memory?); rerun to resume")
-                    raise f.exception()
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.3, return_when=FIRST_EXCEPTION)
+                bar.update(counter.value - reported)
+                reported = counter.value
+                for f in done:
+                    if f.exception() is not None:
+                        if isinstance(f.exception(), BrokenProcessPool):
+                            raise DataError("a preprocessing process died (out of memory?); rerun to resume")
+                        raise f.exception()
+        except BaseException:  # a failed job, Ctrl-C or SIGTERM: the other jobs stop now, not when they are done
+            # (the pool then fails its unfinished jobs itself; cancelling them as well trips its manager thread)
+            for worker in list((getattr(pool, "_processes", None) or {}).values()):
+                worker.terminate()
+            raise
 
 
 # ============================================================================ other formats
@@ -1708,32 +1712,40 @@ def main(argv=None) -> int:
         argv = ["preprocess", *argv]
     args = parser.parse_args(argv)
     try:
-        problem = flags.check_ranges(parser, args)
-        if problem:
-            raise DataError(problem)
-        if args.command == "make-fake":
-            make_fake(args.out, args.rows, args.days, args.seed, args.gzip, progress=sys.stderr.isatty())
-            return 0
-        if args.command == "multi-hot":
-            materialize_multi_hot(args, progress=sys.stderr.isatty())
-            return 0
-        for flag, given in (("--data-randomize", args.data_randomize != "total"), ("--memory-map", args.memory_map)):
-            if given:
-                print(f"note: {flag} has no effect on preprocessing (it is the trainer's: the processed set serves "
-                      "every order and both loaders)", file=sys.stderr)
-        out_dir = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
-        processed = preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
-                               args.data_sub_sample_rate, os.cpu_count() if args.dataset_multiprocessing else 1,
-                               progress=sys.stderr.isatty())  # bars on a terminal only, never in a log
-        if args.mlperf_bin_loader:
-            write_bin_files(processed)
-        return 0
+        with signals.sigterm_unwinds():  # as Ctrl-C: temporary files removed, finished days kept
+            return run(args, parser)
     except DataError as e:
         print(f"data_utils.py: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("data_utils.py: interrupted; a rerun resumes with the finished days", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, signals.Terminated) else "interrupted"
+        resumes = "" if args.command == "make-fake" else "; a rerun resumes with the finished days"
+        print(f"data_utils.py: {stopped}{resumes}", file=sys.stderr)
+        return signals.exit_status(e)
+
+
+def run(args, parser) -> int:
+    """The command `args` names (DataError for bad input)."""
+    problem = flags.check_ranges(parser, args)
+    if problem:
+        raise DataError(problem)
+    if args.command == "make-fake":
+        make_fake(args.out, args.rows, args.days, args.seed, args.gzip, progress=sys.stderr.isatty())
+        return 0
+    if args.command == "multi-hot":
+        materialize_multi_hot(args, progress=sys.stderr.isatty())
+        return 0
+    for flag, given in (("--data-randomize", args.data_randomize != "total"), ("--memory-map", args.memory_map)):
+        if given:
+            print(f"note: {flag} has no effect on preprocessing (it is the trainer's: the processed set serves "
+                  "every order and both loaders)", file=sys.stderr)
+    out_dir = processed_dir(args.processed_data_file, args.raw_data_file, args.data_set)
+    processed = preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
+                           args.data_sub_sample_rate, os.cpu_count() if args.dataset_multiprocessing else 1,
+                           progress=sys.stderr.isatty())  # bars on a terminal only, never in a log
+    if args.mlperf_bin_loader:
+        write_bin_files(processed)
+    return 0
 
 
 if __name__ == "__main__":

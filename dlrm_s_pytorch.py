@@ -55,9 +55,7 @@ import importlib.util
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 
 import numpy as np
@@ -69,7 +67,7 @@ import data_utils
 import dlrm_data
 import extend_distributed as ext_dist
 from dlrmkit import (compute_graph, flags, interactions, kernels, memory, multihot, onnx_export, outputs, profiling,
-                     quantization, trace_data)
+                     quantization, signals, trace_data)
 from dlrmkit.embeddings import (BatchedEmbeddingBags, EmbeddingBagList, EmbeddingCollection, TableIndexError,
                                 create_embedding_bag)
 from dlrmkit.interactions import INTERACTIONS, InteractionConfig, interaction_class
@@ -2019,48 +2017,18 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     return False
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, a batch system, or torchrun stopping the other processes when one fails) in a run without
-    loader worker processes: unwound and cleaned up as Ctrl-C is (temporary files removed, run logs ended as
-    aborted)."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
-def _die_by_signal(signum, frame):
-    outputs.remove_partial_outputs()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-
-
-@contextlib.contextmanager
-def sigterm_unwinds(unwind: bool = True):
-    """While the body runs (in the main thread): SIGTERM raises Terminated when `unwind`; else the process dies
-    by it at once, as without a handler, after removing the temporary files of the outputs being written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminate if unwind else _die_by_signal)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         # with loader worker processes, no unwinding: around dying workers it can wait on a dead one
-        with sigterm_unwinds(args.num_workers == 0 and args.test_num_workers <= 0), \
+        with signals.sigterm_unwinds(args.num_workers == 0 and args.test_num_workers <= 0), \
                 ext_dist.session(args.dist_timeout):  # a lost peer named, the group torn down
             return run(args)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, the shell's status for the signal
-        terminated = isinstance(e, Terminated)
+        terminated = isinstance(e, signals.Terminated)
         print(f"{flags.program_name('dlrm_s_pytorch.py')}: {'terminated' if terminated else 'interrupted'}",
               file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        return signals.exit_status(e)
     except (DLRMError, ext_dist.DistributedError, outputs.OutputError, RunLogError) as e:
         print(f"{flags.program_name('dlrm_s_pytorch.py')}: {ext_dist.error_prefix()}error: {e}", file=sys.stderr)
         if isinstance(e, ext_dist.DistributedError) and ext_dist.is_initialized():

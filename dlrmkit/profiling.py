@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import gzip
 import os
+import shutil
 
 import torch
 
@@ -32,7 +35,10 @@ def output_paths(trace_path: str = "", now: datetime.datetime | None = None, ran
         ext = ".json"
     else:
         stem, ext = os.path.splitext(trace_path)
-        if ext not in (".json", ".prof"):
+        if ext == ".gz":  # trace.json.gz: a gzipped trace, tables trace_shape.prof
+            inner_stem, inner_ext = os.path.splitext(stem)
+            stem, ext = (inner_stem, inner_ext + ext) if inner_ext in (".json", ".prof") else (stem, ext)
+        elif ext not in (".json", ".prof"):
             stem, ext = trace_path, ""
     if rank is not None:
         stem += f".rank{rank}"
@@ -43,6 +49,23 @@ def output_paths(trace_path: str = "", now: datetime.datetime | None = None, ran
 def _write_atomically(path, write):
     """write(tmp_path), then rename to `path` (an OutputError naming the flag when it cannot)."""
     outputs.write_atomically("--profiling-trace-file", path, write)
+
+
+def _export_trace(prof, gzipped: bool, path: str):
+    """The Chrome trace into `path`, gzip-compressed when `gzipped` (a name ending in .gz: Perfetto and
+    chrome://tracing open it as it is)."""
+    if not gzipped:
+        prof.export_chrome_trace(path)
+        return
+    plain = path + ".json"
+    with outputs.partial_output(plain):
+        try:
+            prof.export_chrome_trace(plain)
+            with open(plain, "rb") as source, gzip.open(path, "wb", compresslevel=6) as target:
+                shutil.copyfileobj(source, target)
+        finally:
+            if os.path.exists(plain):
+                os.remove(plain)
 
 
 @contextlib.contextmanager
@@ -74,7 +97,7 @@ def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: i
 
     _write_atomically(paths["shape"], table(True))
     _write_atomically(paths["total"], table(False))
-    _write_atomically(paths["trace"], prof.export_chrome_trace)
+    _write_atomically(paths["trace"], functools.partial(_export_trace, prof, paths["trace"].endswith(".gz")))
     if not rank:
         others = " (each process its own, named by its rank)" if rank is not None else ""
         log(f"Wrote the profiler's Chrome trace to {paths['trace']} and its operator tables to {paths['shape']}, "

@@ -210,7 +210,7 @@ def test_sigterm_in_a_run_with_loader_workers_removes_the_checkpoint_being_writt
     script = f"""
 import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
-import dlrm_s_pytorch
+from dlrmkit import signals
 from dlrmkit import outputs
 
 def write(tmp):
@@ -219,7 +219,7 @@ def write(tmp):
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(60)
 
-with dlrm_s_pytorch.sigterm_unwinds(False):
+with signals.sigterm_unwinds(False):
     outputs.write_atomically("--save-model", {str(tmp_path / "model.pt")!r}, write)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

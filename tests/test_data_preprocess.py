@@ -649,3 +649,19 @@ def test_a_processed_set_in_a_folder_that_cannot_be_written_is_read(tmp_path, mo
     monkeypatch.setattr("builtins.open", read_only)
     again, messages = preprocess_quietly(raw, tmp_path / "out")
     assert messages == [f"Reading pre-processed data={processed.out_dir}"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_make_fake_in_one_line_without_a_partial_file(tmp_path):
+    import signal
+
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "data_utils.py"), "make-fake", "--rows=50000000",
+                            f"--out={tmp_path / 'train.txt'}"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(name.startswith(".train.txt.tmp") for name in os.listdir(tmp_path)):  # writing
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 143 and err == "data_utils.py: terminated\n"
+    assert os.listdir(tmp_path) == []

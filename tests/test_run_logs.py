@@ -60,6 +60,26 @@ def test_a_distributed_process_names_its_profiling_files_by_its_rank():
     assert profiling.output_paths("", now, 0)["trace"] == "dlrm_s_pytorch2026-01-02_03:04:05.rank0.json"
 
 
+def test_a_trace_file_named_gz_is_gzipped_and_the_tables_lie_beside_it(tmp_path):
+    import gzip
+
+    from dlrmkit import profiling
+
+    assert profiling.output_paths("out/trace.json.gz", rank=1) == {
+        "trace": "out/trace.rank1.json.gz", "shape": "out/trace.rank1_shape.prof",
+        "total": "out/trace.rank1_total.prof"}
+
+    class Profile:  # what the profiler writes: its trace as JSON, whatever the name
+        def export_chrome_trace(self, path):
+            with open(path, "w") as f:
+                json.dump({"traceEvents": [{"name": "aten::mm"}]}, f)
+
+    trace = tmp_path / "trace.json.gz"
+    profiling._export_trace(Profile(), True, str(trace))
+    assert json.load(gzip.open(trace))["traceEvents"] == [{"name": "aten::mm"}]
+    assert os.listdir(tmp_path) == ["trace.json.gz"]
+
+
 @pytest.mark.parametrize("torchviz_present", [True, False])
 def test_compute_graph_source_is_written_and_rendered_only_with_dot(run_main, tmp_path, monkeypatch, torchviz_present):
     if torchviz_present:

@@ -1,0 +1,46 @@
+"""SIGTERM (kill, a batch system's time limit, torchrun stopping the other processes when one fails) for the
+command-line programs: unwound as Ctrl-C is, so that temporary files are removed and logs end as aborted, or,
+where unwinding is not safe (around loader worker processes), the process dies by it at once after removing
+the temporary files of the outputs being written (`outputs.partial_output`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+
+from dlrmkit import outputs
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where KeyboardInterrupt would be for Ctrl-C; exit status 128 + 15."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _die_by_signal(signum, frame):
+    outputs.remove_partial_outputs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds(unwind: bool = True):
+    """While the body runs (in the main thread): SIGTERM raises Terminated when `unwind`; else the process dies
+    by it at once, as without a handler, after removing the temporary files of the outputs being written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate if unwind else _die_by_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """The shell's status for the signal behind `interrupt`: 143 for SIGTERM, 130 for Ctrl-C (SIGINT)."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
