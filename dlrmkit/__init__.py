@@ -10,5 +10,6 @@
   `compute_graph`: what a run writes besides its printed lines; `trace_data`: trace-driven ids;
 - `multihot`: one-hot ids expanded into the fixed-size bags of MLPerf DLRMv2; `hashing`: SplitMix64;
 - `flags`: the command-line pieces shared by the trainer and data_utils.py (valid ranges, data flags);
-  `memory`: the memory a run needs and what the process may use.
+  `memory`: the memory a run needs and what the process may use; `outputs`: output files written under a
+  temporary name; `signals`: SIGTERM unwound as Ctrl-C.
 """
