@@ -7,26 +7,28 @@ import sys
 
 import pytest
 
+import dlrm_s_pytorch
 from conftest import ROOT
 
 
 @pytest.mark.slow
 def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
+    """One precision's runs in their child processes (bf16; fp32's differ only in the flags they are given;
+    several precisions in turn: the next test)."""
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--configs", "smoke", "--precisions", "fp32",
-         "bf16", "--iters", "3", "--warmup", "1", "--pool", "2", "--repeat", "3", "--json", str(out)],
+        [sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--configs", "smoke", "--precisions", "bf16",
+         "--iters", "3", "--warmup", "1", "--pool", "2", "--repeat", "3", "--json", str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     # the machine: CPU model and the instruction sets bf16 depends on
     assert result.stdout.startswith("CPU: ") and "AVX-512: " in result.stdout and "AMX: " in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("| smoke |")]
-    assert [line.split(" | ")[1:3] for line in table] == [
-        ["reference", "fp32"], ["dense floor", "fp32"], ["this", "fp32"],
-        ["reference", "bf16"], ["dense floor", "bf16"], ["this", "bf16"]]
+    assert [line.split(" | ")[1:3] for line in table] == [["reference", "bf16"], ["dense floor", "bf16"],
+                                                          ["this", "bf16"]]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["config"], r["code"], r["precision"], r["device"]) for r in rows] == [
-        ("smoke", code, precision, "cpu") for precision in ("fp32", "bf16") for code in ("reference", "dense floor", "this")]
+        ("smoke", code, "bf16", "cpu") for code in ("reference", "dense floor", "this")]
     for row in rows:
         assert row["ms_per_it"] > 0 and row["samples_per_s"] > 0 and row["mini_batch_size"] == 128
         assert row["samples_per_s"] == pytest.approx(128 * 1000 / row["ms_per_it"], rel=1e-6)
@@ -34,12 +36,60 @@ def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
         # the median of three alternating rounds
         assert len(row["round_ms"]) == 3 and row["ms_per_it"] == sorted(row["round_ms"])[1]
     # ratios only from figures measured in this run: the median of the ratios within each round
+    reference, floor, ours = rows
+    assert ours["x_reference"] == pytest.approx(
+        sorted(r / o for r, o in zip(reference["round_ms"], ours["round_ms"]))[1])
+    assert ours["x_floor"] == pytest.approx(sorted(o / f for o, f in zip(ours["round_ms"], floor["round_ms"]))[1])
+    assert "original" not in result.stdout
+
+
+def test_harness_runs_precisions_in_turn_and_pairs_ratios_within_each(tmp_path, monkeypatch, capsys):
+    """Stand-ins for the child processes (the real ones: the test above) with figures of their own per
+    precision, code and round: each precision's runs are started and measured before the next one's, and
+    each ratio pairs runs of one precision."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import harness
+
+    started = []
+
+    class StandIn:
+        def __init__(self, name, code, code_dir, precision, opts, compile_run=False):
+            started.append((code, precision))
+            self.row = dict(config=name, code=code, precision=precision, device=opts.device, startup_s=2.0,
+                            build_s=1.0)
+            self.rounds = []
+
+        def measure(self):
+            assert [code for code, _ in started[-3:]] == ["reference", "dense floor", "this"]
+            assert {precision for _, precision in started[-3:]} == {self.row["precision"]}  # one precision at a time
+            base = {"reference": 5.0, "dense floor": 1.0, "this": 2.0}[self.row["code"]]
+            ms = base * (3 if self.row["precision"] == "bf16" else 1) + [0.0, 0.9, 0.3][len(self.rounds)]
+            self.rounds.append(ms)
+            return {"ms_per_it": ms}
+
+        def finish(self):
+            median = sorted(self.rounds)[1]
+            return dict(self.row, ms_per_it=median, median_ms_per_it=median, cpu_ms_per_it=median,
+                        round_ms=self.rounds, round_cpu_ms=self.rounds, samples_per_s=128e3 / median,
+                        peak_mem_gib=0.1, mini_batch_size=128)
+
+    monkeypatch.setattr(harness, "Child", StandIn)
+    out = tmp_path / "bench.json"
+    assert harness.main(["--configs", "smoke", "--precisions", "fp32", "bf16", "--repeat", "3",
+                         "--json", str(out)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| smoke |")]
+    assert [line.split(" | ")[1:3] for line in table] == [
+        ["reference", "fp32"], ["dense floor", "fp32"], ["this", "fp32"],
+        ["reference", "bf16"], ["dense floor", "bf16"], ["this", "bf16"]]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["config"], r["code"], r["precision"], r["device"]) for r in rows] == [
+        ("smoke", code, precision, "cpu") for precision in ("fp32", "bf16") for code in ("reference", "dense floor", "this")]
     for i in (2, 5):
         ours, reference, floor = rows[i], rows[i - 2], rows[i - 1]
         assert ours["x_reference"] == pytest.approx(
             sorted(r / o for r, o in zip(reference["round_ms"], ours["round_ms"]))[1])
         assert ours["x_floor"] == pytest.approx(sorted(o / f for o, f in zip(ours["round_ms"], floor["round_ms"]))[1])
-    assert "original" not in result.stdout
+    assert rows[2]["x_reference"] != pytest.approx(rows[5]["x_reference"])
 
 
 @pytest.mark.parametrize("interaction", [
@@ -103,21 +153,20 @@ def test_harness_original_column_times_whole_programs_between_progress_lines(tmp
 
 
 def run_script_with_stub_python(script, tmp_path, env, options=()):
-    """Runs a bench script (with `options` after it) with PYTHON set to a stand-in that parses the trainer's
-    flags with the trainer's own parser and writes them as JSON: the script's command line, checked without
-    training."""
+    """Runs a bench script (with `options` after it) with PYTHON set to a stand-in that writes the trainer's
+    command line as JSON; returns those flags parsed by the trainer's own parser: the script's command line,
+    checked without training."""
     stub = tmp_path / "stub.py"
     stub.write_text(f"#!{sys.executable}\n"
-                    "import json, sys\n"
-                    f"sys.path.insert(0, {ROOT!r})\n"
-                    "import dlrm_s_pytorch\n"
-                    "args = dlrm_s_pytorch.build_parser().parse_args(sys.argv[2:])\n"
-                    "print(json.dumps(vars(args)))\n")
+                    "import json, os, sys\n"
+                    "print('argv:', json.dumps([os.path.basename(sys.argv[1]), sys.argv[2:]]))\n")
     stub.chmod(0o755)
     result = subprocess.run(["bash", os.path.join(ROOT, "bench", script), *options], capture_output=True,
                             text=True, timeout=120, cwd=tmp_path, env={**os.environ, **env, "PYTHON": str(stub)})
     assert result.returncode == 0, result.stderr
-    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    program, argv = json.loads(next(line[6:] for line in result.stdout.splitlines() if line.startswith("argv: ")))
+    assert program == "dlrm_s_pytorch.py"
+    return vars(dlrm_s_pytorch.build_parser().parse_args(argv))
 
 
 @pytest.mark.slow

@@ -133,14 +133,14 @@ def test_malformed_kaggle_file_is_a_one_line_error_and_leaves_nothing_complete(t
     assert not any(name.endswith(".npy") and not name.startswith("day_") for name in leftovers)
 
 
-def test_malformed_input_through_the_trainer_is_one_line_without_traceback(tmp_path, cli):
+def test_malformed_input_through_the_trainer_is_one_line_without_traceback(tmp_path, run_main):
     path = write_kaggle(tmp_path, GOOD * 10 + b"0\t1\t2\n" + GOOD * 3)
-    result = cli("--data-generation=dataset", f"--raw-data-file={path}", "--arch-mlp-bot=13-4-2")
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
+    code, out, err = run_main("--data-generation=dataset", f"--raw-data-file={path}", "--arch-mlp-bot=13-4-2")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
         f"dlrm_s_pytorch.py: error: {path}:11: expected 40 tab-separated fields "
         "(label, 13 integers, 26 categoricals), found 3")
-    assert "Traceback" not in result.stderr and "Finished" not in result.stdout
+    assert "Traceback" not in err and "Finished" not in out
 
 
 def test_missing_terabyte_day_and_truncated_gzip_are_named(tmp_path):

@@ -130,15 +130,15 @@ def test_each_setting_keeps_its_own_processed_set_and_switching_back_reuses_it(t
 
 
 @pytest.mark.slow
-def test_the_trainer_says_which_processed_set_it_uses(tmp_path, cli):
+def test_the_trainer_says_which_processed_set_it_uses(tmp_path, run_main):
     raw = fake_kaggle(tmp_path, 1400)
     flags = ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-4-2", "--mini-batch-size=64",
              "--num-batches=2", f"--processed-data-file={tmp_path / 'terabyte_processed.npz'}"]
     for max_ind_range in (100, 200, 100):
-        result = cli(*flags, f"--max-ind-range={max_ind_range}")
-        assert result.returncode == 0, result.stderr
-    assert f"Reading pre-processed data={tmp_path / 'terabyte_processed' / 'kaggle-hash100'}" in result.stdout
-    assert "Preprocessing" not in result.stdout
+        code, out, err = run_main(*flags, f"--max-ind-range={max_ind_range}")
+        assert code == 0, err
+    assert f"Reading pre-processed data={tmp_path / 'terabyte_processed' / 'kaggle-hash100'}" in out
+    assert "Preprocessing" not in out
 
 
 def test_a_single_set_of_an_earlier_version_is_moved_or_removed(tmp_path):

@@ -96,11 +96,12 @@ def test_plot_metrics_refuses_an_unwritable_output(tmp_path, out, problem):
     assert os.listdir(target) == []
 
 
-def test_plot_interactions_refuses_an_unwritable_output_before_loading(tmp_path):
-    result = run_tool("tools/plot_interactions.py", "-o", "/proc/i.png", f"--load-model={tmp_path / 'none.pt'}")
-    assert result.returncode == 1
-    assert result.stderr == "plot_interactions.py: error: -o/--output /proc/i.png: cannot create a file in /proc " \
-                            "(No such file or directory)\n"
+def test_plot_interactions_refuses_an_unwritable_output_before_loading(tmp_path, capsys):
+    from tools import plot_interactions
+
+    assert plot_interactions.main(["-o", "/proc/i.png", f"--load-model={tmp_path / 'none.pt'}"]) == 1
+    assert capsys.readouterr().err == "plot_interactions.py: error: -o/--output /proc/i.png: cannot create a file " \
+                                      "in /proc (No such file or directory)\n"
 
 
 def test_a_device_or_pipe_is_never_replaced_by_an_output(run_main, tmp_path):

@@ -27,9 +27,10 @@ def run_compliance_checker(lines, ruleset, tmp_path):
                            "--ruleset", ruleset, str(log)], capture_output=True, text=True, cwd=tmp_path)
 
 
-def test_profiling_writes_the_originals_trace_and_operator_tables(cli, tmp_path):
-    result = cli(*RUN, "--enable-profiling", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_profiling_writes_the_originals_trace_and_operator_tables(run_main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the original's names are in the working folder
+    code, out, err = run_main(*RUN, "--enable-profiling")
+    assert code == 0, err
     names = sorted(os.listdir(tmp_path))
     assert len(names) == 3 and re.fullmatch(r"dlrm_s_pytorch\d{4}-\d\d-\d\d_[\d:.]+\.json", names[0]), names
     stem = names[0][:-5]
@@ -38,7 +39,7 @@ def test_profiling_writes_the_originals_trace_and_operator_tables(cli, tmp_path)
     assert any(e.get("name", "").startswith("aten::embedding_bag") for e in events)
     shape, total = ((tmp_path / n).read_text() for n in names[1:])
     assert "Input Shapes" in shape and "Input Shapes" not in total and "aten::addmm" in total
-    assert "Self CPU time total" in result.stdout and f"Chrome trace to {names[0]}" in result.stdout
+    assert "Self CPU time total" in out and f"Chrome trace to {names[0]}" in out
 
 
 def test_profiling_trace_file_names_the_trace_with_the_tables_next_to_it(run_main, tmp_path):
