@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -39,12 +40,21 @@ def run_main(capsys):
     return call
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models: more threads only add start-up costs (and stalls on a shared 2-core box)."""
+@contextlib.contextmanager
+def torch_threads(count):
+    """PyTorch's intra-op threads set to `count` inside the block."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: more threads only add start-up costs (and stalls on a shared 2-core box)."""
+    with torch_threads(1):
+        yield

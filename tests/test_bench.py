@@ -10,15 +10,17 @@ import pytest
 import dlrm_s_pytorch
 from conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 
 @pytest.mark.slow
 def test_harness_reports_every_run_as_a_table_and_json(tmp_path):
     """One precision's runs in their child processes (bf16; fp32's differ only in the flags they are given;
     several precisions in turn: the next test)."""
     out = tmp_path / "bench.json"
-    result = subprocess.run(
+    result = subprocess.run(  # a tiny model: one thread in each run
         [sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--configs", "smoke", "--precisions", "bf16",
-         "--iters", "3", "--warmup", "1", "--pool", "2", "--repeat", "3", "--json", str(out)],
+         "--iters", "3", "--warmup", "1", "--pool", "2", "--repeat", "3", "--threads", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     # the machine: CPU model and the instruction sets bf16 depends on

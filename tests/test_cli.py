@@ -13,6 +13,8 @@ from conftest import ROOT
 from dlrm_s_pytorch import build_parser, main, parse_args
 from dlrmkit import flags
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 ORIGINAL_FLAGS = flags.ORIGINAL_FLAGS
 
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/(\d+) of epoch (\d+), (-?[\d.]+) ms/it, loss ([\d.]+)$")

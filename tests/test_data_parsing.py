@@ -10,6 +10,8 @@ import data_utils
 from conftest import CRITEO_SAMPLE
 from helpers import MISSING, naive_row, row_text
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 
 def parse_all(raw: bytes, path="f.txt"):
     rows = data_utils.parse_block(raw, path, 1)

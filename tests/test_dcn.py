@@ -14,6 +14,8 @@ from dlrmkit.interactions import InteractionConfig, interaction_width
 from dlrmkit.optim import make_optimizer
 from helpers import PLANTED_TABLES, planted_dataset
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 BATCH, TABLES, DENSE, DIM = 3, 3, 5, 4  # a dense width other than the embedding dimension
 
 

@@ -25,6 +25,8 @@ import torch
 import dlrm_data
 import extend_distributed as ext_dist
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
 TEST_LINE = re.compile(r"^ accuracy ([\d.]+) %, best [\d.]+ %, loss ([\d.]+), auc ([\d.na]+),")

@@ -14,6 +14,8 @@ from helpers import planted_dataset
 from dlrmkit.tricks import PrEmbeddingBag, QREmbeddingBag, md_solver
 from dlrmkit.embeddings import sum_bags
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 TABLES = (500, 300, 10)
 
 

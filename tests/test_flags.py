@@ -14,6 +14,8 @@ from conftest import ROOT
 from helpers import fake_kaggle, fake_terabyte
 from dlrmkit import flags, memory
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 
 def numeric_actions(parser):
     return [a for a in parser._actions if flags.number_type(a) is not None]

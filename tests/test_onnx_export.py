@@ -10,6 +10,8 @@ import dlrm_data
 from dlrmkit import onnx_export
 from dlrm_s_pytorch import DLRM_Net, interaction_width
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 onnx = pytest.importorskip("onnx")
 TABLES = [50, 7, 300]
 

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 SMALL = ["--num-batches=3", "--mini-batch-size=8"]
 
 

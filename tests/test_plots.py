@@ -2,6 +2,8 @@
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 PNG = b"\x89PNG\r\n\x1a\n"
 RUN = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4", "--arch-mlp-top=8-1",
        "--arch-embedding-size=50-60-70", "--data-size=512", "--mini-batch-size=64", "--loss-function=bce",

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import dlrm_s_pytorch as dlrm
+from conftest import torch_threads
 from dlrmkit.optim import make_optimizer
 from helpers import PLANTED_TABLES, planted_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 # bf16 vs fp32, this model and data, 2 epochs of Adagrad at rate 0.02, a print every 10 iterations of 64 samples:
 # with SEED, printed losses |diff| 0.0018 on average and 0.0044 at most, test AUC 0.8470 vs 0.8479; over seeds
@@ -43,7 +46,8 @@ def train_planted(precision, device="cpu", compile_backend=None, optimizer="adag
 
 @pytest.fixture(scope="module")
 def fp32_run():
-    return train_planted("fp32")
+    with torch_threads(1):  # as the tests' own runs
+        return train_planted("fp32")
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 SMALL_RUN = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=4-8-4", "--arch-mlp-top=8-1",
              "--arch-embedding-size=100-100-100", "--data-size=25600", "--mini-batch-size=32",
              "--loss-function=bce", "--round-targets=True", "--print-freq=400", "--test-freq=400",
@@ -21,7 +23,7 @@ def run_with_terminal_stderr(*args, timeout=120):
     """Runs the trainer with stderr on a pseudo-terminal (80 x 24) and stdout on a pipe: (stdout, stderr)."""
     controller, terminal = os.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    env = dict(os.environ)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a tiny model: one thread, as in this process
     env.pop("WORLD_SIZE", None)
     child = subprocess.Popen([sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *args], cwd=ROOT, env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal)

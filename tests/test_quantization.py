@@ -11,6 +11,8 @@ from dlrmkit import quantization
 from dlrmkit.optim import make_optimizer
 from helpers import planted_dataset
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 TABLES = (50, 20, 10)
 
 

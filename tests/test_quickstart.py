@@ -11,8 +11,8 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_quickstart_generates_data_trains_tests_and_draws_the_curves(tmp_path):
     pytest.importorskip("matplotlib")
-    # 1,000 rows: 858 train in 7 batches, tested after 2, 4 and 6 and at the end
-    env = dict(os.environ, QUICKSTART_ROWS="1000")
+    # 1,000 rows: 858 train in 7 batches, tested after 2, 4 and 6 and at the end; a small model: one thread
+    env = dict(os.environ, QUICKSTART_ROWS="1000", OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     result = subprocess.run(["bash", os.path.join(ROOT, "bench", "quickstart.sh")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -55,7 +55,7 @@ def test_quickstart_refuses_bad_options_before_any_work(tmp_path, option, messag
 @pytest.mark.slow
 def test_quickstart_reports_an_undefined_auc_of_a_one_class_test_set(tmp_path):
     pytest.importorskip("matplotlib")
-    env = dict(os.environ)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a small model: one thread
     env.pop("WORLD_SIZE", None)
     result = subprocess.run(["bash", os.path.join(ROOT, "bench", "quickstart.sh"), "--rows=7"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)

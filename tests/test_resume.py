@@ -8,7 +8,10 @@ import torch
 
 import dlrm_data
 import dlrm_s_pytorch as dlrm
+from conftest import torch_threads
 from helpers import fake_kaggle
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def checkpoint(kaggle_file, tmp_path_factory):
         if not path.exists():
             save(target, *rest)
 
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, torch_threads(1):
         patch.setattr(dlrm, "save_checkpoint", first_only)
         assert dlrm.main(flags(kaggle_file, "--test-freq=45", f"--save-model={path}")) == 0
     assert torch.load(path, weights_only=False)["iter"] == 45
@@ -160,7 +163,8 @@ SMALL = ["--arch-embedding-size=50-40-30", "--arch-sparse-feature-size=4", "--ar
 @pytest.fixture(scope="module")
 def adagrad_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("adagrad") / "m.pt"
-    assert dlrm.main([*SMALL, "--optimizer=adagrad", "--test-freq=2", f"--save-model={path}"]) == 0
+    with torch_threads(1):
+        assert dlrm.main([*SMALL, "--optimizer=adagrad", "--test-freq=2", f"--save-model={path}"]) == 0
     return path
 
 

@@ -16,6 +16,8 @@ import torch
 from dlrmkit import compute_graph
 from dlrmkit.mlperf_logger import parse_mllog
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 RUN = ["--mini-batch-size=4", "--data-size=16", "--test-freq=2", "--loss-function=bce", "--round-targets"]
 
 

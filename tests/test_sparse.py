@@ -11,6 +11,8 @@ from dlrmkit import interactions, quantization
 from dlrmkit.embeddings import BatchedEmbeddingBags, EmbeddingBagList
 from dlrmkit.sparse import SparseFeatures
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 TABLES = [6, 1, 9, 4]
 
 

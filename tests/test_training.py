@@ -14,6 +14,8 @@ from conftest import ROOT
 from dlrmkit.optim import make_optimizer
 from helpers import PLANTED_TABLES, planted_dataset
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
 TEST_LINE = re.compile(r"^ accuracy ([\d.]+) %, best ([\d.]+) %, loss ([\d.]+), auc ([\d.na]+), best auc ([\d.na]+)")
 
@@ -268,6 +270,7 @@ def test_testing_with_loader_workers_keeps_no_file_per_batch_open(tmp_path):
     """Each worker batch's tensors hold a file descriptor while kept: the test targets are copied."""
     command = (f"ulimit -n 200 && exec {sys.executable} {os.path.join(ROOT, 'dlrm_s_pytorch.py')} --data-size=600 "
                "--test-mini-batch-size=1 --test-num-workers=1 --inference-only --arch-embedding-size=10-10")
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))  # a tiny model
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Testing for inference only\n accuracy" in result.stdout
