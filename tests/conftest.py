@@ -1,6 +1,5 @@
 import contextlib
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,21 +9,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 CRITEO_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "criteo_sample.tsv")
-
-
-def run_cli(*args, cwd=None, timeout=120, env=None):
-    """Runs dlrm_s_pytorch.py in a fresh process; returns the CompletedProcess."""
-    full_env = dict(os.environ, **(env or {}))
-    full_env.pop("WORLD_SIZE", None)
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "dlrm_s_pytorch.py"), *args],
-        capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout, env=full_env,
-    )
-
-
-@pytest.fixture
-def cli():
-    return run_cli
 
 
 @pytest.fixture
