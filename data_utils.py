@@ -1185,21 +1185,17 @@ def run_tasks(fn, jobs, workers, bar):
     reported = 0
     with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter, os.getpid())) as pool:
         pending = [pool.submit(_call_in_worker, fn, job) for job in jobs]
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.3, return_when=FIRST_EXCEPTION)
-                bar.update(counter.value - reported)
-                reported = counter.value
-                for f in done:
-                    if f.exception() is not None:
-                        if isinstance(f.exception(), BrokenProcessPool):
-                            raise DataError("a preprocessing process died (out of memory?); rerun to resume")
-                        raise f.exception()
-        except BaseException:  # a failed job, Ctrl-C or SIGTERM: the other jobs stop now, not when they are done
-            # (the pool then fails its unfinished jobs itself; cancelling them as well trips its manager thread)
-            for worker in list((getattr(pool, "_processes", None) or {}).values()):
-                worker.terminate()
-            raise
+        while pending:
+            done, pending = wait(pending, timeout=0.3, return_when=FIRST_EXCEPTION)
+            bar.update(counter.value - reported)
+            reported = counter.value
+            for f in done:
+                if f.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    if isinstance(f.exception(), BrokenProcessPool):
+                        raise DataError("a preprocessing process died (out of memory?); rerun to resume")
+                    raise f.exception()
 
 
 # ============================================================================ other formats
@@ -1711,8 +1707,11 @@ def main(argv=None) -> int:
     if argv and argv[0].startswith("--") and argv[0] != "--help":  # the original's command line: no command
         argv = ["preprocess", *argv]
     args = parser.parse_args(argv)
+    # as Ctrl-C (temporary files removed, finished days kept), but not around a pool of preprocessing
+    # processes: its workers die with this process (PR_SET_PDEATHSIG) and a rerun resumes
+    pool = args.command == "preprocess" and args.dataset_multiprocessing
     try:
-        with signals.sigterm_unwinds():  # as Ctrl-C: temporary files removed, finished days kept
+        with signals.sigterm_unwinds(unwind=not pool):
             return run(args, parser)
     except DataError as e:
         print(f"data_utils.py: error: {e}", file=sys.stderr)

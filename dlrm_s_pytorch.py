@@ -1286,8 +1286,9 @@ def to_original_keys(state_dict: dict, model: DLRM_Net) -> dict:
 def from_original_keys(state_dict, model: DLRM_Net):
     """`state_dict` with the original's names of embedding tricks' parameters renamed to the model's: QR tables'
     `emb_l.<k>.weight_q` / `weight_r` -> `emb_l.<k>.embs_q.weight` / `embs_r.weight`; learned pooling weights
-    `v_W_l.<k>` ([rows of table k]) -> `pooling_weights.weight` ([all rows, 1], tables in order); fixed pooling
-    weights, which the original does not save (all ones), taken from the model. Other mappings pass unchanged."""
+    `v_W_l.<k>` ([rows of table k]) -> `pooling_weights.weight` ([all rows, 1], tables in order); pooling
+    weights not saved (fixed ones of 1: neither the original nor this trainer saves them) are ones. Other
+    mappings pass unchanged."""
     if not isinstance(state_dict, dict):
         return state_dict  # load_state_dict names the problem
     ours = model.state_dict()
@@ -1302,8 +1303,8 @@ def from_original_keys(state_dict, model: DLRM_Net):
     if pooled and "pooling_weights.weight" in ours and "pooling_weights.weight" not in renamed:
         renamed["pooling_weights.weight"] = torch.cat([renamed.pop(key).reshape(-1) for _, key in pooled]).unsqueeze(1)
     if ("pooling_weights.weight" in ours and "pooling_weights.weight" not in renamed
-            and not model.pooling_weights.learned and any(key.startswith("emb_l.") for key in renamed)):
-        renamed["pooling_weights.weight"] = ours["pooling_weights.weight"]  # the original's fixed weights: ones
+            and any(key.startswith("emb_l.") for key in renamed)):  # fixed weights of 1 are not saved
+        renamed["pooling_weights.weight"] = torch.ones_like(ours["pooling_weights.weight"])
     return renamed
 
 

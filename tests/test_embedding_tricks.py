@@ -85,6 +85,8 @@ def test_md_solver_follows_the_alpha_power_rule():
     assert md_solver([10, 30], alpha=0.5, d0=12, round_dim=True) == [12, 8]
     # float32 as the original: 8 * sqrt(5400 / 55296) is 2.5 in exact arithmetic, just above it in float32
     assert md_solver([5400, 21211, 55296], alpha=0.5, d0=8) == [8, 4, 3]
+    with torch.device("meta"):  # a distributed save builds the whole model on the meta device
+        assert md_solver([5400, 21211, 55296], alpha=0.5, d0=8) == [8, 4, 3]
 
 
 @pytest.mark.slow

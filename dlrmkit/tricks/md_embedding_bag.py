@@ -22,9 +22,9 @@ def md_solver(table_sizes, alpha: float, d0: int, round_dim: bool = False, frequ
     (per query, with `frequencies`) keeps d0, table i gets round(d0 * n_min^alpha * n_i^-alpha), with `round_dim`
     the nearest power of two. In float32 and in that order, as the original's md_solver: a dimension that lands
     on .5 rounds as it does there."""
-    n = torch.tensor([int(v) for v in table_sizes], dtype=torch.float32)
+    n = torch.tensor([int(v) for v in table_sizes], dtype=torch.float32, device="cpu")  # whatever the default
     if frequencies is not None:
-        n = n / torch.tensor(frequencies, dtype=torch.float32)
+        n = n / torch.tensor(frequencies, dtype=torch.float32, device="cpu")
     if n.numel() == 0:
         return []
     dims = d0 * (n.min() ** float(alpha)) * n ** (-float(alpha))
