@@ -35,10 +35,10 @@ def output_paths(trace_path: str = "", now: datetime.datetime | None = None, ran
         ext = ".json"
     else:
         stem, ext = os.path.splitext(trace_path)
-        if ext == ".gz":  # trace.json.gz: a gzipped trace, tables trace_shape.prof
+        if ext.lower() == ".gz":  # trace.json.gz: a gzipped trace, tables trace_shape.prof
             inner_stem, inner_ext = os.path.splitext(stem)
-            stem, ext = (inner_stem, inner_ext + ext) if inner_ext in (".json", ".prof") else (stem, ext)
-        elif ext not in (".json", ".prof"):
+            stem, ext = (inner_stem, inner_ext + ext) if inner_ext.lower() in (".json", ".prof") else (stem, ext)
+        elif ext.lower() not in (".json", ".prof"):
             stem, ext = trace_path, ""
     if rank is not None:
         stem += f".rank{rank}"
@@ -97,7 +97,8 @@ def profiled(enabled: bool, trace_path: str = "", use_cuda: bool = False, top: i
 
     _write_atomically(paths["shape"], table(True))
     _write_atomically(paths["total"], table(False))
-    _write_atomically(paths["trace"], functools.partial(_export_trace, prof, paths["trace"].endswith(".gz")))
+    gzipped = paths["trace"].lower().endswith(".gz")
+    _write_atomically(paths["trace"], functools.partial(_export_trace, prof, gzipped))
     if not rank:
         others = " (each process its own, named by its rank)" if rank is not None else ""
         log(f"Wrote the profiler's Chrome trace to {paths['trace']} and its operator tables to {paths['shape']}, "

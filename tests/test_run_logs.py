@@ -71,6 +71,7 @@ def test_a_trace_file_named_gz_is_gzipped_and_the_tables_lie_beside_it(tmp_path)
     assert profiling.output_paths("out/trace.json.gz", rank=1) == {
         "trace": "out/trace.rank1.json.gz", "shape": "out/trace.rank1_shape.prof",
         "total": "out/trace.rank1_total.prof"}
+    assert profiling.output_paths("T.JSON.GZ")["shape"] == "T_shape.prof"
 
     class Profile:  # what the profiler writes: its trace as JSON, whatever the name
         def export_chrome_trace(self, path):
