@@ -786,11 +786,19 @@ def _note(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def _note_rows_as_kept(args, what: str) -> None:
+    """The data flags that act at preprocessing and have no effect on the original's `what` (.npz or .bin)."""
+    if args.data_sub_sample_rate > 0:
+        _note(f"note: --data-sub-sample-rate has no effect on the original's {what}: the rows its preprocessing "
+              "kept are read")
+
+
 def _open_original_npz(args, splits, log) -> CriteoData:
     path = args.processed_data_file
     log(f"Reading the original's processed data={path}")
     label, dense, sparse, counts, day_rows = data_utils.load_original_npz(
         path, args.raw_data_file, args.data_set, args.data_sub_sample_rate, note=_note)
+    _note_rows_as_kept(args, ".npz")  # sub-sampled when it was written (its day counts checked above)
     if args.max_ind_range > 0:  # as the original: ids folded into [0, M) when the data is used
         np.remainder(sparse, args.max_ind_range, out=sparse)
         counts = [min(c, args.max_ind_range) for c in counts]
@@ -818,9 +826,10 @@ def _open_original_bin(args, files, splits, log) -> CriteoData:
     log(f"Reading the original's --mlperf-bin-loader data={files['train']} ({rows['train']} rows), "
         f"{files['test']} ({rows['test']} rows), in their order; table sizes from {files['counts']}")
     modulus = max(args.max_ind_range, 0)
-    if args.data_sub_sample_rate > 0:
-        _note("note: --data-sub-sample-rate has no effect on the original's .bin files: they hold the rows its "
-              "preprocessing kept")
+    _note_rows_as_kept(args, ".bin files")
+    if args.data_randomize != "none":
+        _note(f"note: --data-randomize={args.data_randomize} has no effect on the original's .bin files: its "
+              "preprocessing shuffled the rows, read in the files' order as the original does")
     day_rows = {name: [rows[name]] for name in splits}
     parts = {name: [MappedPart("bin", [files[name]], 0, rows[name], id_modulus=modulus)] for name in day_rows}
     return CriteoData(parts, day_rows, counts, shuffled=True)

@@ -155,7 +155,7 @@ ORIGINAL_BIN_FLAGS = ["--data-generation=dataset", "--data-set=terabyte", "--mlp
 
 
 @pytest.mark.parametrize("max_ind_range", [-1, 700])
-def test_the_originals_terabyte_bin_files_are_read_as_the_original_reads_them(tmp_path, max_ind_range):
+def test_the_originals_terabyte_bin_files_are_read_as_the_original_reads_them(tmp_path, max_ind_range, capsys):
     """Its CriteoBinDataset: batches of consecutive records in file order (its preprocessing shuffled them),
     dense log(x + 1), ids folded by --max-ind-range when read, the tables its counts (at most M)."""
     records, counts = write_original_bin_files(tmp_path)
@@ -163,6 +163,9 @@ def test_the_originals_terabyte_bin_files_are_read_as_the_original_reads_them(tm
                             f"--processed-data-file={tmp_path / 'terabyte_processed.npz'}", "--data-randomize=total"])
     messages = []
     train, test, sizes = dlrm_data.make_criteo_datasets(args, log=messages.append, progress=False)
+    assert capsys.readouterr().err == ("note: --data-randomize=total has no effect on the original's .bin files: "
+                                       "its preprocessing shuffled the rows, read in the files' order as the "
+                                       "original does\n")
     assert messages == [f"Reading the original's --mlperf-bin-loader data={tmp_path / 'terabyte_processed_train.bin'} "
                         f"(300 rows), {tmp_path / 'terabyte_processed_test.bin'} (50 rows), in their order; table "
                         f"sizes from {tmp_path / 'day_fea_count.npz'}"]
