@@ -534,20 +534,13 @@ def missing_raw_data(path: str, data_set: str) -> str:
         if os.path.isfile(path + ".gz"):
             return f"{flag}: no such file, but {path}.gz exists: decompress it first (gunzip {path}.gz; the kaggle " \
                    "train.txt is read uncompressed)"
-        reordered = f"{os.path.splitext(path)[0]}_day_0_reordered.npz"  # the original's names: train_day_0_...
-        if os.path.isfile(reordered):
-            return (f"{flag}: no such file; {reordered} is the original's --memory-map output, which this trainer "
-                    f"does not read: give the raw train.txt (preprocessed once into {DEFAULT_NAMES['kaggle']}/), "
-                    f"or the original's {DEFAULT_NAMES['kaggle']}.npz with --processed-data-file")
+        reordered = _original_reordered_hint(path, data_set)
+        if reordered:
+            return f"{flag}: no such file; {reordered}"
         return f"{flag}: no such file (--data-set=kaggle reads the Criteo Kaggle train.txt)"
-    reordered = f"{path}_0_reordered.npz"
-    if os.path.isfile(reordered) and not _day_file(path, 0):
-        return (f"{flag}: day file {path}_0 (or .gz) not found; {reordered} is the original's --memory-map "
-                f"output, which this trainer does not read: give the raw day files (preprocessed once into "
-                f"{DEFAULT_NAMES['terabyte']}/), the original's {DEFAULT_NAMES['terabyte']}.npz with "
-                f"--processed-data-file, or with --mlperf-bin-loader the original's .bin files made from it "
-                f"(--processed-data-file=<folder>/{DEFAULT_NAMES['terabyte']}.npz for "
-                f"{DEFAULT_NAMES['terabyte']}_train.bin and _test.bin)")
+    reordered = _original_reordered_hint(path, data_set)
+    if reordered and not _day_file(path, 0):
+        return f"{flag}: day file {path}_0 (or .gz) not found; {reordered}"
     day_file = re.match(r"^(.*)_\d+(\.gz)?$", path)
     if os.path.isfile(path) and day_file and _day_file(day_file.group(1), 0):
         return f"{flag}: is one day file; --data-set=terabyte reads the {days}: use --raw-data-file={day_file.group(1)}"
@@ -555,6 +548,17 @@ def missing_raw_data(path: str, data_set: str) -> str:
         return (f"{flag}: --data-set=terabyte reads the {days}, and {path}_0 does not exist; "
                 f"for one file such as the Kaggle train.txt use --data-set=kaggle")
     return f"{flag}: day file {path}_0 (or .gz) not found (--data-set=terabyte reads the {days})"
+
+
+def _original_reordered_hint(path: str, data_set: str) -> str | None:
+    """What to do with the original's --memory-map output for the raw data `path`, when it is there."""
+    files = original_reordered_files(path, data_set)
+    if files is None:
+        return None
+    if files["missing"]:
+        return (f"the original's --memory-map output beside it is incomplete ({files['missing']} not found)")
+    return (f"{files['days'][0]} .. {os.path.basename(files['days'][-1])} are the original's --memory-map output: "
+            "add --memory-map to read them")
 
 
 def source_identity(path) -> dict:
@@ -607,7 +611,7 @@ def preprocess(raw_data_file, base_dir, data_set="kaggle", max_ind_range=-1, sub
     Processes preprocessing into one `base_dir` take turns (a lock file there): the later one waits, then
     reads what the first built."""
     try:
-        if not os.path.isdir(base_dir) and not _raw_data_usable(raw_data_file, data_set):  # nothing to build or read
+        if not os.path.isdir(base_dir) and not raw_data_usable(raw_data_file, data_set):  # nothing to build or read
             return _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rate, workers, log,
                                progress)
         with _exclusive(base_dir, log):
@@ -803,7 +807,7 @@ def _damaged_output(out_dir, metadata):
     return None
 
 
-def _raw_data_usable(raw_data_file, data_set) -> bool:
+def raw_data_usable(raw_data_file, data_set) -> bool:
     """Whether the raw data can be preprocessed (raw_day_files finds every file)."""
     try:
         return bool(raw_data_file) and bool(raw_day_files(raw_data_file, data_set))
@@ -1209,6 +1213,13 @@ def npz_problem(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def original_stem(raw_data_file: str, data_set: str) -> str:
+    """Where the original writes its files for this raw data: `<raw>` for Terabyte's day files, `<raw dir>/<raw
+    name up to its first dot>` for Kaggle's train.txt (`<stem>_day_count.npz`, `<stem>_fea_count.npz`, ...)."""
+    name = os.path.basename(raw_data_file)
+    return os.path.join(os.path.dirname(raw_data_file), name.split(".")[0] if data_set == "kaggle" else name)
+
+
 def original_day_counts(raw_data_file: str, data_set: str) -> tuple[str | None, list[int] | None]:
     """(path, rows of each day) of the original's day count file beside the raw data (`<raw>_day_count.npz`,
     for Kaggle `<raw name up to its first dot>_day_count.npz`); the rows are None when it does not exist
@@ -1216,9 +1227,7 @@ def original_day_counts(raw_data_file: str, data_set: str) -> tuple[str | None, 
     test day) not empty."""
     if not raw_data_file:
         return None, None
-    stem = raw_data_file.split("/")[-1]
-    stem = stem.split(".")[0] if data_set == "kaggle" else stem
-    count_file = os.path.join(os.path.dirname(raw_data_file), stem + "_day_count.npz")
+    count_file = original_stem(raw_data_file, data_set) + "_day_count.npz"
     if not os.path.exists(count_file):
         return count_file, None
     try:
@@ -1311,6 +1320,20 @@ def original_bin_files(processed_data_file: str, raw_data_file: str, data_set: s
     return files
 
 
+def original_table_sizes(path) -> np.ndarray:
+    """The `counts` of the original's `<raw>_fea_count.npz`: 26 positive integers, the size of each table
+    (before --max-ind-range folds them). DataError when the file is not that."""
+    try:
+        with np.load(path) as data:
+            counts = np.asarray(data["counts"])
+    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not the original's table sizes file ({npz_problem(e)})")
+    if counts.shape != (NUM_SPARSE,) or counts.dtype.kind not in "iu" or (counts <= 0).any():
+        raise DataError(f"{path}: counts should be {NUM_SPARSE} positive integers (one table size per "
+                        f"categorical feature), found {counts.dtype} {counts.shape}")
+    return counts
+
+
 def read_original_bin_files(files: dict, splits=("train", "test"), max_ind_range=-1,
                             checked_rows=256) -> tuple[dict, list[int]]:
     """(split -> rows, table sizes) of the original's --mlperf-bin-loader files (`original_bin_files`) of
@@ -1336,14 +1359,7 @@ def read_original_bin_files(files: dict, splits=("train", "test"), max_ind_range
     empty = next((files[split] for split in ("train", "test") if rows.get(split) == 0), None)
     if empty:
         raise DataError(f"{empty}: empty")
-    try:
-        with np.load(files["counts"]) as data:
-            counts = np.asarray(data["counts"])
-    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-        raise DataError(f"{files['counts']}: not the original's table sizes file ({npz_problem(e)})")
-    if counts.shape != (NUM_SPARSE,) or counts.dtype.kind not in "iu" or (counts <= 0).any():
-        raise DataError(f"{files['counts']}: counts should be {NUM_SPARSE} positive integers (one table size per "
-                        f"categorical feature), found {counts.dtype} {counts.shape}")
+    counts = original_table_sizes(files["counts"])
     tables = np.minimum(counts, max_ind_range) if max_ind_range > 0 else counts
     for split, n in rows.items():
         records = np.memmap(files[split], dtype=np.int32, mode="r").reshape(-1, NUM_FIELDS)
@@ -1403,6 +1419,182 @@ def write_bin_files(processed: ProcessedData, log=print) -> dict:
         raise DataError(f"writing the --mlperf-bin-loader files into {processed.out_dir} failed: "
                         f"{e.filename or tmp or ''}: {e.strerror or e}")
     return paths
+
+
+# ============================================================================ the original's --memory-map files
+ORIGINAL_REORDERED_FORMAT = "dlrm-original-reordered-v1"
+CONVERT_ROWS = 1 << 16  # rows decompressed and checked per step
+
+
+def original_reordered_files(raw_data_file: str, data_set: str) -> dict | None:
+    """The original's --memory-map output for the raw data `raw_data_file`, or None when its day 0 is not there:
+    "days" -> its `<prefix>_<d>_reordered.npz` of each day (prefix `<raw>` for Terabyte, `<raw dir>/<raw name up to
+    its first dot>_day` for Kaggle), "counts" -> `<stem>_fea_count.npz` (original_stem), "missing" -> the first of
+    these not found (None when all are there), "raw" -> `raw_data_file`."""
+    if not raw_data_file or data_set not in DAYS:
+        return None
+    stem = original_stem(raw_data_file, data_set)
+    prefix = stem + "_day" if data_set == "kaggle" else stem
+    days = [f"{prefix}_{d}_reordered.npz" for d in range(DAYS[data_set])]
+    if not os.path.isfile(days[0]):
+        return None
+    files = {"days": days, "counts": stem + "_fea_count.npz", "prefix": prefix, "raw": raw_data_file}
+    files["missing"] = next((p for p in days + [files["counts"]] if not os.path.isfile(p)), None)
+    return files
+
+
+def read_original_reordered(files: dict, data_set: str, log=print, progress=False) -> ProcessedData:
+    """The original's --memory-map day files (`original_reordered_files`) as a processed set, converted once into
+    `<prefix>_reordered_npy/` beside them: day_<d>_{label,dense,sparse}.npy as our preprocessing writes them, read
+    memory-mapped (its files are compressed .npz, which cannot be), in bounded memory (CONVERT_ROWS rows at a time).
+    Rows stay in the files' order; ids as the files hold them (its dictionaries' ids, below its counts; the
+    original folds them by --max-ind-range when used). A rerun reuses the conversion while the original's files
+    are unchanged (size and modification time). DataError (one line) when one is missing or damaged, or holds
+    what the original's preprocessing does not write (a label not 0/1, a value that is not an integer, an id
+    outside its table), or when the days' rows differ from its `<stem>_day_count.npz`."""
+    if files["missing"]:
+        raise DataError(f"the original's --memory-map files of {files['raw']} are incomplete: {files['missing']} not "
+                        f"found (its days are {files['days'][0]} .. {os.path.basename(files['days'][-1])})")
+    out_dir = files["prefix"] + "_reordered_npy"
+    count_file, day_counts = original_day_counts(files["raw"], data_set)
+    sources = files["days"] + [files["counts"]] + ([count_file] if day_counts is not None else [])
+    settings = {"format": ORIGINAL_REORDERED_FORMAT, "data_set": data_set,
+                "sources": [source_identity(p) for p in sources]}
+    try:
+        with _exclusive(out_dir, log):
+            existing = read_set_metadata(out_dir)
+            if existing is not None and existing["settings"] == settings and _damaged_output(out_dir, existing) is None:
+                return ProcessedData(out_dir, existing)
+            try:
+                return _convert_original_reordered(files, out_dir, settings, day_counts, count_file, log, progress)
+            except (DataError, OSError):  # a damaged or foreign file, a full disk: nothing half-converted stays
+                with contextlib.suppress(OSError):
+                    remove_outputs(out_dir)
+                raise
+    except OSError as e:  # disk full, a read-only folder
+        raise DataError(f"converting the original's --memory-map files into {out_dir} failed: "
+                        f"{e.filename or ''}: {e.strerror or e}")
+
+
+def _convert_original_reordered(files, out_dir, settings, day_counts, count_file, log, progress) -> ProcessedData:
+    from tqdm import tqdm
+
+    counts = original_table_sizes(files["counts"])
+    remove_outputs(out_dir)
+    log(f"Converting the original's --memory-map files {files['days'][0]} .. {os.path.basename(files['days'][-1])} "
+        f"into {out_dir} (once: read memory-mapped from there)")
+    day_rows = []
+    with tqdm(desc="convert", unit=" rows", unit_scale=True, disable=not progress, mininterval=0.5) as bar:
+        for day, path in enumerate(files["days"]):
+            day_rows.append(_convert_original_day(path, day, out_dir, counts, files["counts"], bar))
+    if day_counts is not None and day_counts != day_rows:
+        day = next(d for d, (a, b) in enumerate(zip(day_counts, day_rows)) if a != b)
+        raise DataError(f"{count_file}: day {day} has {day_counts[day]} rows by it, {files['days'][day]} holds "
+                        f"{day_rows[day]}: the day counts of other data")
+    if day_rows[-1] == 0:
+        raise DataError(f"{files['days'][-1]}: no rows (the last day holds the test and validation rows)")
+    metadata = {
+        "settings": settings,
+        "days": [{"rows": rows, "source": os.path.basename(p)} for rows, p in zip(day_rows, files["days"])],
+        "counts": [int(c) for c in counts],
+        "splits": {name: [list(r) for r in ranges] for name, ranges in split_days(day_rows).items()},
+        "dense_features": NUM_DENSE,
+        "sparse_features": NUM_SPARSE,
+        "files": {"label": "day_{day}_label.npy", "dense": "day_{day}_dense.npy", "sparse": "day_{day}_sparse.npy"},
+    }
+    save_json(os.path.join(out_dir, "metadata.json"), metadata)
+    return ProcessedData(out_dir, metadata)
+
+
+def _convert_original_day(path, day, out_dir, counts, counts_file, bar) -> int:
+    """One day file of the original's --memory-map output (y, X_int, X_cat, float64 as it writes them) ->
+    day_<day>_{label,dense,sparse}.npy in out_dir; returns its rows."""
+    outputs = (("y", "label", np.uint8, ()), ("X_int", "dense", np.int32, (NUM_DENSE,)),
+               ("X_cat", "sparse", np.int32, (NUM_SPARSE,)))
+    rows = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            missing = [name for name, *_ in outputs if name + ".npy" not in names]
+            if missing:
+                raise DataError(f"{path}: not one of the original's --memory-map day files (no {', '.join(missing)})")
+            for name, kind, dtype, row_shape in outputs:
+                writer = NpyWriter(os.path.join(out_dir, f"day_{day}_{kind}.npy"), dtype, row_shape)
+                try:
+                    for first, block in _npz_member_blocks(archive, path, name, row_shape):
+                        writer.append(_checked_values(block, kind, path, name, first, counts, counts_file))
+                        if kind == "label":
+                            bar.update(len(block))
+                    writer.close()
+                except BaseException:
+                    writer.discard()
+                    raise
+                rows[name] = writer.rows
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npz ({npz_problem(e)})")
+    if len(set(rows.values())) > 1:
+        raise DataError(f"{path}: y, X_int and X_cat hold {rows['y']}, {rows['X_int']} and {rows['X_cat']} rows")
+    return rows["y"]
+
+
+def _npz_member_blocks(archive, path, name, row_shape, block_rows=CONVERT_ROWS):
+    """(first row, rows) blocks of the array `name` of an open .npz archive (compressed or not), decompressed
+    as they are read."""
+    with archive.open(name + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        if dtype.kind not in "buif" or len(shape) != 1 + len(row_shape) or tuple(shape[1:]) != row_shape:
+            what = f"rows of {row_shape[0]} numbers" if row_shape else "one number per row"
+            raise DataError(f"{path}: {name} is {dtype} {shape}, not {what}: not one of the original's --memory-map "
+                            "day files")
+        row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+        if fortran_order and row_shape:  # columns first: read whole (NumPy writes C order unless asked)
+            data = f.read()
+            whole = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize)
+            if whole.size != int(np.prod(shape)):
+                raise DataError(f"{path}: {name} is truncated")
+            whole = whole.reshape(shape, order="F")
+            for first in range(0, shape[0], block_rows):
+                yield first, np.ascontiguousarray(whole[first : first + block_rows])
+            return
+        for first in range(0, shape[0], block_rows):
+            n = min(block_rows, shape[0] - first)
+            data = f.read(n * row_bytes)
+            if len(data) != n * row_bytes:
+                raise DataError(f"{path}: {name} is truncated (row {first + len(data) // max(row_bytes, 1)} of "
+                                f"{shape[0]})")
+            yield first, np.frombuffer(data, dtype=dtype).reshape((n,) + row_shape)
+
+
+def _checked_values(block, kind, path, name, first, counts, counts_file):
+    """A block of labels, integers or ids as our processed files hold them (uint8 0/1, int32 >= 0, int32 ids
+    below their table's size); DataError naming the row of the first value that is not that."""
+    def fail(bad, what):
+        at = tuple(np.argwhere(bad)[0])
+        column = f", column {at[1]}" if len(at) > 1 else ""
+        raise DataError(f"{path}: {name} row {first + at[0]}{column} holds {block[at].item()!r}, {what}")
+
+    if block.dtype.kind == "f":
+        bad = ~np.isfinite(block) | (block != np.trunc(block))
+        if bad.any():
+            fail(bad, "not an integer")
+    if kind == "label":
+        bad = (block != 0) & (block != 1)
+        if bad.any():
+            fail(bad, "not a click label (0 or 1)")
+        return block.astype(np.uint8)
+    if kind == "dense":
+        block = np.maximum(block, 0)  # as the original's processed files (negative integers -> 0)
+        bad = block > INT32_MAX
+        if bad.any():
+            fail(bad, f"above {INT32_MAX}")
+        return block.astype(np.int32)
+    bad = (block < 0) | (block >= counts)
+    if bad.any():
+        fail(bad, f"outside its table of {counts[np.argwhere(bad)[0][1]]} rows by {counts_file}: the table sizes "
+                  "of other data?")
+    return block.astype(np.int32)
 
 
 # ============================================================================ multi-hot data

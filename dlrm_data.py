@@ -667,6 +667,13 @@ def open_criteo(args, splits=("train", "test", "val"), log=print, progress=True)
         original_bins = data_utils.original_bin_files(processed_file, args.raw_data_file, args.data_set)
         if original_bins is not None:
             return _open_original_bin(args, original_bins, splits, log)
+    if args.memory_map:  # as the original: its --memory-map day files, when there, before any other data
+        reordered = data_utils.original_reordered_files(args.raw_data_file, args.data_set)
+        if reordered is not None:
+            if not reordered["missing"] or not data_utils.raw_data_usable(args.raw_data_file, args.data_set):
+                return _open_original_reordered(args, reordered, splits, log, progress)
+            _note(f"note: the original's --memory-map files of {args.raw_data_file} are incomplete "
+                  f"({reordered['missing']} not found): the raw data is preprocessed instead")
     if processed_file.endswith(".npz") and os.path.isfile(processed_file):
         return _open_original_npz(args, splits, log)
     out_dir = data_utils.processed_dir(processed_file, args.raw_data_file, args.data_set)
@@ -675,16 +682,25 @@ def open_criteo(args, splits=("train", "test", "val"), log=print, progress=True)
     workers = os.cpu_count() if args.dataset_multiprocessing else 1
     processed = data_utils.preprocess(args.raw_data_file, out_dir, args.data_set, args.max_ind_range,
                                       args.data_sub_sample_rate, workers, log=log, progress=progress)
+    return _processed_data(args, processed, splits, log, progress)
+
+
+def _processed_data(args, processed, splits, log, progress, id_modulus=0, shuffled=False) -> CriteoData:
+    """The splits of a processed set: as .bin files with --mlperf-bin-loader (written once), memory-mapped with
+    --memory-map, else loaded in memory; `id_modulus` M > 0 folds the ids into [0, M) when read."""
     splits = {name: ranges for name, ranges in data_utils.split_days(processed.day_rows).items() if name in splits}
     if args.mlperf_bin_loader:
         paths = data_utils.write_bin_files(processed, log=log)
-        parts = {name: [MappedPart("bin", [paths[name]], 0, sum(_split_day_rows(r)))] for name, r in splits.items()}
+        parts = {name: [MappedPart("bin", [paths[name]], 0, sum(_split_day_rows(r)), id_modulus)]
+                 for name, r in splits.items()}
     elif args.memory_map:
-        parts = {name: [MappedPart("npy", [processed.day_file(d, k) for k in ("label", "dense", "sparse")], start, stop)
-                        for d, start, stop in ranges] for name, ranges in splits.items()}
+        parts = {name: [MappedPart("npy", [processed.day_file(d, k) for k in ("label", "dense", "sparse")], start, stop,
+                                   id_modulus) for d, start, stop in ranges] for name, ranges in splits.items()}
     else:
+        assert not id_modulus
         parts = {name: [_load_in_memory(processed, ranges, name, progress)] for name, ranges in splits.items()}
-    return CriteoData(parts, {name: _split_day_rows(r) for name, r in splits.items()}, list(processed.counts))
+    counts = [min(c, id_modulus) if id_modulus else c for c in processed.counts]
+    return CriteoData(parts, {name: _split_day_rows(r) for name, r in splits.items()}, counts, shuffled=shuffled)
 
 
 def _load_in_memory(processed, ranges, split, progress, sparse_kind="sparse", sparse_width=data_utils.NUM_SPARSE):
@@ -816,6 +832,22 @@ def _open_original_npz(args, splits, log) -> CriteoData:
         parts[name] = [ArrayPart(label[lo:hi], dense[lo:hi], sparse[lo:hi])]
         rows[name] = _split_day_rows(ranges)
     return CriteoData(parts, rows, counts)
+
+
+def _open_original_reordered(args, files, splits, log, progress) -> CriteoData:
+    """The original's --memory-map day files (data_utils.original_reordered_files), converted once into our
+    memory-mapped day files (data_utils.read_original_reordered): train days 0 .. D-2, test and validation the
+    halves of the last day, rows in the files' order (its preprocessing ordered them), ids folded by
+    --max-ind-range when read, as the original's CriteoDataset with memory_map."""
+    processed = data_utils.read_original_reordered(files, args.data_set, log=log, progress=progress)
+    log(f"Reading the original's --memory-map data={files['prefix']}_<day>_reordered.npz (as {processed.out_dir}), "
+        f"in their order; table sizes from {files['counts']}")
+    _note_rows_as_kept(args, "--memory-map files")
+    if args.data_randomize != "none":
+        _note(f"note: --data-randomize={args.data_randomize} has no effect on the original's --memory-map files: its "
+              "preprocessing ordered the rows, read in the files' order as the original does")
+    return _processed_data(args, processed, splits, log, progress, id_modulus=max(args.max_ind_range, 0),
+                           shuffled=True)
 
 
 def _open_original_bin(args, files, splits, log) -> CriteoData:

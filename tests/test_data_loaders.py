@@ -264,6 +264,131 @@ def test_one_of_the_originals_bin_files_given_as_processed_data_names_the_flags(
         f"--processed-data-file={tmp_path / 'terabyte_processed'}.npz")
 
 
+def write_original_reordered(folder, data_set="terabyte", day_rows=None, seed=0):
+    """The original's --memory-map output: <prefix>_<d>_reordered.npz of each day (y, X_int, X_cat as float64, as it
+    writes them, compressed), <stem>_fea_count.npz and <stem>_day_count.npz; returns (the raw data file it was made
+    from, the rows of each day as int64 [n, 40] records, counts)."""
+    rng = np.random.default_rng(seed)
+    days = 24 if data_set == "terabyte" else 7
+    day_rows = day_rows or [int(n) for n in rng.integers(5, 30, days)]
+    stem, prefix = (folder / "day", folder / "day") if data_set == "terabyte" else (folder / "train", folder / "train_day")
+    counts = rng.integers(5, 2000, 26)
+    records = []
+    for day, n in enumerate(day_rows):
+        rows = np.concatenate([rng.integers(0, 2, (n, 1)), rng.integers(0, 1000, (n, 13)),
+                               rng.integers(0, counts, (n, 26))], axis=1)
+        np.savez_compressed(f"{prefix}_{day}_reordered.npz", X_cat=rows[:, 14:].astype(np.float64),
+                            X_int=rows[:, 1:14].astype(np.float64), y=rows[:, 0].astype(np.float64))
+        records.append(rows)
+    np.savez_compressed(f"{stem}_fea_count.npz", counts=counts.astype(np.int32))
+    np.savez_compressed(f"{stem}_day_count.npz", total_per_file=np.array(day_rows))
+    raw = folder / ("day" if data_set == "terabyte" else "train.txt")
+    return raw, records, counts
+
+
+def original_reordered_args(raw, data_set, *extra):
+    return dlrm.parse_args(["--data-generation=dataset", f"--data-set={data_set}", f"--raw-data-file={raw}",
+                            "--memory-map", "--mini-batch-size=16", "--test-mini-batch-size=8", *extra])
+
+
+@pytest.mark.parametrize("data_set,max_ind_range,bin_loader", [("terabyte", -1, False), ("kaggle", 700, False),
+                                                               ("terabyte", 700, True)])
+def test_the_originals_memory_map_files_are_read_as_the_original_reads_them(tmp_path, capsys, data_set,
+                                                                            max_ind_range, bin_loader):
+    """Its CriteoDataset with memory_map: days 0 .. D-2 train, the last day's first ceil(n/2) rows test, in the
+    files' order, dense log(x + 1), ids folded by --max-ind-range when read, the tables its counts (at most M);
+    converted once into memory-mappable files beside them (with --mlperf-bin-loader, .bin files made from them)."""
+    raw, records, counts = write_original_reordered(tmp_path, data_set)
+    extra = [f"--max-ind-range={max_ind_range}", "--data-randomize=day"] + ["--mlperf-bin-loader"] * bin_loader
+    messages = []
+    train, test, sizes = dlrm_data.make_criteo_datasets(original_reordered_args(raw, data_set, *extra),
+                                                        log=messages.append, progress=False)
+    prefix = tmp_path / ("day" if data_set == "terabyte" else "train_day")
+    assert messages[0] == (f"Converting the original's --memory-map files {prefix}_0_reordered.npz .. "
+                           f"{prefix.name}_{len(records) - 1}_reordered.npz into {prefix}_reordered_npy (once: read "
+                           "memory-mapped from there)")
+    assert messages[1].startswith(f"Reading the original's --memory-map data={prefix}_<day>_reordered.npz (as ")
+    assert capsys.readouterr().err == ("note: --data-randomize=day has no effect on the original's --memory-map "
+                                       "files: its preprocessing ordered the rows, read in the files' order as the "
+                                       "original does\n")
+    fold = max_ind_range if max_ind_range > 0 else None
+    assert sizes == [min(int(c), fold or int(c)) for c in counts]
+    last = records[-1]
+    expected = {"train": np.concatenate(records[:-1]), "test": last[: (len(last) + 1) // 2]}
+    for dataset, split, size in ((train, "train", 16), (test, "test", 8)):
+        assert len(dataset) == -(-len(expected[split]) // size)
+        for j in range(len(dataset)):
+            rows = expected[split][j * size : (j + 1) * size]
+            batch = dataset[j]
+            ids = rows[:, 14:] % fold if fold else rows[:, 14:]
+            assert torch.equal(batch.dense_x, torch.log(torch.tensor(rows[:, 1:14], dtype=torch.float32) + 1))
+            assert batch.target.view(-1).tolist() == rows[:, 0].tolist()
+            assert batch.indices.tolist() == ids.T.reshape(-1).tolist()  # table after table
+    messages.clear()
+    dlrm_data.make_criteo_datasets(original_reordered_args(raw, data_set, *extra), log=messages.append, progress=False)
+    assert not any(m.startswith("Converting") for m in messages)  # converted once
+    os.utime(f"{prefix}_3_reordered.npz", ns=(1, 1))  # the original's files changed: converted again
+    dlrm_data.make_criteo_datasets(original_reordered_args(raw, data_set, *extra), log=messages.append, progress=False)
+    assert any(m.startswith("Converting") for m in messages)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing day", "the original's --memory-map files of {tmp}/day are incomplete: {tmp}/day_5_reordered.npz not "
+                    "found (its days are {tmp}/day_0_reordered.npz .. day_23_reordered.npz)"),
+    ("junk", "day_2_reordered.npz: not a readable .npz (BadZipFile: File is not a zip file)"),
+    ("no X_cat", "day_2_reordered.npz: not one of the original's --memory-map day files (no X_cat)"),
+    ("label 2", "day_2_reordered.npz: y row 3 holds 2.0, not a click label (0 or 1)"),
+    ("fraction", "day_2_reordered.npz: X_int row 1, column 4 holds 0.5, not an integer"),
+    ("id outside", "day_2_reordered.npz: X_cat row 0, column 7 holds 5000.0, outside its table of"),
+    ("wrong width", "day_2_reordered.npz: X_int is float64 (10, 12), not rows of 13 numbers"),
+    ("day counts", "day_day_count.npz: day 2 has 11 rows by it, {tmp}/day_2_reordered.npz holds 10: the day counts "
+                   "of other data"),
+])
+def test_damaged_original_memory_map_files_are_one_line_and_leave_nothing(tmp_path, run_main, damage, message):
+    raw, records, counts = write_original_reordered(tmp_path, "terabyte", day_rows=[10] * 24)
+    day2 = tmp_path / "day_2_reordered.npz"
+    arrays = {"X_cat": records[2][:, 14:].astype(float), "X_int": records[2][:, 1:14].astype(float),
+              "y": records[2][:, 0].astype(float)}
+    if damage == "missing day":
+        (tmp_path / "day_5_reordered.npz").unlink()
+    elif damage == "junk":
+        day2.write_bytes(b"junk")
+    elif damage == "no X_cat":
+        del arrays["X_cat"]
+    elif damage == "label 2":
+        arrays["y"][3] = 2
+    elif damage == "fraction":
+        arrays["X_int"][1, 4] = 0.5
+    elif damage == "id outside":
+        arrays["X_cat"][0, 7] = 5000
+    elif damage == "wrong width":
+        arrays["X_int"] = arrays["X_int"][:, :12]
+    else:
+        np.savez(tmp_path / "day_day_count.npz", total_per_file=np.array([10, 10, 11] + [10] * 21))
+    if damage not in ("missing day", "junk", "day counts"):
+        np.savez_compressed(day2, **arrays)
+    code, _, err = run_main("--data-generation=dataset", "--data-set=terabyte", f"--raw-data-file={raw}", "--memory-map",
+                            "--arch-mlp-bot=13-2", "--max-ind-range=2000")
+    assert code == 1 and "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("dlrm_s_pytorch.py: error: ") and message.format(tmp=tmp_path) in last, err
+    converted = tmp_path / "day_reordered_npy"
+    assert not converted.exists() or not [p for p in os.listdir(converted) if not p.startswith(".")]
+
+
+def test_incomplete_original_memory_map_files_beside_the_raw_data_leave_it_to_preprocessing(kaggle_file, tmp_path,
+                                                                                          capsys):
+    raw = tmp_path / "train.txt"
+    shutil.copy(kaggle_file, raw)
+    write_original_reordered(tmp_path, "kaggle")
+    (tmp_path / "train_day_6_reordered.npz").unlink()
+    train, _, _ = quiet_datasets(original_reordered_args(raw, "kaggle"))
+    assert train.num_rows == 6000
+    assert capsys.readouterr().err == (f"note: the original's --memory-map files of {raw} are incomplete "
+                                       f"({tmp_path / 'train_day_6_reordered.npz'} not found): the raw data is "
+                                       "preprocessed instead\n")
+
+
 def test_test_split_is_whole_whatever_num_batches(kaggle_file):
     train, test, _ = quiet_datasets(dataset_args(kaggle_file, "--num-batches=2"))
     assert test.num_rows == 500 and len(test) == 4 and test.samples_in_batch(3) == 500 - 3 * 128

@@ -568,16 +568,17 @@ def test_the_originals_terabyte_npz_is_cut_by_its_day_counts_only(tmp_path):
 
 
 def test_the_originals_memory_map_output_is_named_when_the_raw_data_is_gone(tmp_path):
-    for name in ("day_0_reordered.npz", "day_fea_count.npz", "train_day_0_reordered.npz", "train_fea_count.npz"):
+    for day in range(24):
+        (tmp_path / f"day_{day}_reordered.npz").write_bytes(b"")
+    for name in ("day_fea_count.npz", "train_day_0_reordered.npz", "train_fea_count.npz"):
         (tmp_path / name).write_bytes(b"")
-    message = data_utils.missing_raw_data(str(tmp_path / "day"), "terabyte")
-    assert "day_0_reordered.npz is the original's --memory-map output, which this trainer does not read" in message
-    assert "with --mlperf-bin-loader the original's .bin files made from it" in message
-    message = data_utils.missing_raw_data(str(tmp_path / "train.txt"), "kaggle")
-    assert message == (f"--raw-data-file {tmp_path / 'train.txt'}: no such file; {tmp_path / 'train_day_0_reordered.npz'} "
-                       "is the original's --memory-map output, which this trainer does not read: give the raw "
-                       "train.txt (preprocessed once into kaggleAdDisplayChallenge_processed/), or the original's "
-                       "kaggleAdDisplayChallenge_processed.npz with --processed-data-file")
+    assert data_utils.missing_raw_data(str(tmp_path / "day"), "terabyte") == (
+        f"--raw-data-file {tmp_path / 'day'}: day file {tmp_path / 'day'}_0 (or .gz) not found; "
+        f"{tmp_path / 'day_0_reordered.npz'} .. day_23_reordered.npz are the original's --memory-map output: add "
+        "--memory-map to read them")
+    assert data_utils.missing_raw_data(str(tmp_path / "train.txt"), "kaggle") == (
+        f"--raw-data-file {tmp_path / 'train.txt'}: no such file; the original's --memory-map output beside it is "
+        f"incomplete ({tmp_path / 'train_day_1_reordered.npz'} not found)")
     (tmp_path / "day_fea_count.npz").unlink()  # the table sizes of the original's .bin files are not its output
     assert "memory-map" not in data_utils.missing_raw_data(str(tmp_path / "other"), "terabyte")
 
