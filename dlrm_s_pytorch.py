@@ -1156,12 +1156,14 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
             return
     checkpoint = {
         "state_dict": to_original_keys(model.state_dict(), model),
-        "opt_state_dict": optimizer.state_dict() if optimizer is not None else None,
+        "opt_state_dict": (to_original_optimizer_state(optimizer.state_dict(), model, state.updates)
+                           if optimizer is not None else None),
         "train_state": dataclasses.asdict(state),
         "arch": model_arch(model),
-        # the original's keys, for scripts that read them
-        "epoch": state.epoch,
-        "iter": state.next_batch,
+        # the original's keys, for scripts that read them; the start of an epoch as the end of the one before,
+        # as the original saves it (an epoch above the one it trains in would hang its resume)
+        "epoch": state.epoch - 1 if state.next_batch == 0 and state.epoch > 0 else state.epoch,
+        "iter": nbatches if state.next_batch == 0 and state.epoch > 0 else state.next_batch,
         "nepochs": args.nepochs,
         "nbatches": nbatches,
         "nbatches_test": nbatches_test,
@@ -1318,20 +1320,16 @@ def from_original_optimizer_state(opt_state: dict, model: DLRM_Net, row_wise_spa
     row), the largest `step` kept; RWSAdagrad's per-row `momentum` becomes `sum`. Any other state is
     returned as it is (`load_state_dict` checks it). ValueError when only some tables have state, or a
     merged state does not fit the parameter."""
-    if not isinstance(opt_state, dict) or "optimizer" in opt_state:
-        return opt_state  # our own optimizer's state
+    if not isinstance(opt_state, dict):
+        return opt_state
     state = opt_state.get("state")
     if isinstance(state, dict):  # RWSAdagrad's per-row `momentum` is our `sum`
         state = {number: {("sum" if k == "momentum" else k): v for k, v in entry.items()}
                  if isinstance(entry, dict) else entry for number, entry in state.items()}
         opt_state = {**opt_state, "state": state}
     params, tables = list(model.parameters()), len(model.table_sizes)
-    if isinstance(model.emb_l, BatchedEmbeddingBags):  # the original's tables in our one weight
-        spans = [tables] + [1] * (len(params) - 1)
-    elif model.pooling_weights is not None and model.pooling_weights.learned:  # its v_W_l.<k> in our one weight
-        before = len(list(model.emb_l.parameters()))
-        spans = [1] * before + [tables] + [1] * (len(params) - before - 1)
-    else:  # parameters one to one
+    spans = _original_parameter_spans(model)
+    if spans is None:  # parameters one to one
         return opt_state
     groups = opt_state.get("param_groups")
     if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and isinstance(state, dict)
@@ -1366,6 +1364,77 @@ def from_original_optimizer_state(opt_state: dict, model: DLRM_Net, row_wise_spa
                 raise ValueError(f"the saved tables' '{key}' cannot be merged into one table's")
         merged_state[ours] = merged
     return {"state": merged_state, "param_groups": [{**groups[0], "params": list(range(len(params)))}]}
+
+
+def _original_parameter_spans(model: DLRM_Net) -> list[int] | None:
+    """How many of the original's parameters each of `model.parameters()` holds: the tables of the batched
+    table weight, or the per-table `v_W_l.<k>` of the learned pooling weights; None when one to one."""
+    params, tables = list(model.parameters()), len(model.table_sizes)
+    if isinstance(model.emb_l, BatchedEmbeddingBags):  # the original's tables in our one weight
+        return [tables] + [1] * (len(params) - 1)
+    if model.pooling_weights is not None and model.pooling_weights.learned:  # its v_W_l.<k> in our one weight
+        before = len(list(model.emb_l.parameters()))
+        return [1] * before + [tables] + [1] * (len(params) - before - 1)
+    return None
+
+
+# the settings torch.optim.SGD / Adagrad and the original's RWSAdagrad keep in a parameter group (and need to step)
+ORIGINAL_GROUP_SETTINGS = {
+    "SGD": {"momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "maximize": False, "foreach": None,
+            "differentiable": False, "fused": None},
+    "Adagrad": {"lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0.0, "eps": 1e-10, "foreach": None,
+                "maximize": False, "differentiable": False, "fused": None},
+    "RWSAdagrad": {"lr_decay": 0.0, "eps": 1e-10, "weight_decay": 0.0, "initial_accumulator_value": 0.0},
+}
+
+
+def to_original_optimizer_state(opt_state: dict, model: DLRM_Net, updates: int) -> dict:
+    """`opt_state` (our SGD's, Adagrad's or RWSAdagrad's) laid out as the original's optimizer keeps it, so that
+    the original resumes our checkpoints: one group of its parameters in `model.parameters()` order with one
+    per table (`_original_parameter_spans`: the batched table's state split into `emb_l.<k>.weight`'s, the
+    learned pooling weights' into `v_W_l.<k>`'s, [rows of table k]); the group's settings as torch.optim.SGD /
+    Adagrad and its RWSAdagrad hold them (ORIGINAL_GROUP_SETTINGS); every parameter's `step` (`updates`: a
+    float tensor for Adagrad, an int for RWSAdagrad, as they keep it) and, for Adagrad, a `sum` (zeros before
+    the first update); RWSAdagrad's one value per row of a table is its `momentum`. The "optimizer" entry
+    stays (torch.optim ignores it). `from_original_optimizer_state` reverses it. Other states are returned
+    as they are."""
+    kind = opt_state.get("optimizer")
+    groups = opt_state.get("param_groups")
+    if kind not in ORIGINAL_GROUP_SETTINGS or not isinstance(groups, list) or len(groups) != 1:
+        return opt_state
+    params = list(model.parameters())
+    spans = _original_parameter_spans(model) or [1] * len(params)
+    if len(groups[0]["params"]) != len(params):
+        return opt_state
+    state, pieces = opt_state["state"], []  # pieces: (the original's parameter shape, its state)
+    for number, p, span in zip(groups[0]["params"], params, spans):
+        entry = state.get(number, {})
+        if span == 1:
+            pieces.append((p.shape, dict(entry)))
+            continue
+        rows = [int(n) for n in model.table_sizes]
+        table_shapes = [torch.Size([n]) if p.shape[1:] == (1,) else torch.Size([n, *p.shape[1:]]) for n in rows]
+        split = [dict() for _ in rows]
+        for key, value in entry.items():
+            parts = value.split(rows) if isinstance(value, torch.Tensor) and value.dim() else [value] * len(rows)
+            for table, part, shape in zip(split, parts, table_shapes):
+                table[key] = part.reshape(-1) if isinstance(part, torch.Tensor) and len(shape) == 1 else part
+        pieces.extend(zip(table_shapes, split))
+    settings = {**ORIGINAL_GROUP_SETTINGS[kind], **{k: v for k, v in groups[0].items() if k != "params"}}
+    original_state = {}
+    for number, (shape, entry) in enumerate(pieces):
+        if kind == "SGD":
+            if entry:
+                original_state[number] = entry
+            continue
+        if "sum" not in entry and kind == "Adagrad":
+            entry["sum"] = torch.full(shape, float(settings["initial_accumulator_value"]))
+        if kind == "RWSAdagrad" and "sum" in entry and len(shape) > 1 and entry["sum"].shape == shape[:1]:
+            entry["momentum"] = entry.pop("sum")
+        entry["step"] = torch.tensor(float(updates)) if kind == "Adagrad" else int(updates)
+        original_state[number] = entry
+    return {"state": original_state, "param_groups": [{**settings, "params": list(range(len(pieces)))}],
+            "optimizer": kind}
 
 
 def state_dict_problem(error: Exception, limit: int = 200) -> str:

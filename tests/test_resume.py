@@ -1,5 +1,6 @@
 """Resuming a checkpoint: the same sample position under any batch size; changed data-order flags refused."""
 
+import io
 import json
 
 import numpy as np
@@ -293,6 +294,84 @@ def test_the_originals_per_table_adagrad_state_resumes_in_the_batched_tables():
     del rws["state"][1]
     with pytest.raises(ValueError, match="optimizer state for some tables but not for all"):
         dlrm.from_original_optimizer_state(rws, model, row_wise_sparse=True)
+
+
+def serialized(value):
+    """`value` through torch.save and torch.load, as a checkpoint holds it (no tensor shared with a live one)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.slow  # torch.optim imports torch._dynamo: seconds
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_our_adagrad_and_sgd_state_resumes_in_the_originals_per_table_torch_optim():
+    """Our checkpoints' optimizer state as the original's torch.optim.Adagrad / SGD over one parameter per table
+    loads there and steps as ours does; back in ours it is the state it was."""
+    torch.manual_seed(0)
+    model = dlrm.DLRM_Net(4, np.array([5, 7, 3]), np.array([4, 8, 4]), np.array([10, 1]))
+    sizes, starts = [5, 7, 3], [0, 5, 12]
+    ours = dlrm.make_optimizer("adagrad", model.parameters(), 0.1)
+
+    def gradients():
+        rows = [torch.randint(0, n, (4,)) for n in sizes]
+        values = [torch.randn(4, 4) for _ in sizes]
+        model.emb_l.weight.grad = torch.sparse_coo_tensor(
+            torch.cat([r + s for r, s in zip(rows, starts)])[None], torch.cat(values), (15, 4), check_invariants=True)
+        for p in list(model.parameters())[1:]:
+            p.grad = torch.randn_like(p)
+
+    for _ in range(3):
+        gradients()
+        ours.step()
+    saved = serialized(dlrm.to_original_optimizer_state(ours.state_dict(), model, updates=3))
+    tables = [w.detach().clone().requires_grad_() for w in model.emb_l.weight.split(sizes)]
+    dense = [p.detach().clone().requires_grad_() for p in list(model.parameters())[1:]]
+    original = torch.optim.Adagrad([*tables, *dense], lr=0.5)
+    original.load_state_dict(saved)
+    assert original.param_groups[0]["lr"] == 0.1 and original.state[tables[1]]["step"].item() == 3.0
+    gradients()
+    for table, grad in zip(tables, model.emb_l.weight.grad.to_dense().split(sizes)):
+        table.grad = grad.clone()
+    for theirs, mine in zip(dense, list(model.parameters())[1:]):
+        theirs.grad = mine.grad.clone()
+    original.step()
+    ours.step()
+    torch.testing.assert_close(torch.cat([t.detach() for t in tables]), model.emb_l.weight.detach())
+    for theirs, mine in zip(dense, list(model.parameters())[1:]):
+        torch.testing.assert_close(theirs.detach(), mine.detach())
+    resumed = dlrm.make_optimizer("adagrad", model.parameters(), 0.1)
+    resumed.load_state_dict(dlrm.from_original_optimizer_state(
+        dlrm.to_original_optimizer_state(ours.state_dict(), model, updates=4), model))
+    for p in model.parameters():
+        assert torch.equal(resumed.state[p]["sum"], ours.state[p]["sum"])
+
+    sgd = dlrm.make_optimizer("sgd", model.parameters(), 0.1)
+    torch.optim.SGD([*tables, *dense], lr=0.5).load_state_dict(
+        dlrm.to_original_optimizer_state(sgd.state_dict(), model, updates=0))
+
+    rws = dlrm.make_optimizer("rwsadagrad", model.parameters(), 0.1)
+    gradients()
+    rws.step()
+    saved = dlrm.to_original_optimizer_state(rws.state_dict(), model, updates=1)
+    assert [sorted(saved["state"][t]) for t in range(3)] == [["momentum", "step"]] * 3  # the original's RWSAdagrad
+    assert [saved["state"][t]["momentum"].shape for t in range(3)] == [(5,), (7,), (3,)]
+    assert saved["state"][3]["sum"].shape == (8, 4) and saved["state"][3]["step"] == 1
+    assert set(saved["param_groups"][0]) == {"lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value",
+                                             "params"}
+    resumed = dlrm.make_optimizer("rwsadagrad", model.parameters(), 0.1)
+    resumed.load_state_dict(dlrm.from_original_optimizer_state(saved, model, row_wise_sparse=True))
+    assert torch.equal(resumed.state[model.emb_l.weight]["sum"], rws.state[model.emb_l.weight]["sum"])
+
+
+def test_a_checkpoint_at_an_epochs_end_tells_the_original_the_end_of_that_epoch(run_main, tmp_path):
+    """The original saves its position as (epoch, batches done); one past its epoch hangs its resume."""
+    path = tmp_path / "end.pt"
+    assert run_main(*SMALL, f"--save-model={path}")[0] == 0
+    saved = torch.load(path, weights_only=False)
+    assert (saved["epoch"], saved["iter"], saved["nbatches"]) == (0, 4, 4)
+    assert (saved["train_state"]["epoch"], saved["train_state"]["next_batch"]) == (1, 0)
 
 
 @pytest.mark.parametrize("name", ["adagrad", "rwsadagrad"])
