@@ -52,6 +52,7 @@ import datetime
 import functools
 import importlib.metadata
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -1160,10 +1161,9 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
                            if optimizer is not None else None),
         "train_state": dataclasses.asdict(state),
         "arch": model_arch(model),
-        # the original's keys, for scripts that read them; the start of an epoch as the end of the one before,
-        # as the original saves it (an epoch above the one it trains in would hang its resume)
-        "epoch": state.epoch - 1 if state.next_batch == 0 and state.epoch > 0 else state.epoch,
-        "iter": nbatches if state.next_batch == 0 and state.epoch > 0 else state.next_batch,
+        # the original's keys, for scripts that read them
+        "epoch": original_position(state, nbatches)[0],
+        "iter": original_position(state, nbatches)[1],
         "nepochs": args.nepochs,
         "nbatches": nbatches,
         "nbatches_test": nbatches_test,
@@ -1175,6 +1175,14 @@ def save_checkpoint(path, model, optimizer, state: TrainState, args, nbatches, n
         "test_auc": state.last_test.auc if state.last_test else float("nan"),
     }
     outputs.write_atomically("--save-model", path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def original_position(state: TrainState, nbatches: int) -> tuple[int, int]:
+    """(epoch, batches done in it) as the original saves and prints a position: the start of an epoch is the end
+    of the one before (an epoch above the one it trains in would hang its resume)."""
+    if state.next_batch == 0 and state.epoch > 0:
+        return state.epoch - 1, nbatches
+    return state.epoch, state.next_batch
 
 
 def model_arch(model: DLRM_Net) -> dict:
@@ -1868,11 +1876,12 @@ def print_debug_arch(model: DLRM_Net, ln_bot, ln_top, sparse_dims=None):
 
 def print_debug_data(dataset, nbatches):
     print("data (inputs and targets):")
+    torch.set_printoptions(precision=4)  # as the original, for the rest of the run
     for j in range(nbatches):
         batch = dataset[j]
         print(f"mini-batch: {j}")
         print(batch.dense_x)
-        print(batch.sparse.lengths().view(batch.num_tables, batch.global_batch_size))  # bag lengths
+        print(batch.sparse.lengths().view(batch.num_tables, batch.global_batch_size).int())  # bag lengths
         print(batch.lS_i)
         print(batch.target)
 
@@ -1928,7 +1937,11 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
         # losses stay on the device and are read only when printed: no per-iteration sync
         window_loss = torch.zeros((), device=device, dtype=torch.float64)
         window_samples = window_iters = 0
+        # ms/it as the original prints it: the forward, backward and update alone (the time from a batch in hand
+        # to its step, summed), or with --mlperf-logging the wall time between iterations (loading included)
+        step_times = args.print_time and not args.mlperf_logging
         window_start = synced_time() if args.print_time else 0.0
+        window_seconds = 0.0
         window_wall = time.perf_counter()  # samples/s for the run logs, without device syncs
         accum_samples = 0
         run_log.epoch_start(epoch)
@@ -1941,6 +1954,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             if j >= nbatches:
                 break
             mbs = batch.global_batch_size  # a distributed process holds a share of its rows
+            if step_times:
+                step_start = synced_time()
             if accum_samples == 0:
                 window_first_batch = j
             last_in_window = (j + 1) % accum == 0 or j + 1 == nbatches
@@ -1973,6 +1988,8 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                 scaler.update()
                 state.updates += 1
                 accum_samples = 0
+            if step_times:
+                window_seconds += synced_time() - step_start
 
             window_loss += loss_sum.detach()
             window_samples += mbs
@@ -1986,7 +2003,11 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
             should_print = (j + 1) % args.print_freq == 0 or j + 1 == nbatches
             should_test = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == nbatches)
             if should_print or should_test:
-                ms_per_it = 1000.0 * (synced_time() - window_start) / window_iters if args.print_time else -1
+                if args.print_time:
+                    timed = window_seconds if step_times else synced_time() - window_start
+                    ms_per_it = 1000.0 * timed / window_iters
+                else:
+                    ms_per_it = -1
                 state.train_loss = ext_dist.sum_across(window_loss).item() / window_samples
                 wall = f" ({time.strftime('%H:%M')})" if args.print_wall_time else ""
                 say(f"Finished training it {j + 1}/{nbatches} of epoch {epoch}, {ms_per_it:.2f} ms/it, "
@@ -2007,12 +2028,12 @@ def train(args, model, optimizer, train_set, test_set, device, state: TrainState
                     lr=optimizer.param_groups[0]["lr"]))
                 window_loss.zero_()
                 window_samples = window_iters = 0
+                window_seconds = 0.0
                 window_wall = time.perf_counter()
 
             if should_test:
-                say(f"Testing at - {j + 1}/{nbatches} of epoch {epoch},")
                 stop = run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, say,
-                                run_log, epoch, j + 1)
+                                run_log, epoch, j + 1, heading=f"Testing at - {j + 1}/{nbatches} of epoch {epoch},")
                 progress.resume()
                 if stop:
                     break
@@ -2046,10 +2067,13 @@ def scale_gradients(model, factor):
 
 
 def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_weights, log,
-             run_log: RunLog | None = None, epoch: int = 0, iteration: int = 0) -> bool:
-    """Evaluates, tracks the best metrics, checkpoints on improvement; True when a stop threshold is reached."""
+             run_log: RunLog | None = None, epoch: int = 0, iteration: int = 0, heading: str = "") -> bool:
+    """Evaluates, tracks the best metrics, checkpoints on improvement; True when a stop threshold is reached.
+    Prints `heading` after the run logs' test start (the original's order of its MLPerf log and that line)."""
     run_log = run_log or RunLog()
     run_log.test_start(epoch, iteration, nbatches)
+    if heading:
+        log(heading)
     t0 = time.perf_counter()
     metrics = evaluate(model, test_set, args.loss_function, loss_weights, device, args.test_num_workers,
                        args.precision, show_progress=ext_dist.is_rank0(), classification=args.mlperf_logging)
@@ -2060,14 +2084,15 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
     state.last_test = metrics
     one_class = " (the test set has one class)" if math.isnan(metrics.auc) else ""
     seconds = f", {time.perf_counter() - t0:.2f} s" if args.print_time else ""
-    if args.mlperf_logging:  # the original's line, then the loss
+    if args.mlperf_logging:  # the original's lines, word for word: scripts parse them
         log(f"recall {metrics.recall:.4f}, precision {metrics.precision:.4f}, f1 {metrics.f1:.4f}, "
-            f"ap {metrics.ap:.4f}, auc {format_auc(metrics.auc)}{one_class}, best auc {format_auc(state.best_auc)}, "
-            f"accuracy {metrics.accuracy * 100:3.3f} %, best accuracy {state.best_acc * 100:3.3f} %, "
-            f"loss {metrics.loss:.6f}{seconds}")
+            f"ap {metrics.ap:.4f}, auc {format_auc(metrics.auc)}, best auc {format_auc(state.best_auc)}, "
+            f"accuracy {metrics.accuracy * 100:3.3f} %, best accuracy {state.best_acc * 100:3.3f} %")
     else:
-        log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %, loss {metrics.loss:.6f}, "
-            f"auc {format_auc(metrics.auc)}{one_class}, best auc {format_auc(state.best_auc)}{seconds}")
+        log(f" accuracy {metrics.accuracy * 100:3.3f} %, best {state.best_acc * 100:3.3f} %")
+    # then ours, as name=value: a parser of the original's "loss <number>" or "auc <number>" does not take them
+    log(f" test loss={metrics.loss:.6f}, auc={format_auc(metrics.auc)}{one_class}, "
+        f"best auc={format_auc(state.best_auc)}{seconds}")
     run_log.test_end(dict(epoch=epoch, iteration=iteration, nbatches=nbatches,
                           global_iteration=epoch * nbatches + iteration, loss=metrics.loss, accuracy=metrics.accuracy,
                           auc=metrics.auc, best_accuracy=state.best_acc, best_auc=state.best_auc,
@@ -2113,6 +2138,8 @@ def run(args) -> int:
     notes = validate_args(args) + fit_workers_to_cpus(args)
     # under torchrun/mpirun: join the process group; only rank 0 prints from here on
     launch = ext_dist.init_distributed(args.dist_backend, args.use_gpu, args.local_rank, args.dist_timeout)
+    print(f"world size: {ext_dist.world_size()}, current rank: {ext_dist.rank()}, "
+          f"local rank: {launch.local_rank if launch else 0}")  # the original's first line
     for note in notes if ext_dist.is_rank0() else []:
         print(note, file=sys.stderr)
     if args.save_onnx:
@@ -2247,6 +2274,8 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
     if args.data_generation == "dataset":  # once the data's table sizes are known
         check_memory(args, dense_dim, table_sizes, ext_dist.tables_of_this_process(table_sizes, args.arch_sparse_feature_size),
                      device)
+    if args.mlperf_logging:  # the original's record of the run's settings, which scripts read
+        print("command line args: ", json.dumps({**vars(args), "ln_emb": [int(n) for n in table_sizes]}, default=str))
     problem = mixed_dimensions_problem(args, table_sizes)
     if problem and ext_dist.is_rank0():
         print(f"note: --md-flag has no effect: {problem}", file=sys.stderr)
@@ -2286,15 +2315,14 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         if not args.inference_only:
             state = resume_position(state, args, order, args.load_model)
         last = state.last_test
-        print(f"Saved at: epoch = {state.epoch:d}/{saved.get('nepochs', args.nepochs):d}, batch = "
-              f"{state.next_batch:d}/{saved.get('nbatches', nbatches):d}, "
+        saved_epoch, saved_batch = original_position(state, saved.get("nbatches", nbatches))
+        print(f"Saved at: epoch = {saved_epoch:d}/{saved.get('nepochs', args.nepochs):d}, batch = "
+              f"{saved_batch:d}/{saved.get('nbatches', nbatches):d}, "
               f"ntbatch = {saved.get('nbatches_test', len(test_set)):d}")  # the saving run's counts
         print(f"Training state: loss = {state.train_loss:.6f}")
-        if last is not None:
-            known = [f"{name} = {text}" for name, value, text in (
-                ("loss", last.loss, f"{last.loss:.6f}"), ("accuracy", last.accuracy, f"{last.accuracy * 100:3.3f} %"),
-                ("auc", last.auc, format_auc(last.auc))) if not math.isnan(value)]
-            print("Testing state: " + ", ".join(known))
+        accuracy = last.accuracy if last is not None else 0.0  # the original's lines, as it prints them
+        auc = f", auc = {last.auc if last is not None else float('nan'):.3f}" if args.mlperf_logging else ""
+        print(f"Testing state: accuracy = {accuracy * 100:3.3f} %{auc}")
         if not args.inference_only and (state.epoch, state.next_batch) >= (args.nepochs - 1, nbatches):
             print(f"note: --load-model {args.load_model} is at epoch {state.epoch}, batch {state.next_batch}: with "
                   f"--nepochs={args.nepochs} of {nbatches} batches there is nothing left to train (a larger "

@@ -1,7 +1,9 @@
 """Helpers shared by the tests: a planted-signal dataset, a naive reference parser of raw
 Criteo lines, small generated Criteo files. (pytest fixtures are in conftest.py.)"""
 
+import math
 import os
+import re
 import time
 
 import numpy as np
@@ -107,3 +109,13 @@ def write_job_file_and_wait(path, report):
     """A preprocessing-pool task for tests that never ends by itself: writes its process id to `path`, sleeps."""
     write_job_file(path, report)
     time.sleep(60)
+
+
+TEST_LINES = re.compile(r"^ accuracy ([\d.]+) %, best ([\d.]+) %\n test loss=([\d.]+), auc=([\w.]+)"
+                        r"(?: \(the test set has one class\))?, best auc=([\w.]+)", re.M)
+
+
+def parse_tests(out: str) -> list[tuple]:
+    """(accuracy %, best %, loss, auc, best auc) of each test in a run's output: the original's line, then ours
+    (`undefined` AUC as NaN)."""
+    return [tuple(math.nan if v == "undefined" else float(v) for v in m.groups()) for m in TEST_LINES.finditer(out)]

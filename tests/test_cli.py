@@ -97,6 +97,8 @@ def test_original_test_script_runs_clean(run_main, size_args):
     assert code == 0 and err == ""
     assert "model arch:" in out and "initial parameters (weights and bias):" in out
     assert "updated parameters (weights and bias):" in out
+    # as the original prints a batch: 4 decimals, bag lengths as an IntTensor
+    assert re.search(r"mini-batch: 0\ntensor\(\[\[0\.\d{4},", out) and "dtype=torch.int32)" in out, out
     epochs = 3 if "--nepochs=3" in size_args else 1
     assert out.count("Finished training it") == epochs * -(-int(size_args[1].split("=")[1]) // int(size_args[0].split("=")[1]))
 
@@ -105,6 +107,57 @@ def test_print_time_reports_milliseconds(run_main):
     code, out, _ = run_main("--mini-batch-size=2", "--data-size=4", "--print-time")
     times = [float(TRAIN_LINE.match(l).group(4)) for l in out.splitlines() if l.startswith("Finished")]
     assert code == 0 and len(times) == 2 and all(t > 0 for t in times)
+
+
+@pytest.mark.parametrize("mlperf", [False, True])
+def test_ms_per_iteration_means_what_the_originals_does(run_main, monkeypatch, mlperf):
+    """The original times the forward, backward and update of a batch in hand (its data loading left out), and
+    with --mlperf-logging the wall time between iterations (loading included)."""
+    import time
+
+    import dlrm_data
+
+    fetch = dlrm_data.RandomDataset.__getitem__
+    monkeypatch.setattr(dlrm_data.RandomDataset, "__getitem__", lambda self, j: (time.sleep(0.2), fetch(self, j))[1])
+    code, out, err = run_main("--mini-batch-size=2", "--data-size=8", "--print-time", "--print-freq=2",
+                              "--loss-function=bce", "--round-targets", *["--mlperf-logging"] * mlperf)
+    times = [float(TRAIN_LINE.match(l).group(4)) for l in out.splitlines() if l.startswith("Finished")]
+    assert code == 0 and len(times) == 2, err
+    assert all(t > 180 for t in times) if mlperf else all(t < 100 for t in times), times
+
+
+def test_printed_lines_are_the_originals_for_its_parsers(run_main, tmp_path):
+    """Scripts written for the original's output read ours: its lines word for word, ours as name=value."""
+    path = tmp_path / "m.pt"
+    code, out, err = run_main("--mini-batch-size=4", "--data-size=32", "--test-freq=4", "--print-freq=2",
+                              "--loss-function=bce", "--round-targets")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "world size: 1, current rank: 0, local rank: 0"
+    tests = [i for i, line in enumerate(lines) if line.startswith("Testing at - ")]
+    assert len(tests) == 2
+    for i in tests:
+        assert re.fullmatch(r" accuracy [\d.]+ %, best [\d.]+ %", lines[i + 1])
+        assert re.fullmatch(r" test loss=[\d.]+, auc=[\d.]+, best auc=[\d.]+", lines[i + 2])
+    # a training-loss curve taken with "loss <number>" holds the training losses alone
+    assert len(re.findall(r"loss ([\d.]+)", out)) == out.count("Finished training it") == 4
+    assert run_main("--mini-batch-size=4", "--data-size=32", f"--save-model={path}")[0] == 0  # the final model
+    code, out, err = run_main("--mini-batch-size=4", "--data-size=32", "--loss-function=bce", "--round-targets",
+                              f"--load-model={path}", "--inference-only")
+    assert code == 0, err
+    assert "\nSaved at: epoch = 0/1, batch = 8/8, ntbatch = 8\n" in out  # the original's end of epoch 0
+    assert "\nTesting state: accuracy = 0.000 %\n" in out  # as the original's for a model never tested
+
+
+def test_mlperf_logging_prints_the_originals_lines_in_its_order(run_main):
+    code, out, err = run_main("--mini-batch-size=4", "--data-size=32", "--test-freq=8", "--loss-function=bce",
+                              "--round-targets", "--mlperf-logging")
+    assert code == 0, err
+    lines = out.splitlines()
+    settings = json.loads(next(line for line in lines if line.startswith("command line args:  "))[20:])
+    assert settings["mini_batch_size"] == 4 and settings["ln_emb"] == [4, 3, 2]
+    testing = lines.index("Testing at - 8/8 of epoch 0,")
+    assert '"key": "eval_start"' in lines[testing - 1] and lines[testing + 1].startswith("recall ")
 
 
 def test_raw_data_file_without_dataset_generation_is_an_error(run_main):

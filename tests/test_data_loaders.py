@@ -14,7 +14,7 @@ import torch
 import dlrm_data
 import dlrm_s_pytorch as dlrm
 from conftest import ROOT
-from helpers import fake_kaggle, fake_terabyte, load_days, preprocess_quietly
+from helpers import fake_kaggle, fake_terabyte, load_days, parse_tests, preprocess_quietly
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -401,7 +401,6 @@ def test_bottom_mlp_must_take_the_13_dense_features(kaggle_file, run_main):
 
 
 TRAIN = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
-TEST = re.compile(r"^ accuracy ([\d.]+) %, best [\d.]+ %, loss [\d.]+, auc ([\d.]+)")
 
 
 @pytest.mark.slow
@@ -412,7 +411,7 @@ def test_training_on_generated_data_learns_and_resumes_exactly(kaggle_file, run_
              "--num-workers=1", "--data-randomize=total"]
     code, full, err = run_main(*flags)
     assert code == 0, err
-    aucs = [float(m.group(2)) for m in map(TEST.match, full.splitlines()) if m]
+    aucs = [auc for _, _, _, auc, _ in parse_tests(full)]
     assert len(aucs) == 4 and max(aucs[:2]) > 0.7  # the generator's planted signal is learnt in one epoch
     checkpoint = tmp_path / "model.pt"
     code, saved, err = run_main(*flags, "--mlperf-auc-threshold=0.6", f"--save-model={checkpoint}")
@@ -434,7 +433,7 @@ def test_kaggle_bench_script_runs_end_to_end_and_reports_auc(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"auc 0\.\d+", result.stdout), result.stdout
+    assert re.search(r" test loss=[\d.]+, auc=0\.\d+", result.stdout), result.stdout
     assert (tmp_path / "input" / "kaggleAdDisplayChallenge_processed" / "kaggle-dictionary" / "metadata.json").exists()
     assert (tmp_path / "run_kaggle_pt.log").exists()
 

@@ -24,12 +24,12 @@ import torch
 
 import dlrm_data
 import extend_distributed as ext_dist
+from helpers import parse_tests
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
-TEST_LINE = re.compile(r"^ accuracy ([\d.]+) %, best [\d.]+ %, loss ([\d.]+), auc ([\d.na]+),")
 LAUNCHER_PREFIXES = ("OMPI_COMM_WORLD_", "PMI_", "MV2_COMM_WORLD_", "MPI_LOCAL")
 LAUNCHER_NAMES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -93,7 +93,7 @@ def train_losses(out):
 
 
 def parse_test_metrics(out):
-    return [tuple(float(v) for v in m.groups()) for m in map(TEST_LINE.match, out.splitlines()) if m]
+    return [(acc, loss, auc) for acc, _, loss, auc, _ in parse_tests(out)]
 
 
 def assert_same_run(distributed_out, single_out):

@@ -79,6 +79,7 @@ def test_batched_updates_equal_per_table_updates(name):
     assert not torch.equal(after_batched["emb_l.0.weight"], twin_nets()[0].state_dict()["emb_l.0.weight"])
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")  # torch.optim.Adagrad's own sparse tensors
 @pytest.mark.parametrize("name,torch_optimizer", [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad)])
 def test_batched_updates_equal_torch_optimizers_on_per_table_bags(name, torch_optimizer):
     batched, per_table = twin_nets()

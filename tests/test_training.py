@@ -12,12 +12,11 @@ import torch
 import dlrm_s_pytorch as dlrm
 from conftest import ROOT
 from dlrmkit.optim import make_optimizer
-from helpers import PLANTED_TABLES, planted_dataset
+from helpers import PLANTED_TABLES, parse_tests, planted_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 TRAIN_LINE = re.compile(r"^Finished training it (\d+)/\d+ of epoch (\d+), .* loss ([\d.]+)$")
-TEST_LINE = re.compile(r"^ accuracy ([\d.]+) %, best ([\d.]+) %, loss ([\d.]+), auc ([\d.na]+), best auc ([\d.na]+)")
 
 
 def losses_by_position(out):
@@ -82,10 +81,10 @@ def test_an_inference_only_rerun_reports_the_metrics_of_the_runs_own_test(run_ma
     flags = ["--mini-batch-size=16", "--data-size=512", "--loss-function=bce", "--round-targets"]
     code, out, err = run_main(*flags, "--num-batches=8", "--test-freq=8", f"--save-model={checkpoint}")
     assert code == 0, err
-    own = [m.group(1, 3, 4) for m in map(TEST_LINE.match, out.splitlines()) if m]
+    own = [(acc, loss, auc) for acc, _, loss, auc, _ in parse_tests(out)]
     code, rerun, err = run_main(*flags, f"--load-model={checkpoint}", "--inference-only")
     assert code == 0, err
-    again = [m.group(1, 3, 4) for m in map(TEST_LINE.match, rerun.splitlines()) if m]
+    again = [(acc, loss, auc) for acc, _, loss, auc, _ in parse_tests(rerun)]
     assert len(own) == 1 and again == own  # accuracy, loss, auc over the same 512 test samples
 
 
@@ -95,8 +94,8 @@ def test_a_test_set_of_one_class_says_the_auc_is_undefined(run_main, tmp_path):
     code, out, err = run_main("--mini-batch-size=1", "--data-size=1", "--nepochs=2", "--test-freq=1",
                               "--round-targets", f"--metrics-log-file={log}")
     assert code == 0, err
-    tests = [line for line in out.splitlines() if line.startswith(" accuracy")]
-    assert len(tests) == 2 and all(", auc undefined (the test set has one class), best auc undefined" in line
+    tests = [line for line in out.splitlines() if line.startswith(" test loss=")]
+    assert len(tests) == 2 and all(", auc=undefined (the test set has one class), best auc=undefined" in line
                                    for line in tests), tests
     assert "nan" not in out
     tests = [json.loads(line) for line in log.read_text().splitlines() if '"test"' in line]
@@ -138,7 +137,7 @@ def test_save_load_resume_continues_with_identical_losses(run_main, tmp_path):
     # the last save happened at the test line preceding the last "Saving model"
     lines = saving.splitlines()
     last_save = max(i for i, l in enumerate(lines) if l.startswith("Saving model"))
-    saved_at = re.match(r"Testing at - (\d+)/\d+ of epoch (\d+),", lines[last_save - 2])
+    saved_at = re.match(r"Testing at - (\d+)/\d+ of epoch (\d+),", lines[last_save - 3])
     epoch, it = int(saved_at.group(2)), int(saved_at.group(1))
 
     code, resumed, _ = run_main(*FLAGS, f"--load-model={checkpoint}")
@@ -154,14 +153,14 @@ def test_save_model_writes_only_when_test_auc_improves(run_main, tmp_path):
     lines = out.splitlines()
     aucs, saves, best = [], 0, -1.0
     for i, line in enumerate(lines):
-        m = TEST_LINE.match(line)
+        m = parse_tests("\n".join(lines[i - 1 : i + 1])) if line.startswith(" test loss=") else None
         if m:
-            auc = float(m.group(4))
+            auc = m[0][3]
             improved = auc > best
             best = max(best, auc)
             saved = i + 1 < len(lines) and lines[i + 1].startswith("Saving model")
             assert saved == improved, line
-            assert float(m.group(5)) == pytest.approx(best, abs=1e-4)
+            assert m[0][4] == pytest.approx(best, abs=1e-4)
             aucs.append(auc)
             saves += saved
     assert len(aucs) == 16 and 1 <= saves < 16
@@ -188,8 +187,8 @@ def test_inference_only_evaluates_a_loaded_model_without_changing_it(run_main, t
                               "--mlperf-acc-threshold=0.01")  # nothing to stop
     # as the original: the test set alone, once (no pass over the training data, whatever --nepochs says)
     lines = out.splitlines()
-    assert code == 0 and lines[-3:-1] == ["time/loss/accuracy (if enabled):", "Testing for inference only"]
-    assert TEST_LINE.match(lines[-1]) and "Finished" not in out and "Testing at" not in out
+    assert code == 0 and lines[-4:-2] == ["time/loss/accuracy (if enabled):", "Testing for inference only"]
+    assert parse_tests("\n".join(lines[-2:])) and "Finished" not in out and "Testing at" not in out
     assert "note: --nepochs has no effect with --inference-only" in err and "threshold" not in out
     assert "note: --mlperf-acc-threshold has no effect with --inference-only" in err
     after = torch.load(checkpoint, weights_only=False)["state_dict"]
@@ -200,7 +199,9 @@ def test_save_model_without_tests_saves_the_final_model(run_main, tmp_path):
     checkpoint = tmp_path / "final.pt"
     code, out, _ = run_main("--mini-batch-size=2", "--data-size=6", f"--save-model={checkpoint}")
     assert code == 0 and checkpoint.exists()
-    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    saved = torch.load(checkpoint, weights_only=False)
+    assert (saved["train_state"]["epoch"], saved["train_state"]["next_batch"]) == (1, 0)
+    assert (saved["epoch"], saved["iter"]) == (0, 3)  # as the original saves the end of epoch 0
 
 
 @pytest.mark.parametrize("content,message", [(b"garbage", "not a readable checkpoint"), (None, "no such file")])
@@ -261,7 +262,7 @@ def test_save_model_saves_the_final_model_when_no_test_improved(run_main, tmp_pa
     """A one-class test set at 0 % accuracy never improves: the run still leaves its model."""
     path = tmp_path / "m.pt"
     code, out, err = run_main("--num-batches=3", "--test-freq=2", f"--save-model={path}")
-    assert code == 0 and "auc undefined" in out
+    assert code == 0 and "auc=undefined" in out
     assert path.exists() and out.count("Saving model") == 1
 
 
