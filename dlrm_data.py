@@ -799,7 +799,9 @@ def _open_multi_hot(args, out_dir, splits, log, progress) -> CriteoData:
 
 
 def _note(line: str) -> None:
-    print(line, file=sys.stderr)
+    """A note on stderr, from one process of a distributed run (each reads the same data)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0:
+        print(line, file=sys.stderr)
 
 
 def _note_rows_as_kept(args, what: str) -> None:

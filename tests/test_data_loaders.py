@@ -612,3 +612,12 @@ def test_random_batches_are_the_documented_draws_on_any_number_of_threads(kernel
                     assert batch.indices.dtype == batch.offsets.dtype == torch.int64
     finally:
         torch.set_num_threads(previous)
+
+
+def test_data_notes_come_from_one_process_of_a_distributed_run(monkeypatch, capsys):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    dlrm_data._note("note: from rank 1")
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    dlrm_data._note("note: from rank 0")
+    assert capsys.readouterr().err == "note: from rank 0\n"
