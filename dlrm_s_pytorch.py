@@ -2275,7 +2275,8 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         check_memory(args, dense_dim, table_sizes, ext_dist.tables_of_this_process(table_sizes, args.arch_sparse_feature_size),
                      device)
     if args.mlperf_logging:  # the original's record of the run's settings, which scripts read
-        print("command line args: ", json.dumps({**vars(args), "ln_emb": [int(n) for n in table_sizes]}, default=str))
+        settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        print("command line args: ", json.dumps({**settings, "ln_emb": [int(n) for n in table_sizes]}, default=str))
     problem = mixed_dimensions_problem(args, table_sizes)
     if problem and ext_dist.is_rank0():
         print(f"note: --md-flag has no effect: {problem}", file=sys.stderr)

@@ -156,6 +156,7 @@ def test_mlperf_logging_prints_the_originals_lines_in_its_order(run_main):
     lines = out.splitlines()
     settings = json.loads(next(line for line in lines if line.startswith("command line args:  "))[20:])
     assert settings["mini_batch_size"] == 4 and settings["ln_emb"] == [4, 3, 2]
+    assert not [key for key in settings if key.startswith("_")]  # the flags alone
     testing = lines.index("Testing at - 8/8 of epoch 0,")
     assert '"key": "eval_start"' in lines[testing - 1] and lines[testing + 1].startswith("recall ")
 
