@@ -1361,6 +1361,8 @@ def from_original_optimizer_state(opt_state: dict, model: DLRM_Net, row_wise_spa
             values = [entry[key] for entry in entries]
             if key == "step":
                 merged[key] = max(values, key=float)
+            elif all(not isinstance(v, torch.Tensor) for v in values) and all(v == values[0] for v in values):
+                merged[key] = values[0]  # a setting of the one table (bfloat16 tables' rounding seed)
             elif all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values):
                 value = torch.cat([v.reshape(v.shape[0], -1) for v in values])
                 shape = p.shape[:1] if row_wise_sparse else p.shape

@@ -127,11 +127,12 @@ FLAGS = ["--mini-batch-size=4", "--data-size=32", "--nepochs=2", "--test-freq=3"
          "--lr-num-warmup-steps=3", "--lr-decay-start-step=4", "--lr-num-decay-steps=20"]
 
 
-def test_save_load_resume_continues_with_identical_losses(run_main, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--embedding-precision=bf16", "--optimizer=sgd"]])  # bf16 tables: a rounding seed
+def test_save_load_resume_continues_with_identical_losses(run_main, tmp_path, extra):
     checkpoint = tmp_path / "model.pt"
-    code, full, _ = run_main(*FLAGS)
+    code, full, _ = run_main(*FLAGS, *extra)
     assert code == 0
-    code, saving, _ = run_main(*FLAGS, f"--save-model={checkpoint}")
+    code, saving, _ = run_main(*FLAGS, *extra, f"--save-model={checkpoint}")
     assert code == 0 and checkpoint.exists()
     assert losses_by_position(saving) == losses_by_position(full)
     # the last save happened at the test line preceding the last "Saving model"
@@ -140,8 +141,8 @@ def test_save_load_resume_continues_with_identical_losses(run_main, tmp_path):
     saved_at = re.match(r"Testing at - (\d+)/\d+ of epoch (\d+),", lines[last_save - 3])
     epoch, it = int(saved_at.group(2)), int(saved_at.group(1))
 
-    code, resumed, _ = run_main(*FLAGS, f"--load-model={checkpoint}")
-    assert code == 0
+    code, resumed, err = run_main(*FLAGS, *extra, f"--load-model={checkpoint}")
+    assert code == 0, err
     after = {k: v for k, v in losses_by_position(full).items() if k > (epoch, it)}
     assert after and losses_by_position(resumed) == after
 
