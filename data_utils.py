@@ -65,6 +65,10 @@ batches of on-the-fly expansion from it.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, as later in the run
+    from dlrmkit.signals import interrupt_quietly_while_loading
+    interrupt_quietly_while_loading("data_utils.py")
+
 import argparse
 import contextlib
 import dataclasses
@@ -693,7 +697,8 @@ def _preprocess(raw_data_file, base_dir, data_set, max_ind_range, sub_sample_rat
     if not (raw_data_file and _raw_data_present(raw_data_file, data_set)):
         wanted = settings_for(data_set, [], max_ind_range, sub_sample_rate)
         if existing is None or not _built_with(existing, wanted):
-            others = [m["settings"] for m in map(read_set_metadata, processed_sets(base_dir)) if m is not None]
+            others = [m["settings"] for m in map(read_set_metadata, processed_sets(base_dir))
+                      if m is not None and m["settings"].get("format") == FORMAT]
             if not others:
                 if raw_data_file:
                     raw_day_files(raw_data_file, data_set)  # says which file is missing
@@ -1427,25 +1432,25 @@ CONVERT_ROWS = 1 << 16  # rows decompressed and checked per step
 
 
 def original_reordered_files(raw_data_file: str, data_set: str) -> dict | None:
-    """The original's --memory-map output for the raw data `raw_data_file`, or None when its day 0 is not there:
+    """The original's --memory-map output for the raw data `raw_data_file`:
     "days" -> its `<prefix>_<d>_reordered.npz` of each day (prefix `<raw>` for Terabyte, `<raw dir>/<raw name up to
     its first dot>_day` for Kaggle), "counts" -> `<stem>_fea_count.npz` (original_stem), "missing" -> the first of
-    these not found (None when all are there), "raw" -> `raw_data_file`."""
+    these not found (None when all are there), "raw" -> `raw_data_file`; None when none of its days is there."""
     if not raw_data_file or data_set not in DAYS:
         return None
     stem = original_stem(raw_data_file, data_set)
     prefix = stem + "_day" if data_set == "kaggle" else stem
     days = [f"{prefix}_{d}_reordered.npz" for d in range(DAYS[data_set])]
-    if not os.path.isfile(days[0]):
+    if not any(os.path.isfile(day) for day in days):
         return None
     files = {"days": days, "counts": stem + "_fea_count.npz", "prefix": prefix, "raw": raw_data_file}
     files["missing"] = next((p for p in days + [files["counts"]] if not os.path.isfile(p)), None)
     return files
 
 
-def read_original_reordered(files: dict, data_set: str, log=print, progress=False) -> ProcessedData:
+def read_original_reordered(files: dict, data_set: str, out_dir: str, log=print, progress=False) -> ProcessedData:
     """The original's --memory-map day files (`original_reordered_files`) as a processed set, converted once into
-    `<prefix>_reordered_npy/` beside them: day_<d>_{label,dense,sparse}.npy as our preprocessing writes them, read
+    `out_dir`: day_<d>_{label,dense,sparse}.npy as our preprocessing writes them, read
     memory-mapped (its files are compressed .npz, which cannot be), in bounded memory (CONVERT_ROWS rows at a time).
     Rows stay in the files' order; ids as the files hold them (its dictionaries' ids, below its counts; the
     original folds them by --max-ind-range when used). A rerun reuses the conversion while the original's files
@@ -1455,16 +1460,21 @@ def read_original_reordered(files: dict, data_set: str, log=print, progress=Fals
     if files["missing"]:
         raise DataError(f"the original's --memory-map files of {files['raw']} are incomplete: {files['missing']} not "
                         f"found (its days are {files['days'][0]} .. {os.path.basename(files['days'][-1])})")
-    out_dir = files["prefix"] + "_reordered_npy"
     count_file, day_counts = original_day_counts(files["raw"], data_set)
     sources = files["days"] + [files["counts"]] + ([count_file] if day_counts is not None else [])
     settings = {"format": ORIGINAL_REORDERED_FORMAT, "data_set": data_set,
                 "sources": [source_identity(p) for p in sources]}
+    existing = read_set_metadata(out_dir)
+    if existing is not None and existing["settings"] == settings and _damaged_output(out_dir, existing) is None:
+        return ProcessedData(out_dir, existing)  # (also from a read-only folder)
     try:
+        os.makedirs(out_dir, exist_ok=True)
         with _exclusive(out_dir, log):
-            existing = read_set_metadata(out_dir)
+            existing = read_set_metadata(out_dir)  # converted meanwhile by another process?
             if existing is not None and existing["settings"] == settings and _damaged_output(out_dir, existing) is None:
                 return ProcessedData(out_dir, existing)
+            if existing is not None:
+                log(f"Converting again into {out_dir}: {_conversion_change(out_dir, existing, settings)}")
             try:
                 return _convert_original_reordered(files, out_dir, settings, day_counts, count_file, log, progress)
             except (DataError, OSError):  # a damaged or foreign file, a full disk: nothing half-converted stays
@@ -1473,7 +1483,17 @@ def read_original_reordered(files: dict, data_set: str, log=print, progress=Fals
                 raise
     except OSError as e:  # disk full, a read-only folder
         raise DataError(f"converting the original's --memory-map files into {out_dir} failed: "
-                        f"{e.filename or ''}: {e.strerror or e}")
+                        f"{e.filename or ''}: {e.strerror or e} (--processed-data-file=<folder>/<name>.npz converts "
+                        "them into <folder>/<name>/)")
+
+
+def _conversion_change(out_dir: str, existing: dict, settings: dict) -> str:
+    """Why a conversion of the original's files is made again."""
+    if existing["settings"] == settings:
+        return _damaged_output(out_dir, existing) or "its files are damaged"
+    before = {s["file"]: s for s in existing["settings"].get("sources", [])}
+    changed = next((s["file"] for s in settings["sources"] if before.get(s["file"]) != s), None)
+    return f"{changed} changed (size or modification time)" if changed else "the original's files changed"
 
 
 def _convert_original_reordered(files, out_dir, settings, day_counts, count_file, log, progress) -> ProcessedData:
@@ -1940,4 +1960,5 @@ def run(args, parser) -> int:
 
 
 if __name__ == "__main__":
+    signals.restore_interrupt()  # loaded: Ctrl-C raises KeyboardInterrupt again
     sys.exit(main())

@@ -836,12 +836,18 @@ def _open_original_npz(args, splits, log) -> CriteoData:
     return CriteoData(parts, rows, counts)
 
 
+ORIGINAL_REORDERED_DIR = "original-memory-map"  # in our processed data's folder: the conversion of the original's
+
+
 def _open_original_reordered(args, files, splits, log, progress) -> CriteoData:
     """The original's --memory-map day files (data_utils.original_reordered_files), converted once into our
-    memory-mapped day files (data_utils.read_original_reordered): train days 0 .. D-2, test and validation the
+    memory-mapped day files in `<our processed data's folder>/original-memory-map` (data_utils.processed_dir,
+    data_utils.read_original_reordered): train days 0 .. D-2, test and validation the
     halves of the last day, rows in the files' order (its preprocessing ordered them), ids folded by
     --max-ind-range when read, as the original's CriteoDataset with memory_map."""
-    processed = data_utils.read_original_reordered(files, args.data_set, log=log, progress=progress)
+    out_dir = os.path.join(data_utils.processed_dir(args.processed_data_file, args.raw_data_file, args.data_set),
+                           ORIGINAL_REORDERED_DIR)
+    processed = data_utils.read_original_reordered(files, args.data_set, out_dir, log=log, progress=progress)
     log(f"Reading the original's --memory-map data={files['prefix']}_<day>_reordered.npz (as {processed.out_dir}), "
         f"in their order; table sizes from {files['counts']}")
     _note_rows_as_kept(args, "--memory-map files")

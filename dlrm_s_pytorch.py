@@ -41,6 +41,10 @@ bench/harness.py measures named configurations.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, as later in the run
+    from dlrmkit.signals import interrupt_quietly_while_loading
+    interrupt_quietly_while_loading("dlrm_s_pytorch.py")
+
 import argparse
 import configparser
 import contextlib
@@ -708,6 +712,11 @@ MULTI_HOT = flags.Condition("multi-hot", lambda args, distributed: bool(args.mul
 ONE_HOT_OR_BAGS = flags.Condition(
     "generated bags", lambda args, distributed: not args.multi_hot_sizes, "no --multi-hot-sizes",
     lambda args: "with --multi-hot-sizes (one id per table and sample, expanded into its multi-hot bag)")
+# .bin files are always memory-mapped; --memory-map still chooses the original's --memory-map files when there
+MEMORY_MAP_CHOOSES = flags.Condition(
+    "memory-map", lambda args, distributed: not args.mlperf_bin_loader or data_utils.original_reordered_files(
+        args.raw_data_file, args.data_set) is not None, "no --mlperf-bin-loader",
+    lambda args: "with --mlperf-bin-loader")
 
 # Which flags have an effect, by data source, mode and other flags: each flag, and the conditions
 # that must all hold for it to change anything. A flag set otherwise gets a note (or an error,
@@ -734,7 +743,7 @@ APPLIES_WHEN = {
     "--data-sub-sample-rate": (DATASET,),
     "--dataset-multiprocessing": (DATASET,),
     "--mlperf-bin-loader": (DATASET,),
-    "--memory-map": (DATASET, flag_is("--mlperf-bin-loader", False)),  # .bin files are always memory-mapped
+    "--memory-map": (DATASET, MEMORY_MAP_CHOOSES),
     "--mlperf-bin-shuffle": (DATASET, flag_is("--mlperf-bin-loader")),
     "--learning-rate": (TRAINING,),
     "--optimizer": (TRAINING,),
@@ -2140,8 +2149,11 @@ def run(args) -> int:
     notes = validate_args(args) + fit_workers_to_cpus(args)
     # under torchrun/mpirun: join the process group; only rank 0 prints from here on
     launch = ext_dist.init_distributed(args.dist_backend, args.use_gpu, args.local_rank, args.dist_timeout)
-    print(f"world size: {ext_dist.world_size()}, current rank: {ext_dist.rank()}, "
-          f"local rank: {launch.local_rank if launch else 0}")  # the original's first line
+    if ext_dist.world_size() > 1:  # the original's first lines (none with --debug-mode, where it starts no group)
+        print(f"Running on {ext_dist.world_size()} ranks using {torch.distributed.get_backend()} backend")
+    if not args.debug_mode:
+        print(f"world size: {ext_dist.world_size()}, current rank: {ext_dist.rank()}, "
+              f"local rank: {launch.local_rank if launch else 0}")
     for note in notes if ext_dist.is_rank0() else []:
         print(note, file=sys.stderr)
     if args.save_onnx:
@@ -2211,6 +2223,20 @@ def run_config(args, train_set, test_set, table_sizes) -> dict:
     }
 
 
+def original_settings(args, table_sizes) -> dict:
+    """The flags as the original's `command line args` JSON holds them: its dash-separated lists as the strings
+    it keeps ("13-512-256"), and `ln_emb`, the table sizes; this trainer's own flags after them."""
+    original = {flag[2:].replace("-", "_") for flag in flags.ORIGINAL_FLAGS}
+    settings = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("_"):
+            continue
+        if dest in original and isinstance(value, (list, tuple)):
+            value = "-".join(str(v) for v in value)
+        settings[dest] = value
+    return {**settings, "ln_emb": [int(n) for n in table_sizes]}
+
+
 def interaction_tensors(config: InteractionConfig) -> list[str]:
     """MLPerf-style names of the interaction's initialized layers: dcn_cross{l} (U_l, V_l, b_l), or
     projection_branch{1,2}_dense{k}; none for dot and cat."""
@@ -2277,8 +2303,7 @@ def train_or_evaluate(args, run_log: RunLog, launch=None) -> TrainState:
         check_memory(args, dense_dim, table_sizes, ext_dist.tables_of_this_process(table_sizes, args.arch_sparse_feature_size),
                      device)
     if args.mlperf_logging:  # the original's record of the run's settings, which scripts read
-        settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-        print("command line args: ", json.dumps({**settings, "ln_emb": [int(n) for n in table_sizes]}, default=str))
+        print("command line args: ", json.dumps(original_settings(args, table_sizes), default=str))
     problem = mixed_dimensions_problem(args, table_sizes)
     if problem and ext_dist.is_rank0():
         print(f"note: --md-flag has no effect: {problem}", file=sys.stderr)
@@ -2406,4 +2431,5 @@ def save_onnx(model, batch, path):
 
 
 if __name__ == "__main__":
+    signals.restore_interrupt()  # loaded: Ctrl-C raises KeyboardInterrupt again
     sys.exit(main())

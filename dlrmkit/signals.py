@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 
 from dlrmkit import outputs
@@ -44,3 +45,18 @@ def sigterm_unwinds(unwind: bool = True):
 def exit_status(interrupt: KeyboardInterrupt) -> int:
     """The shell's status for the signal behind `interrupt`: 143 for SIGTERM, 130 for Ctrl-C (SIGINT)."""
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+def interrupt_quietly_while_loading(program: str) -> None:
+    """Ctrl-C before a program's libraries have loaded (a second or two of imports) ends it with the line it prints
+    later, `<program>: interrupted`, and status 130, not a traceback through the imports; `restore_interrupt`
+    gives Ctrl-C back to Python (KeyboardInterrupt) once they have."""
+    def interrupted(signum, frame):
+        print(f"{program}: interrupted", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGINT)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
+def restore_interrupt() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -96,6 +97,7 @@ def test_original_test_script_runs_clean(run_main, size_args):
     code, out, err = run_main(*size_args, "--arch-interaction-op=dot", "--learning-rate=0.1", "--debug-mode")
     assert code == 0 and err == ""
     assert "model arch:" in out and "initial parameters (weights and bias):" in out
+    assert "world size" not in out  # the original starts no process group in debug mode
     assert "updated parameters (weights and bias):" in out
     # as the original prints a batch: 4 decimals, bag lengths as an IntTensor
     assert re.search(r"mini-batch: 0\ntensor\(\[\[0\.\d{4},", out) and "dtype=torch.int32)" in out, out
@@ -156,6 +158,9 @@ def test_mlperf_logging_prints_the_originals_lines_in_its_order(run_main):
     lines = out.splitlines()
     settings = json.loads(next(line for line in lines if line.startswith("command line args:  "))[20:])
     assert settings["mini_batch_size"] == 4 and settings["ln_emb"] == [4, 3, 2]
+    # the original's dash-separated flags as the strings it keeps
+    assert (settings["arch_embedding_size"], settings["arch_mlp_top"], settings["loss_weights"]) == \
+        ("4-3-2", "4-2-1", "1.0-1.0")
     assert not [key for key in settings if key.startswith("_")]  # the flags alone
     testing = lines.index("Testing at - 8/8 of epoch 0,")
     assert '"key": "eval_start"' in lines[testing - 1] and lines[testing + 1].startswith("recall ")
@@ -262,6 +267,17 @@ def test_ctrl_c_or_sigterm_during_training_is_one_line_and_ends_the_logs(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("program", [["dlrm_s_pytorch.py", "--num-batches=5"],
+                                     ["data_utils.py", "make-fake", "--rows=3000000", "--out=fake.txt"]])
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, program):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, program[0]), *program[1:]], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # importing NumPy and PyTorch takes longer
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err in ("", f"{program[0]}: interrupted\n"), err
+
+
 def test_sigterm_in_a_run_with_loader_workers_removes_the_checkpoint_being_written(tmp_path):
     """Such runs die by SIGTERM at once (no unwinding around dying workers), but not leaving a half-written
     checkpoint (hundreds of MB) behind."""

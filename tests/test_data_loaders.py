@@ -304,9 +304,10 @@ def test_the_originals_memory_map_files_are_read_as_the_original_reads_them(tmp_
     train, test, sizes = dlrm_data.make_criteo_datasets(original_reordered_args(raw, data_set, *extra),
                                                         log=messages.append, progress=False)
     prefix = tmp_path / ("day" if data_set == "terabyte" else "train_day")
+    converted = tmp_path / f"{'terabyte' if data_set == 'terabyte' else 'kaggleAdDisplayChallenge'}_processed"
     assert messages[0] == (f"Converting the original's --memory-map files {prefix}_0_reordered.npz .. "
-                           f"{prefix.name}_{len(records) - 1}_reordered.npz into {prefix}_reordered_npy (once: read "
-                           "memory-mapped from there)")
+                           f"{prefix.name}_{len(records) - 1}_reordered.npz into {converted / 'original-memory-map'} "
+                           "(once: read memory-mapped from there)")
     assert messages[1].startswith(f"Reading the original's --memory-map data={prefix}_<day>_reordered.npz (as ")
     assert capsys.readouterr().err == ("note: --data-randomize=day has no effect on the original's --memory-map "
                                        "files: its preprocessing ordered the rows, read in the files' order as the "
@@ -329,7 +330,8 @@ def test_the_originals_memory_map_files_are_read_as_the_original_reads_them(tmp_
     assert not any(m.startswith("Converting") for m in messages)  # converted once
     os.utime(f"{prefix}_3_reordered.npz", ns=(1, 1))  # the original's files changed: converted again
     dlrm_data.make_criteo_datasets(original_reordered_args(raw, data_set, *extra), log=messages.append, progress=False)
-    assert any(m.startswith("Converting") for m in messages)
+    assert f"Converting again into {converted / 'original-memory-map'}: {prefix.name}_3_reordered.npz changed (size " \
+           "or modification time)" in messages
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -372,8 +374,33 @@ def test_damaged_original_memory_map_files_are_one_line_and_leave_nothing(tmp_pa
     assert code == 1 and "Traceback" not in err
     last = err.splitlines()[-1]
     assert last.startswith("dlrm_s_pytorch.py: error: ") and message.format(tmp=tmp_path) in last, err
-    converted = tmp_path / "day_reordered_npy"
+    converted = tmp_path / "terabyte_processed" / "original-memory-map"
     assert not converted.exists() or not [p for p in os.listdir(converted) if not p.startswith(".")]
+
+
+def test_the_originals_memory_map_files_convert_into_the_processed_data_folder(tmp_path):
+    """The original's folder is only read (a shared, read-only data set); a conversion lives with our processed data."""
+    (tmp_path / "shared").mkdir()
+    raw, _, _ = write_original_reordered(tmp_path / "shared", "kaggle")
+    before = sorted(os.listdir(tmp_path / "shared"))
+    args = original_reordered_args(raw, "kaggle", f"--processed-data-file={tmp_path / 'mine' / 'kaggle.npz'}")
+    train, _, _ = quiet_datasets(args)
+    assert sorted(os.listdir(tmp_path / "shared")) == before
+    assert (tmp_path / "mine" / "kaggle" / "original-memory-map" / "metadata.json").exists() and train.num_rows > 0
+
+
+def test_memory_map_with_the_bin_loader_is_not_called_without_effect_when_it_reads_the_originals_files(
+        tmp_path, run_main):
+    raw, _, _ = write_original_reordered(tmp_path, "terabyte")
+    flags = ["--data-generation=dataset", "--data-set=terabyte", f"--raw-data-file={raw}", "--mlperf-bin-loader",
+             "--arch-mlp-bot=13-2", "--num-batches=1", "--data-randomize=none"]
+    code, out, err = run_main(*flags, "--memory-map")
+    assert code == 0 and "--memory-map has no effect" not in err and "the original's --memory-map data" in out, err
+    (tmp_path / "day_0_reordered.npz").rename(tmp_path / "elsewhere.npz")  # none of its files: the .bin files decide
+    for day in range(1, 24):
+        (tmp_path / f"day_{day}_reordered.npz").unlink()
+    code, out, err = run_main(*flags, "--memory-map")
+    assert "note: --memory-map has no effect with --mlperf-bin-loader" in err
 
 
 def test_incomplete_original_memory_map_files_beside_the_raw_data_leave_it_to_preprocessing(kaggle_file, tmp_path,

@@ -579,6 +579,9 @@ def test_the_originals_memory_map_output_is_named_when_the_raw_data_is_gone(tmp_
     assert data_utils.missing_raw_data(str(tmp_path / "train.txt"), "kaggle") == (
         f"--raw-data-file {tmp_path / 'train.txt'}: no such file; the original's --memory-map output beside it is "
         f"incomplete ({tmp_path / 'train_day_1_reordered.npz'} not found)")
+    (tmp_path / "day_0_reordered.npz").unlink()  # any day of them: named
+    assert data_utils.missing_raw_data(str(tmp_path / "day"), "terabyte").endswith(
+        f"the original's --memory-map output beside it is incomplete ({tmp_path / 'day_0_reordered.npz'} not found)")
     (tmp_path / "day_fea_count.npz").unlink()  # the table sizes of the original's .bin files are not its output
     assert "memory-map" not in data_utils.missing_raw_data(str(tmp_path / "other"), "terabyte")
 

@@ -134,6 +134,7 @@ def test_three_processes_train_and_test_exactly_as_one(run_main, tmp_path, optim
     assert code == 0
     (_, out0, err0), *others = results
     assert_same_run(out0, single)
+    assert out0.startswith("Running on 3 ranks using gloo backend\nworld size: 3, current rank: 0, local rank: 0\n")
     assert parse_test_metrics(out0)[0][0] > 0  # a real evaluation, not an empty one
     # only rank 0 speaks and writes
     assert all(out == "" and "Traceback" not in err for _, out, err in others)
