@@ -164,6 +164,7 @@ CONDITION_CASES = {
     "multi-hot": (["--multi-hot-sizes=2"], []),
     "generated bags": ([], ["--multi-hot-sizes=2"]),
     "--quantize-mlp-with-bit=32": ([], ["--quantize-mlp-with-bit=8", "--inference-only"]),
+    "memory-map": ([], ["--mlperf-bin-loader"]),  # (no original's --memory-map files there)
 }
 
 
