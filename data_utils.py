@@ -1923,6 +1923,7 @@ def main(argv=None) -> int:
     # processes: its workers die with this process (PR_SET_PDEATHSIG) and a rerun resumes
     pool = args.command == "preprocess" and args.dataset_multiprocessing
     try:
+        signals.restore_interrupt()  # from here on Ctrl-C unwinds (KeyboardInterrupt, below)
         with signals.sigterm_unwinds(unwind=not pool):
             return run(args, parser)
     except DataError as e:
@@ -1960,5 +1961,4 @@ def run(args, parser) -> int:
 
 
 if __name__ == "__main__":
-    signals.restore_interrupt()  # loaded: Ctrl-C raises KeyboardInterrupt again
     sys.exit(main())

@@ -851,7 +851,7 @@ def _open_original_reordered(args, files, splits, log, progress) -> CriteoData:
     log(f"Reading the original's --memory-map data={files['prefix']}_<day>_reordered.npz (as {processed.out_dir}), "
         f"in their order; table sizes from {files['counts']}")
     _note_rows_as_kept(args, "--memory-map files")
-    if args.data_randomize != "none":
+    if args.data_randomize not in ("none", "total"):  # the default: no note on every run
         _note(f"note: --data-randomize={args.data_randomize} has no effect on the original's --memory-map files: its "
               "preprocessing ordered the rows, read in the files' order as the original does")
     return _processed_data(args, processed, splits, log, progress, id_modulus=max(args.max_ind_range, 0),
@@ -867,7 +867,7 @@ def _open_original_bin(args, files, splits, log) -> CriteoData:
         f"{files['test']} ({rows['test']} rows), in their order; table sizes from {files['counts']}")
     modulus = max(args.max_ind_range, 0)
     _note_rows_as_kept(args, ".bin files")
-    if args.data_randomize != "none":
+    if args.data_randomize not in ("none", "total"):  # the default: no note on every run
         _note(f"note: --data-randomize={args.data_randomize} has no effect on the original's .bin files: its "
               "preprocessing shuffled the rows, read in the files' order as the original does")
     day_rows = {name: [rows[name]] for name in splits}

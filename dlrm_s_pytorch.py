@@ -2126,6 +2126,7 @@ def run_test(args, model, optimizer, test_set, device, state, nbatches, loss_wei
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        signals.restore_interrupt()  # from here on Ctrl-C unwinds (KeyboardInterrupt, below)
         # with loader worker processes, no unwinding: around dying workers it can wait on a dead one
         with signals.sigterm_unwinds(args.num_workers == 0 and args.test_num_workers <= 0), \
                 ext_dist.session(args.dist_timeout):  # a lost peer named, the group torn down
@@ -2431,5 +2432,4 @@ def save_onnx(model, batch, path):
 
 
 if __name__ == "__main__":
-    signals.restore_interrupt()  # loaded: Ctrl-C raises KeyboardInterrupt again
     sys.exit(main())

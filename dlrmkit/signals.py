@@ -48,15 +48,17 @@ def exit_status(interrupt: KeyboardInterrupt) -> int:
 
 
 def interrupt_quietly_while_loading(program: str) -> None:
-    """Ctrl-C before a program's libraries have loaded (a second or two of imports) ends it with the line it prints
-    later, `<program>: interrupted`, and status 130, not a traceback through the imports; `restore_interrupt`
-    gives Ctrl-C back to Python (KeyboardInterrupt) once they have."""
-    def interrupted(signum, frame):
+    """Ctrl-C before a program's libraries have loaded and its command line is read (a second or two) ends it with
+    the line it prints later, `<program>: interrupted`, and status 130, not a traceback; `restore_interrupt` gives
+    Ctrl-C back to Python (KeyboardInterrupt) where the program handles it."""
+    def interrupted_while_loading(signum, frame):
         print(f"{program}: interrupted", file=sys.stderr, flush=True)
         os._exit(128 + signal.SIGINT)
 
-    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGINT, interrupted_while_loading)
 
 
 def restore_interrupt() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """Ctrl-C raises KeyboardInterrupt again, if `interrupt_quietly_while_loading` took it (else left as it is)."""
+    if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "interrupted_while_loading":
+        signal.signal(signal.SIGINT, signal.default_int_handler)

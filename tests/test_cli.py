@@ -278,6 +278,26 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, program):
     assert process.returncode == 130 and err in ("", f"{program[0]}: interrupted\n"), err
 
 
+def test_main_gives_ctrl_c_back_only_where_the_program_took_it(run_main):
+    """Run as a program, Ctrl-C is quiet until main() handles it; called from Python, main() leaves the caller's
+    handler as it is."""
+    from dlrmkit import signals as program_signals
+
+    own = signal.getsignal(signal.SIGINT)
+    try:
+        def callers(signum, frame):
+            pass
+
+        signal.signal(signal.SIGINT, callers)
+        assert run_main("--mini-batch-size=2", "--data-size=4")[0] == 0
+        assert signal.getsignal(signal.SIGINT) is callers
+        program_signals.interrupt_quietly_while_loading("dlrm_s_pytorch.py")
+        assert run_main("--mini-batch-size=2", "--data-size=4")[0] == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, own)
+
+
 def test_sigterm_in_a_run_with_loader_workers_removes_the_checkpoint_being_written(tmp_path):
     """Such runs die by SIGTERM at once (no unwinding around dying workers), but not leaving a half-written
     checkpoint (hundreds of MB) behind."""
