@@ -150,6 +150,20 @@ def write_original_bin_files(folder, rows=(300, 50, 50), seed=0):
     return records, counts
 
 
+def assert_batches_hold_records(dataset, records, size, fold=None):
+    """Batch j of `dataset` holds records [j*size, (j+1)*size) of int [n, 40] records (label, 13 integers, 26 ids) in
+    order, as the original's loaders give them: dense log(x + 1), ids folded by `fold` when given, one id per bag."""
+    assert len(dataset) == -(-len(records) // size)
+    for j in range(len(dataset)):
+        rows = records[j * size : (j + 1) * size]
+        batch = dataset[j]
+        ids = rows[:, 14:] % fold if fold else rows[:, 14:]
+        assert torch.equal(batch.dense_x, torch.log(torch.tensor(rows[:, 1:14], dtype=torch.float32) + 1))
+        assert batch.target.view(-1).tolist() == rows[:, 0].tolist()
+        assert batch.indices.tolist() == ids.T.reshape(-1).tolist()  # table after table
+        assert batch.offsets.tolist() == list(range(0, 26 * len(rows) + 1))
+
+
 ORIGINAL_BIN_FLAGS = ["--data-generation=dataset", "--data-set=terabyte", "--mlperf-bin-loader",
                       "--mini-batch-size=64", "--test-mini-batch-size=32"]
 
@@ -175,16 +189,8 @@ def test_the_originals_terabyte_bin_files_are_read_as_the_original_reads_them(tm
                         f"sizes from {tmp_path / 'day_fea_count.npz'}"]
     fold = max_ind_range if max_ind_range > 0 else None
     assert sizes == [min(int(c), fold or int(c)) for c in counts]
-    for dataset, split, size in ((train, "train", 64), (test, "test", 32)):
-        assert len(dataset) == -(-len(records[split]) // size)
-        for j in range(len(dataset)):
-            rows = records[split][j * size : (j + 1) * size]
-            batch = dataset[j]
-            ids = rows[:, 14:] % fold if fold else rows[:, 14:]
-            assert torch.equal(batch.dense_x, torch.log(torch.tensor(rows[:, 1:14], dtype=torch.float32) + 1))
-            assert batch.target.view(-1).tolist() == rows[:, 0].tolist()
-            assert batch.indices.tolist() == ids.T.reshape(-1).tolist()  # table after table
-            assert batch.offsets.tolist() == list(range(0, 26 * len(rows) + 1))
+    assert_batches_hold_records(train, records["train"], 64, fold)
+    assert_batches_hold_records(test, records["test"], 32, fold)
 
 
 def test_the_originals_bin_files_train_and_resume(tmp_path, run_main):
@@ -320,15 +326,8 @@ def test_the_originals_memory_map_files_are_read_as_the_original_reads_them(tmp_
     assert sizes == [min(int(c), fold or int(c)) for c in counts]
     last = records[-1]
     expected = {"train": np.concatenate(records[:-1]), "test": last[: (len(last) + 1) // 2]}
-    for dataset, split, size in ((train, "train", 16), (test, "test", 8)):
-        assert len(dataset) == -(-len(expected[split]) // size)
-        for j in range(len(dataset)):
-            rows = expected[split][j * size : (j + 1) * size]
-            batch = dataset[j]
-            ids = rows[:, 14:] % fold if fold else rows[:, 14:]
-            assert torch.equal(batch.dense_x, torch.log(torch.tensor(rows[:, 1:14], dtype=torch.float32) + 1))
-            assert batch.target.view(-1).tolist() == rows[:, 0].tolist()
-            assert batch.indices.tolist() == ids.T.reshape(-1).tolist()  # table after table
+    assert_batches_hold_records(train, expected["train"], 16, fold)
+    assert_batches_hold_records(test, expected["test"], 8, fold)
     messages.clear()
     dlrm_data.make_criteo_datasets(original_reordered_args(raw, data_set, *extra), log=messages.append, progress=False)
     assert not any(m.startswith("Converting") for m in messages)  # converted once
